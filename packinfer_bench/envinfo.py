@@ -1,0 +1,73 @@
+"""What the measurement ran on: GPU, driver, CUDA, library versions, git commit (no hostname)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import subprocess
+from pathlib import Path
+
+OPTIONAL_PACKAGES = ("flash-attn", "flashinfer-python", "triton", "numpy", "pandas")
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def git_sha(repo: Path | None = None) -> str | None:
+    """Commit of the working tree (with '-dirty' when it has uncommitted changes), or None outside git."""
+    cwd = repo or Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def collect() -> dict[str, object]:
+    """Environment facts for env.json."""
+    import torch
+
+    info: dict[str, object] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(terse=True),
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "git_sha": git_sha(),
+        "packages": {name: _version(name) for name in OPTIONAL_PACKAGES},
+    }
+    try:
+        import flashinfer  # noqa: F401  (may be on PYTHONPATH without package metadata)
+
+        info["packages"]["flashinfer-python"] = getattr(flashinfer, "__version__", "unknown")
+    except Exception:
+        pass
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"] = {
+            "name": props.name,
+            "sms": props.multi_processor_count,
+            "memory_gib": round(props.total_memory / 2**30, 1),
+            "capability": f"{props.major}.{props.minor}",
+            "count": torch.cuda.device_count(),
+            "driver": _driver_version(),
+        }
+    return info
+
+
+def _driver_version() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.TimeoutExpired):
+        return None

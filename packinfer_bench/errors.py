@@ -1,0 +1,13 @@
+"""Error types the harness raises for bad user input (traces, configs)."""
+
+
+class PackinferBenchError(Exception):
+    """Base class: bad input that the user can fix; the message says what and where."""
+
+
+class TraceError(PackinferBenchError, ValueError):
+    """A trace file or trace spec is unusable (message names the file and line when there is one)."""
+
+
+class ConfigError(PackinferBenchError, ValueError):
+    """An experiment config is invalid (message names the key, the bad value and what is allowed)."""

@@ -1,0 +1,156 @@
+"""ShareGPT: either conversations (JSON / JSON lines / a Hugging Face dataset id) turned into per-turn
+(prompt, output) token lengths, or a file of per-turn token counts such as the shipped Sarathi-Serve one.
+
+Each assistant reply is one request: its prompt is the whole conversation before it (history included, as a
+serving system sees it), its output the reply. Turns of one conversation form one prefix group: a turn's
+prompt is a prefix of the next turn's prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from packinfer_bench.errors import TraceError
+from packinfer_bench.traces.base import Trace
+from packinfer_bench.traces.tabular import iter_json_lines, parse_ints, read_csv_columns, read_header
+
+COUNT_COLUMNS = ["num_prefill_tokens", "num_decode_tokens"]
+USER_ROLES = {"human", "user"}
+ASSISTANT_ROLES = {"gpt", "assistant", "chatgpt", "bard", "model"}
+HF_PREFIX = "hf:"
+_PIECES = re.compile(r"\w+|[^\w\s]")
+
+
+def sniff(path: Path) -> bool:
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return set(COUNT_COLUMNS) <= {h.strip() for h in read_header(path)}
+    if suffix in (".json", ".jsonl"):
+        with open(path, encoding="utf-8") as f:
+            return '"conversations"' in f.read(1 << 16)
+    return False
+
+
+def load(path: Path | str, *, name: str, tokenizer: str | Callable[[str], int] | None = None,
+         max_conversations: int | None = None, data_files: str | None = None) -> Trace:
+    """Load counts (CSV) or conversations (JSON, JSONL, or `hf:OWNER/NAME` through `datasets`)."""
+    if isinstance(path, str) and path.startswith(HF_PREFIX):
+        records = _hub_records(path[len(HF_PREFIX):], data_files)
+        return _from_conversations(records, name, str(path), tokenizer, max_conversations)
+    path = Path(path)
+    if path.suffix.lower() == ".csv":
+        if tokenizer is not None:
+            raise TraceError(f"{path}: a token-count file cannot be re-tokenized (tokenizer={tokenizer!r}); "
+                             "give the conversations file instead")
+        return _from_counts(path, name)
+    return _from_conversations(_file_records(path), name, str(path), tokenizer, max_conversations)
+
+
+def _from_counts(path: Path, name: str) -> Trace:
+    cols, lines = read_csv_columns(path, COUNT_COLUMNS)
+    prompt = parse_ints(cols["num_prefill_tokens"], path, lines, "num_prefill_tokens")
+    output = parse_ints(cols["num_decode_tokens"], path, lines, "num_decode_tokens")
+    for column, values in (("num_prefill_tokens", prompt), ("num_decode_tokens", output)):
+        if (values <= 0).any():
+            i = int(np.argmax(values <= 0))
+            raise TraceError(f"{path}:{lines[i]}: column {column!r} must be > 0, got {values[i]}")
+    tok = "llama-2 (counts shipped in the file)" if "llama2" in path.name else "unknown (counts shipped in the file)"
+    return Trace(name=name, kind="sharegpt", requests=pd.DataFrame({"prompt_len": prompt, "output_len": output}),
+                 source="ShareGPT per-turn token counts (microsoft/sarathi-serve processed trace)",
+                 licence="Apache-2.0", tokenizer=tok, path=str(path),
+                 notes={"format": "counts", "arrivals": "none: replay with a rate"})
+
+
+def _file_records(path: Path) -> Iterable[tuple[str, dict]]:
+    if path.suffix.lower() == ".jsonl":
+        return ((f"{path}:{line}", obj) for line, obj in iter_json_lines(path))
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise TraceError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(data, list):
+        raise TraceError(f"{path}: expected a JSON list of conversations, got {type(data).__name__}")
+    return ((f"{path} record {i}", obj) for i, obj in enumerate(data))
+
+
+def _hub_records(dataset_id: str, data_files: str | None) -> Iterable[tuple[str, dict]]:
+    try:
+        import datasets
+    except ImportError:
+        raise TraceError("loading a Hugging Face dataset needs the 'datasets' package") from None
+    try:
+        ds = datasets.load_dataset(dataset_id, data_files=data_files, split="train")
+    except Exception as e:  # offline, unknown id, bad data_files: all user-fixable
+        raise TraceError(f"could not load Hugging Face dataset {dataset_id!r} (data_files={data_files!r}): {e}; "
+                         "when offline, download it and pass the local file path") from None
+    return ((f"{dataset_id} record {i}", rec) for i, rec in enumerate(ds))
+
+
+def _counter(tokenizer: str | Callable[[str], int] | None) -> tuple[Callable[[str], int], str]:
+    if tokenizer is None:
+        return (lambda text: len(_PIECES.findall(text))), "approximate: word and punctuation pieces (no tokenizer given)"
+    if callable(tokenizer):
+        return tokenizer, getattr(tokenizer, "__name__", "custom callable")
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise TraceError(f"tokenizer {tokenizer!r} needs the 'transformers' package") from None
+    try:
+        tok = AutoTokenizer.from_pretrained(tokenizer)
+    except Exception as e:
+        raise TraceError(f"could not load tokenizer {tokenizer!r}: {e}") from None
+    return (lambda text: len(tok.encode(text, add_special_tokens=False))), tokenizer
+
+
+def _from_conversations(records: Iterable[tuple[str, dict]], name: str, source: str,
+                        tokenizer: str | Callable[[str], int] | None, max_conversations: int | None) -> Trace:
+    count, tok_label = _counter(tokenizer)
+    prompt, output, group, skipped, conversations = [], [], [], 0, 0
+    for where, rec in records:
+        if max_conversations is not None and conversations >= max_conversations:
+            break
+        turns = rec.get("conversations")
+        if not isinstance(turns, list):
+            raise TraceError(f"{where}: expected a 'conversations' list, got {type(turns).__name__}")
+        history = 0
+        for turn in turns:
+            if not isinstance(turn, dict) or "value" not in turn or "from" not in turn:
+                raise TraceError(f"{where}: each turn needs 'from' and 'value', got {turn!r:.80}")
+            tokens = count(str(turn["value"]))
+            role = str(turn["from"]).lower()
+            if role in ASSISTANT_ROLES:
+                if history > 0 and tokens > 0:
+                    prompt.append(history)
+                    output.append(tokens)
+                    group.append(conversations)
+                else:
+                    skipped += 1
+            history += tokens
+        conversations += 1
+    if not prompt:
+        raise TraceError(f"{source}: no usable (prompt, reply) turns in {conversations} conversation(s)")
+    requests = pd.DataFrame({"prompt_len": prompt, "output_len": output, "prefix_id": group})
+    requests = _turn_prefixes(requests)
+    return Trace(name=name, kind="sharegpt", requests=requests, source=f"ShareGPT-format conversations ({source})",
+                 licence="see the dataset's card", tokenizer=tok_label, path=source,
+                 notes={"format": "conversations", "conversations": conversations, "skipped_turns": skipped,
+                        "arrivals": "none: replay with a rate"})
+
+
+def _turn_prefixes(requests: pd.DataFrame) -> pd.DataFrame:
+    """Within a conversation turn k's prompt is a prefix of turn k+1's, so every turn but the last shares its
+    whole prompt, and the last shares the previous turn's prompt. Single-turn conversations share nothing."""
+    gid = requests["prefix_id"]
+    nxt_same = gid.shift(-1) == gid
+    prev_same = gid.shift(1) == gid
+    prefix = np.where(nxt_same, requests["prompt_len"], np.where(prev_same, requests["prompt_len"].shift(1), 0))
+    requests["prefix_len"] = prefix.astype(np.int64)
+    requests["prefix_id"] = np.where(nxt_same | prev_same, gid, -1)
+    return requests

@@ -1,0 +1,110 @@
+"""The attention batch: what one kernel call sees, per request (q_len, kv_len, prefix group, phase)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+#: Per-request phases: a fresh prompt (q = kv), a chunk of a prompt or an append (1 < q < kv), one decode step.
+REQUEST_PHASES = ("prefill", "append", "decode")
+#: Batch phases: all prefill, all decode, anything else.
+BATCH_PHASES = ("prefill", "decode", "mixed")
+
+
+@dataclass
+class Batch:
+    """One attention call over a ragged batch. Causal attention is aligned bottom-right: query i of a request
+    sees keys <= kv_len - q_len + i, so q = kv is prefill, 1 < q < kv a chunk or append, q = 1 decode."""
+
+    batch_id: str
+    trace: str
+    workload: str
+    q_lens: np.ndarray
+    kv_lens: np.ndarray
+    request_ids: np.ndarray
+    prefix_ids: np.ndarray = field(default=None)  # -1 = no shared prefix
+    prefix_lens: np.ndarray = field(default=None)
+    iteration: int | None = None
+    time_s: float | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.q_lens)
+        self.q_lens = np.asarray(self.q_lens, dtype=np.int64)
+        self.kv_lens = np.asarray(self.kv_lens, dtype=np.int64)
+        self.request_ids = np.asarray(self.request_ids, dtype=np.int64)
+        self.prefix_ids = np.full(n, -1, np.int64) if self.prefix_ids is None else np.asarray(self.prefix_ids, np.int64)
+        self.prefix_lens = np.zeros(n, np.int64) if self.prefix_lens is None else np.asarray(self.prefix_lens, np.int64)
+        if n == 0:
+            raise ValueError(f"batch {self.batch_id}: no requests")
+        if not all(len(a) == n for a in (self.kv_lens, self.request_ids, self.prefix_ids, self.prefix_lens)):
+            raise ValueError(f"batch {self.batch_id}: per-request arrays differ in length")
+        if (self.q_lens < 1).any() or (self.q_lens > self.kv_lens).any():
+            raise ValueError(f"batch {self.batch_id}: need 1 <= q_len <= kv_len for every request")
+        # a shared prefix only counts for the part of it already in the KV cache
+        self.prefix_lens = np.minimum(self.prefix_lens, self.kv_lens)
+
+    def __len__(self) -> int:
+        return len(self.q_lens)
+
+    @property
+    def request_phases(self) -> np.ndarray:
+        return np.where(self.q_lens == self.kv_lens, "prefill", np.where(self.q_lens == 1, "decode", "append"))
+
+    @property
+    def phase(self) -> str:
+        phases = set(self.request_phases.tolist())
+        if phases == {"prefill"}:
+            return "prefill"
+        if phases == {"decode"}:
+            return "decode"
+        return "mixed"
+
+    def cu_seqlens(self) -> tuple[np.ndarray, np.ndarray]:
+        """FlashAttention-varlen offsets (cu_seqlens_q, cu_seqlens_k), int32 [B+1]."""
+        zero = np.zeros(1, np.int64)
+        return (np.concatenate([zero, np.cumsum(self.q_lens)]).astype(np.int32),
+                np.concatenate([zero, np.cumsum(self.kv_lens)]).astype(np.int32))
+
+    def causal_pairs(self) -> int:
+        """(query, key) pairs attended under bottom-right causal masking; FLOPs = 4 * pairs * heads * head_dim."""
+        q, kv = self.q_lens, self.kv_lens
+        return int((q * (kv - q) + q * (q + 1) // 2).sum())
+
+    def dedup_kv_tokens(self) -> int:
+        """KV tokens that need not be read again if each shared prefix group of this batch reads its common
+        prefix once (members of a group share at least the group's smallest prefix_len)."""
+        saved = 0
+        for gid in np.unique(self.prefix_ids[self.prefix_ids >= 0]):
+            members = self.prefix_lens[self.prefix_ids == gid]
+            if len(members) > 1:
+                saved += int(members.min()) * (len(members) - 1)
+        return saved
+
+    def stats(self) -> dict[str, object]:
+        """One row describing the batch (the workload the kernels will see)."""
+        q, kv = self.q_lens, self.kv_lens
+        phases = self.request_phases
+        return {
+            "batch_id": self.batch_id, "trace": self.trace, "workload": self.workload, "phase": self.phase,
+            "iteration": self.iteration, "time_s": self.time_s,
+            "batch_size": len(self), "num_q_tokens": int(q.sum()), "num_kv_tokens": int(kv.sum()),
+            "num_prefill": int((phases == "prefill").sum()), "num_append": int((phases == "append").sum()),
+            "num_decode": int((phases == "decode").sum()),
+            "q_len_min": int(q.min()), "q_len_p50": float(np.median(q)), "q_len_max": int(q.max()),
+            "kv_len_min": int(kv.min()), "kv_len_p50": float(np.median(kv)), "kv_len_max": int(kv.max()),
+            "kv_len_cv": float(kv.std() / kv.mean()),
+            "causal_pairs": self.causal_pairs(), "dedup_kv_tokens": self.dedup_kv_tokens(),
+        }
+
+    def to_record(self) -> dict[str, object]:
+        """JSON-serialisable form, lengths included, so a later stage can rebuild exactly this batch."""
+        return {"batch_id": self.batch_id, "trace": self.trace, "workload": self.workload,
+                "iteration": self.iteration, "time_s": self.time_s,
+                "q_lens": self.q_lens.tolist(), "kv_lens": self.kv_lens.tolist(),
+                "request_ids": self.request_ids.tolist(), "prefix_ids": self.prefix_ids.tolist(),
+                "prefix_lens": self.prefix_lens.tolist()}
+
+    @classmethod
+    def from_record(cls, rec: dict[str, object]) -> Batch:
+        return cls(**rec)

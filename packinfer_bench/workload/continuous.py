@@ -1,0 +1,187 @@
+"""Continuous batching: an iteration-level scheduler like vLLM's, fed by trace arrivals, yielding the exact
+sequence of per-iteration attention batches.
+
+Every iteration each scheduled request computes q new tokens over kv = computed + q keys; when a request has
+computed all its known tokens it samples one more (its first output token ends the prefill). The clock
+advances by a step-time model, not by measured kernel time, so the schedule is identical for every backend
+(open loop) and deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from packinfer_bench.errors import ConfigError
+from packinfer_bench.traces import Trace
+from packinfer_bench.workload.batch import Batch
+
+
+@dataclass
+class StepTime:
+    """Modelled iteration time: base + per scheduled token + per KV token read."""
+
+    base_ms: float = 5.0
+    per_token_us: float = 30.0
+    per_kv_token_ns: float = 10.0
+
+    def seconds(self, q_tokens: int, kv_tokens: int) -> float:
+        return self.base_ms * 1e-3 + self.per_token_us * 1e-6 * q_tokens + self.per_kv_token_ns * 1e-9 * kv_tokens
+
+
+@dataclass
+class ContinuousSpec:
+    """arrivals: 'trace' (the trace's timestamps times time_scale) or 'poisson' (at `rate` requests/s).
+    start, num_requests: which requests of the trace to replay.
+    max_num_seqs, max_num_batched_tokens: vLLM's per-iteration limits.
+    chunked_prefill: split prompts across iterations, decodes first (vLLM v1 / Sarathi); off: an iteration is
+      either all prefills (whole prompts, prefill first) or all decodes (vLLM v0).
+    max_kv_tokens: KV cache budget in tokens (none: unlimited); over it the newest request is preempted and
+      recomputed later.
+    max_iterations: stop after this many iterations (none: until every request finishes)."""
+
+    arrivals: str = "trace"
+    rate: float | None = None
+    time_scale: float = 1.0
+    start: int = 0
+    num_requests: int | None = 256
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    chunked_prefill: bool = True
+    max_kv_tokens: int | None = None
+    max_iterations: int | None = None
+    step_time: StepTime = field(default_factory=StepTime)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.arrivals not in ("trace", "poisson"):
+            raise ConfigError(f"arrivals: {self.arrivals!r} not allowed; allowed: ['trace', 'poisson']")
+        if self.arrivals == "poisson" and (self.rate is None or self.rate <= 0):
+            raise ConfigError(f"rate must be > 0 requests/s with poisson arrivals, got {self.rate!r}")
+        for key in ("max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{key} must be > 0, got {getattr(self, key)}")
+        if self.time_scale <= 0:
+            raise ConfigError(f"time_scale must be > 0, got {self.time_scale}")
+
+
+@dataclass
+class _Request:
+    rid: int
+    arrival: float
+    prompt: int
+    output: int
+    prefix_id: int
+    prefix_len: int
+    generated: int = 0
+    computed: int = 0  # tokens whose KV is in the cache
+
+    @property
+    def todo(self) -> int:  # known tokens not yet in the cache
+        return self.prompt + self.generated - self.computed
+
+
+def arrival_times(trace: Trace, spec: ContinuousSpec, n: int) -> np.ndarray:
+    """Arrival time of each replayed request, seconds from the first."""
+    if spec.arrivals == "poisson":
+        gaps = np.random.default_rng(spec.seed).exponential(1.0 / spec.rate, size=n)
+        return np.cumsum(gaps) - gaps[0]
+    if not trace.has_arrivals:
+        raise ConfigError(f"trace {trace.name!r} has no timestamps: use arrivals: poisson with a rate")
+    t = trace.requests["arrival_s"].to_numpy()[spec.start:spec.start + n]
+    return (t - t[0]) * spec.time_scale
+
+
+def continuous_batches(trace: Trace, spec: ContinuousSpec) -> Iterator[Batch]:
+    """Yield one Batch per scheduler iteration, with `iteration` and modelled start `time_s`."""
+    df = trace.requests.iloc[spec.start:]
+    if spec.num_requests is not None:
+        df = df.iloc[:spec.num_requests]
+    if len(df) == 0:
+        raise ConfigError(f"start={spec.start} is past the end of trace {trace.name!r} ({len(trace)} rows)")
+    arrivals = arrival_times(trace, spec, len(df))
+    pending = deque(_Request(int(r.request_id), float(t), int(r.prompt_len), int(r.output_len), int(r.prefix_id),
+                             int(r.prefix_len)) for r, t in zip(df.itertuples(), arrivals))
+    waiting: deque[_Request] = deque()
+    running: list[_Request] = []
+    clock, iteration = 0.0, 0
+    while pending or waiting or running:
+        if spec.max_iterations is not None and iteration >= spec.max_iterations:
+            return
+        if not waiting and not running:
+            clock = max(clock, pending[0].arrival)
+        while pending and pending[0].arrival <= clock:
+            req = pending.popleft()
+            if _fits_ever(req, spec):
+                waiting.append(req)
+        scheduled = _schedule(waiting, running, spec)
+        if not scheduled:
+            if not pending:
+                return  # nothing can ever run (all left waiting are too large for the limits)
+            clock = pending[0].arrival
+            continue
+        q = np.array([n for _, n in scheduled], np.int64)
+        kv = np.array([r.computed + n for r, n in scheduled], np.int64)
+        yield Batch(batch_id=f"{trace.name}/it{iteration}", trace=trace.name, workload="continuous",
+                    q_lens=q, kv_lens=kv, request_ids=[r.rid for r, _ in scheduled],
+                    prefix_ids=[r.prefix_id for r, _ in scheduled], prefix_lens=[r.prefix_len for r, _ in scheduled],
+                    iteration=iteration, time_s=clock)
+        for req, n in scheduled:
+            req.computed += n
+            if req.todo == 0:
+                req.generated += 1
+        running[:] = [r for r in running if r.generated < r.output]
+        clock += spec.step_time.seconds(int(q.sum()), int(kv.sum()))
+        iteration += 1
+
+
+def _fits_ever(req: _Request, spec: ContinuousSpec) -> bool:
+    """A request that can never be scheduled under the limits is dropped (as vLLM rejects it)."""
+    if not spec.chunked_prefill and req.prompt > spec.max_num_batched_tokens:
+        return False
+    return spec.max_kv_tokens is None or req.prompt + req.output <= spec.max_kv_tokens
+
+
+def _schedule(waiting: deque[_Request], running: list[_Request], spec: ContinuousSpec) -> list[tuple[_Request, int]]:
+    """Pick (request, new tokens) for one iteration, moving admitted requests from waiting to running."""
+    budget = spec.max_num_batched_tokens
+    kv_budget = spec.max_kv_tokens if spec.max_kv_tokens is not None else float("inf")
+    # grow-or-preempt: running requests need room for their next tokens; evict the newest until they fit
+    while running and sum(r.computed + min(r.todo, budget) for r in running) > kv_budget:
+        victim = running.pop()
+        victim.computed = 0
+        waiting.appendleft(victim)
+    used = sum(r.computed for r in running)
+    if not spec.chunked_prefill:
+        admitted: list[tuple[_Request, int]] = []
+        while waiting and len(running) < spec.max_num_seqs and waiting[0].todo <= budget \
+                and used + waiting[0].todo + 1 <= kv_budget:
+            req = waiting.popleft()
+            budget -= req.todo
+            used += req.todo
+            running.append(req)
+            admitted.append((req, req.todo))
+        if admitted:
+            return admitted
+        return [(r, r.todo) for r in running[:budget]]
+    scheduled = []
+    for req in running:
+        if budget == 0:
+            break
+        n = min(req.todo, budget)
+        scheduled.append((req, n))
+        budget -= n
+        used += n
+    while waiting and budget > 0 and len(running) < spec.max_num_seqs:
+        n = min(waiting[0].todo, budget)
+        if used + n > kv_budget:
+            break
+        req = waiting.popleft()
+        running.append(req)
+        scheduled.append((req, n))
+        budget -= n
+        used += n
+    return scheduled
