@@ -168,7 +168,7 @@ def _schedule(waiting: deque[_Request], running: list[_Request], spec: Continuou
             return admitted
         return [(r, r.todo) for r in running[:budget]]
     scheduled = []
-    for req in running:
+    for req in sorted(running, key=lambda r: r.todo > 1):  # decodes first, then prefill chunks (stable)
         if budget == 0:
             break
         n = min(req.todo, budget)

@@ -1,0 +1,20 @@
+"""The kernel library stands alone: importing packinfer never imports the harness."""
+
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_packinfer_does_not_import_the_harness():
+    code = "import sys, packinfer; sys.exit(any(m.startswith('packinfer_bench') for m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    for source in (REPO / "kernels" / "packinfer").rglob("*.py"):
+        assert "packinfer_bench" not in source.read_text(), source
+
+
+def test_shipped_traces_are_documented():
+    readme = (REPO / "traces" / "README.md").read_text()
+    for trace in (REPO / "traces").iterdir():
+        if trace.name != "README.md":
+            assert trace.name in readme, trace.name
