@@ -1,7 +1,14 @@
 """packinfer: packed attention for batches of requests with very different lengths (PackInfer).
 
-The kernel library stands alone: it never imports the benchmark harness (packinfer_bench), so a serving stack
-can take it by itself.
+plan_varlen / plan_for build a balanced tile list from the lengths (CPU, once per batch); varlen_attention runs
+it in one launch with FlashAttention-varlen conventions. The library stands alone: it never imports the
+benchmark harness, so a serving stack can take it by itself.
 """
 
+from packinfer.api import CONFIGS, default_blocks, plan_for, varlen_attention
+from packinfer.plan import TILE_FIELDS, Plan, plan_varlen
+from packinfer.reference import reference_varlen_attention
+
 __version__ = "0.1.0"
+__all__ = ["CONFIGS", "TILE_FIELDS", "Plan", "default_blocks", "plan_for", "plan_varlen", "reference_varlen_attention",
+           "varlen_attention"]

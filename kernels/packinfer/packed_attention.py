@@ -1,0 +1,114 @@
+"""Packed varlen attention forward: one launch walks a Plan's tile list.
+
+Tiling: BLOCK_M query rows of one tile (possibly several requests, masked block-diagonally) x BLOCK_N keys per
+step, HEAD_DIM whole; online softmax in base 2 with fp32 accumulators, exactly FlashAttention's algorithm.
+Program id (1-D): pid // NUM_HEADS is the tile (the plan's order, longest first when balanced), pid % NUM_HEADS
+the query head, so the heads of a tile run side by side (sharing K/V in L2) and the tile order is the launch
+order. Each row's key interval [lo, hi] (its request's keys, cut at the bottom-right causal limit) is built
+once per tile; key blocks inside [k_start, k_nomask_end) are valid for every row and skip the mask.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from packinfer.plan import Plan
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _packed_attention_fwd(
+    Q, K, V, O, tiles, cu_q, cu_k, qk_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    tile = pid // NUM_HEADS
+    head = pid % NUM_HEADS
+    kv_head = head // GROUP
+    t = tiles + tile * 7
+    row_start = tl.load(t)
+    row_end = tl.load(t + 1)
+    seq_first = tl.load(t + 2)
+    seq_last = tl.load(t + 3)
+    k_start = tl.load(t + 4)
+    k_nomask_end = tl.load(t + 5)
+    k_end = tl.load(t + 6)
+
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_ok = rows < row_end
+    lo = tl.zeros([BLOCK_M], dtype=tl.int32)
+    hi = tl.full([BLOCK_M], -1, dtype=tl.int32)
+    for s in range(seq_first, seq_last + 1):
+        q_begin = tl.load(cu_q + s)
+        q_stop = tl.load(cu_q + s + 1)
+        k_begin = tl.load(cu_k + s)
+        k_stop = tl.load(cu_k + s + 1)
+        mine = (rows >= q_begin) & (rows < q_stop)
+        if CAUSAL:
+            row_hi = k_stop - q_stop + rows
+        else:
+            row_hi = tl.zeros([BLOCK_M], dtype=tl.int32) + (k_stop - 1)
+        lo = tl.where(mine, k_begin, lo)
+        hi = tl.where(mine, row_hi, hi)
+
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + rows.to(tl.int64)[:, None] * stride_qt + head * stride_qh + dims[None, :], mask=row_ok[:, None], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    cols = tl.arange(0, BLOCK_N)
+    k_base = K + kv_head * stride_kh + dims[None, :]
+    v_base = V + kv_head * stride_vh + dims[None, :]  # token offsets are int64: total_tokens * stride can pass 2**31
+
+    for start in range(k_start, k_nomask_end, BLOCK_N):
+        keys = start + cols
+        k = tl.load(k_base + keys.to(tl.int64)[:, None] * stride_kt)
+        v = tl.load(v_base + keys.to(tl.int64)[:, None] * stride_vt)
+        qk = tl.dot(q, tl.trans(k)) * qk_scale
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    for start in range(k_nomask_end, k_end, BLOCK_N):
+        keys = start + cols
+        in_range = keys < k_end
+        k = tl.load(k_base + keys.to(tl.int64)[:, None] * stride_kt, mask=in_range[:, None], other=0.0)
+        v = tl.load(v_base + keys.to(tl.int64)[:, None] * stride_vt, mask=in_range[:, None], other=0.0)
+        qk = tl.dot(q, tl.trans(k)) * qk_scale
+        valid = (keys[None, :] >= lo[:, None]) & (keys[None, :] <= hi[:, None])
+        qk = tl.where(valid, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no valid key yet
+        p = tl.math.exp2(qk - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row with no key at all (kv_len 0) writes zeros
+    tl.store(O + rows.to(tl.int64)[:, None] * stride_ot + head * stride_oh + dims[None, :], out.to(O.dtype.element_ty),
+             mask=row_ok[:, None])
+
+
+def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, plan: Plan, softmax_scale: float,
+           num_warps: int, num_stages: int) -> None:
+    """Run the plan's tiles over q/k/v into out (all already validated and laid out [tokens, heads, dim])."""
+    if plan.num_tiles == 0:
+        return
+    tiles, cu_q, cu_k = plan.device_arrays(q.device)
+    heads = q.shape[1]
+    grid = (plan.num_tiles * heads,)
+    _packed_attention_fwd[grid](
+        q, k, v, out, tiles, cu_q, cu_k, softmax_scale * LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        NUM_HEADS=heads, GROUP=heads // k.shape[1], CAUSAL=plan.causal, HEAD_DIM=q.shape[2],
+        BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, num_warps=num_warps, num_stages=num_stages,
+    )
