@@ -1,6 +1,10 @@
-"""Shared test helpers."""
+"""Shared test helpers. Kernels run under the Triton interpreter on the CPU unless PACKINFER_TEST_GPU=1."""
 
+import os
 from pathlib import Path
+
+if os.environ.get("PACKINFER_TEST_GPU") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
 import pytest
 
@@ -18,3 +22,10 @@ def write(tmp_path):
         return path
 
     return _write
+
+
+@pytest.fixture(scope="session")
+def device():
+    import torch
+
+    return torch.device("cuda" if os.environ.get("PACKINFER_TEST_GPU") == "1" else "cpu")

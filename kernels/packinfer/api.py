@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from packinfer.packed_attention import launch
@@ -29,25 +30,34 @@ def plan_for(cu_seqlens_q, cu_seqlens_k, num_heads: int, num_kv_heads: int, head
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                      cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = True,
-                     softmax_scale: float | None = None, plan: Plan | None = None,
-                     num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+                     softmax_scale: float | None = None, plan: Plan | None = None, out: torch.Tensor | None = None,
+                     validate: bool = True, num_warps: int | None = None,
+                     num_stages: int | None = None) -> torch.Tensor:
     """Attention over a ragged batch, FlashAttention varlen conventions: q [total_q, H, D], k/v [total_k, Hkv, D],
     int32 cu_seqlens [B+1]; causal masks are aligned bottom-right when q_len < kv_len. Returns out like q.
 
     `plan` (from plan_varlen / plan_for on the same lengths) skips planning; build it once per batch and reuse it
-    for every layer. max_seqlen_q / max_seqlen_k are accepted for drop-in compatibility and not needed.
+    for every layer. `out` (like q) receives the result when given. validate=False skips the argument checks,
+    which read cu_seqlens on the host (a device sync); use it only for calls whose arguments were checked before.
+    max_seqlen_q / max_seqlen_k are accepted for drop-in compatibility and not needed.
     """
-    check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    if validate:
+        check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k)
     head_dim = q.shape[2]
     if plan is None:
         plan = plan_for(cu_seqlens_q, cu_seqlens_k, q.shape[1], k.shape[1], head_dim, causal=causal)
-    elif (plan.causal != causal or plan.num_heads != q.shape[1] or plan.num_kv_heads != k.shape[1]
-          or plan.head_dim != head_dim or int(plan.cu_seqlens_q[-1]) != q.shape[0]
-          or int(plan.cu_seqlens_k[-1]) != k.shape[0] or plan.batch_size != len(cu_seqlens_q) - 1):
+    elif validate and (plan.causal != causal or plan.num_heads != q.shape[1] or plan.num_kv_heads != k.shape[1]
+                       or plan.head_dim != head_dim
+                       or not np.array_equal(plan.cu_seqlens_q, cu_seqlens_q.cpu().numpy())
+                       or not np.array_equal(plan.cu_seqlens_k, cu_seqlens_k.cpu().numpy())):
         raise ValueError("plan was built for another batch or shape (causal, heads, head_dim or lengths differ)")
     _, _, warps, stages = CONFIGS[head_dim]
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    out = torch.empty_like(q)
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
+        raise ValueError(f"out must match q (shape {tuple(q.shape)}, {q.dtype}, {q.device}, last dim contiguous), "
+                         f"got {tuple(out.shape)}, {out.dtype}, {out.device}")
     scale = softmax_scale if softmax_scale is not None else head_dim ** -0.5
     launch(q, k, v, out, plan, scale, num_warps or warps, num_stages or stages)
     return out

@@ -1,14 +1,20 @@
 """Packed varlen attention forward: one launch walks a Plan's tile list.
 
-Tiling: BLOCK_M query rows of one tile (possibly several requests, masked block-diagonally) x BLOCK_N keys per
+Tiling: BLOCK_M query slots of one tile (possibly several requests, masked block-diagonally) x BLOCK_N keys per
 step, HEAD_DIM whole; online softmax in base 2 with fp32 accumulators, exactly FlashAttention's algorithm.
-Program id (1-D): pid // NUM_HEADS is the tile (the plan's order, longest first when balanced), pid % NUM_HEADS
-the query head, so the heads of a tile run side by side (sharing K/V in L2) and the tile order is the launch
-order. Each row's key interval [lo, hi] (its request's keys, cut at the bottom-right causal limit) is built
-once per tile; key blocks inside [k_start, k_nomask_end) are valid for every row and skip the mask.
+A slot is one (query row, query head) pair:
+  PACK_GQA off: program id // NUM_HEADS is the tile, % NUM_HEADS the query head; slot m is row row_start + m.
+  PACK_GQA on:  program id // NUM_KV_HEADS is the tile, % NUM_KV_HEADS the KV head; slot m is row
+                row_start + m // GROUP of query head kv_head * GROUP + m % GROUP, so the GROUP query heads that
+                read one KV head share every K/V load (a tile then holds BLOCK_M // GROUP rows).
+Tiles run in the plan's order (longest first when balanced), the heads of a tile side by side. Each slot's
+key interval [lo, hi] (its request's keys, cut at the bottom-right causal limit) is built once per tile; key
+blocks inside [k_start, k_nomask_end) are valid for every slot and skip the mask.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -23,13 +29,22 @@ LOG2E = 1.4426950408889634
 def _packed_attention_fwd(
     Q, K, V, O, tiles, cu_q, cu_k, qk_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, PACK_GQA: tl.constexpr, CAUSAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    tile = pid // NUM_HEADS
-    head = pid % NUM_HEADS
-    kv_head = head // GROUP
+    slots = tl.arange(0, BLOCK_M)
+    if PACK_GQA:
+        tile = pid // (NUM_HEADS // GROUP)
+        kv_head = pid % (NUM_HEADS // GROUP)
+        slot_row = slots // GROUP
+        heads = kv_head * GROUP + slots % GROUP
+    else:
+        tile = pid // NUM_HEADS
+        head = pid % NUM_HEADS
+        kv_head = head // GROUP
+        slot_row = slots
+        heads = tl.zeros([BLOCK_M], dtype=tl.int32) + head
     t = tiles + tile * 7
     row_start = tl.load(t)
     row_end = tl.load(t + 1)
@@ -39,7 +54,7 @@ def _packed_attention_fwd(
     k_nomask_end = tl.load(t + 5)
     k_end = tl.load(t + 6)
 
-    rows = row_start + tl.arange(0, BLOCK_M)
+    rows = row_start + slot_row
     row_ok = rows < row_end
     lo = tl.zeros([BLOCK_M], dtype=tl.int32)
     hi = tl.full([BLOCK_M], -1, dtype=tl.int32)
@@ -57,7 +72,10 @@ def _packed_attention_fwd(
         hi = tl.where(mine, row_hi, hi)
 
     dims = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + rows.to(tl.int64)[:, None] * stride_qt + head * stride_qh + dims[None, :], mask=row_ok[:, None], other=0.0)
+    q_offs = rows.to(tl.int64) * stride_qt + heads * stride_qh
+    q = tl.load(Q + q_offs[:, None] + dims[None, :], mask=row_ok[:, None], other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -69,6 +87,8 @@ def _packed_attention_fwd(
         keys = start + cols
         k = tl.load(k_base + keys.to(tl.int64)[:, None] * stride_kt)
         v = tl.load(v_base + keys.to(tl.int64)[:, None] * stride_vt)
+        if DOT_F32:
+            k, v = k.to(tl.float32), v.to(tl.float32)
         qk = tl.dot(q, tl.trans(k)) * qk_scale
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.math.exp2(qk - m_new[:, None])
@@ -82,6 +102,8 @@ def _packed_attention_fwd(
         in_range = keys < k_end
         k = tl.load(k_base + keys.to(tl.int64)[:, None] * stride_kt, mask=in_range[:, None], other=0.0)
         v = tl.load(v_base + keys.to(tl.int64)[:, None] * stride_vt, mask=in_range[:, None], other=0.0)
+        if DOT_F32:
+            k, v = k.to(tl.float32), v.to(tl.float32)
         qk = tl.dot(q, tl.trans(k)) * qk_scale
         valid = (keys[None, :] >= lo[:, None]) & (keys[None, :] <= hi[:, None])
         qk = tl.where(valid, qk, float("-inf"))
@@ -94,8 +116,8 @@ def _packed_attention_fwd(
         m_i = m_new
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row with no key at all (kv_len 0) writes zeros
-    tl.store(O + rows.to(tl.int64)[:, None] * stride_ot + head * stride_oh + dims[None, :], out.to(O.dtype.element_ty),
-             mask=row_ok[:, None])
+    o_offs = rows.to(tl.int64) * stride_ot + heads * stride_oh
+    tl.store(O + o_offs[:, None] + dims[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None])
 
 
 def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, plan: Plan, softmax_scale: float,
@@ -104,11 +126,18 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     if plan.num_tiles == 0:
         return
     tiles, cu_q, cu_k = plan.device_arrays(q.device)
-    heads = q.shape[1]
-    grid = (plan.num_tiles * heads,)
+    heads, group = q.shape[1], q.shape[1] // k.shape[1]
+    grid = (plan.num_tiles * (k.shape[1] if plan.pack_gqa else heads),)
     _packed_attention_fwd[grid](
         q, k, v, out, tiles, cu_q, cu_k, softmax_scale * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        NUM_HEADS=heads, GROUP=heads // k.shape[1], CAUSAL=plan.causal, HEAD_DIM=q.shape[2],
-        BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, num_warps=num_warps, num_stages=num_stages,
+        NUM_HEADS=heads, GROUP=group, PACK_GQA=plan.pack_gqa, CAUSAL=plan.causal, HEAD_DIM=q.shape[2],
+        BLOCK_M=plan.block_m * (group if plan.pack_gqa else 1), BLOCK_N=plan.block_n,
+        DOT_F32=interpreter_needs_f32_dot(q.dtype), num_warps=num_warps, num_stages=num_stages,
     )
+
+
+def interpreter_needs_f32_dot(dtype: torch.dtype) -> bool:
+    """Triton's CPU interpreter (3.9) computes tl.dot on bfloat16 operands wrongly (errors of 1e10 on a 16x16
+    product), so under the interpreter bf16 operands are widened to fp32 first; compiled kernels never do."""
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"

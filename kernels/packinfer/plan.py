@@ -27,7 +27,9 @@ TILE_OVERHEAD_BLOCKS = 2.0
 @dataclass
 class Plan:
     """A batch's work list: `tiles` is int32 [T, 7] with the columns of TILE_FIELDS (absolute row / key
-    indices into the packed q and k; keys of [k_start, k_nomask_end) need no mask for any row of the tile)."""
+    indices into the packed q and k; keys of [k_start, k_nomask_end) need no mask for any row of the tile).
+    A tile holds at most block_m query rows; with pack_gqa the kernel runs it once per KV head with all the
+    query heads of that KV head side by side (block_m * group slots), else once per query head."""
 
     tiles: np.ndarray
     cu_seqlens_q: np.ndarray
@@ -40,6 +42,7 @@ class Plan:
     block_n: int
     packing: bool
     balancing: bool
+    pack_gqa: bool = False
     plan_ms: float = 0.0
     _device_cache: dict = field(default_factory=dict, repr=False)
 
@@ -83,10 +86,11 @@ def _as_numpy(x, name: str) -> np.ndarray:
 
 def plan_varlen(cu_seqlens_q, cu_seqlens_k, num_heads: int, num_kv_heads: int, head_dim: int, *,
                 causal: bool = True, block_m: int = 128, block_n: int = 64, packing: bool = True,
-                balancing: bool = True) -> Plan:
+                balancing: bool = True, pack_gqa: bool = False) -> Plan:
     """Plan a varlen attention batch from its cu_seqlens (int32 [B+1], tensors or arrays; read on the CPU).
 
-    packing=False gives FlashAttention-2's grid (one request per tile); balancing=False keeps batch order.
+    packing=False gives FlashAttention-2's grid (one request per tile); balancing=False keeps batch order;
+    pack_gqa=True puts the query heads of a KV head in one program (block_m rows x group heads per tile).
     """
     import time
 
@@ -96,7 +100,11 @@ def plan_varlen(cu_seqlens_q, cu_seqlens_k, num_heads: int, num_kv_heads: int, h
     check_cu_seqlens(cu_q, cu_k, causal)
     if num_heads <= 0 or num_kv_heads <= 0 or num_heads % num_kv_heads:
         raise ValueError(f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})")
-    for name, b in (("block_m", block_m), ("block_n", block_n)):
+    group = num_heads // num_kv_heads
+    slots = block_m * group if pack_gqa else block_m
+    if pack_gqa and group & (group - 1):
+        raise ValueError(f"pack_gqa needs a power-of-two GQA group, got num_heads/num_kv_heads = {group}")
+    for name, b in (("block_m (x group with pack_gqa)", slots), ("block_n", block_n)):
         if b < 16 or b & (b - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {b}")
     tiles = _pack(cu_q, cu_k, causal, block_m, block_n) if packing else _unpacked(cu_q, cu_k, causal, block_m, block_n)
@@ -104,7 +112,8 @@ def plan_varlen(cu_seqlens_q, cu_seqlens_k, num_heads: int, num_kv_heads: int, h
         tiles = tiles[np.argsort(-tile_costs(tiles, block_n), kind="stable")]
     plan = Plan(tiles=np.ascontiguousarray(tiles, dtype=np.int32), cu_seqlens_q=cu_q.astype(np.int32),
                 cu_seqlens_k=cu_k.astype(np.int32), causal=causal, num_heads=num_heads, num_kv_heads=num_kv_heads,
-                head_dim=head_dim, block_m=block_m, block_n=block_n, packing=packing, balancing=balancing)
+                head_dim=head_dim, block_m=block_m, block_n=block_n, packing=packing, balancing=balancing,
+                pack_gqa=pack_gqa)
     plan.plan_ms = (time.perf_counter() - t0) * 1e3
     return plan
 
@@ -138,7 +147,7 @@ def _unpacked(cu_q, cu_k, causal, block_m, block_n) -> np.ndarray:
 def _pack(cu_q, cu_k, causal, block_m, block_n) -> np.ndarray:
     """Each request's head rows (q_len % block_m of them, the ones with the fewest keys when causal) join the
     open pack when they fit, else open a new one; its remaining rows form full tiles, which close the pack
-    (tiles are contiguous row ranges)."""
+    (tiles are contiguous row ranges, and their key ranges hold only keys some row of the tile needs)."""
     q_lens = np.diff(cu_q)
     starts, ends, firsts, lasts = [], [], [], []
     open_start = open_first = -1
@@ -147,7 +156,8 @@ def _pack(cu_q, cu_k, causal, block_m, block_n) -> np.ndarray:
         head = int(q_lens[s] % block_m)
         row = int(cu_q[s])
         if head:
-            if open_rows and open_rows + head <= block_m:
+            # a pack must stay gap-free in keys too: a request with keys but no queries in between closes it
+            if open_rows and open_rows + head <= block_m and cu_k[s] == cu_k[last_seq + 1]:
                 open_rows += head
             else:
                 if open_rows:

@@ -1,0 +1,159 @@
+"""The planner's invariants: every query row is computed exactly once, each tile's key range holds every key
+its rows need and no key block that none of them needs, and balancing orders tiles longest first."""
+
+import numpy as np
+import pytest
+import torch
+
+from packinfer import TILE_FIELDS, plan_varlen, varlen_attention
+
+F = {name: i for i, name in enumerate(TILE_FIELDS)}
+
+
+def _cu(lengths):
+    return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+
+
+def _row_intervals(cu_q, cu_k, causal):
+    """[lo, hi] of keys each query row may see (bottom-right causal), computed directly per request."""
+    lo, hi = [], []
+    for b in range(len(cu_q) - 1):
+        nq, nk = cu_q[b + 1] - cu_q[b], cu_k[b + 1] - cu_k[b]
+        for i in range(nq):
+            lo.append(cu_k[b])
+            hi.append(cu_k[b] + (nk - nq + i if causal else nk - 1))
+    return np.array(lo), np.array(hi)
+
+
+def _check_invariants(q_lens, kv_lens, causal=True, block_m=64, block_n=32, **kw):
+    cu_q, cu_k = _cu(q_lens), _cu(kv_lens)
+    plan = plan_varlen(cu_q, cu_k, 8, 2, 128, causal=causal, block_m=block_m, block_n=block_n, **kw)
+    lo, hi = _row_intervals(cu_q, cu_k, causal)
+    covered = np.zeros(cu_q[-1], dtype=int)
+    for t in plan.tiles:
+        rows = np.arange(t[F["row_start"]], t[F["row_end"]])
+        assert 0 < len(rows) <= block_m
+        covered[rows] += 1
+        seqs = np.searchsorted(cu_q, rows, side="right") - 1
+        assert seqs.min() == t[F["seq_first"]] and seqs.max() == t[F["seq_last"]]
+        k_start, k_nomask, k_end = t[F["k_start"]], t[F["k_nomask_end"]], t[F["k_end"]]
+        assert k_start <= k_nomask <= k_end and (k_nomask - k_start) % block_n == 0
+        # every key a row needs lies in the tile's range; the unmasked prefix is valid for every row
+        needs = hi[rows] >= lo[rows]
+        assert (lo[rows][needs] >= k_start).all() and (hi[rows][needs] < k_end).all()
+        if k_nomask > k_start:
+            assert (lo[rows] <= k_start).all() and (hi[rows] >= k_nomask - 1).all()
+        # no fully masked key block: each block of the range is needed by some row of the tile
+        for block in range(k_start, k_end, block_n):
+            assert ((lo[rows] < block + block_n) & (hi[rows] >= block)).any(), (t, block)
+    assert (covered == 1).all(), "every query row is computed exactly once"
+    return plan
+
+
+@pytest.mark.parametrize("packing", [True, False])
+@pytest.mark.parametrize("causal", [True, False])
+def test_invariants_on_random_batches(packing, causal):
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        n = int(rng.integers(1, 40))
+        kv = rng.integers(1, 700, size=n)
+        q = np.where(rng.random(n) < 0.5, kv, np.maximum(1, (rng.random(n) * kv).astype(int)))
+        q[rng.random(n) < 0.1] = 0  # requests with keys but no queries
+        if q.sum() == 0:
+            q[0] = 1
+        _check_invariants(q, kv, causal=causal, packing=packing)
+
+
+def test_packing_puts_short_requests_together_and_unpacked_is_the_fa2_grid():
+    lengths = [10, 20, 30, 200, 5]
+    packed = _check_invariants(lengths, lengths, packing=True, balancing=False)
+    unpacked = _check_invariants(lengths, lengths, packing=False, balancing=False)
+    # FA2 grid: ceil(q / 64) tiles per request -> 1 + 1 + 1 + 4 + 1
+    assert unpacked.num_tiles == 8
+    assert all(t[F["seq_first"]] == t[F["seq_last"]] for t in unpacked.tiles)
+    # packed: [10, 20, 30] share one tile; 200's 8 head rows do not fit beside them (60 + 8 > 64) and take a
+    # tile of their own, then 3 full tiles; 5 opens a new pack
+    assert packed.num_tiles == 6
+    first = packed.tiles[0]
+    assert (first[F["seq_first"]], first[F["seq_last"]], first[F["row_end"]]) == (0, 2, 60)
+    assert [t[F["row_end"]] - t[F["row_start"]] for t in packed.tiles[1:]] == [8, 64, 64, 64, 5]
+
+
+def test_balancing_orders_tiles_longest_first():
+    rng = np.random.default_rng(1)
+    kv = rng.integers(1, 3000, size=100)
+    plan = _check_invariants(kv, kv, balancing=True)
+    costs = plan.tile_costs()
+    assert (np.diff(costs) <= 0).all()
+    unbalanced = plan_varlen(_cu(kv), _cu(kv), 8, 2, 128, block_m=64, block_n=32, balancing=False)
+    assert sorted(map(tuple, unbalanced.tiles)) == sorted(map(tuple, plan.tiles))  # same work, other order
+
+
+def test_plan_accepts_tensors_and_records_its_cost():
+    cu = torch.tensor([0, 3, 10], dtype=torch.int32)
+    plan = plan_varlen(cu, cu, 4, 4, 64)
+    assert plan.plan_ms > 0 and plan.batch_size == 2 and plan.tiles.dtype == np.int32
+
+
+def test_plan_256_requests_is_cheap():
+    """Budget check only on the work done (vectorised planning, O(B) Python), not a timed assertion."""
+    kv = np.random.default_rng(2).lognormal(np.log(1700), 1.0, size=256).astype(int).clip(1, 8192)
+    plan = plan_varlen(_cu(kv), _cu(kv), 32, 8, 128)
+    assert plan.num_tiles >= len(kv) // 2
+
+
+# --- bad input -------------------------------------------------------------------------------------------
+
+def _qkv(total_q=8, total_k=8, heads=4, kv_heads=2, dim=64, dtype=torch.float16):
+    return (torch.randn(total_q, heads, dim).to(dtype), torch.randn(total_k, kv_heads, dim).to(dtype),
+            torch.randn(total_k, kv_heads, dim).to(dtype))
+
+
+CU = torch.tensor([0, 3, 8], dtype=torch.int32)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda a: {**a, "q": a["q"].float()}, r"q must be float16 or bfloat16, got torch.float32"),
+    (lambda a: {**a, "k": a["k"].bfloat16(), "v": a["v"].bfloat16()}, r"q, k, v must share a dtype"),
+    (lambda a: {**a, "q": a["q"][0]}, r"q must have rank 3"),
+    (lambda a: {**a, "k": a["k"].repeat(1, 3, 1)[:, :3], "v": a["v"].repeat(1, 3, 1)[:, :3]},
+     r"q heads \(4\) must be a multiple of k/v heads \(3\)"),
+    (lambda a: {**a, "q": torch.randn(8, 4, 96).half(), "k": torch.randn(8, 2, 96).half(),
+                "v": torch.randn(8, 2, 96).half()}, r"head_dim 96 is not supported"),
+    (lambda a: {**a, "v": a["v"][:7]}, r"k and v must have the same shape"),
+    (lambda a: {**a, "cu_seqlens_q": CU.long()}, r"cu_seqlens_q must be an int32 tensor, got torch.int64"),
+    (lambda a: {**a, "cu_seqlens_k": torch.tensor([0, 3, 9], dtype=torch.int32)},
+     r"cu_seqlens_k\[-1\] = 9 does not match the 8 tokens of k"),
+    (lambda a: {**a, "cu_seqlens_q": torch.tensor([1, 3, 8], dtype=torch.int32),
+                "cu_seqlens_k": torch.tensor([1, 3, 8], dtype=torch.int32)}, r"cu_seqlens_q must start at 0"),
+    (lambda a: {**a, "cu_seqlens_q": torch.tensor([0, 6, 5, 8], dtype=torch.int32),
+                "cu_seqlens_k": torch.tensor([0, 6, 6, 8], dtype=torch.int32)}, r"cu_seqlens_q must be non-decreasing"),
+    (lambda a: {**a, "cu_seqlens_q": torch.tensor([0, 4, 8], dtype=torch.int32)},
+     r"request 0 has q_len 4 > kv_len 3"),
+    (lambda a: {**a, "cu_seqlens_k": torch.tensor([0, 8], dtype=torch.int32)},
+     r"cu_seqlens_q and cu_seqlens_k must have the same length"),
+])
+def test_bad_input_names_the_argument(change, message):
+    q, k, v = _qkv()
+    args = change({"q": q, "k": k, "v": v, "cu_seqlens_q": CU, "cu_seqlens_k": CU})
+    with pytest.raises(ValueError, match=message):
+        varlen_attention(args["q"], args["k"], args["v"], args["cu_seqlens_q"], args["cu_seqlens_k"], 5, 5)
+
+
+def test_plan_for_another_batch_is_rejected():
+    q, k, v = _qkv()
+    other = plan_varlen(torch.tensor([0, 4, 8], dtype=torch.int32), torch.tensor([0, 4, 8], dtype=torch.int32), 4, 2, 64)
+    with pytest.raises(ValueError, match="plan was built for another batch"):
+        varlen_attention(q, k, v, CU, CU, 5, 5, plan=other)
+    varlen_attention(q, k, v, CU, CU, 5, 5, plan=other, validate=False)  # the caller's promise: no check
+    with pytest.raises(ValueError, match="out must match q"):
+        varlen_attention(q, k, v, CU, CU, 5, 5, out=torch.empty(8, 4, 64))
+
+
+def test_bad_plan_arguments():
+    with pytest.raises(ValueError, match="block_m .* must be a power of two >= 16, got 24"):
+        plan_varlen(CU.numpy(), CU.numpy(), 4, 2, 64, block_m=24)
+    with pytest.raises(ValueError, match="pack_gqa needs a power-of-two GQA group"):
+        plan_varlen(CU.numpy(), CU.numpy(), 6, 2, 64, pack_gqa=True)
+    with pytest.raises(ValueError, match="cu_seqlens_q must be int32"):
+        plan_varlen(CU.numpy().astype(np.int64), CU.numpy(), 4, 2, 64)
