@@ -82,18 +82,19 @@ def make_batches(smoke: bool) -> list[tuple[Batch, bool]]:
 
 # ---------------------------------------------------------------------------------------------- backends
 
-def packinfer_backend(packing: bool, balancing: bool, config=None):
+def packinfer_backend(packing: bool, balancing: bool, config=None, pack_gqa: bool = False):
+    """config: (block_m rows, block_n, num_warps, num_stages); None: packinfer.CONFIGS for the head_dim."""
     def prepare(batch, q, k, v, cu_q, cu_k, shape):
         bm, bn, warps, stages = config or packinfer.CONFIGS[shape.head_dim]
         t0 = time.perf_counter()
         plan = plan_varlen(cu_q, cu_k, shape.heads, shape.kv_heads, shape.head_dim, causal=True, block_m=bm,
-                           block_n=bn, packing=packing, balancing=balancing)
+                           block_n=bn, packing=packing, balancing=balancing, pack_gqa=pack_gqa)
         plan_ms = (time.perf_counter() - t0) * 1e3
-        plan.device_arrays(q.device)
         cu_q_d, cu_k_d = cu_q.to(q.device), cu_k.to(q.device)
         mq, mk = int(batch.q_lens.max()), int(batch.kv_lens.max())
+        packinfer.varlen_attention(q, k, v, cu_q_d, cu_k_d, mq, mk, causal=True, plan=plan)  # checked once
         return plan_ms, lambda: packinfer.varlen_attention(q, k, v, cu_q_d, cu_k_d, mq, mk, causal=True, plan=plan,
-                                                           num_warps=warps, num_stages=stages)
+                                                           validate=False, num_warps=warps, num_stages=stages)
     return prepare
 
 
@@ -259,11 +260,14 @@ def run_batch(batch: Batch, headline: bool, shape: Shape, device: torch.device, 
 
 def tune(device, shape, args, flush, out_dir: Path) -> None:
     """Time packinfer (packed+balanced) under several kernel configs on a few batches."""
-    configs = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3),
-               (128, 32, 4, 3), (64, 64, 4, 3), (64, 64, 4, 2), (64, 128, 4, 3), (64, 32, 4, 3)]
+    configs = [((128, 64, 8, 3), False), ((128, 128, 8, 3), False), ((128, 32, 4, 3), False),
+               ((128, 32, 8, 3), False), ((64, 64, 4, 3), False), ((64, 32, 4, 3), False), ((64, 32, 4, 4), False),
+               ((32, 64, 8, 3), True), ((32, 128, 8, 3), True), ((32, 32, 4, 3), True), ((32, 32, 8, 3), True),
+               ((16, 64, 4, 3), True), ((16, 32, 4, 3), True), ((16, 32, 4, 4), True)]
     picks = [b for b, _ in make_batches(False) if b.batch_id in (
         "sharegpt/b256/s0/prefill", "azure-conv/b64/s0/prefill", "uniform-4096/b16/s0/prefill",
-        "sharegpt-like-lognormal/b256/s0/prefill", "sharegpt/b128/s0/mixed")]
+        "sharegpt-like-lognormal/b256/s0/prefill", "sharegpt/b128/s0/mixed", "azure-conv/b128/s0/mixed",
+        "straggler-32k/b128/s0/prefill")]
     with open(out_dir / "tune.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["batch", "config", "kernel_ms", "tflops", "rel_err"])
         w.writeheader()
@@ -275,19 +279,20 @@ def tune(device, shape, args, flush, out_dir: Path) -> None:
             cu_q, cu_k = (torch.from_numpy(c) for c in batch.cu_seqlens())
             ref = reference(batch, q, k, v, shape)
             flops = 4.0 * batch.causal_pairs() * shape.heads * shape.head_dim
-            for cfg in configs:
+            for cfg, gqa in configs:
+                name = "x".join(map(str, cfg)) + ("+gqa" if gqa else "")
                 try:
-                    _, fn = packinfer_backend(True, True, cfg)(batch, q, k, v, cu_q, cu_k, shape)
+                    _, fn = packinfer_backend(True, True, cfg, gqa)(batch, q, k, v, cu_q, cu_k, shape)
                     rel = float((fn().float() - ref).norm() / ref.norm())
                     med = statistics.median(time_fn(fn, 3, 15, flush))
-                    row = {"batch": batch.batch_id, "config": "x".join(map(str, cfg)), "kernel_ms": round(med, 4),
+                    row = {"batch": batch.batch_id, "config": name, "kernel_ms": round(med, 4),
                            "tflops": round(flops / med / 1e9, 1), "rel_err": f"{rel:.2e}"}
                 except Exception as e:
-                    row = {"batch": batch.batch_id, "config": "x".join(map(str, cfg)), "kernel_ms": None,
+                    row = {"batch": batch.batch_id, "config": name, "kernel_ms": None,
                            "tflops": None, "rel_err": f"{type(e).__name__}: {str(e)[:80]}"}
                 w.writerow(row)
                 f.flush()
-                print(f"tune {row['batch']:<40} {row['config']:<12} {row['kernel_ms']} ms {row['tflops']} TFLOP/s "
+                print(f"tune {row['batch']:<40} {row['config']:<16} {row['kernel_ms']} ms {row['tflops']} TFLOP/s "
                       f"err {row['rel_err']}", flush=True)
 
 
