@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import inspect
 import json
 import math
@@ -31,7 +32,6 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import packinfer  # noqa: E402
-from packinfer.plan import plan_varlen  # noqa: E402
 from packinfer_bench import envinfo  # noqa: E402
 from packinfer_bench.traces import load_trace  # noqa: E402
 from packinfer_bench.workload import Batch, StaticSpec, static_batches  # noqa: E402
@@ -65,9 +65,9 @@ def make_batches(smoke: bool) -> list[tuple[Batch, bool]]:
         trace = load_trace(trace_name)
         spec = StaticSpec(phases=["prefill"], batch_sizes=[32, 64, 128, 256], seed=0)
         for b in static_batches(trace, spec):
-            out.append((b, len(b) in (64, 256)))
+            out.append((b, b.batch_id in ("sharegpt/b256/s0/prefill", "azure-conv/b64/s0/prefill")))
         spec = StaticSpec(phases=["mixed"], batch_sizes=[128], decode_fraction=0.75, chunk_size=512, seed=0)
-        out.extend((b, True) for b in static_batches(trace, spec))
+        out.extend((b, trace_name == "sharegpt") for b in static_batches(trace, spec))
     designs = [
         ("sharegpt-like-lognormal", 256, {"dist": "lognormal", "median": 250, "sigma": 1.0, "max": 8192}),
         ("azure-like-lognormal", 64, {"dist": "lognormal", "median": 1000, "sigma": 0.8, "max": 8192}),
@@ -75,26 +75,30 @@ def make_batches(smoke: bool) -> list[tuple[Batch, bool]]:
         ("straggler-32k", 128, {"dist": "bimodal", "long": 32768, "short": 512, "num_long": 1}),
     ]
     for name, n, prompt in designs:
-        out.extend((b, name != "straggler-32k") for b in
+        out.extend((b, name == "sharegpt-like-lognormal") for b in
                    static_batches(synthetic(name, n, prompt), StaticSpec(phases=["prefill"], batch_sizes=[n])))
     return out
 
 
 # ---------------------------------------------------------------------------------------------- backends
 
-def packinfer_backend(packing: bool, balancing: bool, config=None, pack_gqa: bool = False):
-    """config: (block_m rows, block_n, num_warps, num_stages); None: packinfer.CONFIGS for the head_dim."""
+def packinfer_backend(packing: bool = True, balancing: bool = True, config=None, gqa_packing: bool = True):
+    """config: a packinfer.KernelConfig, or None for the one packinfer.choose_config picks for the batch;
+    gqa_packing=False keeps that choice's tile size but gives each query head its own program."""
     def prepare(batch, q, k, v, cu_q, cu_k, shape):
-        bm, bn, warps, stages = config or packinfer.CONFIGS[shape.head_dim]
         t0 = time.perf_counter()
-        plan = plan_varlen(cu_q, cu_k, shape.heads, shape.kv_heads, shape.head_dim, causal=True, block_m=bm,
-                           block_n=bn, packing=packing, balancing=balancing, pack_gqa=pack_gqa)
+        cfg = config or packinfer.choose_config(batch.q_lens, batch.kv_lens, shape.heads, shape.kv_heads,
+                                                shape.head_dim)
+        if not gqa_packing:
+            cfg = dataclasses.replace(cfg, pack_gqa=False)
+        plan = packinfer.plan_for(cu_q, cu_k, shape.heads, shape.kv_heads, shape.head_dim, causal=True,
+                                  packing=packing, balancing=balancing, config=cfg)
         plan_ms = (time.perf_counter() - t0) * 1e3
         cu_q_d, cu_k_d = cu_q.to(q.device), cu_k.to(q.device)
         mq, mk = int(batch.q_lens.max()), int(batch.kv_lens.max())
         packinfer.varlen_attention(q, k, v, cu_q_d, cu_k_d, mq, mk, causal=True, plan=plan)  # checked once
         return plan_ms, lambda: packinfer.varlen_attention(q, k, v, cu_q_d, cu_k_d, mq, mk, causal=True, plan=plan,
-                                                           validate=False, num_warps=warps, num_stages=stages)
+                                                           validate=False)
     return prepare
 
 
@@ -155,10 +159,11 @@ def flashinfer_backend(fi_backend: str):
 
 
 def backends(on_gpu: bool, headline: bool) -> dict[tuple[str, str], object]:
-    out = {("packinfer", "packed+balanced"): packinfer_backend(True, True),
-           ("packinfer", "packed"): packinfer_backend(True, False),
-           ("triton_unpacked", "balanced"): packinfer_backend(False, True),
-           ("triton_unpacked", "fa2-grid"): packinfer_backend(False, False)}
+    out = {("packinfer", "full"): packinfer_backend(),
+           ("packinfer", "no-balancing"): packinfer_backend(balancing=False),
+           ("packinfer", "no-packing"): packinfer_backend(packing=False),
+           ("packinfer", "no-gqa-packing"): packinfer_backend(gqa_packing=False),
+           ("triton_unpacked", "fa2-grid"): packinfer_backend(False, False, packinfer.FA2_LIKE)}
     if on_gpu:
         out[("fa2", "torch-varlen")] = fa2_backend
         if headline:
@@ -259,11 +264,12 @@ def run_batch(batch: Batch, headline: bool, shape: Shape, device: torch.device, 
 
 
 def tune(device, shape, args, flush, out_dir: Path) -> None:
-    """Time packinfer (packed+balanced) under several kernel configs on a few batches."""
-    configs = [((128, 64, 8, 3), False), ((128, 128, 8, 3), False), ((128, 32, 4, 3), False),
-               ((128, 32, 8, 3), False), ((64, 64, 4, 3), False), ((64, 32, 4, 3), False), ((64, 32, 4, 4), False),
-               ((32, 64, 8, 3), True), ((32, 128, 8, 3), True), ((32, 32, 4, 3), True), ((32, 32, 8, 3), True),
-               ((16, 64, 4, 3), True), ((16, 32, 4, 3), True), ((16, 32, 4, 4), True)]
+    """Time packinfer (packed, balanced) under several kernel configs (slots x block_n x warps x stages) on a few
+    batches: the data behind packinfer.choose_config."""
+    K = packinfer.KernelConfig
+    configs = [K(128, 64, 8, 3, False), K(128, 128, 8, 3, False), K(128, 32, 4, 3, False), K(64, 64, 4, 3, False),
+               K(128, 64, 8, 3, True), K(128, 128, 8, 3, True), K(128, 32, 4, 3, True), K(64, 64, 4, 3, True),
+               K(64, 32, 4, 3, True)]
     picks = [b for b, _ in make_batches(False) if b.batch_id in (
         "sharegpt/b256/s0/prefill", "azure-conv/b64/s0/prefill", "uniform-4096/b16/s0/prefill",
         "sharegpt-like-lognormal/b256/s0/prefill", "sharegpt/b128/s0/mixed", "azure-conv/b128/s0/mixed",
@@ -279,10 +285,10 @@ def tune(device, shape, args, flush, out_dir: Path) -> None:
             cu_q, cu_k = (torch.from_numpy(c) for c in batch.cu_seqlens())
             ref = reference(batch, q, k, v, shape)
             flops = 4.0 * batch.causal_pairs() * shape.heads * shape.head_dim
-            for cfg, gqa in configs:
-                name = "x".join(map(str, cfg)) + ("+gqa" if gqa else "")
+            for cfg in configs:
+                name = f"{cfg.slots}x{cfg.block_n}x{cfg.num_warps}x{cfg.num_stages}" + ("+gqa" if cfg.pack_gqa else "")
                 try:
-                    _, fn = packinfer_backend(True, True, cfg, gqa)(batch, q, k, v, cu_q, cu_k, shape)
+                    _, fn = packinfer_backend(config=cfg)(batch, q, k, v, cu_q, cu_k, shape)
                     rel = float((fn().float() - ref).norm() / ref.norm())
                     med = statistics.median(time_fn(fn, 3, 15, flush))
                     row = {"batch": batch.batch_id, "config": name, "kernel_ms": round(med, 4),
@@ -312,7 +318,7 @@ def main() -> None:
         args.warmup, args.repeats = 1, 2
     env = envinfo.collect()
     env["benchmark"] = {"script": "benchmarks/prefill_kernel.py", "argv": sys.argv[1:], "shape": str(shape),
-                        "packinfer_configs": {str(k): v for k, v in packinfer.CONFIGS.items()}}
+                        "triton_unpacked_config": str(packinfer.FA2_LIKE)}
     (args.out / "env.json").write_text(json.dumps(env, indent=2) + "\n")
     flush = torch.empty(256 << 20, dtype=torch.uint8, device=device) if device.type == "cuda" else None
     if args.tune:

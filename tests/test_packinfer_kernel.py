@@ -91,3 +91,10 @@ def test_plan_is_built_when_not_given_and_scale_is_honoured(device):
         out = varlen_attention(q, k, v, cu_q, cu_k, 9, 9, softmax_scale=scale)
         ref = reference_varlen_attention(q, k, v, cu_q, cu_k, softmax_scale=scale)
         assert (out.float() - ref).abs().max() < TOL[torch.float16]
+
+
+def test_default_plan_for_each_head_dim(device):
+    for dim in (64, 128, 256):
+        q, k, v, cu_q, cu_k = _batch([3, 20], [3, 20], 4, 2, dim, torch.float16, device, dim)
+        out = varlen_attention(q, k, v, cu_q, cu_k, 20, 20)  # plan_for picks the tile shape
+        assert (out.float() - reference_varlen_attention(q, k, v, cu_q, cu_k)).abs().max() < TOL[torch.float16]

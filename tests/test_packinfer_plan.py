@@ -157,3 +157,22 @@ def test_bad_plan_arguments():
         plan_varlen(CU.numpy(), CU.numpy(), 6, 2, 64, pack_gqa=True)
     with pytest.raises(ValueError, match="cu_seqlens_q must be int32"):
         plan_varlen(CU.numpy().astype(np.int64), CU.numpy(), 4, 2, 64)
+
+
+def test_choose_config_follows_the_batch_shape():
+    from packinfer import FA2_LIKE, choose_config, plan_for
+
+    decode_mix = choose_config(np.array([1] * 96 + [512] * 32), np.array([2000] * 96 + [1024] * 32), 32, 8, 128)
+    long_prompts = choose_config(np.array([4096] * 16), np.array([4096] * 16), 32, 8, 128)
+    short_prompts = choose_config(np.array([300] * 64), np.array([300] * 64), 32, 8, 128)
+    assert decode_mix.pack_gqa and decode_mix.slots == 64
+    assert not long_prompts.pack_gqa and long_prompts.block_n == 128
+    assert short_prompts.pack_gqa and short_prompts.block_n == 32
+    # a GQA group that is no power of two cannot be packed into one program
+    assert not choose_config(np.array([300] * 4), np.array([300] * 4), 12, 4, 128).pack_gqa
+    plan = plan_for(_cu([300] * 64), _cu([300] * 64), 32, 8, 128)
+    assert plan.pack_gqa and plan.block_m == short_prompts.slots // 4 and plan.num_warps == short_prompts.num_warps
+    fa2 = plan_for(_cu([300] * 64), _cu([300] * 64), 32, 8, 128, packing=False, balancing=False, config=FA2_LIKE)
+    assert fa2.block_m == 128 and not fa2.pack_gqa and fa2.num_tiles == 64 * 3
+    with pytest.raises(ValueError, match="head_dim 80 is not supported"):
+        choose_config(np.array([3]), np.array([3]), 4, 4, 80)

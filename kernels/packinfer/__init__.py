@@ -5,10 +5,10 @@ it in one launch with FlashAttention-varlen conventions. The library stands alon
 benchmark harness, so a serving stack can take it by itself.
 """
 
-from packinfer.api import CONFIGS, default_blocks, plan_for, varlen_attention
+from packinfer.api import FA2_LIKE, KernelConfig, choose_config, plan_for, varlen_attention
 from packinfer.plan import TILE_FIELDS, Plan, plan_varlen
 from packinfer.reference import reference_varlen_attention
 
 __version__ = "0.1.0"
-__all__ = ["CONFIGS", "TILE_FIELDS", "Plan", "default_blocks", "plan_for", "plan_varlen", "reference_varlen_attention",
-           "varlen_attention"]
+__all__ = ["FA2_LIKE", "TILE_FIELDS", "KernelConfig", "Plan", "choose_config", "plan_for", "plan_varlen",
+           "reference_varlen_attention", "varlen_attention"]

@@ -1,42 +1,90 @@
-"""FlashAttention-varlen-compatible entry points."""
+"""FlashAttention-varlen-compatible entry points, and the choice of tile shape for a batch."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from packinfer.packed_attention import launch
 from packinfer.plan import Plan, plan_varlen
-from packinfer.validate import check_qkv
-
-#: Kernel configuration per head_dim: (block_m, block_n, num_warps, num_stages); tuned on an H100.
-CONFIGS: dict[int, tuple[int, int, int, int]] = {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 8, 2)}
+from packinfer.validate import HEAD_DIMS, check_qkv
 
 
-def default_blocks(head_dim: int) -> tuple[int, int]:
-    """(block_m, block_n) that varlen_attention's kernel uses for this head_dim."""
-    if head_dim not in CONFIGS:
-        raise ValueError(f"head_dim {head_dim} is not supported; supported: {sorted(CONFIGS)}")
-    return CONFIGS[head_dim][:2]
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile shape and launch configuration: `slots` (query row x head pairs per tile: rows with pack_gqa off,
+    rows x GQA group with it on), block_n keys per step, warps, pipeline stages."""
+
+    slots: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    pack_gqa: bool
+
+
+#: FA2-like fixed tiles (128 query rows x 64 keys): the `triton_unpacked` baseline's configuration.
+FA2_LIKE = KernelConfig(128, 64, 8, 3, False)
+
+# Chosen from the H100 sweep in results/prefill-kernel/ (bf16, head_dim 128, H=32, Hkv=8): long prompts
+# want tall 128x128 tiles; shorter ones want GQA packing with fewer rows (less causal-diagonal and
+# block-diagonal waste per tile); decode/chunk mixes want 16 rows x 4 heads per program.
+_LONG = KernelConfig(128, 128, 8, 3, False)
+_MEDIUM = KernelConfig(128, 64, 8, 3, True)
+_SHORT = KernelConfig(128, 32, 4, 3, True)
+_MIXED = KernelConfig(64, 64, 4, 3, True)
+
+
+def choose_config(q_lens: np.ndarray, kv_lens: np.ndarray, num_heads: int, num_kv_heads: int,
+                  head_dim: int, causal: bool = True) -> KernelConfig:
+    """Tile shape for a batch from two statistics: mean query rows per request (small: decode and chunked
+    prefill) and mean keys attended per query row."""
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"head_dim {head_dim} is not supported; supported: {list(HEAD_DIMS)}")
+    q_total = max(int(q_lens.sum()), 1)
+    if causal:
+        keys_per_row = float((q_lens * (kv_lens - q_lens) + q_lens * (q_lens + 1) // 2).sum()) / q_total
+    else:
+        keys_per_row = float((q_lens * kv_lens).sum()) / q_total
+    if q_lens.mean() < 256:
+        cfg = _MIXED
+    elif keys_per_row >= 1500:
+        cfg = _LONG
+    elif keys_per_row >= 800:
+        cfg = _MEDIUM
+    else:
+        cfg = _SHORT
+    group = num_heads // num_kv_heads
+    if cfg.pack_gqa and (group & (group - 1) or group > cfg.slots // 16):
+        cfg = KernelConfig(cfg.slots, cfg.block_n, cfg.num_warps, cfg.num_stages, False)
+    if head_dim == 256:  # keep the accumulator in registers: half the slots, narrower key steps
+        cfg = KernelConfig(max(cfg.slots // 2, 16 * (group if cfg.pack_gqa else 1)), 32, 8, 2, cfg.pack_gqa)
+    return cfg
 
 
 def plan_for(cu_seqlens_q, cu_seqlens_k, num_heads: int, num_kv_heads: int, head_dim: int, *, causal: bool = True,
-             packing: bool = True, balancing: bool = True) -> Plan:
-    """plan_varlen with the block sizes the kernel uses for head_dim."""
-    block_m, block_n = default_blocks(head_dim)
-    return plan_varlen(cu_seqlens_q, cu_seqlens_k, num_heads, num_kv_heads, head_dim, causal=causal,
-                       block_m=block_m, block_n=block_n, packing=packing, balancing=balancing)
+             packing: bool = True, balancing: bool = True, config: KernelConfig | None = None) -> Plan:
+    """plan_varlen with the tile shape chosen for this batch (or the given config)."""
+    cu_q = cu_seqlens_q.cpu().numpy() if isinstance(cu_seqlens_q, torch.Tensor) else np.asarray(cu_seqlens_q)
+    cu_k = cu_seqlens_k.cpu().numpy() if isinstance(cu_seqlens_k, torch.Tensor) else np.asarray(cu_seqlens_k)
+    if config is None:
+        config = choose_config(np.diff(cu_q.astype(np.int64)), np.diff(cu_k.astype(np.int64)), num_heads,
+                               num_kv_heads, head_dim, causal)
+    group = num_heads // num_kv_heads if config.pack_gqa else 1
+    return plan_varlen(cu_q, cu_k, num_heads, num_kv_heads, head_dim, causal=causal,
+                       block_m=config.slots // group, block_n=config.block_n, packing=packing, balancing=balancing,
+                       pack_gqa=config.pack_gqa, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                      cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = True,
                      softmax_scale: float | None = None, plan: Plan | None = None, out: torch.Tensor | None = None,
-                     validate: bool = True, num_warps: int | None = None,
-                     num_stages: int | None = None) -> torch.Tensor:
+                     validate: bool = True) -> torch.Tensor:
     """Attention over a ragged batch, FlashAttention varlen conventions: q [total_q, H, D], k/v [total_k, Hkv, D],
     int32 cu_seqlens [B+1]; causal masks are aligned bottom-right when q_len < kv_len. Returns out like q.
 
-    `plan` (from plan_varlen / plan_for on the same lengths) skips planning; build it once per batch and reuse it
+    `plan` (from plan_for / plan_varlen on the same lengths) skips planning; build it once per batch and reuse it
     for every layer. `out` (like q) receives the result when given. validate=False skips the argument checks,
     which read cu_seqlens on the host (a device sync); use it only for calls whose arguments were checked before.
     max_seqlen_q / max_seqlen_k are accepted for drop-in compatibility and not needed.
@@ -51,7 +99,6 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                        or not np.array_equal(plan.cu_seqlens_q, cu_seqlens_q.cpu().numpy())
                        or not np.array_equal(plan.cu_seqlens_k, cu_seqlens_k.cpu().numpy())):
         raise ValueError("plan was built for another batch or shape (causal, heads, head_dim or lengths differ)")
-    _, _, warps, stages = CONFIGS[head_dim]
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if out is None:
         out = torch.empty_like(q)
@@ -59,5 +106,5 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         raise ValueError(f"out must match q (shape {tuple(q.shape)}, {q.dtype}, {q.device}, last dim contiguous), "
                          f"got {tuple(out.shape)}, {out.dtype}, {out.device}")
     scale = softmax_scale if softmax_scale is not None else head_dim ** -0.5
-    launch(q, k, v, out, plan, scale, num_warps or warps, num_stages or stages)
+    launch(q, k, v, out, plan, scale)
     return out

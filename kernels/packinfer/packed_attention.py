@@ -120,8 +120,8 @@ def _packed_attention_fwd(
     tl.store(O + o_offs[:, None] + dims[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None])
 
 
-def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, plan: Plan, softmax_scale: float,
-           num_warps: int, num_stages: int) -> None:
+def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, plan: Plan,
+           softmax_scale: float) -> None:
     """Run the plan's tiles over q/k/v into out (all already validated and laid out [tokens, heads, dim])."""
     if plan.num_tiles == 0:
         return
@@ -133,7 +133,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         NUM_HEADS=heads, GROUP=group, PACK_GQA=plan.pack_gqa, CAUSAL=plan.causal, HEAD_DIM=q.shape[2],
         BLOCK_M=plan.block_m * (group if plan.pack_gqa else 1), BLOCK_N=plan.block_n,
-        DOT_F32=interpreter_needs_f32_dot(q.dtype), num_warps=num_warps, num_stages=num_stages,
+        DOT_F32=interpreter_needs_f32_dot(q.dtype), num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
 
 
