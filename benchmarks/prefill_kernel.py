@@ -82,9 +82,11 @@ def make_batches(smoke: bool) -> list[tuple[Batch, bool]]:
 
 # ---------------------------------------------------------------------------------------------- backends
 
-def packinfer_backend(packing: bool = True, balancing: bool = True, config=None, gqa_packing: bool = True):
+def packinfer_backend(packing: bool = True, balancing: bool = True, config=None, gqa_packing: bool = True,
+                      use_tma: bool | None = None, order_by_tile_cost: bool = False):
     """config: a packinfer.KernelConfig, or None for the one packinfer.choose_config picks for the batch;
-    gqa_packing=False keeps that choice's tile size but gives each query head its own program."""
+    gqa_packing=False keeps that choice's tile size but gives each query head its own program;
+    order_by_tile_cost: launch tiles by cost alone (global longest-first), the ordering balancing replaced."""
     def prepare(batch, q, k, v, cu_q, cu_k, shape):
         t0 = time.perf_counter()
         cfg = config or packinfer.choose_config(batch.q_lens, batch.kv_lens, shape.heads, shape.kv_heads,
@@ -94,11 +96,13 @@ def packinfer_backend(packing: bool = True, balancing: bool = True, config=None,
         plan = packinfer.plan_for(cu_q, cu_k, shape.heads, shape.kv_heads, shape.head_dim, causal=True,
                                   packing=packing, balancing=balancing, config=cfg)
         plan_ms = (time.perf_counter() - t0) * 1e3
+        if order_by_tile_cost:
+            plan.tiles = plan.tiles[np.argsort(-plan.tile_costs(), kind="stable")]
         cu_q_d, cu_k_d = cu_q.to(q.device), cu_k.to(q.device)
         mq, mk = int(batch.q_lens.max()), int(batch.kv_lens.max())
-        packinfer.varlen_attention(q, k, v, cu_q_d, cu_k_d, mq, mk, causal=True, plan=plan)  # checked once
+        packinfer.varlen_attention(q, k, v, cu_q_d, cu_k_d, mq, mk, causal=True, plan=plan, use_tma=use_tma)
         return plan_ms, lambda: packinfer.varlen_attention(q, k, v, cu_q_d, cu_k_d, mq, mk, causal=True, plan=plan,
-                                                           validate=False)
+                                                           validate=False, use_tma=use_tma)
     return prepare
 
 
@@ -161,6 +165,8 @@ def flashinfer_backend(fi_backend: str):
 def backends(on_gpu: bool, headline: bool) -> dict[tuple[str, str], object]:
     out = {("packinfer", "full"): packinfer_backend(),
            ("packinfer", "no-balancing"): packinfer_backend(balancing=False),
+           ("packinfer", "tile-cost-order"): packinfer_backend(order_by_tile_cost=True),
+           ("packinfer", "no-tma"): packinfer_backend(use_tma=False),
            ("packinfer", "no-packing"): packinfer_backend(packing=False),
            ("packinfer", "no-gqa-packing"): packinfer_backend(gqa_packing=False),
            ("triton_unpacked", "fa2-grid"): packinfer_backend(False, False, packinfer.FA2_LIKE)}

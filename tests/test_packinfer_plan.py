@@ -79,12 +79,17 @@ def test_packing_puts_short_requests_together_and_unpacked_is_the_fa2_grid():
     assert [t[F["row_end"]] - t[F["row_start"]] for t in packed.tiles[1:]] == [8, 64, 64, 64, 5]
 
 
-def test_balancing_orders_tiles_longest_first():
+def test_balancing_launches_heavy_requests_first_with_their_tiles_together():
     rng = np.random.default_rng(1)
     kv = rng.integers(1, 3000, size=100)
     plan = _check_invariants(kv, kv, balancing=True)
-    costs = plan.tile_costs()
-    assert (np.diff(costs) <= 0).all()
+    costs, owner = plan.tile_costs(), plan.tiles[:, F["seq_first"]]
+    runs = np.flatnonzero(np.diff(owner)) + 1
+    groups = np.split(np.arange(len(owner)), runs)
+    assert len(groups) == len(set(owner.tolist())), "each request's tiles are adjacent"
+    heaviest = [costs[g].max() for g in groups]
+    assert heaviest == sorted(heaviest, reverse=True) and heaviest[0] == costs.max()
+    assert all((np.diff(costs[g]) <= 0).all() for g in groups)
     unbalanced = plan_varlen(_cu(kv), _cu(kv), 8, 2, 128, block_m=64, block_n=32, balancing=False)
     assert sorted(map(tuple, unbalanced.tiles)) == sorted(map(tuple, plan.tiles))  # same work, other order
 

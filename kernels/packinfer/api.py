@@ -80,13 +80,14 @@ def plan_for(cu_seqlens_q, cu_seqlens_k, num_heads: int, num_kv_heads: int, head
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                      cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = True,
                      softmax_scale: float | None = None, plan: Plan | None = None, out: torch.Tensor | None = None,
-                     validate: bool = True) -> torch.Tensor:
+                     validate: bool = True, use_tma: bool | None = None) -> torch.Tensor:
     """Attention over a ragged batch, FlashAttention varlen conventions: q [total_q, H, D], k/v [total_k, Hkv, D],
     int32 cu_seqlens [B+1]; causal masks are aligned bottom-right when q_len < kv_len. Returns out like q.
 
     `plan` (from plan_for / plan_varlen on the same lengths) skips planning; build it once per batch and reuse it
     for every layer. `out` (like q) receives the result when given. validate=False skips the argument checks,
     which read cu_seqlens on the host (a device sync); use it only for calls whose arguments were checked before.
+    use_tma: load K/V through the Hopper tensor-memory accelerator (None: on GPUs that have one).
     max_seqlen_q / max_seqlen_k are accepted for drop-in compatibility and not needed.
     """
     if validate:
@@ -106,5 +107,5 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         raise ValueError(f"out must match q (shape {tuple(q.shape)}, {q.dtype}, {q.device}, last dim contiguous), "
                          f"got {tuple(out.shape)}, {out.dtype}, {out.device}")
     scale = softmax_scale if softmax_scale is not None else head_dim ** -0.5
-    launch(q, k, v, out, plan, scale)
+    launch(q, k, v, out, plan, scale, use_tma)
     return out

@@ -19,6 +19,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from packinfer.plan import Plan
 
@@ -31,6 +32,7 @@ def _packed_attention_fwd(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, PACK_GQA: tl.constexpr, CAUSAL: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     pid = tl.program_id(0)
     slots = tl.arange(0, BLOCK_M)
@@ -80,13 +82,18 @@ def _packed_attention_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     cols = tl.arange(0, BLOCK_N)
-    k_base = K + kv_head * stride_kh + dims[None, :]
-    v_base = V + kv_head * stride_vh + dims[None, :]  # token offsets are int64: total_tokens * stride can pass 2**31
+    if not USE_TMA:
+        k_base = K + kv_head * stride_kh + dims[None, :]
+        v_base = V + kv_head * stride_vh + dims[None, :]  # token offsets are int64: tokens * stride can pass 2**31
 
     for start in range(k_start, k_nomask_end, BLOCK_N):
-        keys = start + cols
-        k = tl.load(k_base + keys.to(tl.int64)[:, None] * stride_kt)
-        v = tl.load(v_base + keys.to(tl.int64)[:, None] * stride_vt)
+        if USE_TMA:
+            k = K.load([start, kv_head * HEAD_DIM])
+            v = V.load([start, kv_head * HEAD_DIM])
+        else:
+            keys = start + cols
+            k = tl.load(k_base + keys.to(tl.int64)[:, None] * stride_kt)
+            v = tl.load(v_base + keys.to(tl.int64)[:, None] * stride_vt)
         if DOT_F32:
             k, v = k.to(tl.float32), v.to(tl.float32)
         qk = tl.dot(q, tl.trans(k)) * qk_scale
@@ -99,9 +106,13 @@ def _packed_attention_fwd(
 
     for start in range(k_nomask_end, k_end, BLOCK_N):
         keys = start + cols
-        in_range = keys < k_end
-        k = tl.load(k_base + keys.to(tl.int64)[:, None] * stride_kt, mask=in_range[:, None], other=0.0)
-        v = tl.load(v_base + keys.to(tl.int64)[:, None] * stride_vt, mask=in_range[:, None], other=0.0)
+        if USE_TMA:  # keys past k_end are real (or zero-filled) data, masked below like the rest
+            k = K.load([start, kv_head * HEAD_DIM])
+            v = V.load([start, kv_head * HEAD_DIM])
+        else:
+            in_range = keys < k_end
+            k = tl.load(k_base + keys.to(tl.int64)[:, None] * stride_kt, mask=in_range[:, None], other=0.0)
+            v = tl.load(v_base + keys.to(tl.int64)[:, None] * stride_vt, mask=in_range[:, None], other=0.0)
         if DOT_F32:
             k, v = k.to(tl.float32), v.to(tl.float32)
         qk = tl.dot(q, tl.trans(k)) * qk_scale
@@ -120,21 +131,37 @@ def _packed_attention_fwd(
     tl.store(O + o_offs[:, None] + dims[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None])
 
 
-def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, plan: Plan,
-           softmax_scale: float) -> None:
-    """Run the plan's tiles over q/k/v into out (all already validated and laid out [tokens, heads, dim])."""
+def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, plan: Plan, softmax_scale: float,
+           use_tma: bool | None = None) -> None:
+    """Run the plan's tiles over q/k/v into out (all already validated and laid out [tokens, heads, dim]).
+    use_tma: load K/V tiles with the Hopper tensor-memory accelerator (None: where the GPU has one)."""
     if plan.num_tiles == 0:
         return
     tiles, cu_q, cu_k = plan.device_arrays(q.device)
-    heads, group = q.shape[1], q.shape[1] // k.shape[1]
-    grid = (plan.num_tiles * (k.shape[1] if plan.pack_gqa else heads),)
+    heads, kv_heads, dim = q.shape[1], k.shape[1], q.shape[2]
+    group = heads // kv_heads
+    if use_tma is None:
+        use_tma = tma_available(q.device) and os.environ.get("PACKINFER_NO_TMA") != "1"
+    kv_args = (k, v)
+    if use_tma:
+        if k.stride() != (kv_heads * dim, dim, 1) or v.stride() != k.stride():
+            k, v = k.contiguous(), v.contiguous()
+        kv_args = tuple(TensorDescriptor.from_tensor(t.view(t.shape[0], kv_heads * dim), block_shape=[plan.block_n, dim])
+                        for t in (k, v))
+    grid = (plan.num_tiles * (kv_heads if plan.pack_gqa else heads),)
     _packed_attention_fwd[grid](
-        q, k, v, out, tiles, cu_q, cu_k, softmax_scale * LOG2E,
+        q, *kv_args, out, tiles, cu_q, cu_k, softmax_scale * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        NUM_HEADS=heads, GROUP=group, PACK_GQA=plan.pack_gqa, CAUSAL=plan.causal, HEAD_DIM=q.shape[2],
+        NUM_HEADS=heads, GROUP=group, PACK_GQA=plan.pack_gqa, CAUSAL=plan.causal, HEAD_DIM=dim,
         BLOCK_M=plan.block_m * (group if plan.pack_gqa else 1), BLOCK_N=plan.block_n,
-        DOT_F32=interpreter_needs_f32_dot(q.dtype), num_warps=plan.num_warps, num_stages=plan.num_stages,
+        DOT_F32=interpreter_needs_f32_dot(q.dtype), USE_TMA=use_tma, num_warps=plan.num_warps,
+        num_stages=plan.num_stages,
     )
+
+
+def tma_available(device: torch.device) -> bool:
+    """Hopper or newer GPU (compute capability >= 9)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def interpreter_needs_f32_dot(dtype: torch.dtype) -> bool:

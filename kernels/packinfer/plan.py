@@ -3,10 +3,11 @@
 A tile is a contiguous range of at most BLOCK_M rows of the packed query tensor plus the key range those rows
 need. With packing on, consecutive short requests (and the leftover head rows of a long one) share a tile, each
 row masked to its own request's keys (block-diagonal inside the tile); long requests are split into full
-BLOCK_M-row tiles. With balancing on, tiles are ordered by estimated cost, longest first: the GPU's block
-scheduler hands the next tile to the first free SM, which is greedy longest-processing-time list scheduling,
-so no long tile starts last and straggles. A plan depends only on the lengths: build it once per batch on the
-CPU and reuse it for every layer.
+BLOCK_M-row tiles. With balancing on, tiles are launched heaviest request first, each request's tiles heaviest
+first and side by side: the GPU's block scheduler hands the next tile to the first free SM (greedy list
+scheduling), so no long tile starts last and straggles, while tiles that read the same keys stay adjacent and
+share them in L2. (Sorting all tiles by cost alone lost 5-8% to batch order on H100, from L2 misses.)
+A plan depends only on the lengths: build it once per batch on the CPU and reuse it for every layer.
 """
 
 from __future__ import annotations
@@ -75,6 +76,16 @@ def tile_costs(tiles: np.ndarray, block_n: int) -> np.ndarray:
     return -(-span // block_n) + TILE_OVERHEAD_BLOCKS
 
 
+def balanced_order(tiles: np.ndarray, block_n: int) -> np.ndarray:
+    """Tile order: requests (by first request of a tile) by their heaviest tile, descending; within a request,
+    heaviest tile first."""
+    costs = tile_costs(tiles, block_n)
+    owner = tiles[:, 2].astype(np.int64)
+    heaviest = np.zeros(int(owner.max()) + 1)
+    np.maximum.at(heaviest, owner, costs)
+    return np.lexsort((-costs, owner, -heaviest[owner]))
+
+
 def _as_numpy(x, name: str) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         if x.dtype != torch.int32:
@@ -112,7 +123,7 @@ def plan_varlen(cu_seqlens_q, cu_seqlens_k, num_heads: int, num_kv_heads: int, h
             raise ValueError(f"{name} must be a power of two >= 16, got {b}")
     tiles = _pack(cu_q, cu_k, causal, block_m, block_n) if packing else _unpacked(cu_q, cu_k, causal, block_m, block_n)
     if balancing and len(tiles):
-        tiles = tiles[np.argsort(-tile_costs(tiles, block_n), kind="stable")]
+        tiles = tiles[balanced_order(tiles, block_n)]
     plan = Plan(tiles=np.ascontiguousarray(tiles, dtype=np.int32), cu_seqlens_q=cu_q.astype(np.int32),
                 cu_seqlens_k=cu_k.astype(np.int32), causal=causal, num_heads=num_heads, num_kv_heads=num_kv_heads,
                 head_dim=head_dim, block_m=block_m, block_n=block_n, packing=packing, balancing=balancing,
