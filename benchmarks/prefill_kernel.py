@@ -273,9 +273,9 @@ def tune(device, shape, args, flush, out_dir: Path) -> None:
     """Time packinfer (packed, balanced) under several kernel configs (slots x block_n x warps x stages) on a few
     batches: the data behind packinfer.choose_config."""
     K = packinfer.KernelConfig
-    configs = [K(128, 64, 8, 3, False), K(128, 128, 8, 3, False), K(128, 32, 4, 3, False), K(64, 64, 4, 3, False),
-               K(128, 64, 8, 3, True), K(128, 128, 8, 3, True), K(128, 32, 4, 3, True), K(64, 64, 4, 3, True),
-               K(64, 32, 4, 3, True)]
+    configs = [K(128, 128, 8, 3, False), K(128, 128, 8, 4, False), K(128, 64, 8, 3, False), K(128, 64, 8, 4, False),
+               K(128, 128, 8, 3, True), K(128, 64, 8, 3, True), K(128, 64, 8, 4, True), K(128, 32, 4, 3, True),
+               K(128, 64, 4, 3, True), K(64, 64, 4, 3, True), K(64, 64, 4, 4, True), K(64, 128, 4, 3, True)]
     picks = [b for b, _ in make_batches(False) if b.batch_id in (
         "sharegpt/b256/s0/prefill", "azure-conv/b64/s0/prefill", "uniform-4096/b16/s0/prefill",
         "sharegpt-like-lognormal/b256/s0/prefill", "sharegpt/b128/s0/mixed", "azure-conv/b128/s0/mixed",
