@@ -167,12 +167,11 @@ def test_bad_plan_arguments():
 def test_choose_config_follows_the_batch_shape():
     from packinfer import FA2_LIKE, choose_config, plan_for
 
-    decode_mix = choose_config(np.array([1] * 96 + [512] * 32), np.array([2000] * 96 + [1024] * 32), 32, 8, 128)
+    decode_mix = choose_config(np.array([1] * 96 + [512] * 32), np.array([3000] * 96 + [1024] * 32), 32, 8, 128)
     long_prompts = choose_config(np.array([4096] * 16), np.array([4096] * 16), 32, 8, 128)
     short_prompts = choose_config(np.array([300] * 64), np.array([300] * 64), 32, 8, 128)
-    assert decode_mix.pack_gqa and decode_mix.slots == 64
-    assert not long_prompts.pack_gqa and long_prompts.block_n == 128
-    assert short_prompts.pack_gqa and short_prompts.block_n == 32
+    assert decode_mix == short_prompts and short_prompts.slots == 64 and short_prompts.pack_gqa
+    assert long_prompts.slots == 128 and long_prompts.block_n == 128
     # a GQA group that is no power of two cannot be packed into one program
     assert not choose_config(np.array([300] * 4), np.array([300] * 4), 12, 4, 128).pack_gqa
     plan = plan_for(_cu([300] * 64), _cu([300] * 64), 32, 8, 128)
