@@ -83,10 +83,9 @@ def make_batches(smoke: bool) -> list[tuple[Batch, bool]]:
 # ---------------------------------------------------------------------------------------------- backends
 
 def packinfer_backend(packing: bool = True, balancing: bool = True, config=None, gqa_packing: bool = True,
-                      use_tma: bool | None = None, order_by_tile_cost: bool = False):
+                      use_tma: bool | None = None):
     """config: a packinfer.KernelConfig, or None for the one packinfer.choose_config picks for the batch;
-    gqa_packing=False keeps that choice's tile size but gives each query head its own program;
-    order_by_tile_cost: launch tiles by cost alone (global longest-first), the ordering balancing replaced."""
+    gqa_packing=False keeps that choice's tile size but gives each query head its own program."""
     def prepare(batch, q, k, v, cu_q, cu_k, shape):
         t0 = time.perf_counter()
         cfg = config or packinfer.choose_config(batch.q_lens, batch.kv_lens, shape.heads, shape.kv_heads,
@@ -96,8 +95,6 @@ def packinfer_backend(packing: bool = True, balancing: bool = True, config=None,
         plan = packinfer.plan_for(cu_q, cu_k, shape.heads, shape.kv_heads, shape.head_dim, causal=True,
                                   packing=packing, balancing=balancing, config=cfg)
         plan_ms = (time.perf_counter() - t0) * 1e3
-        if order_by_tile_cost:
-            plan.tiles = plan.tiles[np.argsort(-plan.tile_costs(), kind="stable")]
         cu_q_d, cu_k_d = cu_q.to(q.device), cu_k.to(q.device)
         mq, mk = int(batch.q_lens.max()), int(batch.kv_lens.max())
         packinfer.varlen_attention(q, k, v, cu_q_d, cu_k_d, mq, mk, causal=True, plan=plan, use_tma=use_tma)
@@ -165,7 +162,6 @@ def flashinfer_backend(fi_backend: str):
 def backends(on_gpu: bool, headline: bool) -> dict[tuple[str, str], object]:
     out = {("packinfer", "full"): packinfer_backend(),
            ("packinfer", "no-balancing"): packinfer_backend(balancing=False),
-           ("packinfer", "tile-cost-order"): packinfer_backend(order_by_tile_cost=True),
            ("packinfer", "no-tma"): packinfer_backend(use_tma=False),
            ("packinfer", "no-packing"): packinfer_backend(packing=False),
            ("packinfer", "no-gqa-packing"): packinfer_backend(gqa_packing=False),

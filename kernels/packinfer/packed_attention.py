@@ -7,9 +7,10 @@ A slot is one (query row, query head) pair:
   PACK_GQA on:  program id // NUM_KV_HEADS is the tile, % NUM_KV_HEADS the KV head; slot m is row
                 row_start + m // GROUP of query head kv_head * GROUP + m % GROUP, so the GROUP query heads that
                 read one KV head share every K/V load (a tile then holds BLOCK_M // GROUP rows).
-Tiles run in the plan's order (longest first when balanced), the heads of a tile side by side. Each slot's
-key interval [lo, hi] (its request's keys, cut at the bottom-right causal limit) is built once per tile; key
-blocks inside [k_start, k_nomask_end) are valid for every slot and skip the mask.
+Tiles run in the plan's launch order, the heads of a tile side by side; a tile finds its rows from its run
+(ROWS = rows per tile) and its key range from cu_seqlens. Each slot's key interval [lo, hi] (its request's
+keys, cut at the bottom-right causal limit) is built once per tile; key blocks inside [k_start, k_nomask_end)
+are valid for every slot and skip the mask.
 """
 
 from __future__ import annotations
@@ -28,11 +29,11 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _packed_attention_fwd(
-    Q, K, V, O, tiles, cu_q, cu_k, qk_scale,
+    Q, K, V, O, runs, tile_run, cu_q, cu_k, qk_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, PACK_GQA: tl.constexpr, CAUSAL: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
+    DOT_F32: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     pid = tl.program_id(0)
     slots = tl.arange(0, BLOCK_M)
@@ -47,14 +48,24 @@ def _packed_attention_fwd(
         kv_head = head // GROUP
         slot_row = slots
         heads = tl.zeros([BLOCK_M], dtype=tl.int32) + head
-    t = tiles + tile * 7
-    row_start = tl.load(t)
-    row_end = tl.load(t + 1)
-    seq_first = tl.load(t + 2)
-    seq_last = tl.load(t + 3)
-    k_start = tl.load(t + 4)
-    k_nomask_end = tl.load(t + 5)
-    k_end = tl.load(t + 6)
+    run = tl.load(tile_run + tile)
+    r = runs + run * 6
+    run_start = tl.load(r)
+    run_end = tl.load(r + 1)
+    seq_first = tl.load(r + 2)
+    seq_last = tl.load(r + 3)
+    row_end = run_end - (tile - tl.load(r + 5)) * ROWS  # a run's tiles launch from its last rows
+    row_start = tl.maximum(run_start, row_end - ROWS)
+    k_start = tl.load(cu_k + seq_first)
+    if CAUSAL:  # bottom-right: the last row of request s sees keys < cu_k[s+1] - cu_q[s+1] + row + 1
+        k_end = tl.load(cu_k + seq_last + 1) - tl.load(cu_q + seq_last + 1) + row_end
+        first_hi = tl.load(cu_k + seq_first + 1) - tl.load(cu_q + seq_first + 1) + row_start
+    else:
+        k_end = tl.load(cu_k + seq_last + 1)
+        first_hi = tl.load(cu_k + seq_first + 1) - 1
+    k_nomask_end = k_start
+    if seq_first == seq_last:  # every row shares the keys up to the first row's limit
+        k_nomask_end = tl.minimum(k_start + tl.maximum(first_hi + 1 - k_start, 0) // BLOCK_N * BLOCK_N, k_end)
 
     rows = row_start + slot_row
     row_ok = rows < row_end
@@ -137,7 +148,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     use_tma: load K/V tiles with the Hopper tensor-memory accelerator (None: where the GPU has one)."""
     if plan.num_tiles == 0:
         return
-    tiles, cu_q, cu_k = plan.device_arrays(q.device)
+    runs, tile_run, cu_q, cu_k = plan.device_arrays(q.device)
     heads, kv_heads, dim = q.shape[1], k.shape[1], q.shape[2]
     group = heads // kv_heads
     if use_tma is None:
@@ -150,10 +161,10 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                         for t in (k, v))
     grid = (plan.num_tiles * (kv_heads if plan.pack_gqa else heads),)
     _packed_attention_fwd[grid](
-        q, *kv_args, out, tiles, cu_q, cu_k, softmax_scale * LOG2E,
+        q, *kv_args, out, runs, tile_run, cu_q, cu_k, softmax_scale * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         NUM_HEADS=heads, GROUP=group, PACK_GQA=plan.pack_gqa, CAUSAL=plan.causal, HEAD_DIM=dim,
-        BLOCK_M=plan.block_m * (group if plan.pack_gqa else 1), BLOCK_N=plan.block_n,
+        BLOCK_M=plan.block_m * (group if plan.pack_gqa else 1), BLOCK_N=plan.block_n, ROWS=plan.block_m,
         DOT_F32=interpreter_needs_f32_dot(q.dtype), USE_TMA=use_tma, num_warps=plan.num_warps,
         num_stages=plan.num_stages,
     )

@@ -1,13 +1,15 @@
-"""The planner: turn a ragged batch (lengths only) into a flat, balanced list of query tiles.
+"""The planner: turn a ragged batch (lengths only) into a balanced work list of query tiles.
 
-A tile is a contiguous range of at most BLOCK_M rows of the packed query tensor plus the key range those rows
+A tile is a contiguous range of at most block_m rows of the packed query tensor plus the key range those rows
 need. With packing on, consecutive short requests (and the leftover head rows of a long one) share a tile, each
 row masked to its own request's keys (block-diagonal inside the tile); long requests are split into full
-BLOCK_M-row tiles. With balancing on, tiles are launched heaviest request first, each request's tiles heaviest
-first and side by side: the GPU's block scheduler hands the next tile to the first free SM (greedy list
-scheduling), so no long tile starts last and straggles, while tiles that read the same keys stay adjacent and
-share them in L2. (Sorting all tiles by cost alone lost 5-8% to batch order on H100, from L2 misses.)
-A plan depends only on the lengths: build it once per batch on the CPU and reuse it for every layer.
+block_m-row tiles. Tiles come in runs: a run is a row range cut into tiles from its end, so a request's tiles
+launch last rows first (the most keys under a causal mask). With balancing on, runs launch heaviest first: the
+GPU's block scheduler hands the next tile to the first free SM (greedy list scheduling), so no long tile starts
+last and straggles, while the tiles of one request stay adjacent and share its keys in L2. (Sorting all tiles by
+cost alone lost 5-15% to this on H100: results/prefill-kernel/h100-r3, variant tile-cost-order.)
+The plan is O(requests) small arrays plus one int32 per tile, built in well under a millisecond for 256
+requests, and depends only on the lengths: build it once per batch on the CPU, reuse it for every layer.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import torch
 
 from packinfer.validate import check_cu_seqlens
 
-#: Columns of Plan.tiles.
+#: Columns of Plan.runs.
+RUN_FIELDS = ("row_start", "row_end", "seq_first", "seq_last", "num_tiles", "first_tile")
+#: Columns of Plan.tile_table().
 TILE_FIELDS = ("row_start", "row_end", "seq_first", "seq_last", "k_start", "k_nomask_end", "k_end")
 #: Tile cost of its fixed work (load Q, write O, launch), in key blocks.
 TILE_OVERHEAD_BLOCKS = 2.0
@@ -27,12 +31,14 @@ TILE_OVERHEAD_BLOCKS = 2.0
 
 @dataclass
 class Plan:
-    """A batch's work list: `tiles` is int32 [T, 7] with the columns of TILE_FIELDS (absolute row / key
-    indices into the packed q and k; keys of [k_start, k_nomask_end) need no mask for any row of the tile).
-    A tile holds at most block_m query rows; with pack_gqa the kernel runs it once per KV head with all the
-    query heads of that KV head side by side (block_m * group slots), else once per query head."""
+    """A batch's work list. `runs` is int32 [R, 6] (RUN_FIELDS: absolute query rows, first and last request,
+    tiles, launch position of the run's first tile); `tile_run` is int32 [T], the run of each tile in launch
+    order. Tile j of a run covers rows [max(row_start, row_end - (j + 1) * block_m), row_end - j * block_m).
+    With pack_gqa the kernel runs a tile once per KV head with all the query heads of that KV head side by
+    side (block_m * group slots), else once per query head."""
 
-    tiles: np.ndarray
+    runs: np.ndarray
+    tile_run: np.ndarray
     cu_seqlens_q: np.ndarray
     cu_seqlens_k: np.ndarray
     causal: bool
@@ -51,39 +57,40 @@ class Plan:
 
     @property
     def num_tiles(self) -> int:
-        return len(self.tiles)
+        return len(self.tile_run)
 
     @property
     def batch_size(self) -> int:
         return len(self.cu_seqlens_q) - 1
 
-    def tile_costs(self) -> np.ndarray:
-        """Estimated cost of each tile in key blocks (the cost model the balancing uses)."""
-        return tile_costs(self.tiles, self.block_n)
+    def tile_table(self) -> np.ndarray:
+        """Every tile in launch order as int64 [T, 7] with the columns of TILE_FIELDS (keys of
+        [k_start, k_nomask_end) are valid for every row of the tile and need no mask)."""
+        runs = self.runs.astype(np.int64)[self.tile_run]
+        j = np.arange(self.num_tiles) - runs[:, 5]
+        row_end = runs[:, 1] - j * self.block_m
+        row_start = np.maximum(runs[:, 0], row_end - self.block_m)
+        bounds = key_bounds(row_start, row_end, runs[:, 2], runs[:, 3], self.cu_seqlens_q.astype(np.int64),
+                            self.cu_seqlens_k.astype(np.int64), self.causal, self.block_n)
+        return np.stack([row_start, row_end, runs[:, 2], runs[:, 3], *bounds], axis=1)
 
-    def device_arrays(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(tiles, cu_seqlens_q, cu_seqlens_k) as int32 tensors on `device`, copied once per device."""
+    def tile_costs(self) -> np.ndarray:
+        """Estimated cost of each tile (launch order) in key blocks: the cost model the balancing uses."""
+        table = self.tile_table()
+        return tile_costs(table[:, 4], table[:, 6], self.block_n)
+
+    def device_arrays(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """(runs, tile_run, cu_seqlens_q, cu_seqlens_k) as int32 tensors on `device`, copied once per device."""
         key = str(device)
         if key not in self._device_cache:
             self._device_cache[key] = tuple(
                 torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32)).to(device)
-                for a in (self.tiles, self.cu_seqlens_q, self.cu_seqlens_k))
+                for a in (self.runs, self.tile_run, self.cu_seqlens_q, self.cu_seqlens_k))
         return self._device_cache[key]
 
 
-def tile_costs(tiles: np.ndarray, block_n: int) -> np.ndarray:
-    span = tiles[:, 6].astype(np.int64) - tiles[:, 4]
-    return -(-span // block_n) + TILE_OVERHEAD_BLOCKS
-
-
-def balanced_order(tiles: np.ndarray, block_n: int) -> np.ndarray:
-    """Tile order: requests (by first request of a tile) by their heaviest tile, descending; within a request,
-    heaviest tile first."""
-    costs = tile_costs(tiles, block_n)
-    owner = tiles[:, 2].astype(np.int64)
-    heaviest = np.zeros(int(owner.max()) + 1)
-    np.maximum.at(heaviest, owner, costs)
-    return np.lexsort((-costs, owner, -heaviest[owner]))
+def tile_costs(k_start: np.ndarray, k_end: np.ndarray, block_n: int) -> np.ndarray:
+    return -(-(k_end - k_start) // block_n) + TILE_OVERHEAD_BLOCKS
 
 
 def _as_numpy(x, name: str) -> np.ndarray:
@@ -121,18 +128,23 @@ def plan_varlen(cu_seqlens_q, cu_seqlens_k, num_heads: int, num_kv_heads: int, h
     for name, b in (("block_m (x group with pack_gqa)", slots), ("block_n", block_n)):
         if b < 16 or b & (b - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {b}")
-    tiles = _pack(cu_q, cu_k, causal, block_m, block_n) if packing else _unpacked(cu_q, cu_k, causal, block_m, block_n)
-    if balancing and len(tiles):
-        tiles = tiles[balanced_order(tiles, block_n)]
-    plan = Plan(tiles=np.ascontiguousarray(tiles, dtype=np.int32), cu_seqlens_q=cu_q.astype(np.int32),
-                cu_seqlens_k=cu_k.astype(np.int32), causal=causal, num_heads=num_heads, num_kv_heads=num_kv_heads,
-                head_dim=head_dim, block_m=block_m, block_n=block_n, packing=packing, balancing=balancing,
-                pack_gqa=pack_gqa, num_warps=num_warps, num_stages=num_stages)
+    runs = _packed_runs(cu_q, cu_k, block_m) if packing else _request_runs(cu_q, block_m)
+    # the first tile of a run (its last rows) is its heaviest
+    heavy_start = np.maximum(runs[:, 0], runs[:, 1] - block_m)
+    k_start, _, k_end = key_bounds(heavy_start, runs[:, 1], runs[:, 2], runs[:, 3], cu_q, cu_k, causal, block_n)
+    order = np.argsort(-tile_costs(k_start, k_end, block_n), kind="stable") if balancing else np.arange(len(runs))
+    counts = runs[order, 4]
+    runs[order, 5] = np.cumsum(counts) - counts
+    plan = Plan(runs=runs.astype(np.int32), tile_run=np.repeat(order.astype(np.int32), counts),
+                cu_seqlens_q=cu_q.astype(np.int32), cu_seqlens_k=cu_k.astype(np.int32), causal=causal,
+                num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, block_m=block_m,
+                block_n=block_n, packing=packing, balancing=balancing, pack_gqa=pack_gqa, num_warps=num_warps,
+                num_stages=num_stages)
     plan.plan_ms = (time.perf_counter() - t0) * 1e3
     return plan
 
 
-def _key_bounds(row_start, row_end, seq_first, seq_last, cu_q, cu_k, causal, block_n):
+def key_bounds(row_start, row_end, seq_first, seq_last, cu_q, cu_k, causal, block_n):
     """k_start, k_nomask_end, k_end of tiles given their rows and first/last request (vectorised)."""
     k_start = cu_k[seq_first]
     last_row = row_end - 1
@@ -147,54 +159,39 @@ def _key_bounds(row_start, row_end, seq_first, seq_last, cu_q, cu_k, causal, blo
     return k_start, np.minimum(k_nomask_end, k_end), k_end
 
 
-def _unpacked(cu_q, cu_k, causal, block_m, block_n) -> np.ndarray:
-    q_lens = np.diff(cu_q)
-    n_tiles = -(-q_lens // block_m)
-    seq = np.repeat(np.arange(len(q_lens)), n_tiles)
-    first_tile = np.repeat(np.cumsum(n_tiles) - n_tiles, n_tiles)
-    row_start = cu_q[seq] + (np.arange(len(seq)) - first_tile) * block_m
-    row_end = np.minimum(row_start + block_m, cu_q[seq + 1])
-    return np.stack([row_start, row_end, seq, seq, *_key_bounds(row_start, row_end, seq, seq, cu_q, cu_k, causal,
-                                                                 block_n)], axis=1)
+def _request_runs(cu_q, block_m) -> np.ndarray:
+    """One run per request with queries: FlashAttention-2's grid, no tile shared by two requests."""
+    seqs = np.flatnonzero(np.diff(cu_q))
+    q_lens = cu_q[seqs + 1] - cu_q[seqs]
+    runs = np.zeros((len(seqs), len(RUN_FIELDS)), np.int64)
+    runs[:, 0], runs[:, 1], runs[:, 2], runs[:, 3], runs[:, 4] = cu_q[seqs], cu_q[seqs + 1], seqs, seqs, -(-q_lens // block_m)
+    return runs
 
 
-def _pack(cu_q, cu_k, causal, block_m, block_n) -> np.ndarray:
+def _packed_runs(cu_q, cu_k, block_m) -> np.ndarray:
     """Each request's head rows (q_len % block_m of them, the ones with the fewest keys when causal) join the
-    open pack when they fit, else open a new one; its remaining rows form full tiles, which close the pack
-    (tiles are contiguous row ranges, and their key ranges hold only keys some row of the tile needs)."""
+    open pack when they fit, else open a new one; its remaining rows form a run of full tiles, which closes the
+    pack (tiles are contiguous row ranges whose key ranges hold only keys some row needs: a request with keys
+    but no queries closes the pack too). One Python pass over the requests; runs come out in row order."""
     q_lens = np.diff(cu_q)
-    starts, ends, firsts, lasts = [], [], [], []
-    open_start = open_first = -1
-    open_rows = 0
-    for s in np.flatnonzero(q_lens):
-        head = int(q_lens[s] % block_m)
-        row = int(cu_q[s])
-        if head:
-            # a pack must stay gap-free in keys too: a request with keys but no queries in between closes it
-            if open_rows and open_rows + head <= block_m and cu_k[s] == cu_k[last_seq + 1]:
-                open_rows += head
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    heads, fulls = (q_lens % block_m).tolist(), (q_lens // block_m).tolist()
+    runs: list[tuple[int, int, int, int, int, int]] = []
+    open_start = open_rows = first = last = 0
+    for s, (h, f) in enumerate(zip(heads, fulls)):
+        if h:
+            if open_rows and open_rows + h <= block_m and ck[s] == ck[last + 1]:
+                open_rows += h
+                last = s
             else:
                 if open_rows:
-                    starts.append(open_start), ends.append(open_start + open_rows)
-                    firsts.append(open_first), lasts.append(last_seq)
-                open_start, open_first, open_rows = row, s, head
-            last_seq = s
-        full = int(q_lens[s]) // block_m
-        if full:
+                    runs.append((open_start, open_start + open_rows, first, last, 1, 0))
+                open_start, open_rows, first, last = cq[s], h, s, s
+        if f:
             if open_rows:
-                starts.append(open_start), ends.append(open_start + open_rows)
-                firsts.append(open_first), lasts.append(last_seq)
+                runs.append((open_start, open_start + open_rows, first, last, 1, 0))
                 open_rows = 0
-            first_full = row + head
-            starts.extend(range(first_full, first_full + full * block_m, block_m))
-            ends.extend(range(first_full + block_m, first_full + (full + 1) * block_m, block_m))
-            firsts.extend([s] * full), lasts.extend([s] * full)
+            runs.append((cq[s] + h, cq[s + 1], s, s, f, 0))
     if open_rows:
-        starts.append(open_start), ends.append(open_start + open_rows)
-        firsts.append(open_first), lasts.append(last_seq)
-    row_start, row_end = np.asarray(starts, np.int64), np.asarray(ends, np.int64)
-    first, last = np.asarray(firsts, np.int64), np.asarray(lasts, np.int64)
-    if not len(row_start):
-        return np.zeros((0, len(TILE_FIELDS)), np.int64)
-    return np.stack([row_start, row_end, first, last,
-                     *_key_bounds(row_start, row_end, first, last, cu_q, cu_k, causal, block_n)], axis=1)
+        runs.append((open_start, open_start + open_rows, first, last, 1, 0))
+    return np.asarray(runs, dtype=np.int64).reshape(-1, len(RUN_FIELDS))
