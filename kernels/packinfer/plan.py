@@ -172,26 +172,28 @@ def _packed_runs(cu_q, cu_k, block_m) -> np.ndarray:
     """Each request's head rows (q_len % block_m of them, the ones with the fewest keys when causal) join the
     open pack when they fit, else open a new one; its remaining rows form a run of full tiles, which closes the
     pack (tiles are contiguous row ranges whose key ranges hold only keys some row needs: a request with keys
-    but no queries closes the pack too). One Python pass over the requests; runs come out in row order."""
+    but no queries closes the pack too). Only the greedy choice of pack is a Python loop; runs come out in
+    row order."""
     q_lens = np.diff(cu_q)
-    cq, ck = cu_q.tolist(), cu_k.tolist()
-    heads, fulls = (q_lens % block_m).tolist(), (q_lens // block_m).tolist()
-    runs: list[tuple[int, int, int, int, int, int]] = []
-    open_start = open_rows = first = last = 0
-    for s, (h, f) in enumerate(zip(heads, fulls)):
+    heads, fulls = q_lens % block_m, q_lens // block_m
+    pack_of = np.full(len(q_lens), -1, dtype=np.int64)
+    ck, pid, open_rows, last = cu_k.tolist(), -1, 0, 0
+    for s, (h, f) in enumerate(zip(heads.tolist(), fulls.tolist())):
         if h:
             if open_rows and open_rows + h <= block_m and ck[s] == ck[last + 1]:
                 open_rows += h
-                last = s
             else:
-                if open_rows:
-                    runs.append((open_start, open_start + open_rows, first, last, 1, 0))
-                open_start, open_rows, first, last = cq[s], h, s, s
+                pid, open_rows = pid + 1, h
+            pack_of[s], last = pid, s
         if f:
-            if open_rows:
-                runs.append((open_start, open_start + open_rows, first, last, 1, 0))
-                open_rows = 0
-            runs.append((cq[s] + h, cq[s + 1], s, s, f, 0))
-    if open_rows:
-        runs.append((open_start, open_start + open_rows, first, last, 1, 0))
-    return np.asarray(runs, dtype=np.int64).reshape(-1, len(RUN_FIELDS))
+            open_rows = 0
+    members = np.flatnonzero(pack_of >= 0)
+    bounds = np.flatnonzero(np.diff(pack_of[members])) + 1
+    first, last_member = members[np.r_[0, bounds]], members[np.r_[bounds - 1, len(members) - 1]]
+    # members before the last of a pack have no full tiles, so a pack's rows are contiguous
+    packs = np.stack([cu_q[first], cu_q[last_member] + heads[last_member], first, last_member,
+                      np.ones_like(first), np.zeros_like(first)], axis=1) if len(members) else np.zeros((0, 6), np.int64)
+    long = np.flatnonzero(fulls)
+    full_runs = np.stack([cu_q[long] + heads[long], cu_q[long + 1], long, long, fulls[long], np.zeros_like(long)], axis=1)
+    runs = np.concatenate([packs, full_runs])
+    return runs[np.argsort(runs[:, 0], kind="stable")]
