@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -18,8 +19,11 @@ def _version(dist: str) -> str | None:
 
 
 def git_sha(repo: Path | None = None) -> str | None:
-    """Commit of the working tree (with '-dirty' when it has uncommitted changes), or None outside git."""
+    """Commit of the working tree (with '-dirty' when it has uncommitted changes); outside a git checkout (a copy
+    sent to a GPU machine) the PACKINFER_GIT_SHA environment variable, else None."""
     cwd = repo or Path(__file__).resolve().parents[1]
+    if not (cwd / ".git").exists():
+        return os.environ.get("PACKINFER_GIT_SHA")
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
         if sha.returncode != 0:
