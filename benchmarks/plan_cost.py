@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import packinfer
+
 from packinfer_bench import envinfo
 from packinfer_bench.traces import load_trace
 from packinfer_bench.workload import StaticSpec, static_batches

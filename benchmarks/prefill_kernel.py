@@ -28,10 +28,10 @@ if "--smoke" in sys.argv:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import numpy as np  # noqa: E402
+import packinfer  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import packinfer  # noqa: E402
 from packinfer_bench import envinfo  # noqa: E402
 from packinfer_bench.traces import load_trace  # noqa: E402
 from packinfer_bench.workload import Batch, StaticSpec, static_batches  # noqa: E402

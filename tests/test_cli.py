@@ -5,8 +5,8 @@ import shutil
 
 import pandas as pd
 from click.testing import CliRunner
-
 from conftest import REPO
+
 from packinfer_bench.cli import main
 from packinfer_bench.experiment import BATCHES_FILE, WORKLOAD_FILE
 
@@ -74,7 +74,7 @@ def test_resume_after_interruption_completes_without_duplicates(tmp_path):
     (cut / BATCHES_FILE).write_text("".join(lines[:10]) + lines[10][:40])
     result = invoke("run", SMOKE, "--dry-run", "--out", str(cut), "--resume")
     assert result.exit_code == 0 and f"{len(lines) - 10} new batch(es), 10 already stored" in result.output
-    assert sorted((cut / BATCHES_FILE).read_text().splitlines()) == sorted(l.rstrip("\n") for l in lines)
+    assert sorted((cut / BATCHES_FILE).read_text().splitlines()) == sorted(line.rstrip("\n") for line in lines)
 
 
 def test_run_without_dry_run_says_measurement_is_not_there_yet(tmp_path):

@@ -1,8 +1,8 @@
 """Experiment configs: the shipped ones load; bad ones fail with the key, the value and what is allowed."""
 
 import pytest
-
 from conftest import REPO
+
 from packinfer_bench.config import load_config
 from packinfer_bench.errors import ConfigError
 

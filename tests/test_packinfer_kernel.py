@@ -5,7 +5,6 @@ written."""
 import numpy as np
 import pytest
 import torch
-
 from packinfer import plan_varlen, reference_varlen_attention, varlen_attention
 
 BM, BN = 16, 16  # small tiles keep the interpreter fast; lengths straddle them

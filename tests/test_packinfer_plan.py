@@ -4,7 +4,6 @@ its rows need and no key block that none of them needs, and balancing orders til
 import numpy as np
 import pytest
 import torch
-
 from packinfer import TILE_FIELDS, plan_varlen, varlen_attention
 
 F = {name: i for i, name in enumerate(TILE_FIELDS)}

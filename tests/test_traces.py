@@ -6,8 +6,8 @@ import shutil
 
 import numpy as np
 import pytest
-
 from conftest import FIXTURES, REPO
+
 from packinfer_bench.errors import TraceError
 from packinfer_bench.traces import COLUMNS, detect_kind, load_trace
 

@@ -119,7 +119,7 @@ def test_continuous_kv_budget_preempts_and_recomputes():
     assert preempted, "a preempted request recomputes prompt + generated tokens"
     finished = {rid: 0 for rid in range(3)}
     for b in batches:
-        for rid, q, kv in zip(b.request_ids, b.q_lens, b.kv_lens):
+        for rid, kv in zip(b.request_ids, b.kv_lens):
             finished[rid] = max(finished[rid], kv)
     assert finished == {0: 149, 1: 149, 2: 149}
 

@@ -9,7 +9,7 @@ import pandas as pd
 
 from packinfer_bench.errors import TraceError
 from packinfer_bench.traces.base import Trace
-from packinfer_bench.traces.tabular import parse_ints, read_csv_columns, read_header
+from packinfer_bench.traces.tabular import parse_ints, read_csv_columns, read_header, require_positive
 
 COLUMNS = ["TIMESTAMP", "ContextTokens", "GeneratedTokens"]
 
@@ -27,8 +27,8 @@ def load(path: Path, *, name: str) -> Trace:
     seconds = (stamps - stamps.min()).dt.total_seconds().to_numpy()
     prompt = parse_ints(cols["ContextTokens"], path, lines, "ContextTokens")
     output = parse_ints(cols["GeneratedTokens"], path, lines, "GeneratedTokens")
-    _require_positive(prompt, path, lines, "ContextTokens")
-    _require_positive(output, path, lines, "GeneratedTokens")
+    require_positive(prompt, path, lines, "ContextTokens")
+    require_positive(output, path, lines, "GeneratedTokens")
     order = np.argsort(seconds, kind="stable")
     requests = pd.DataFrame({"arrival_s": seconds[order], "prompt_len": prompt[order], "output_len": output[order]})
     return Trace(
@@ -41,9 +41,3 @@ def load(path: Path, *, name: str) -> Trace:
         path=str(path),
     )
 
-
-def _require_positive(values: np.ndarray, path: Path, lines: np.ndarray, column: str) -> None:
-    bad = values <= 0
-    if bad.any():
-        i = int(np.argmax(bad))
-        raise TraceError(f"{path}:{lines[i]}: column {column!r} must be > 0, got {values[i]}")

@@ -18,7 +18,7 @@ import pandas as pd
 
 from packinfer_bench.errors import TraceError
 from packinfer_bench.traces.base import Trace
-from packinfer_bench.traces.tabular import iter_json_lines, parse_ints, read_csv_columns, read_header
+from packinfer_bench.traces.tabular import iter_json_lines, parse_ints, read_csv_columns, read_header, require_positive
 
 COUNT_COLUMNS = ["num_prefill_tokens", "num_decode_tokens"]
 USER_ROLES = {"human", "user"}
@@ -56,10 +56,8 @@ def _from_counts(path: Path, name: str) -> Trace:
     cols, lines = read_csv_columns(path, COUNT_COLUMNS)
     prompt = parse_ints(cols["num_prefill_tokens"], path, lines, "num_prefill_tokens")
     output = parse_ints(cols["num_decode_tokens"], path, lines, "num_decode_tokens")
-    for column, values in (("num_prefill_tokens", prompt), ("num_decode_tokens", output)):
-        if (values <= 0).any():
-            i = int(np.argmax(values <= 0))
-            raise TraceError(f"{path}:{lines[i]}: column {column!r} must be > 0, got {values[i]}")
+    require_positive(prompt, path, lines, "num_prefill_tokens")
+    require_positive(output, path, lines, "num_decode_tokens")
     tok = "llama-2 (counts shipped in the file)" if "llama2" in path.name else "unknown (counts shipped in the file)"
     return Trace(name=name, kind="sharegpt", requests=pd.DataFrame({"prompt_len": prompt, "output_len": output}),
                  source="ShareGPT per-turn token counts (microsoft/sarathi-serve processed trace)",

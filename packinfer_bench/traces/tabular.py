@@ -60,6 +60,14 @@ def parse_ints(values: list[str], path: Path, lines: np.ndarray, column: str) ->
     return numbers.astype(np.int64)
 
 
+def require_positive(values: np.ndarray, path: Path, lines: np.ndarray, column: str) -> None:
+    """Raise TraceError naming file, line and column for the first value <= 0."""
+    bad = values <= 0
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise TraceError(f"{path}:{lines[i]}: column {column!r} must be > 0, got {values[i]}")
+
+
 def iter_json_lines(path: Path) -> Iterator[tuple[int, dict]]:
     """Yield (line number, object) for each non-blank line of a JSON-lines file."""
     with open(path, encoding="utf-8") as f:
