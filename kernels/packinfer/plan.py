@@ -7,7 +7,7 @@ block_m-row tiles. Tiles come in runs: a run is a row range cut into tiles from 
 launch last rows first (the most keys under a causal mask). With balancing on, runs launch heaviest first: the
 GPU's block scheduler hands the next tile to the first free SM (greedy list scheduling), so no long tile starts
 last and straggles, while the tiles of one request stay adjacent and share its keys in L2. (Sorting all tiles by
-cost alone lost 5-15% to this on H100: results/prefill-kernel/h100-r3, variant tile-cost-order.)
+cost alone was 2-26% slower on H100 prefill batches: results/prefill-kernel/h100-r3, variant tile-cost-order.)
 The plan is O(requests) small arrays plus one int32 per tile, built in well under a millisecond for 256
 requests, and depends only on the lengths: build it once per batch on the CPU, reuse it for every layer.
 """
