@@ -125,6 +125,7 @@ CU = torch.tensor([0, 3, 8], dtype=torch.int32)
     (lambda a: {**a, "q": a["q"].float()}, r"q must be float16 or bfloat16, got torch.float32"),
     (lambda a: {**a, "k": a["k"].bfloat16(), "v": a["v"].bfloat16()}, r"q, k, v must share a dtype"),
     (lambda a: {**a, "q": a["q"][0]}, r"q must have rank 3"),
+    (lambda a: {**a, "k": a["k"].to("meta"), "v": a["v"].to("meta")}, r"k is on meta but q is on cpu"),
     (lambda a: {**a, "k": a["k"].repeat(1, 3, 1)[:, :3], "v": a["v"].repeat(1, 3, 1)[:, :3]},
      r"q heads \(4\) must be a multiple of k/v heads \(3\)"),
     (lambda a: {**a, "q": torch.randn(8, 4, 96).half(), "k": torch.randn(8, 2, 96).half(),
