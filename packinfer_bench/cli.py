@@ -3,23 +3,26 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import click
+import torch
 
-from packinfer_bench import envinfo
-from packinfer_bench.config import load_config
-from packinfer_bench.errors import PackinferBenchError
-from packinfer_bench.experiment import run_experiment
-from packinfer_bench.traces import KINDS, SHIPPED, load_trace, shipped_dir
+if not torch.cuda.is_available():  # Triton kernels run under the interpreter; must be set before triton loads
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from packinfer_bench import envinfo  # noqa: E402
+from packinfer_bench.config import load_config  # noqa: E402
+from packinfer_bench.errors import PackinferBenchError  # noqa: E402
+from packinfer_bench.experiment import run_experiment  # noqa: E402
+from packinfer_bench.traces import KINDS, SHIPPED, load_trace, shipped_dir  # noqa: E402
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
 
 
 def default_config() -> Path:
     """The experiment `run` picks when none is named: the smoke test without a GPU, else the GPU's sweep."""
-    import torch
-
     if not torch.cuda.is_available():
         return EXPERIMENTS_DIR / "smoke.yaml"
     name = torch.cuda.get_device_name(0)

@@ -12,11 +12,10 @@ from typing import Any, Literal
 
 import yaml
 
+from packinfer_bench.backends import BACKENDS
 from packinfer_bench.errors import ConfigError
 from packinfer_bench.workload import ContinuousSpec, StaticSpec
 
-#: Backends of DESIGN §4; the runner decides which can run on the machine.
-BACKEND_NAMES = ("fa2", "sdpa_padded", "flex", "flashinfer", "triton_unpacked", "packinfer")
 HEAD_DIMS = (64, 128, 256)
 
 
@@ -76,6 +75,9 @@ class GpuConfig:
 
 @dataclass
 class TimingConfig:
+    """Warm-up calls, timed repeats (median and spread reported), L2 flush before each repeat; CUDA-graph replay
+    is reserved (not implemented yet)."""
+
     warmup: int = 10
     repeats: int = 50
     flush_l2: bool = True
@@ -113,9 +115,9 @@ class ExperimentConfig:
             bad = [t for t in (w.traces or []) if t not in known]
             if bad:
                 raise ConfigError(f"workloads[{i}].traces: unknown trace(s) {bad}; allowed: {known}")
-        bad = [b for b in self.backends if b not in BACKEND_NAMES]
+        bad = [b for b in self.backends if b not in BACKENDS]
         if bad:
-            raise ConfigError(f"backends: unknown backend(s) {bad}; allowed: {list(BACKEND_NAMES)}")
+            raise ConfigError(f"backends: unknown backend(s) {bad}; allowed: {list(BACKENDS)}")
 
     def traces_of(self, workload: WorkloadConfig) -> list[TraceConfig]:
         return [t for t in self.traces if workload.traces is None or t.name in workload.traces]

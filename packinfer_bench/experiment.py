@@ -1,8 +1,10 @@
-"""Running an experiment: load its traces, replay its workloads into batches, write them to the run folder.
+"""Running an experiment: load its traces, replay its workloads into batches, write them to the run folder,
+then (unless a dry run) measure every batch through every backend.
 
 A run folder (results/<experiment>/<run-id>/) holds config.yaml (the resolved config), env.json, traces.json
-(what each trace is), batches.jsonl (every batch with its lengths, appended as it is made) and workload.csv
-(one row of statistics per batch). Writing is incremental, and --resume skips what a folder already holds.
+(what each trace is), batches.jsonl (every batch with its lengths, appended as it is made), workload.csv
+(one row of statistics per batch) and records.csv (one row per batch, shape, backend and variant). Writing is
+incremental, and --resume skips what a folder already holds.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import yaml
 from packinfer_bench import envinfo
 from packinfer_bench.config import ExperimentConfig, TraceConfig, WorkloadConfig
 from packinfer_bench.errors import PackinferBenchError
+from packinfer_bench.records import RECORDS_FILE
+from packinfer_bench.runner import measure
 from packinfer_bench.traces import Trace, load_trace
 from packinfer_bench.workload import Batch, continuous_batches, static_batches
 
@@ -98,10 +102,11 @@ def run_experiment(config: ExperimentConfig, out: str | Path | None = None, *, d
         log(f"  {workload:<24} {phase:<8} {len(group):5d} batches, batch size {group['batch_size'].min()}-"
             f"{group['batch_size'].max()}, kv_len p50 {group['kv_len_p50'].median():.0f}, "
             f"kv cv {group['kv_len_cv'].mean():.2f}")
-    if not dry_run:
-        log("measurement: this version has no timing backends yet (the runner lands with issue #5); "
-            "the run folder holds the replayed workload only")
-    return RunSummary(out_dir=out_dir, batches_new=new, batches_kept=kept, measured=False)
+    if dry_run:
+        return RunSummary(out_dir=out_dir, batches_new=new, batches_kept=kept, measured=False)
+    counts = measure(config, out_dir, read_batches(out_dir), log=log)
+    log("records: " + ", ".join(f"{n} {status}" for status, n in counts.items()) + f" -> {out_dir / RECORDS_FILE}")
+    return RunSummary(out_dir=out_dir, batches_new=new, batches_kept=kept, measured=True)
 
 
 def stored_batch_ids(out_dir: Path) -> set[str]:

@@ -5,10 +5,11 @@ import shutil
 
 import pandas as pd
 from click.testing import CliRunner
-from conftest import REPO
+from conftest import FIXTURES, REPO
 
 from packinfer_bench.cli import main
 from packinfer_bench.experiment import BATCHES_FILE, WORKLOAD_FILE
+from packinfer_bench.records import RECORDS_FILE
 
 SMOKE = str(REPO / "experiments" / "smoke.yaml")
 
@@ -77,9 +78,12 @@ def test_resume_after_interruption_completes_without_duplicates(tmp_path):
     assert sorted((cut / BATCHES_FILE).read_text().splitlines()) == sorted(line.rstrip("\n") for line in lines)
 
 
-def test_run_without_dry_run_says_measurement_is_not_there_yet(tmp_path):
-    result = invoke("run", SMOKE, "--out", str(tmp_path / "r"))
-    assert result.exit_code == 0 and "no timing backends yet" in result.output
+def test_run_measures_and_writes_records(tmp_path):
+    result = invoke("run", str(FIXTURES / "tiny.yaml"), "--out", str(tmp_path / "r"))
+    assert result.exit_code == 0, result.output
+    assert "backend fa2: skipped (needs a CUDA device)" in result.output
+    assert "records: 10 ok, 0 incorrect, 2 skipped, 0 error" in result.output
+    assert len(pd.read_csv(tmp_path / "r" / RECORDS_FILE)) == 12
 
 
 def test_run_with_a_bad_config_names_the_key(tmp_path):

@@ -1,0 +1,32 @@
+"""The float32 reference every backend's output is checked against (bottom-right causal, per request)."""
+
+from __future__ import annotations
+
+import packinfer
+import torch
+import torch.nn.functional as F
+
+from packinfer_bench.backends.base import Inputs
+
+
+def reference_attention(x: Inputs) -> torch.Tensor:
+    """float32 attention of every request on the inputs' device: SDPA in float32 on a GPU, packinfer's
+    einsum reference on the CPU."""
+    if x.q.device.type == "cpu":
+        return packinfer.reference_varlen_attention(x.q, x.k, x.v, x.cu_q_cpu, x.cu_k_cpu, causal=True)
+    from torch.nn.attention.bias import causal_lower_right
+
+    cu_q, cu_k = x.cu_q_cpu.tolist(), x.cu_k_cpu.tolist()
+    group = x.shape.num_heads // x.shape.num_kv_heads
+    out = torch.zeros(x.q.shape, dtype=torch.float32, device=x.q.device)
+    for i in range(len(cu_q) - 1):
+        if cu_q[i + 1] == cu_q[i]:
+            continue
+        q = x.q[cu_q[i]:cu_q[i + 1]].float().transpose(0, 1)[None]
+        k = x.k[cu_k[i]:cu_k[i + 1]].float().repeat_interleave(group, dim=1).transpose(0, 1)[None]
+        v = x.v[cu_k[i]:cu_k[i + 1]].float().repeat_interleave(group, dim=1).transpose(0, 1)[None]
+        n_q, n_k = q.shape[2], k.shape[2]
+        mask = None if n_q == n_k else causal_lower_right(n_q, n_k)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=n_q == n_k)
+        out[cu_q[i]:cu_q[i + 1]] = o[0].transpose(0, 1)
+    return out

@@ -1,0 +1,132 @@
+"""The measuring stage: every batch through every configured backend variant on the same tensors, timed the
+same way, checked against a float32 reference, each result appended to the run's records as it is made."""
+
+from __future__ import annotations
+
+import math
+import time
+import traceback
+import zlib
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from packinfer_bench.backends import BACKENDS, AttentionShape, Backend, Inputs
+from packinfer_bench.config import ExperimentConfig, ShapeConfig
+from packinfer_bench.errors import ConfigError
+from packinfer_bench.records import Record, RecordStore
+from packinfer_bench.reference import reference_attention
+from packinfer_bench.timing import Timer
+from packinfer_bench.workload import Batch
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+#: An output whose relative L2 error to the float32 reference exceeds this is `incorrect` (bf16 lands near 2e-3).
+MAX_REL_ERR = 2e-2
+
+
+def pick_device(config: ExperimentConfig) -> torch.device:
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: cuda, but torch sees no CUDA device (use device: auto or cpu)")
+    if config.device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def make_inputs(batch: Batch, shape: ShapeConfig, device: torch.device, seed: int = 0) -> Inputs:
+    """Random normal q/k/v for a batch, the same for every backend: seeded by the batch id and shape name."""
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{batch.batch_id}/{shape.name}".encode()))
+    dtype = DTYPES[shape.dtype]
+    total_q, total_k = int(batch.q_lens.sum()), int(batch.kv_lens.sum())
+    q = torch.randn(total_q, shape.num_heads, shape.head_dim, generator=gen).to(device, dtype)
+    k = torch.randn(total_k, shape.num_kv_heads, shape.head_dim, generator=gen).to(device, dtype)
+    v = torch.randn(total_k, shape.num_kv_heads, shape.head_dim, generator=gen).to(device, dtype)
+    cu_q, cu_k = (torch.from_numpy(c) for c in batch.cu_seqlens())
+    return Inputs(batch=batch, shape=AttentionShape(shape.num_heads, shape.num_kv_heads, shape.head_dim, dtype),
+                  q=q, k=k, v=v, cu_q=cu_q.to(device), cu_k=cu_k.to(device), cu_q_cpu=cu_q, cu_k_cpu=cu_k)
+
+
+def measure_one(backend: Backend, variant: str, x: Inputs, ref: torch.Tensor, timer: Timer,
+                base: dict) -> Record:
+    """Prepare (timed as plan cost), check against the reference, then time one backend variant."""
+    rec = Record(**base, backend=backend.name, variant=variant, status="ok", timing=timer.method)
+    sync = torch.cuda.synchronize if x.q.device.type == "cuda" else (lambda: None)
+    try:
+        t0 = time.perf_counter()
+        fn = backend.prepare(x, variant)
+        sync()
+        rec.plan_ms = round((time.perf_counter() - t0) * 1e3, 4)
+        out = fn()
+        sync()
+        diff = out.float() - ref
+        rec.max_abs_err = float(diff.abs().max())
+        rec.rel_err = float(diff.norm() / ref.norm())
+        del out, diff
+        if not math.isfinite(rec.rel_err) or rec.rel_err > MAX_REL_ERR:
+            rec.status, rec.reason = "incorrect", f"relative error {rec.rel_err:.3g} > {MAX_REL_ERR}"
+        times = timer(fn)
+        med = float(np.median(times))
+        flops = 4.0 * x.batch.causal_pairs() * x.shape.num_heads * x.shape.head_dim
+        kv_bytes = 2.0 * x.k.numel() * x.k.element_size()
+        rec.kernel_ms, rec.kernel_ms_p10, rec.kernel_ms_p90 = (round(float(v), 4) for v in
+                                                              (med, np.percentile(times, 10), np.percentile(times, 90)))
+        rec.tflops, rec.kv_tbps = float(f"{flops / med / 1e9:.6g}"), float(f"{kv_bytes / med / 1e9:.6g}")
+    except torch.cuda.OutOfMemoryError as e:
+        rec.status, rec.reason = "error", f"out of memory: {str(e).splitlines()[0][:160]}"
+    except Exception as e:  # a failing backend is recorded and the run goes on
+        rec.status, rec.reason = "error", f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        traceback.print_exc()
+    finally:
+        if x.q.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rec
+
+
+def measure(config: ExperimentConfig, out_dir: Path, batches: Iterable[Batch],
+            log: Callable[[str], None] = print) -> dict[str, int]:
+    """Measure every (batch, shape, backend, variant) not yet in the run folder's records; returns counts by
+    status of the records written now."""
+    if config.timing.cuda_graphs:
+        raise ConfigError("timing.cuda_graphs: true is not implemented yet; set it to false")
+    device = pick_device(config)
+    store = RecordStore(out_dir)
+    done = store.keys()
+    timer = Timer(device, config.timing.warmup, config.timing.repeats, config.timing.flush_l2)
+    backends = [BACKENDS[name] for name in config.backends]
+    unavailable = {b.name: b.available(device) for b in backends}
+    for name, reason in unavailable.items():
+        if reason:
+            log(f"backend {name}: skipped ({reason})")
+    if device.type == "cpu":
+        log("device: cpu (Triton interpreter); timings are not representative")
+    batches = list(batches)
+    todo = [(b, s) for b in batches for s in config.shapes
+            if any((b.batch_id, s.name, be.name, v) not in done for be in backends for v in be.variants)]
+    counts = {"ok": 0, "incorrect": 0, "skipped": 0, "error": 0}
+    with Progress(TextColumn("{task.description:<28}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeRemainingColumn()) as progress:
+        tasks = {b.name: progress.add_task(b.name, total=len(todo) * len(b.variants)) for b in backends}
+        for batch, shape in todo:
+            base = {"trace": batch.trace, "workload": batch.batch_id.split("/")[0], "phase": batch.phase,
+                    "batch_id": batch.batch_id, "batch_size": len(batch), "num_tokens": int(batch.q_lens.sum()),
+                    "num_kv_tokens": int(batch.kv_lens.sum()), "shape": shape.name}
+            x = ref = None
+            for backend in backends:
+                for variant in backend.variants:
+                    if (batch.batch_id, shape.name, backend.name, variant) in done:
+                        progress.advance(tasks[backend.name])
+                        continue
+                    if unavailable[backend.name]:
+                        rec = Record(**base, backend=backend.name, variant=variant, status="skipped",
+                                     reason=unavailable[backend.name], timing=timer.method)
+                    else:
+                        if x is None:
+                            x = make_inputs(batch, shape, device)
+                            ref = reference_attention(x)
+                        rec = measure_one(backend, variant, x, ref, timer, base)
+                    store.append(rec)
+                    counts[rec.status] += 1
+                    progress.advance(tasks[backend.name])
+    return counts

@@ -1,0 +1,104 @@
+"""The runner: same tensors for every backend, wrong outputs caught, failures recorded, resume without loss or
+duplicates (kernels under the Triton interpreter)."""
+
+import csv
+import dataclasses
+
+import pytest
+import torch
+from conftest import FIXTURES
+
+from packinfer_bench.backends import BACKENDS, Backend
+from packinfer_bench.config import load_config
+from packinfer_bench.experiment import read_batches, run_experiment
+from packinfer_bench.records import FIELDS, RECORDS_FILE, Record
+from packinfer_bench.runner import make_inputs
+
+CONFIG = (FIXTURES / "tiny.yaml").read_text()
+
+
+def _rows(out):
+    with open(out / RECORDS_FILE, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _run(write, tmp_path, config=CONFIG, name="run", resume=False):
+    cfg = load_config(write("c.yaml", config))
+    return run_experiment(cfg, tmp_path / name, resume=resume, log=lambda _: None)
+
+
+def test_records_cover_every_backend_variant_with_the_documented_columns(write, tmp_path):
+    _run(write, tmp_path)
+    rows = _rows(tmp_path / "run")
+    assert list(rows[0]) == FIELDS
+    by = {(r["batch_id"], r["backend"], r["variant"]): r for r in rows}
+    assert len(by) == len(rows) == 2 * (1 + 4 + 1)
+    for r in rows:
+        if r["backend"] == "fa2":
+            assert r["status"] == "skipped" and "CUDA" in r["reason"]
+        else:
+            assert r["status"] == "ok", r
+            assert float(r["rel_err"]) < 1e-2 and float(r["kernel_ms"]) > 0 and float(r["tflops"]) > 0
+            assert r["timing"] == "wall-clock-cpu"
+
+
+def test_a_wrong_backend_is_caught_and_a_failing_one_recorded(write, tmp_path, monkeypatch):
+    monkeypatch.setitem(BACKENDS, "wrong", Backend("wrong", ("q-as-output",), lambda d: None,
+                                                   lambda x, v: (lambda: x.q.clone())))
+
+    def explode(x, v):
+        raise (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB") if v == "oom"
+               else RuntimeError("kernel launch failed"))
+
+    monkeypatch.setitem(BACKENDS, "broken", Backend("broken", ("oom", "raise"), lambda d: None, explode))
+    _run(write, tmp_path, CONFIG.replace("[sdpa_padded, packinfer, fa2]", "[wrong, broken, sdpa_padded]"))
+    rows = {(r["batch_id"].split("/")[-1], r["backend"], r["variant"]): r for r in _rows(tmp_path / "run")}
+    assert rows[("prefill", "wrong", "q-as-output")]["status"] == "incorrect"
+    assert "relative error" in rows[("prefill", "wrong", "q-as-output")]["reason"]
+    assert rows[("prefill", "broken", "oom")]["status"] == "error"
+    assert rows[("prefill", "broken", "oom")]["reason"].startswith("out of memory")
+    assert rows[("mixed", "broken", "raise")]["reason"] == "RuntimeError: kernel launch failed"
+    assert rows[("mixed", "sdpa_padded", "auto")]["status"] == "ok"  # the run went on
+
+
+def test_resume_after_an_interruption_gives_the_same_records_without_duplicates(write, tmp_path, monkeypatch):
+    _run(write, tmp_path, name="whole")
+    calls = {"n": 0}
+    real = BACKENDS["packinfer"]
+
+    def interrupted(x, variant):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the run
+        return real.prepare(x, variant)
+
+    monkeypatch.setitem(BACKENDS, "packinfer", dataclasses.replace(real, prepare=interrupted))
+    with pytest.raises(KeyboardInterrupt):
+        _run(write, tmp_path, name="cut")
+    kept = _rows(tmp_path / "cut")
+    assert 0 < len(kept) < len(_rows(tmp_path / "whole"))
+    with open(tmp_path / "cut" / RECORDS_FILE, "a") as f:
+        f.write("k/mix/b3/s0/mixed,mix,k,mi")  # and a row cut short by the kill
+    monkeypatch.setitem(BACKENDS, "packinfer", real)
+    _run(write, tmp_path, name="cut", resume=True)
+    key = lambda r: (r["batch_id"], r["shape"], r["backend"], r["variant"], r["status"])  # noqa: E731
+    resumed, whole = [key(r) for r in _rows(tmp_path / "cut")], [key(r) for r in _rows(tmp_path / "whole")]
+    assert len(resumed) == len(set(resumed)) and sorted(resumed) == sorted(whole)
+    assert all(r in resumed for r in (key(k) for k in kept))  # nothing measured before the cut was redone or lost
+
+
+def test_inputs_are_deterministic_per_batch_and_shape(write, tmp_path):
+    cfg = load_config(write("c.yaml", CONFIG))
+    run_experiment(cfg, tmp_path / "r", dry_run=True, log=lambda _: None)
+    first, second = read_batches(tmp_path / "r")[:2]
+    a, b = make_inputs(first, cfg.shapes[0], torch.device("cpu")), make_inputs(first, cfg.shapes[0], torch.device("cpu"))
+    c = make_inputs(second, cfg.shapes[0], torch.device("cpu"))
+    assert torch.equal(a.q, b.q) and torch.equal(a.v, b.v) and a.q.abs().sum() > 0
+    assert not torch.equal(a.q[:3], c.q[:3])
+
+
+def test_record_key_and_fields():
+    rec = Record("t", "w", "prefill", "w/t/b1", 1, 5, 5, "s", "packinfer", "full", "ok")
+    assert rec.key == ("w/t/b1", "s", "packinfer", "full")
+    assert {"trace", "phase", "batch_id", "batch_size", "num_tokens", "backend", "variant", "status", "reason",
+            "plan_ms", "kernel_ms", "kernel_ms_p10", "kernel_ms_p90", "tflops", "kv_tbps", "max_abs_err"} <= set(FIELDS)
