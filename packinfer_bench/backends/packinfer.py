@@ -33,12 +33,18 @@ def _plan(x: Inputs, variant: str) -> packinfer.Plan:
                               packing=variant != "no-packing", balancing=variant != "no-balancing")
 
 
-def _prepare(x: Inputs, variant: str):
+def prepare(x: Inputs, variant: str, use_tma: bool | None = None):
     plan = _plan(x, variant)
-    packinfer.varlen_attention(x.q, x.k, x.v, x.cu_q, x.cu_k, x.max_q, x.max_k, plan=plan)  # checked once
-    return lambda: packinfer.varlen_attention(x.q, x.k, x.v, x.cu_q, x.cu_k, x.max_q, x.max_k, plan=plan,
-                                              validate=False)
+    checked = [False]
+
+    def run() -> torch.Tensor:  # arguments checked on the first call only, as a serving loop would
+        out = packinfer.varlen_attention(x.q, x.k, x.v, x.cu_q, x.cu_k, x.max_q, x.max_k, plan=plan,
+                                         validate=not checked[0], use_tma=use_tma)
+        checked[0] = True
+        return out
+
+    return run
 
 
-BACKEND = Backend("packinfer", PACKINFER_VARIANTS, _available, _prepare)
-UNPACKED = Backend("triton_unpacked", ("fa2-grid",), _available, _prepare)
+BACKEND = Backend("packinfer", PACKINFER_VARIANTS, _available, prepare)
+UNPACKED = Backend("triton_unpacked", ("fa2-grid",), _available, prepare)
