@@ -70,6 +70,10 @@ def test_random_ragged_batches(seed, device):
     _check(q_lens.tolist(), kv_lens.tolist(), dtype=dtype, balancing=bool(seed % 3), device=device, seed=seed)
 
 
+def test_lengths_that_fill_whole_tiles(device):
+    _check([BM, 2 * BM], [BM, 2 * BM], device=device)  # no head rows left over: no pack at all
+
+
 def test_single_request_and_single_token(device):
     _check([37], [37], device=device)
     _check([1], [1], device=device)

@@ -63,6 +63,13 @@ def test_invariants_on_random_batches(packing, causal):
         _check_invariants(q, kv, causal=causal, packing=packing)
 
 
+@pytest.mark.parametrize("lengths", [[64, 128, 64], [64], [10, 20]])
+def test_batches_with_only_full_tiles_or_only_packs(lengths):
+    """No request leaves head rows (every length a multiple of the tile), or no request fills a tile."""
+    plan = _check_invariants(lengths, lengths, packing=True)
+    assert plan.num_tiles == (sum(lengths) // 64 if lengths[0] == 64 else 1)
+
+
 def test_packing_puts_short_requests_together_and_unpacked_is_the_fa2_grid():
     lengths = [10, 20, 30, 200, 5]
     packed = _check_invariants(lengths, lengths, packing=True, balancing=False)

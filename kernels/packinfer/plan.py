@@ -188,11 +188,12 @@ def _packed_runs(cu_q, cu_k, block_m) -> np.ndarray:
         if f:
             open_rows = 0
     members = np.flatnonzero(pack_of >= 0)
-    bounds = np.flatnonzero(np.diff(pack_of[members])) + 1
-    first, last_member = members[np.r_[0, bounds]], members[np.r_[bounds - 1, len(members) - 1]]
+    pack = pack_of[members]
+    first = members[np.diff(pack, prepend=-1) != 0]
+    last_member = members[np.diff(pack, append=pack[-1] + 1) != 0] if len(pack) else members
     # members before the last of a pack have no full tiles, so a pack's rows are contiguous
     packs = np.stack([cu_q[first], cu_q[last_member] + heads[last_member], first, last_member,
-                      np.ones_like(first), np.zeros_like(first)], axis=1) if len(members) else np.zeros((0, 6), np.int64)
+                      np.ones_like(first), np.zeros_like(first)], axis=1)
     long = np.flatnonzero(fulls)
     full_runs = np.stack([cu_q[long] + heads[long], cu_q[long + 1], long, long, fulls[long], np.zeros_like(long)], axis=1)
     runs = np.concatenate([packs, full_runs])
