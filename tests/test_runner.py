@@ -102,3 +102,14 @@ def test_record_key_and_fields():
     assert rec.key == ("w/t/b1", "s", "packinfer", "full")
     assert {"trace", "phase", "batch_id", "batch_size", "num_tokens", "backend", "variant", "status", "reason",
             "plan_ms", "kernel_ms", "kernel_ms_p10", "kernel_ms_p90", "tflops", "kv_tbps", "max_abs_err"} <= set(FIELDS)
+
+
+def test_availability_names_what_is_missing():
+    from packinfer_bench.backends.base import needs_cuda
+
+    cuda = torch.device("cuda")  # a device object only: nothing runs on it
+    assert needs_cuda(torch.device("cpu"), "json") == "needs a CUDA device"
+    assert needs_cuda(cuda, "json") is None
+    assert needs_cuda(cuda, "no_such_module", "json") is None  # one of them is enough
+    assert needs_cuda(cuda, "no_such_module.sub") == "no_such_module.sub is not installed"
+    assert needs_cuda(cuda, "no_such_module", missing="install it") == "install it"

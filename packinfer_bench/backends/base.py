@@ -3,6 +3,7 @@ step (layouts, plans: timed apart as plan cost) and a run step (the timed part).
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -56,5 +57,17 @@ class Backend:
     prepare: Callable[[Inputs, str], Callable[[], torch.Tensor]]
 
 
-def needs_cuda(device: torch.device) -> str | None:
-    return None if device.type == "cuda" else "needs a CUDA device"
+def needs_cuda(device: torch.device, *modules: str, missing: str = "") -> str | None:
+    """None when the device is a GPU and one of `modules` can be imported (or none is named), else why not."""
+    if device.type != "cuda":
+        return "needs a CUDA device"
+    if modules and not any(_importable(m) for m in modules):
+        return missing or f"{' or '.join(modules)} is not installed"
+    return None
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a missing parent package
+        return False

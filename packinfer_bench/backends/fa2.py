@@ -11,18 +11,8 @@ from packinfer_bench.backends.base import Backend, Inputs, needs_cuda
 
 
 def _available(device: torch.device) -> str | None:
-    if reason := needs_cuda(device):
-        return reason
-    try:
-        import flash_attn  # noqa: F401
-        return None
-    except ImportError:
-        pass
-    try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
-        return None
-    except ImportError:
-        return "neither flash-attn nor torch.nn.attention.varlen (torch >= 2.9) is installed"
+    return needs_cuda(device, "flash_attn", "torch.nn.attention.varlen",
+                      missing="neither flash-attn nor torch.nn.attention.varlen (torch >= 2.9) is installed")
 
 
 def _prepare(x: Inputs, variant: str):

@@ -11,13 +11,7 @@ WORKSPACE_BYTES = 256 << 20
 
 
 def _available(device: torch.device) -> str | None:
-    if reason := needs_cuda(device):
-        return reason
-    try:
-        import flashinfer  # noqa: F401
-        return None
-    except ImportError:
-        return "flashinfer is not installed (pip install packinfer-bench[flashinfer])"
+    return needs_cuda(device, "flashinfer", missing="flashinfer is not installed (pip install packinfer-bench[flashinfer])")
 
 
 def _prepare(x: Inputs, variant: str):

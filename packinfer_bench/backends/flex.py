@@ -9,13 +9,7 @@ from packinfer_bench.backends.base import Backend, Inputs, needs_cuda
 
 
 def _available(device: torch.device) -> str | None:
-    if reason := needs_cuda(device):
-        return reason
-    try:
-        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
-        return None
-    except ImportError:
-        return "torch.nn.attention.flex_attention needs torch >= 2.5"
+    return needs_cuda(device, "torch.nn.attention.flex_attention", missing="FlexAttention needs torch >= 2.5")
 
 
 def _prepare(x: Inputs, variant: str):
