@@ -19,7 +19,7 @@ import pandas as pd
 import yaml
 
 from packinfer_bench import envinfo
-from packinfer_bench.config import ExperimentConfig, TraceConfig, WorkloadConfig
+from packinfer_bench.config import ExperimentConfig, TraceConfig
 from packinfer_bench.errors import PackinferBenchError
 from packinfer_bench.records import RECORDS_FILE
 from packinfer_bench.runner import measure
@@ -55,8 +55,8 @@ def run_dir(config: ExperimentConfig, out: str | Path | None, resume: bool) -> P
     return base / time.strftime("%Y%m%d-%H%M%S")
 
 
-def experiment_batches(config: ExperimentConfig, traces: dict[str, Trace]) -> Iterator[tuple[WorkloadConfig, Batch]]:
-    """Every batch of the experiment, in config order (workload, then trace)."""
+def experiment_batches(config: ExperimentConfig, traces: dict[str, Trace]) -> Iterator[Batch]:
+    """Every batch of the experiment, in config order (workload, then trace), ids prefixed by the workload."""
     for workload in config.workloads:
         for tcfg in config.traces_of(workload):
             trace = traces[tcfg.name]
@@ -64,7 +64,7 @@ def experiment_batches(config: ExperimentConfig, traces: dict[str, Trace]) -> It
                        else continuous_batches(trace, workload.continuous))
             for batch in batches:
                 batch.batch_id = f"{workload.name}/{batch.batch_id}"
-                yield workload, batch
+                yield batch
 
 
 def load_traces(configs: list[TraceConfig]) -> dict[str, Trace]:
@@ -88,14 +88,15 @@ def run_experiment(config: ExperimentConfig, out: str | Path | None = None, *, d
     done = stored_batch_ids(out_dir)
     new = kept = 0
     with open(out_dir / BATCHES_FILE, "a", encoding="utf-8") as f:
-        for _, batch in experiment_batches(config, traces):
+        for batch in experiment_batches(config, traces):
             if batch.batch_id in done:
                 kept += 1
                 continue
             f.write(json.dumps(batch.to_record()) + "\n")
             f.flush()
             new += 1
-    stats = workload_stats(out_dir)
+    batches = read_batches(out_dir)
+    stats = workload_stats(batches)
     stats.to_csv(out_dir / WORKLOAD_FILE, index=False)
     log(f"workload: {new} new batch(es), {kept} already stored -> {out_dir / WORKLOAD_FILE}")
     for (workload, phase), group in stats.groupby([stats["batch_id"].str.split("/").str[0], "phase"]):
@@ -104,7 +105,7 @@ def run_experiment(config: ExperimentConfig, out: str | Path | None = None, *, d
             f"kv cv {group['kv_len_cv'].mean():.2f}")
     if dry_run:
         return RunSummary(out_dir=out_dir, batches_new=new, batches_kept=kept, measured=False)
-    counts = measure(config, out_dir, read_batches(out_dir), log=log)
+    counts = measure(config, out_dir, batches, log=log)
     log("records: " + ", ".join(f"{n} {status}" for status, n in counts.items()) + f" -> {out_dir / RECORDS_FILE}")
     return RunSummary(out_dir=out_dir, batches_new=new, batches_kept=kept, measured=True)
 
@@ -131,6 +132,6 @@ def read_batches(out_dir: Path) -> list[Batch]:
     return [Batch.from_record(json.loads(line)) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
-def workload_stats(out_dir: Path) -> pd.DataFrame:
-    stats = pd.DataFrame([b.stats() for b in read_batches(out_dir)])
+def workload_stats(batches: list[Batch]) -> pd.DataFrame:
+    stats = pd.DataFrame([b.stats() for b in batches])
     return stats.astype({"iteration": "Int64"}) if len(stats) else stats
