@@ -97,7 +97,7 @@ class ExperimentConfig:
     shapes: list[ShapeConfig]
     backends: list[str]
     description: str = ""
-    device: Literal["auto", "cuda", "cpu"] = "auto"
+    device: Literal["auto", "cuda", "cpu", "analytic"] = "auto"
     gpu: GpuConfig | None = None
     timing: TimingConfig = field(default_factory=TimingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -115,6 +115,8 @@ class ExperimentConfig:
             bad = [t for t in (w.traces or []) if t not in known]
             if bad:
                 raise ConfigError(f"workloads[{i}].traces: unknown trace(s) {bad}; allowed: {known}")
+        if self.device == "analytic" and self.gpu is None:
+            raise ConfigError("device: analytic needs a 'gpu' section (name, sms) to predict for")
         bad = [b for b in self.backends if b not in BACKENDS]
         if bad:
             raise ConfigError(f"backends: unknown backend(s) {bad}; allowed: {list(BACKENDS)}")

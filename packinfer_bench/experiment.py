@@ -3,8 +3,9 @@ then (unless a dry run) measure every batch through every backend.
 
 A run folder (results/<experiment>/<run-id>/) holds config.yaml (the resolved config), env.json, traces.json
 (what each trace is), batches.jsonl (every batch with its lengths, appended as it is made), workload.csv
-(one row of statistics per batch) and records.csv (one row per batch, shape, backend and variant). Writing is
-incremental, and --resume skips what a folder already holds.
+(one row of statistics per batch) and records.csv (one row per batch, shape, backend and variant), or with
+device: analytic, analytic.csv (predicted per-SM balance of FA2's grid and the packinfer plan; no GPU needed).
+Writing is incremental, and --resume skips what a folder already holds.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pandas as pd
 import yaml
 
 from packinfer_bench import envinfo
+from packinfer_bench.analytic import write_predictions
 from packinfer_bench.config import ExperimentConfig, TraceConfig
 from packinfer_bench.errors import PackinferBenchError
 from packinfer_bench.records import RECORDS_FILE
@@ -28,6 +30,7 @@ from packinfer_bench.workload import Batch, continuous_batches, static_batches
 
 BATCHES_FILE = "batches.jsonl"
 WORKLOAD_FILE = "workload.csv"
+ANALYTIC_FILE = "analytic.csv"
 
 
 @dataclass
@@ -104,6 +107,10 @@ def run_experiment(config: ExperimentConfig, out: str | Path | None = None, *, d
             f"{group['batch_size'].max()}, kv_len p50 {group['kv_len_p50'].median():.0f}, "
             f"kv cv {group['kv_len_cv'].mean():.2f}")
     if dry_run:
+        return RunSummary(out_dir=out_dir, batches_new=new, batches_kept=kept, measured=False)
+    if config.device == "analytic":
+        rows = write_predictions(batches, config.shapes, config.gpu.sms, out_dir / ANALYTIC_FILE)
+        log(f"analytic: {rows} predictions for {config.gpu.name} ({config.gpu.sms} SMs) -> {out_dir / ANALYTIC_FILE}")
         return RunSummary(out_dir=out_dir, batches_new=new, batches_kept=kept, measured=False)
     counts = measure(config, out_dir, batches, log=log)
     log("records: " + ", ".join(f"{n} {status}" for status, n in counts.items()) + f" -> {out_dir / RECORDS_FILE}")

@@ -31,7 +31,7 @@ def test_minimal_config_defaults(write):
     ("timing: {repeat: 5}", r"timing.repeat: unknown key; allowed keys: \['warmup', 'repeats'"),
     ("timing: {repeats: many}", r"timing.repeats: expected int, got 'many'"),
     ("timing: {flush_l2: 1}", r"timing.flush_l2: expected bool, got 1"),
-    ("device: tpu", r"device: 'tpu' not allowed; allowed: \['auto', 'cuda', 'cpu'\]"),
+    ("device: tpu", r"device: 'tpu' not allowed; allowed: \['auto', 'cuda', 'cpu', 'analytic'\]"),
     ("colour: red", r"colour: unknown key"),
 ])
 def test_bad_top_level_keys(write, edit, message):

@@ -4,6 +4,7 @@ duplicates (kernels under the Triton interpreter)."""
 import csv
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from conftest import FIXTURES
@@ -113,3 +114,24 @@ def test_availability_names_what_is_missing():
     assert needs_cuda(cuda, "no_such_module", "json") is None  # one of them is enough
     assert needs_cuda(cuda, "no_such_module.sub") == "no_such_module.sub is not installed"
     assert needs_cuda(cuda, "no_such_module", missing="install it") == "install it"
+
+
+def test_list_scheduling_makespan():
+    from packinfer_bench.analytic import makespan
+
+    assert makespan(np.array([3.0, 1, 1, 1]), 2) == 3.0  # the long program first: the others fill the second SM
+    assert makespan(np.array([1.0, 1, 1, 3]), 2) == 4.0  # the long program last: it straggles
+    assert makespan(np.array([2.0, 2]), 8) == 2.0
+
+
+def test_analytic_mode_predicts_without_a_gpu(write, tmp_path):
+    config = CONFIG.replace("device: cpu", "device: analytic\ngpu: {name: H100, sms: 132}")
+    _run(write, tmp_path, config)
+    rows = list(csv.DictReader(open(tmp_path / "run" / "analytic.csv")))
+    assert len(rows) == 2 and not (tmp_path / "run" / RECORDS_FILE).exists()
+    for r in rows:
+        assert float(r["fa2_grid_imbalance"]) >= 1.0 and float(r["packinfer_imbalance"]) >= 1.0
+        assert float(r["predicted_speedup"]) == pytest.approx(
+            float(r["fa2_grid_makespan"]) / float(r["packinfer_makespan"]))
+    with pytest.raises(Exception, match="device: analytic needs a 'gpu' section"):
+        _run(write, tmp_path, CONFIG.replace("device: cpu", "device: analytic"), name="r2")
