@@ -28,7 +28,7 @@ from packinfer_bench.backends import packinfer as packinfer_backend  # noqa: E40
 from packinfer_bench.config import ShapeConfig  # noqa: E402
 from packinfer_bench.records import Record, RecordStore  # noqa: E402
 from packinfer_bench.reference import reference_attention  # noqa: E402
-from packinfer_bench.runner import make_inputs, measure_one  # noqa: E402
+from packinfer_bench.runner import make_inputs, measure_one, record_base  # noqa: E402
 from packinfer_bench.timing import Timer  # noqa: E402
 from packinfer_bench.traces import load_trace  # noqa: E402
 from packinfer_bench.workload import Batch, StaticSpec, static_batches  # noqa: E402
@@ -101,18 +101,12 @@ def tune(batches: list[Batch], shape: ShapeConfig, device, timer: Timer, out_dir
                                                               plan=plan, validate=False)
 
                 rec = measure_one(Backend("packinfer", (name,), lambda d: None, prepare), name, x, ref, timer,
-                                  _base(batch, shape))
+                                  record_base(batch, shape))
                 writer.writerow({"batch": batch.batch_id, "config": name, "status": rec.status,
                                  "kernel_ms": rec.kernel_ms, "tflops": rec.tflops, "rel_err": rec.rel_err})
                 f.flush()
                 print(f"tune {batch.batch_id:<40} {name:<16} {rec.kernel_ms} ms {rec.tflops} TFLOP/s {rec.status}",
                       flush=True)
-
-
-def _base(batch: Batch, shape: ShapeConfig) -> dict:
-    return {"trace": batch.trace, "workload": batch.workload, "phase": batch.phase, "batch_id": batch.batch_id,
-            "batch_size": len(batch), "num_tokens": int(batch.q_lens.sum()), "num_kv_tokens": int(batch.kv_lens.sum()),
-            "shape": shape.name}
 
 
 def main() -> None:
@@ -148,9 +142,9 @@ def main() -> None:
         ref = reference_attention(x)
         for backend, variant in variants(batch, device.type == "cuda"):
             reason = backend.available(device)
-            rec = (Record(**_base(batch, shape), backend=backend.name, variant=variant, status="skipped",
+            rec = (Record(**record_base(batch, shape), backend=backend.name, variant=variant, status="skipped",
                           reason=reason, timing=timer.method) if reason
-                   else measure_one(backend, variant, x, ref, timer, _base(batch, shape)))
+                   else measure_one(backend, variant, x, ref, timer, record_base(batch, shape)))
             store.append(rec)
             records.append(rec)
         del x, ref

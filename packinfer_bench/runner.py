@@ -48,6 +48,13 @@ def make_inputs(batch: Batch, shape: ShapeConfig, device: torch.device, seed: in
                   q=q, k=k, v=v, cu_q=cu_q.to(device), cu_k=cu_k.to(device), cu_q_cpu=cu_q, cu_k_cpu=cu_k)
 
 
+def record_base(batch: Batch, shape: ShapeConfig) -> dict:
+    """The batch and shape columns of a record."""
+    return {"trace": batch.trace, "workload": batch.batch_id.split("/")[0], "phase": batch.phase,
+            "batch_id": batch.batch_id, "batch_size": len(batch), "num_tokens": int(batch.q_lens.sum()),
+            "num_kv_tokens": int(batch.kv_lens.sum()), "shape": shape.name}
+
+
 def measure_one(backend: Backend, variant: str, x: Inputs, ref: torch.Tensor, timer: Timer,
                 base: dict) -> Record:
     """Prepare and check against the reference, prepare again (timed as plan cost), then time the call."""
@@ -111,22 +118,27 @@ def measure(config: ExperimentConfig, out_dir: Path, batches: Iterable[Batch],
                   TimeRemainingColumn()) as progress:
         tasks = {b.name: progress.add_task(b.name, total=len(todo) * len(b.variants)) for b in backends}
         for batch, shape in todo:
-            base = {"trace": batch.trace, "workload": batch.batch_id.split("/")[0], "phase": batch.phase,
-                    "batch_id": batch.batch_id, "batch_size": len(batch), "num_tokens": int(batch.q_lens.sum()),
-                    "num_kv_tokens": int(batch.kv_lens.sum()), "shape": shape.name}
-            x = ref = None
+            base = record_base(batch, shape)
+            x = ref = setup_error = None
             for backend in backends:
                 for variant in backend.variants:
                     if (batch.batch_id, shape.name, backend.name, variant) in done:
                         progress.advance(tasks[backend.name])
                         continue
+                    if x is None and setup_error is None and not unavailable[backend.name]:
+                        try:
+                            x = make_inputs(batch, shape, device)
+                            ref = reference_attention(x)
+                        except Exception as e:  # e.g. out of memory: every backend of this batch records it
+                            x = ref = None
+                            setup_error = f"inputs or reference: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
                     if unavailable[backend.name]:
                         rec = Record(**base, backend=backend.name, variant=variant, status="skipped",
                                      reason=unavailable[backend.name], timing=timer.method)
+                    elif setup_error:
+                        rec = Record(**base, backend=backend.name, variant=variant, status="error",
+                                     reason=setup_error, timing=timer.method)
                     else:
-                        if x is None:
-                            x = make_inputs(batch, shape, device)
-                            ref = reference_attention(x)
                         rec = measure_one(backend, variant, x, ref, timer, base)
                     store.append(rec)
                     counts[rec.status] += 1

@@ -135,3 +135,16 @@ def test_analytic_mode_predicts_without_a_gpu(write, tmp_path):
             float(r["fa2_grid_makespan"]) / float(r["packinfer_makespan"]))
     with pytest.raises(Exception, match="device: analytic needs a 'gpu' section"):
         _run(write, tmp_path, CONFIG.replace("device: cpu", "device: analytic"), name="r2")
+
+
+def test_a_batch_whose_inputs_cannot_be_built_is_recorded_for_every_backend(write, tmp_path, monkeypatch):
+    import packinfer_bench.runner as runner
+
+    def no_memory(x):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 80 GiB")
+
+    monkeypatch.setattr(runner, "reference_attention", no_memory)
+    _run(write, tmp_path)
+    rows = _rows(tmp_path / "run")
+    assert {r["status"] for r in rows if r["backend"] != "fa2"} == {"error"}
+    assert all(r["reason"].startswith("inputs or reference: OutOfMemoryError") for r in rows if r["backend"] != "fa2")
