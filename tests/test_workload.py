@@ -147,3 +147,14 @@ def test_continuous_spec_validation():
         ContinuousSpec(arrivals="poisson")
     with pytest.raises(ConfigError, match="arrivals: 'closed' not allowed"):
         ContinuousSpec(arrivals="closed")
+
+
+def test_continuous_every_samples_iterations_of_the_same_schedule():
+    trace = load_trace("azure-conv")
+    spec = dict(num_requests=30, time_scale=0.05, max_iterations=60)
+    every_batch = list(continuous_batches(trace, ContinuousSpec(**spec)))
+    sampled = list(continuous_batches(trace, ContinuousSpec(**spec, every=7)))
+    assert [b.iteration for b in sampled] == list(range(0, 60, 7))
+    assert [b.to_record() for b in sampled] == [b.to_record() for b in every_batch[::7]]
+    with pytest.raises(ConfigError, match="every must be > 0"):
+        ContinuousSpec(every=0)

@@ -41,7 +41,9 @@ class ContinuousSpec:
       either all prefills (whole prompts, prefill first) or all decodes (vLLM v0).
     max_kv_tokens: KV cache budget in tokens (none: unlimited); over it the newest request is preempted and
       recomputed later.
-    max_iterations: stop after this many iterations (none: until every request finishes)."""
+    max_iterations: stop after this many iterations (none: until every request finishes).
+    every: yield only every n-th iteration's batch (the schedule itself is unchanged), to measure a long replay
+      by a sample of its iterations."""
 
     arrivals: str = "trace"
     rate: float | None = None
@@ -54,6 +56,7 @@ class ContinuousSpec:
     max_kv_tokens: int | None = None
     max_iterations: int | None = None
     step_time: StepTime = field(default_factory=StepTime)
+    every: int = 1
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -61,7 +64,7 @@ class ContinuousSpec:
             raise ConfigError(f"arrivals: {self.arrivals!r} not allowed; allowed: ['trace', 'poisson']")
         if self.arrivals == "poisson" and (self.rate is None or self.rate <= 0):
             raise ConfigError(f"rate must be > 0 requests/s with poisson arrivals, got {self.rate!r}")
-        for key in ("max_num_seqs", "max_num_batched_tokens"):
+        for key in ("max_num_seqs", "max_num_batched_tokens", "every"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key} must be > 0, got {getattr(self, key)}")
         if self.time_scale <= 0:
@@ -125,10 +128,11 @@ def continuous_batches(trace: Trace, spec: ContinuousSpec) -> Iterator[Batch]:
             continue
         q = np.array([n for _, n in scheduled], np.int64)
         kv = np.array([r.computed + n for r, n in scheduled], np.int64)
-        yield Batch(batch_id=f"{trace.name}/it{iteration}", trace=trace.name, workload="continuous",
-                    q_lens=q, kv_lens=kv, request_ids=[r.rid for r, _ in scheduled],
-                    prefix_ids=[r.prefix_id for r, _ in scheduled], prefix_lens=[r.prefix_len for r, _ in scheduled],
-                    iteration=iteration, time_s=clock)
+        if iteration % spec.every == 0:
+            yield Batch(batch_id=f"{trace.name}/it{iteration}", trace=trace.name, workload="continuous",
+                        q_lens=q, kv_lens=kv, request_ids=[r.rid for r, _ in scheduled],
+                        prefix_ids=[r.prefix_id for r, _ in scheduled],
+                        prefix_lens=[r.prefix_len for r, _ in scheduled], iteration=iteration, time_s=clock)
         for req, n in scheduled:
             req.computed += n
             if req.todo == 0:
