@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import packinfer
 import pandas as pd
-from packinfer.plan import TILE_OVERHEAD_BLOCKS
+from packinfer.plan import tile_costs
 
 from packinfer_bench.config import ShapeConfig
 from packinfer_bench.workload import Batch
@@ -32,21 +32,25 @@ def makespan(costs: np.ndarray, workers: int) -> float:
     return max(free) if free else 0.0
 
 
-def program_costs(plan: packinfer.Plan) -> np.ndarray:
-    """Cost of every program of a plan, in launch order (tile-major, the tile's heads side by side)."""
+def _tile_work(plan: packinfer.Plan) -> tuple[np.ndarray, np.ndarray]:
+    """(tile table, MMA work of each tile): query slots x keys visited, in whole key blocks plus the overhead."""
     table = plan.tile_table()
     slots = plan.block_m * (plan.num_heads // plan.num_kv_heads if plan.pack_gqa else 1)
-    blocks = -(-(table[:, 6] - table[:, 4]) // plan.block_n) + TILE_OVERHEAD_BLOCKS
-    per_tile = slots * blocks * plan.block_n
-    return np.repeat(per_tile.astype(np.float64), plan.num_kv_heads if plan.pack_gqa else plan.num_heads)
+    work = slots * tile_costs(table[:, 4], table[:, 6], plan.block_n) * plan.block_n
+    return table, work.astype(np.float64)
+
+
+def program_costs(plan: packinfer.Plan) -> np.ndarray:
+    """Cost of every program of a plan, in launch order (tile-major, the tile's heads side by side)."""
+    _, work = _tile_work(plan)
+    return np.repeat(work, plan.num_kv_heads if plan.pack_gqa else plan.num_heads)
 
 
 def fa2_grid_costs(plan: packinfer.Plan) -> np.ndarray:
     """FA2's launch order over an unpacked plan's tiles: for each head, for each request, its row blocks."""
-    table = plan.tile_table()
-    per_tile = plan.block_m * (-(-(table[:, 6] - table[:, 4]) // plan.block_n) + TILE_OVERHEAD_BLOCKS) * plan.block_n
+    table, work = _tile_work(plan)
     order = np.lexsort((table[:, 0], table[:, 2]))  # request, then first row
-    return np.tile(per_tile[order].astype(np.float64), plan.num_heads)
+    return np.tile(work[order], plan.num_heads)
 
 
 def write_predictions(batches: list[Batch], shapes: list[ShapeConfig], sms: int, path: Path) -> int:

@@ -48,6 +48,12 @@ def make_inputs(batch: Batch, shape: ShapeConfig, device: torch.device, seed: in
                   q=q, k=k, v=v, cu_q=cu_q.to(device), cu_k=cu_k.to(device), cu_q_cpu=cu_q, cu_k_cpu=cu_k)
 
 
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """An exception's first message line, cut to `limit` characters, for a record's reason."""
+    lines = str(error).splitlines()
+    return lines[0][:limit] if lines else ""
+
+
 def record_base(batch: Batch, shape: ShapeConfig) -> dict:
     """The batch and shape columns of a record."""
     return {"trace": batch.trace, "workload": batch.batch_id.split("/")[0], "phase": batch.phase,
@@ -83,9 +89,9 @@ def measure_one(backend: Backend, variant: str, x: Inputs, ref: torch.Tensor, ti
                                                               (med, np.percentile(times, 10), np.percentile(times, 90)))
         rec.tflops, rec.kv_tbps = float(f"{flops / med / 1e9:.6g}"), float(f"{kv_bytes / med / 1e9:.6g}")
     except torch.cuda.OutOfMemoryError as e:
-        rec.status, rec.reason = "error", f"out of memory: {str(e).splitlines()[0][:160]}"
+        rec.status, rec.reason = "error", f"out of memory: {first_line(e)}"
     except Exception as e:  # a failing backend is recorded and the run goes on
-        rec.status, rec.reason = "error", f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        rec.status, rec.reason = "error", f"{type(e).__name__}: {first_line(e)}"
         traceback.print_exc()
     finally:
         if x.q.device.type == "cuda":
@@ -131,7 +137,7 @@ def measure(config: ExperimentConfig, out_dir: Path, batches: Iterable[Batch],
                             ref = reference_attention(x)
                         except Exception as e:  # e.g. out of memory: every backend of this batch records it
                             x = ref = None
-                            setup_error = f"inputs or reference: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                            setup_error = f"inputs or reference: {type(e).__name__}: {first_line(e)}"
                     if unavailable[backend.name]:
                         rec = Record(**base, backend=backend.name, variant=variant, status="skipped",
                                      reason=unavailable[backend.name], timing=timer.method)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from packinfer.packed_attention import launch
-from packinfer.plan import Plan, plan_varlen
+from packinfer.plan import Plan, as_numpy, plan_varlen
 from packinfer.validate import HEAD_DIMS, check_qkv
 
 
@@ -58,8 +58,7 @@ def choose_config(q_lens: np.ndarray, kv_lens: np.ndarray, num_heads: int, num_k
 def plan_for(cu_seqlens_q, cu_seqlens_k, num_heads: int, num_kv_heads: int, head_dim: int, *, causal: bool = True,
              packing: bool = True, balancing: bool = True, config: KernelConfig | None = None) -> Plan:
     """plan_varlen with the tile shape chosen for this batch (or the given config)."""
-    cu_q = cu_seqlens_q.cpu().numpy() if isinstance(cu_seqlens_q, torch.Tensor) else np.asarray(cu_seqlens_q)
-    cu_k = cu_seqlens_k.cpu().numpy() if isinstance(cu_seqlens_k, torch.Tensor) else np.asarray(cu_seqlens_k)
+    cu_q, cu_k = as_numpy(cu_seqlens_q, "cu_seqlens_q"), as_numpy(cu_seqlens_k, "cu_seqlens_k")
     if config is None:
         config = choose_config(np.diff(cu_q.astype(np.int64)), np.diff(cu_k.astype(np.int64)), num_heads,
                                num_kv_heads, head_dim, causal)

@@ -93,7 +93,8 @@ def tile_costs(k_start: np.ndarray, k_end: np.ndarray, block_n: int) -> np.ndarr
     return -(-(k_end - k_start) // block_n) + TILE_OVERHEAD_BLOCKS
 
 
-def _as_numpy(x, name: str) -> np.ndarray:
+def as_numpy(x, name: str) -> np.ndarray:
+    """cu_seqlens (int32 tensor on any device, or array) as a host numpy array; ValueError if not int32."""
     if isinstance(x, torch.Tensor):
         if x.dtype != torch.int32:
             raise ValueError(f"{name} must be int32, got {x.dtype}")
@@ -116,8 +117,8 @@ def plan_varlen(cu_seqlens_q, cu_seqlens_k, num_heads: int, num_kv_heads: int, h
     import time
 
     t0 = time.perf_counter()
-    cu_q = _as_numpy(cu_seqlens_q, "cu_seqlens_q").astype(np.int64)
-    cu_k = _as_numpy(cu_seqlens_k, "cu_seqlens_k").astype(np.int64)
+    cu_q = as_numpy(cu_seqlens_q, "cu_seqlens_q").astype(np.int64)
+    cu_k = as_numpy(cu_seqlens_k, "cu_seqlens_k").astype(np.int64)
     check_cu_seqlens(cu_q, cu_k, causal)
     if num_heads <= 0 or num_kv_heads <= 0 or num_heads % num_kv_heads:
         raise ValueError(f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})")
