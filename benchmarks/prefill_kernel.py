@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import sys
 from pathlib import Path
@@ -19,19 +18,18 @@ from pathlib import Path
 if "--smoke" in sys.argv:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import packinfer  # noqa: E402
-import torch  # noqa: E402
+import packinfer
+import torch
+from common import GPU_SHAPE, SMOKE_SHAPE, measure_batches, print_table, write_env
 
-from packinfer_bench import envinfo  # noqa: E402
-from packinfer_bench.backends import BACKENDS, Backend  # noqa: E402
-from packinfer_bench.backends import packinfer as packinfer_backend  # noqa: E402
-from packinfer_bench.config import ShapeConfig  # noqa: E402
-from packinfer_bench.records import Record, RecordStore  # noqa: E402
-from packinfer_bench.reference import reference_attention  # noqa: E402
-from packinfer_bench.runner import make_inputs, measure_one, record_base  # noqa: E402
-from packinfer_bench.timing import Timer  # noqa: E402
-from packinfer_bench.traces import load_trace  # noqa: E402
-from packinfer_bench.workload import Batch, StaticSpec, static_batches  # noqa: E402
+from packinfer_bench.backends import BACKENDS, Backend
+from packinfer_bench.backends import packinfer as packinfer_backend
+from packinfer_bench.config import ShapeConfig
+from packinfer_bench.reference import reference_attention
+from packinfer_bench.runner import make_inputs, measure_one, record_base
+from packinfer_bench.timing import Timer
+from packinfer_bench.traces import load_trace
+from packinfer_bench.workload import Batch, StaticSpec, static_batches
 
 #: The flashinfer-offline bundle and FlexAttention's compile make these the slow baselines: Flex runs on
 #: the headline batches only.
@@ -120,46 +118,16 @@ def main() -> None:
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cpu" if args.smoke else "cuda")
-    shape = (ShapeConfig("tiny", 4, 2, 64, "fp16") if args.smoke else ShapeConfig("llama3-8b", 32, 8, 128, "bf16"))
+    shape = SMOKE_SHAPE if args.smoke else GPU_SHAPE
     timer = Timer(device, 1 if args.smoke else args.warmup, 2 if args.smoke else args.repeats, flush_l2=True)
-    env = {**envinfo.collect(), "benchmark": {"script": "benchmarks/prefill_kernel.py", "argv": sys.argv[1:],
-                                             "shape": str(shape), "timing": timer.method}}
-    (args.out / "env.json").write_text(json.dumps(env, indent=2) + "\n")
+    write_env(args.out, "benchmarks/prefill_kernel.py", shape, timer)
     batches = make_batches(args.smoke)
     if args.only:
         batches = [b for b in batches if any(s in b.batch_id for s in args.only.split(","))]
     if args.tune:
         tune(batches, shape, device, timer, args.out)
         return
-    with open(args.out / "batches.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(batches[0].stats()))
-        writer.writeheader()
-        writer.writerows(b.stats() for b in batches)
-    store, records = RecordStore(args.out), []
-    for batch in batches:
-        print(f"batch {batch.batch_id}: {len(batch)} requests, {int(batch.q_lens.sum())} q tokens", flush=True)
-        x = make_inputs(batch, shape, device)
-        ref = reference_attention(x)
-        for backend, variant in variants(batch, device.type == "cuda"):
-            reason = backend.available(device)
-            rec = (Record(**record_base(batch, shape), backend=backend.name, variant=variant, status="skipped",
-                          reason=reason, timing=timer.method) if reason
-                   else measure_one(backend, variant, x, ref, timer, record_base(batch, shape)))
-            store.append(rec)
-            records.append(rec)
-        del x, ref
-    print_table(records)
-
-
-def print_table(records: list[Record]) -> None:
-    fa2 = {r.batch_id: r.kernel_ms for r in records if r.backend == "fa2" and r.status == "ok"}
-    print(f"\n{'batch':<42}{'backend:variant':<30}{'ms':>9}{'TFLOP/s':>9}{'vs fa2':>8}{'rel err':>10}  status")
-    for r in records:
-        speed = f"{fa2[r.batch_id] / r.kernel_ms:.2f}x" if r.batch_id in fa2 and r.kernel_ms and r.status == "ok" else ""
-        err = f"{r.rel_err:.1e}" if r.rel_err is not None else ""
-        tflops = f"{r.tflops:.1f}" if r.tflops is not None else ""
-        print(f"{r.batch_id:<42}{r.backend + ':' + r.variant:<30}{r.kernel_ms or '':>9}{tflops:>9}"
-              f"{speed:>8}{err:>10}  {r.status} {r.reason[:60]}")
+    print_table(measure_batches(batches, lambda b: variants(b, device.type == "cuda"), shape, device, timer, args.out))
 
 
 if __name__ == "__main__":

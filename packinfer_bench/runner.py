@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from packinfer_bench.backends import BACKENDS, AttentionShape, Backend, Inputs
+from packinfer_bench.backends import BACKENDS, AttentionShape, Backend, Inputs, NotApplicable
 from packinfer_bench.config import ExperimentConfig, ShapeConfig
 from packinfer_bench.errors import ConfigError
 from packinfer_bench.records import Record, RecordStore
@@ -44,6 +44,10 @@ def make_inputs(batch: Batch, shape: ShapeConfig, device: torch.device, seed: in
     k = torch.randn(total_k, shape.num_kv_heads, shape.head_dim, generator=gen).to(device, dtype)
     v = torch.randn(total_k, shape.num_kv_heads, shape.head_dim, generator=gen).to(device, dtype)
     cu_q, cu_k = (torch.from_numpy(c) for c in batch.cu_seqlens())
+    for first, members, length in batch.shared_prefixes():  # a shared prefix holds the same K/V in every member
+        for m in members:
+            dst, src = int(cu_k[m]), int(cu_k[first])
+            k[dst:dst + length], v[dst:dst + length] = k[src:src + length], v[src:src + length]
     return Inputs(batch=batch, shape=AttentionShape(shape.num_heads, shape.num_kv_heads, shape.head_dim, dtype),
                   q=q, k=k, v=v, cu_q=cu_q.to(device), cu_k=cu_k.to(device), cu_q_cpu=cu_q, cu_k_cpu=cu_k)
 
@@ -88,6 +92,8 @@ def measure_one(backend: Backend, variant: str, x: Inputs, ref: torch.Tensor, ti
         rec.kernel_ms, rec.kernel_ms_p10, rec.kernel_ms_p90 = (round(float(v), 4) for v in
                                                               (med, np.percentile(times, 10), np.percentile(times, 90)))
         rec.tflops, rec.kv_tbps = float(f"{flops / med / 1e9:.6g}"), float(f"{kv_bytes / med / 1e9:.6g}")
+    except NotApplicable as e:
+        rec.status, rec.reason = "skipped", f"not applicable: {first_line(e)}"
     except torch.cuda.OutOfMemoryError as e:
         rec.status, rec.reason = "error", f"out of memory: {first_line(e)}"
     except Exception as e:  # a failing backend is recorded and the run goes on

@@ -1,5 +1,6 @@
 """Timing a callable the same way for every backend: warm-up, then repeats timed with CUDA events, L2 flushed
-before each (wall clock on the CPU, where timings are not representative)."""
+before each and the call queued before its start event fires (wall clock on the CPU, where timings are not
+representative)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from collections.abc import Callable
 import torch
 
 L2_FLUSH_BYTES = 256 << 20  # several times any current GPU's L2
+#: GPU cycles (~0.3 ms) the stream idles before each timed call, so the CPU has queued the whole call before the
+#: start event fires: kernel time, not Python launch overhead (which differs between backends' wrappers).
+QUEUE_AHEAD_CYCLES = 500_000
 
 
 class Timer:
@@ -37,6 +41,7 @@ class Timer:
         for start, end in zip(starts, ends):
             if self.flush is not None:
                 self.flush.zero_()
+            torch.cuda._sleep(QUEUE_AHEAD_CYCLES)
             start.record()
             fn()
             end.record()

@@ -82,8 +82,8 @@ def test_run_measures_and_writes_records(tmp_path):
     result = invoke("run", str(FIXTURES / "tiny.yaml"), "--out", str(tmp_path / "r"))
     assert result.exit_code == 0, result.output
     assert "backend fa2: skipped (needs a CUDA device)" in result.output
-    assert "records: 10 ok, 0 incorrect, 2 skipped, 0 error" in result.output
-    assert len(pd.read_csv(tmp_path / "r" / RECORDS_FILE)) == 12
+    assert "records: 14 ok, 0 incorrect, 4 skipped, 0 error" in result.output
+    assert len(pd.read_csv(tmp_path / "r" / RECORDS_FILE)) == 18
 
 
 def test_run_with_a_bad_config_names_the_key(tmp_path):

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from packinfer import cache_attention as _cache
+from packinfer.cache_plan import CachePlan
+from packinfer.kv_cache import KVView
 from packinfer.packed_attention import launch
 from packinfer.plan import Plan, as_numpy, plan_varlen
 from packinfer.validate import HEAD_DIMS, check_qkv
@@ -100,3 +103,36 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     scale = softmax_scale if softmax_scale is not None else head_dim ** -0.5
     launch(q, k, v, out, plan, scale, use_tma)
     return out
+
+
+def cache_attention(q: torch.Tensor, view: KVView, plan: CachePlan, *, softmax_scale: float | None = None,
+                    out: torch.Tensor | None = None, validate: bool = True, use_tma: bool | None = None) -> torch.Tensor:
+    """Decode/append attention of new query rows over a KV cache: q [sum(q_lens), H, D], the rows of each
+    request of `view` in order, each the last q_lens[i] positions of its request (bottom-right causal).
+    `plan` comes from plan_cache_attention(view, q_lens, H) and serves every layer of the step.
+    Returns out like q; validate=False skips the checks (for calls whose arguments were checked before).
+    use_tma: load K/V of the grouped layout through Hopper's TMA (off by default: slower for decode on H100)."""
+    if validate:
+        _check_cache_call(q, view, plan, out)
+    if out is None:
+        out = torch.empty_like(q)
+    scale = softmax_scale if softmax_scale is not None else q.shape[2] ** -0.5
+    _cache.launch(q if q.stride(-1) == 1 else q.contiguous(), view.k, view.v, out, plan, scale, use_tma)
+    return out
+
+
+def _check_cache_call(q: torch.Tensor, view: KVView, plan: CachePlan, out: torch.Tensor | None) -> None:
+    if not isinstance(q, torch.Tensor) or q.dim() != 3:
+        raise ValueError(f"q must be a tensor [tokens, heads, head_dim], got {tuple(getattr(q, 'shape', ()))}")
+    rows = int(plan.q_lens.sum())
+    if q.shape[0] != rows or q.shape[1] != plan.num_heads:
+        raise ValueError(f"q has shape {tuple(q.shape)} but the plan expects {rows} rows of {plan.num_heads} heads")
+    if q.shape[2] != view.k.shape[2] or q.shape[2] not in HEAD_DIMS:
+        raise ValueError(f"q head_dim {q.shape[2]} must equal the cache's ({view.k.shape[2]}), one of {list(HEAD_DIMS)}")
+    if q.dtype != view.k.dtype or q.device != view.k.device:
+        raise ValueError(f"q is {q.dtype} on {q.device}, the cache {view.k.dtype} on {view.k.device}")
+    if plan.layout != view.layout or plan.num_kv_heads != view.k.shape[1] or not np.array_equal(plan.kv_lens, view.kv_lens):
+        raise ValueError("plan was built for another view (layout, KV heads or lengths differ)")
+    if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device
+                            or out.stride(-1) != 1):
+        raise ValueError(f"out must match q (shape {tuple(q.shape)}, {q.dtype}, {q.device}, last dim contiguous)")

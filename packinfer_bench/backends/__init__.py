@@ -4,7 +4,7 @@ variants, available(device), prepare(inputs, variant) -> timed callable) and add
 from __future__ import annotations
 
 from packinfer_bench.backends import fa2, flashinfer, flex, packinfer, sdpa_padded
-from packinfer_bench.backends.base import AttentionShape, Backend, Inputs
+from packinfer_bench.backends.base import AttentionShape, Backend, Inputs, NotApplicable
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in [
     fa2.BACKEND,
@@ -15,4 +15,4 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in [
     packinfer.BACKEND,
 ]}
 
-__all__ = ["BACKENDS", "AttentionShape", "Backend", "Inputs"]
+__all__ = ["BACKENDS", "AttentionShape", "Backend", "Inputs", "NotApplicable"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -36,6 +36,7 @@ class Inputs:
     cu_k: torch.Tensor
     cu_q_cpu: torch.Tensor
     cu_k_cpu: torch.Tensor
+    scratch: dict = field(default_factory=dict, repr=False)  # layouts built once per batch (not plan cost)
 
     @property
     def max_q(self) -> int:
@@ -44,6 +45,11 @@ class Inputs:
     @property
     def max_k(self) -> int:
         return int(self.batch.kv_lens.max())
+
+
+class NotApplicable(Exception):
+    """Raised by prepare() when a variant does not apply to a batch (e.g. a decode-only variant on prefill):
+    the runner records it `skipped` with this message."""
 
 
 @dataclass(frozen=True)

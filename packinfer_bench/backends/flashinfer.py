@@ -1,11 +1,16 @@
-"""FlashInfer batch prefill over ragged K/V (backends fa2 and fa3), an optional extra. wrapper.plan() is the
-plan cost; FlashInfer JIT-compiles each module on first use (excluded: prepare plans once before timing)."""
+"""FlashInfer, an optional extra. Variants: fa2 / fa3 = batch prefill over ragged K/V (any batch); decode =
+batch decode over a paged KV cache with tensor cores, shared prefix pages referenced by every member (decode
+batches); cascade = two-level cascade attention, the shared prefix level read once per group (decode batches
+whose requests all belong to a prefix group, members adjacent). wrapper.plan() is the plan cost; FlashInfer
+JIT-compiles each module on first use (excluded: the runner prepares once before timing)."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from packinfer_bench.backends.base import Backend, Inputs, needs_cuda
+from packinfer_bench.backends.base import Backend, Inputs, NotApplicable, needs_cuda
+from packinfer_bench.backends.kv_layouts import PAGE_SIZE, cache_for, page_table
 
 WORKSPACE_BYTES = 256 << 20
 
@@ -14,14 +19,57 @@ def _available(device: torch.device) -> str | None:
     return needs_cuda(device, "flashinfer", missing="flashinfer is not installed (pip install packinfer-bench[flashinfer])")
 
 
+def _workspace(x: Inputs) -> torch.Tensor:
+    return torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=x.q.device)
+
+
+def _paged_kv(x: Inputs):
+    cache, view = cache_for(x, "paged")
+    shape = (-1, PAGE_SIZE, x.shape.num_kv_heads, x.shape.head_dim)
+    return view, (cache.k.view(shape), cache.v.view(shape))
+
+
 def _prepare(x: Inputs, variant: str):
     import flashinfer
 
-    workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=x.q.device)
-    wrapper = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(workspace, "NHD", backend=variant)
-    wrapper.plan(x.cu_q, x.cu_k, x.shape.num_heads, x.shape.num_kv_heads, x.shape.head_dim, causal=True,
-                 q_data_type=x.q.dtype)
-    return lambda: wrapper.run(x.q, x.k, x.v)
+    s = x.shape
+    if variant in ("fa2", "fa3"):
+        wrapper = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(_workspace(x), "NHD", backend=variant)
+        wrapper.plan(x.cu_q, x.cu_k, s.num_heads, s.num_kv_heads, s.head_dim, causal=True, q_data_type=x.q.dtype)
+        return lambda: wrapper.run(x.q, x.k, x.v)
+    if int(x.batch.q_lens.max()) != 1:
+        raise NotApplicable(f"FlashInfer {variant} takes one query row per request (decode batches)")
+    view, kv = _paged_kv(x)
+    if variant == "decode":
+        wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(_workspace(x), "NHD", use_tensor_cores=True)
+        wrapper.plan(*page_table(view, device=x.q.device), s.num_heads, s.num_kv_heads, s.head_dim, PAGE_SIZE,
+                     q_data_type=x.q.dtype, kv_data_type=x.k.dtype)
+        return lambda: wrapper.run(x.q, kv)
+    # cascade: level 0 = each group's shared full prefix pages, for all its members' queries; level 1 = the rest
+    groups = x.batch.shared_prefixes()
+    members = [np.concatenate([[first], others]) for first, others, _ in groups]
+    if not groups or sum(len(m) for m in members) != len(x.batch) or any(
+            (np.diff(m) != 1).any() for m in members):
+        raise NotApplicable("cascade needs every request in a prefix group, each group's requests adjacent")
+    shared_pages = np.zeros(len(x.batch), np.int64)
+    for m, (_, _, length) in zip(members, groups):
+        shared_pages[m] = length // PAGE_SIZE
+    if (shared_pages == 0).any():
+        raise NotApplicable(f"a shared prefix shorter than one page ({PAGE_SIZE} tokens)")
+    firsts = np.array([m[0] for m in members])
+    level0_indices = np.concatenate([view.block_table[f, :shared_pages[f]] for f in firsts])
+    level0 = (torch.tensor(np.concatenate([[0], np.cumsum(shared_pages[firsts])]), dtype=torch.int32),
+              torch.tensor(level0_indices, dtype=torch.int32),
+              torch.full((len(firsts),), PAGE_SIZE, dtype=torch.int32))
+    level1 = page_table(view, first_page=shared_pages)
+    qo = [torch.tensor(np.concatenate([[0], np.cumsum([len(m) for m in members])]), dtype=torch.int32),
+          torch.arange(len(x.batch) + 1, dtype=torch.int32)]
+    dev = x.q.device
+    wrapper = flashinfer.MultiLevelCascadeAttentionWrapper(2, _workspace(x), "NHD")
+    wrapper.plan([t.to(dev) for t in qo], [level0[0].to(dev), level1[0].to(dev)],
+                 [level0[1].to(dev), level1[1].to(dev)], [level0[2].to(dev), level1[2].to(dev)],
+                 s.num_heads, s.num_kv_heads, s.head_dim, PAGE_SIZE, q_data_type=x.q.dtype)
+    return lambda: wrapper.run(x.q, kv)
 
 
-BACKEND = Backend("flashinfer", ("fa2", "fa3"), _available, _prepare)
+BACKEND = Backend("flashinfer", ("fa2", "fa3", "decode", "cascade"), _available, _prepare)

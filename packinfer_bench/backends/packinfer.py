@@ -1,5 +1,8 @@
-"""PackInfer (ours) and its ablations: full (packing, balancing, GQA packing, tile shape per batch), and each
-of those switched off; triton_unpacked is the same kernel on FlashAttention-2's grid with fixed 128x64 tiles.
+"""PackInfer (ours) and its ablations. Prefill, append and mixed batches go through the packed varlen kernel;
+decode batches (every request at most DECODE_MAX_Q new rows) through cache attention over the grouped KV cache.
+Variants switch one feature off each: balancing, packing (prefill tiles), GQA packing, prefix grouping, KV
+splitting, and the grouped layout (paged instead); a variant that does not touch a batch's path is skipped.
+triton_unpacked is the packed varlen kernel on FlashAttention-2's grid with fixed 128x64 tiles.
 Planning is the plan cost (built once, reused by every call, as across layers)."""
 
 from __future__ import annotations
@@ -10,9 +13,15 @@ import os
 import packinfer
 import torch
 
-from packinfer_bench.backends.base import Backend, Inputs
+from packinfer_bench.backends.base import Backend, Inputs, NotApplicable
+from packinfer_bench.backends.kv_layouts import cache_for
 
-PACKINFER_VARIANTS = ("full", "no-balancing", "no-packing", "no-gqa-packing")
+PACKINFER_VARIANTS = ("full", "no-balancing", "no-packing", "no-gqa-packing", "no-prefix-grouping", "no-split",
+                      "paged")
+#: Batches whose requests all have at most this many query rows are decode batches (cache attention).
+DECODE_MAX_Q = 16
+_PREFILL_ONLY = {"no-packing", "fa2-grid"}
+_DECODE_ONLY = {"no-prefix-grouping", "no-split", "paged"}
 
 
 def _available(device: torch.device) -> str | None:
@@ -21,7 +30,15 @@ def _available(device: torch.device) -> str | None:
     return None
 
 
-def _plan(x: Inputs, variant: str) -> packinfer.Plan:
+def is_decode(x: Inputs) -> bool:
+    return int(x.batch.q_lens.max()) <= DECODE_MAX_Q
+
+
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
+def _varlen_plan(x: Inputs, variant: str) -> packinfer.Plan:
     s, b = x.shape, x.batch
     if variant == "fa2-grid":
         return packinfer.plan_for(x.cu_q_cpu, x.cu_k_cpu, s.num_heads, s.num_kv_heads, s.head_dim, packing=False,
@@ -34,8 +51,27 @@ def _plan(x: Inputs, variant: str) -> packinfer.Plan:
 
 
 def prepare(x: Inputs, variant: str, use_tma: bool | None = None):
-    plan = _plan(x, variant)
+    decode = is_decode(x) and variant != "fa2-grid"
+    if decode and variant in _PREFILL_ONLY:
+        raise NotApplicable(f"variant {variant!r} changes prefill tiles; this is a decode batch")
+    if not decode and variant in _DECODE_ONLY:
+        raise NotApplicable(f"variant {variant!r} changes decode attention; this batch has up to "
+                            f"{int(x.batch.q_lens.max())} query rows per request (> {DECODE_MAX_Q})")
     checked = [False]
+    if decode:
+        _, view = cache_for(x, "paged" if variant == "paged" else "grouped")
+        plan = packinfer.plan_cache_attention(
+            view, x.batch.q_lens, x.shape.num_heads, prefix_grouping=variant != "no-prefix-grouping",
+            split=variant != "no-split", balancing=variant != "no-balancing", num_sms=_num_sms(x.q.device),
+            pack_gqa=False if variant == "no-gqa-packing" else None)
+
+        def run() -> torch.Tensor:
+            out = packinfer.cache_attention(x.q, view, plan, validate=not checked[0], use_tma=use_tma)
+            checked[0] = True
+            return out
+
+        return run
+    plan = _varlen_plan(x, variant)
 
     def run() -> torch.Tensor:  # arguments checked on the first call only, as a serving loop would
         out = packinfer.varlen_attention(x.q, x.k, x.v, x.cu_q, x.cu_k, x.max_q, x.max_k, plan=plan,

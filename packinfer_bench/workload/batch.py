@@ -71,15 +71,21 @@ class Batch:
         q, kv = self.q_lens, self.kv_lens
         return int((q * (kv - q) + q * (q + 1) // 2).sum())
 
+    def shared_prefixes(self) -> list[tuple[int, np.ndarray, int]]:
+        """(first member, other members, shared length) of each prefix group with two or more members in this
+        batch; members share the group's smallest prefix_len (only what is already in the KV cache)."""
+        groups = []
+        for gid in np.unique(self.prefix_ids[self.prefix_ids >= 0]):
+            members = np.flatnonzero(self.prefix_ids == gid)
+            length = int(self.prefix_lens[members].min())
+            if len(members) > 1 and length > 0:
+                groups.append((int(members[0]), members[1:], length))
+        return groups
+
     def dedup_kv_tokens(self) -> int:
         """KV tokens that need not be read again if each shared prefix group of this batch reads its common
-        prefix once (members of a group share at least the group's smallest prefix_len)."""
-        saved = 0
-        for gid in np.unique(self.prefix_ids[self.prefix_ids >= 0]):
-            members = self.prefix_lens[self.prefix_ids == gid]
-            if len(members) > 1:
-                saved += int(members.min()) * (len(members) - 1)
-        return saved
+        prefix once."""
+        return sum(length * len(others) for _, others, length in self.shared_prefixes())
 
     def stats(self) -> dict[str, object]:
         """One row describing the batch (the workload the kernels will see)."""

@@ -1,0 +1,68 @@
+"""What the kernel benchmarks share: the environment record, the measuring loop over batches (through the
+harness's runner, so every backend gets the same tensors and the same checks), and the summary table."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from packinfer_bench import envinfo
+from packinfer_bench.backends import Backend
+from packinfer_bench.config import ShapeConfig
+from packinfer_bench.records import Record, RecordStore
+from packinfer_bench.reference import reference_attention
+from packinfer_bench.runner import make_inputs, measure_one, record_base
+from packinfer_bench.timing import Timer
+from packinfer_bench.workload import Batch
+
+GPU_SHAPE = ShapeConfig("llama3-8b", 32, 8, 128, "bf16")
+SMOKE_SHAPE = ShapeConfig("tiny", 4, 2, 64, "fp16")
+
+
+def write_env(out: Path, script: str, shape: ShapeConfig, timer: Timer) -> None:
+    env = {**envinfo.collect(), "benchmark": {"script": script, "argv": sys.argv[1:], "shape": str(shape),
+                                              "timing": timer.method}}
+    (out / "env.json").write_text(json.dumps(env, indent=2) + "\n")
+
+
+def measure_batches(batches: list[Batch], variants: Callable[[Batch], list[tuple[Backend, str]]],
+                    shape: ShapeConfig, device: torch.device, timer: Timer, out: Path) -> list[Record]:
+    """Every (backend, variant) of each batch on the batch's tensors; batches.csv and records.csv under out."""
+    with open(out / "batches.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(batches[0].stats()))
+        writer.writeheader()
+        writer.writerows(b.stats() for b in batches)
+    store, records = RecordStore(out), []
+    for batch in batches:
+        print(f"batch {batch.batch_id}: {len(batch)} requests, {int(batch.q_lens.sum())} q tokens, "
+              f"{int(batch.kv_lens.sum())} kv tokens", flush=True)
+        x = make_inputs(batch, shape, device)
+        ref = reference_attention(x)
+        for backend, variant in variants(batch):
+            reason = backend.available(device)
+            rec = (Record(**record_base(batch, shape), backend=backend.name, variant=variant, status="skipped",
+                          reason=reason, timing=timer.method) if reason
+                   else measure_one(backend, variant, x, ref, timer, record_base(batch, shape)))
+            store.append(rec)
+            records.append(rec)
+        del x, ref
+    return records
+
+
+def print_table(records: list[Record], metric: str = "tflops") -> None:
+    """One line per record: time, `metric` (tflops or kv_tbps), speed-up over fa2 on the same batch, error."""
+    fa2 = {r.batch_id: r.kernel_ms for r in records if r.backend == "fa2" and r.status == "ok"}
+    label = {"tflops": "TFLOP/s", "kv_tbps": "TB/s"}[metric]
+    print(f"\n{'batch':<42}{'backend:variant':<32}{'ms':>9}{label:>9}{'vs fa2':>8}{'rel err':>10}  status")
+    for r in records:
+        speed = f"{fa2[r.batch_id] / r.kernel_ms:.2f}x" if r.batch_id in fa2 and r.kernel_ms and r.status == "ok" else ""
+        err = f"{r.rel_err:.1e}" if r.rel_err is not None else ""
+        value = getattr(r, metric)
+        value = f"{value:.2f}" if value is not None else ""
+        print(f"{r.batch_id:<42}{r.backend + ':' + r.variant:<32}{r.kernel_ms or '':>9}{value:>9}"
+              f"{speed:>8}{err:>10}  {r.status} {r.reason[:60]}")

@@ -1,0 +1,173 @@
+"""The two KV cache layouts: contents survive any sequence of operations, storage never overlaps, freed space is
+reused, re-layouts are counted, and a rejected operation changes nothing."""
+
+import numpy as np
+import pytest
+import torch
+from packinfer import GroupedKVCache, KVCacheError, PagedKVCache, make_cache
+
+HKV, D = 2, 8
+
+
+def _tokens(gen, n, dtype=torch.float16):
+    return torch.randn(n, HKV, D, generator=gen).to(dtype), torch.randn(n, HKV, D, generator=gen).to(dtype)
+
+
+def _assert_consistent(cache, shadow, prefixes):
+    """Every live request reads back byte-identical; no two owners share a storage address."""
+    for rid, (k, v) in shadow.items():
+        got_k, got_v = cache.read(rid)
+        assert torch.equal(got_k, k) and torch.equal(got_v, v), f"request {rid} reads back wrong data"
+    ext = cache.extents()
+    for (s0, e0, o0), (s1, e1, o1) in zip(ext, ext[1:]):
+        assert e0 <= s1, f"{o0} [{s0}, {e0}) overlaps {o1} [{s1}, {e1})"
+    assert all(0 <= s < e <= cache.capacity_tokens for s, e, _ in ext)
+    stats = cache.stats()
+    live = sum(p[0].shape[0] for p in prefixes.values())
+    live += sum(k.shape[0] - (prefixes[cache._requests[r].prefix_id][0].shape[0] if cache._requests[r].prefix_id
+                              is not None else 0) for r, (k, _) in shadow.items())
+    assert stats.live_bytes == live * cache.token_bytes
+    assert stats.live_bytes <= stats.reserved_bytes <= stats.capacity_bytes
+
+
+@pytest.mark.parametrize("layout", ["paged", "grouped"])
+def test_random_operations_keep_every_request_intact(layout):
+    gen = torch.Generator().manual_seed(7)
+    rng = np.random.default_rng(7)
+    cache = make_cache(layout, 2048, HKV, D, dtype=torch.float16, block_size=16, headroom=32)
+    prefixes = {p: _tokens(gen, n) for p, n in (("sys-a", 37), ("sys-b", 16))}
+    for p, (k, v) in prefixes.items():
+        cache.add_prefix(p, k, v)
+    shadow, next_id, rejected = {}, 0, 0
+    for _ in range(400):
+        op = rng.choice(["arrive", "append", "append", "append", "finish", "relayout"], p=[.2, .2, .2, .2, .15, .05])
+        if op == "arrive" or not shadow:
+            pid = rng.choice([None, "sys-a", "sys-b"])
+            try:
+                cache.allocate(next_id, pid, reserve=int(rng.integers(0, 20)))
+            except KVCacheError:
+                rejected += 1
+                continue
+            k0, v0 = prefixes[pid] if pid else (torch.empty(0, HKV, D, dtype=torch.float16),) * 2
+            shadow[next_id] = (k0.clone(), v0.clone())
+            next_id += 1
+        elif op == "append":
+            rid = int(rng.choice(list(shadow)))
+            k, v = _tokens(gen, int(rng.integers(1, 40)))
+            if layout == "grouped" and rng.random() < 0.7:
+                try:
+                    cache.make_room({rid: k.shape[0]})
+                except KVCacheError:
+                    pass
+            try:
+                cache.append(rid, k, v)
+            except KVCacheError:
+                rejected += 1
+            else:
+                shadow[rid] = (torch.cat([shadow[rid][0], k]), torch.cat([shadow[rid][1], v]))
+        elif op == "finish":
+            rid = int(rng.choice(list(shadow)))
+            cache.finish(rid)
+            del shadow[rid]
+        elif layout == "grouped":
+            try:
+                cache.relayout()
+            except KVCacheError:
+                rejected += 1
+        _assert_consistent(cache, shadow, prefixes)
+    assert next_id > 40 and rejected < 200
+    if layout == "grouped":
+        assert cache.stats().relayouts > 0 and cache.stats().moved_bytes > 0
+
+
+def test_paged_freed_blocks_are_reused_and_prefix_blocks_shared():
+    gen = torch.Generator().manual_seed(0)
+    cache = PagedKVCache(num_blocks=6, block_size=4, num_kv_heads=HKV, head_dim=D, dtype=torch.float16)
+    cache.add_prefix("p", *_tokens(gen, 8))  # two full blocks, held once
+    cache.allocate("a", "p")
+    cache.allocate("b", "p")
+    assert cache.free_blocks == 4, "prefix blocks are shared, not copied"
+    cache.append("a", *_tokens(gen, 12))
+    assert cache.free_blocks == 1
+    with pytest.raises(KVCacheError, match="needs 2 more block"):
+        cache.append("b", *_tokens(gen, 5))
+    cache.finish("a")
+    assert cache.free_blocks == 4
+    cache.append("b", *_tokens(gen, 5))
+    assert cache.free_blocks == 2
+    view = cache.view(["b"])
+    assert view.block_table[0, :2].tolist() == cache._prefixes["p"].blocks
+
+
+def test_paged_prefix_with_a_partial_last_block_is_copied_on_write():
+    gen = torch.Generator().manual_seed(1)
+    cache = PagedKVCache(8, 4, HKV, D, dtype=torch.float16)
+    pk, pv = _tokens(gen, 6)
+    cache.add_prefix("p", pk, pv)
+    cache.allocate("a", "p")
+    cache.allocate("b", "p")
+    ka, va = _tokens(gen, 3)
+    cache.append("a", ka, va)
+    assert torch.equal(cache.read("b")[0], pk), "b's prefix tail changed when a appended"
+    assert torch.equal(cache.read("a")[0], torch.cat([pk, ka]))
+
+
+def test_grouped_keeps_a_group_contiguous_after_relayout():
+    gen = torch.Generator().manual_seed(2)
+    cache = GroupedKVCache(512, HKV, D, dtype=torch.float16, headroom=4)
+    cache.add_prefix("p", *_tokens(gen, 20))
+    for rid, pid in [(0, None), (1, "p"), (2, None), (3, "p")]:
+        cache.allocate(rid, pid)
+        cache.append(rid, *_tokens(gen, 3))
+    moved = cache.relayout(reserve={1: 10})
+    owners = [o for _, _, o in cache.extents()]
+    assert owners[:3] == [("prefix", "p"), ("request", 1), ("request", 3)]
+    assert moved == cache.stats().moved_bytes > 0
+    s, e, _ = cache.extents()[1]
+    assert e - s == 3 + 10, "request 1 got its reserve"
+    view = cache.view([1, 3, 0])
+    assert view.prefix_addr.tolist() == [0, 0, -1] and view.own_addr[0] == 20
+
+
+def test_grouped_append_past_room_asks_for_relayout_and_changes_nothing():
+    gen = torch.Generator().manual_seed(3)
+    cache = GroupedKVCache(64, HKV, D, dtype=torch.float16, headroom=4)
+    cache.allocate("a")
+    cache.allocate("b")
+    before = cache.read("a")[0].clone(), cache.extents(), cache.stats()
+    with pytest.raises(KVCacheError, match=r"past its room.*make_room"):
+        cache.append("a", *_tokens(gen, 5))  # "b" sits right after "a": no growing in place
+    assert torch.equal(cache.read("a")[0], before[0]) and cache.extents() == before[1] and cache.stats() == before[2]
+    assert cache.make_room({"a": 5}) == 0, "nothing to move: a is empty"
+    cache.append("a", *_tokens(gen, 5))
+    assert cache.length("a") == 5
+
+
+@pytest.mark.parametrize("layout", ["paged", "grouped"])
+def test_bad_operations_name_the_problem_and_leave_the_cache_unchanged(layout):
+    gen = torch.Generator().manual_seed(4)
+    cache = make_cache(layout, 64, HKV, D, dtype=torch.float16, block_size=8, headroom=8)
+    cache.add_prefix("p", *_tokens(gen, 8))
+    cache.allocate("a", "p")
+    snapshot = cache.extents(), cache.stats(), cache.length("a")
+    k, v = _tokens(gen, 2)
+    cases = [
+        (lambda: cache.append("zz", k, v), "unknown request 'zz'"),
+        (lambda: cache.allocate("a"), "already allocated"),
+        (lambda: cache.allocate("c", "nope"), "unknown prefix 'nope'"),
+        (lambda: cache.append("a", k.float(), v.float()), "dtype torch.float32"),
+        (lambda: cache.append("a", k[:, :1], v[:, :1]), r"must be \[tokens, 2, 8\]"),
+        (lambda: cache.append("a", k, v[:1]), "k has 2 tokens but v has 1"),
+        (lambda: cache.release_prefix("p"), "still used by 1 request"),
+        (lambda: cache.add_prefix("p", k, v), "already stored"),
+        (lambda: cache.append("a", *_tokens(gen, 200)), "block|room"),
+        (lambda: cache.view([]), "at least one request"),
+        (lambda: make_cache("ring", 64, HKV, D), r"layout must be one of \['paged', 'grouped'\]"),
+    ]
+    for call, message in cases:
+        with pytest.raises(KVCacheError, match=message):
+            call()
+        assert (cache.extents(), cache.stats(), cache.length("a")) == snapshot
+    cache.finish("a")
+    cache.release_prefix("p")
+    assert cache.stats().reserved_bytes == 0
