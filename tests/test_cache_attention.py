@@ -61,6 +61,15 @@ def test_decode_and_append_at_block_edges(layout, dtype, device):
     _check(layout, EDGE_KV, EDGE_Q, dtype=dtype, device=device, kv_chunk=2 * BN)
 
 
+@pytest.mark.parametrize("layout", ["paged", "grouped"])
+def test_rows_of_a_segment_span_several_programs(layout, device):
+    """16 slots = 8 rows of 2 GQA heads per program: a 12-member prefix group and a 17-row append each need
+    several row blocks, for every KV chunk."""
+    kv = [40 + i for i in range(12)] + [50, 7]
+    q = [1] * 11 + [3] + [17, 1]
+    _check(layout, kv, q, [0] * 12 + [None, None], {0: 33}, device=device, slots=16, kv_chunk=BN)
+
+
 @pytest.mark.parametrize("split", [True, False])
 @pytest.mark.parametrize("prefix_grouping", [True, False])
 @pytest.mark.parametrize("layout", ["paged", "grouped"])

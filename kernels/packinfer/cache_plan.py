@@ -212,11 +212,10 @@ def _items(segs: np.ndarray, rows_per_item: int, kv_chunk: int, block_n: int) ->
     step = -(-(-(-length // pieces)) // block_n) * block_n
     seg = np.repeat(np.arange(len(segs)), pieces)
     c = _ragged_arange(pieces) * step[seg]
-    blocks = -(-nrows // rows_per_item)
-    seg_c = np.repeat(np.arange(len(seg)), blocks[seg])  # chunk of each item
-    seg = seg[seg_c]
-    c = c[seg_c]
-    r = row0[seg] + _ragged_arange(blocks[seg]) * rows_per_item
+    blocks = (-(-nrows // rows_per_item))[seg]  # row blocks of each chunk
+    chunk = np.repeat(np.arange(len(seg)), blocks)  # chunk of each item
+    seg, c = seg[chunk], c[chunk]
+    r = row0[seg] + _ragged_arange(blocks) * rows_per_item
     r_end = np.minimum(r + rows_per_item, row0[seg] + nrows[seg])
     first = np.maximum(r, row0[seg] + pos0[seg] + c - limit0[seg])  # the first row whose limit reaches the chunk
     keep = first < r_end
