@@ -19,11 +19,13 @@ def _version(dist: str) -> str | None:
 
 
 def git_sha(repo: Path | None = None) -> str | None:
-    """Commit of the working tree (with '-dirty' when it has uncommitted changes); outside a git checkout (a copy
-    sent to a GPU machine) the PACKINFER_GIT_SHA environment variable, else None."""
+    """The PACKINFER_GIT_SHA environment variable when set (a copy of the tree sent to a GPU machine may carry a
+    stale .git), else the commit of the working tree (with '-dirty' when it has uncommitted changes), else None."""
     cwd = repo or Path(__file__).resolve().parents[1]
+    if os.environ.get("PACKINFER_GIT_SHA"):
+        return os.environ["PACKINFER_GIT_SHA"]
     if not (cwd / ".git").exists():
-        return os.environ.get("PACKINFER_GIT_SHA")
+        return None
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
         if sha.returncode != 0:

@@ -10,6 +10,7 @@ import torch
 from conftest import FIXTURES
 
 from packinfer_bench.backends import BACKENDS, Backend
+from packinfer_bench.backends.packinfer import PACKINFER_VARIANTS
 from packinfer_bench.config import load_config
 from packinfer_bench.experiment import read_batches, run_experiment
 from packinfer_bench.records import FIELDS, RECORDS_FILE, Record
@@ -33,10 +34,12 @@ def test_records_cover_every_backend_variant_with_the_documented_columns(write, 
     rows = _rows(tmp_path / "run")
     assert list(rows[0]) == FIELDS
     by = {(r["batch_id"], r["backend"], r["variant"]): r for r in rows}
-    assert len(by) == len(rows) == 2 * (1 + 4 + 1)
+    assert len(by) == len(rows) == 2 * (1 + len(PACKINFER_VARIANTS) + 1)
     for r in rows:
         if r["backend"] == "fa2":
             assert r["status"] == "skipped" and "CUDA" in r["reason"]
+        elif r["status"] == "skipped":  # a variant that changes the other path (prefill tiles / decode)
+            assert r["backend"] == "packinfer" and r["reason"].startswith("not applicable: variant")
         else:
             assert r["status"] == "ok", r
             assert float(r["rel_err"]) < 1e-2 and float(r["kernel_ms"]) > 0 and float(r["tflops"]) > 0
