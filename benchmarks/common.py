@@ -3,10 +3,12 @@ harness's runner, so every backend gets the same tensors and the same checks), a
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,6 +24,41 @@ from packinfer_bench.workload import Batch
 
 GPU_SHAPE = ShapeConfig("llama3-8b", 32, 8, 128, "bf16")
 SMOKE_SHAPE = ShapeConfig("tiny", 4, 2, 64, "fp16")
+
+
+@dataclass
+class Setup:
+    """A benchmark's parsed arguments and what follows from them."""
+
+    args: argparse.Namespace
+    device: torch.device
+    shape: ShapeConfig
+    timer: Timer
+
+    def select(self, batches: list[Batch]) -> list[Batch]:
+        """The batches --only names (all without it)."""
+        if not self.args.only:
+            return batches
+        return [b for b in batches if any(s in b.batch_id for s in self.args.only.split(","))]
+
+
+def setup(doc: str, script: str, repeats: int, tune_help: str) -> Setup:
+    """The common command line (--out, --smoke, --tune, --only, --warmup, --repeats), the output folder with
+    env.json, the device, shape and timer."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU under the Triton interpreter")
+    ap.add_argument("--tune", action="store_true", help=tune_help)
+    ap.add_argument("--only", default="", help="comma-separated substrings: run only batches whose id has one")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=repeats)
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cpu" if args.smoke else "cuda")
+    shape = SMOKE_SHAPE if args.smoke else GPU_SHAPE
+    timer = Timer(device, 1 if args.smoke else args.warmup, 2 if args.smoke else args.repeats, flush_l2=True)
+    write_env(args.out, script, shape, timer)
+    return Setup(args, device, shape, timer)
 
 
 def write_env(out: Path, script: str, shape: ShapeConfig, timer: Timer) -> None:
@@ -60,7 +97,8 @@ def print_table(records: list[Record], metric: str = "tflops") -> None:
     label = {"tflops": "TFLOP/s", "kv_tbps": "TB/s"}[metric]
     print(f"\n{'batch':<42}{'backend:variant':<32}{'ms':>9}{label:>9}{'vs fa2':>8}{'rel err':>10}  status")
     for r in records:
-        speed = f"{fa2[r.batch_id] / r.kernel_ms:.2f}x" if r.batch_id in fa2 and r.kernel_ms and r.status == "ok" else ""
+        comparable = r.batch_id in fa2 and r.kernel_ms and r.status == "ok"
+        speed = f"{fa2[r.batch_id] / r.kernel_ms:.2f}x" if comparable else ""
         err = f"{r.rel_err:.1e}" if r.rel_err is not None else ""
         value = getattr(r, metric)
         value = f"{value:.2f}" if value is not None else ""

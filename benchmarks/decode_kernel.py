@@ -10,7 +10,6 @@ float32 reference. Writes records.csv, batches.csv, env.json (and tune.csv with 
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import os
@@ -21,8 +20,7 @@ if "--smoke" in sys.argv:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import packinfer
-import torch
-from common import GPU_SHAPE, SMOKE_SHAPE, measure_batches, print_table, write_env
+from common import GPU_SHAPE, measure_batches, print_table, setup
 
 from packinfer_bench.backends import BACKENDS, Backend
 from packinfer_bench.backends.kv_layouts import cache_for
@@ -114,26 +112,13 @@ def tune(batches: list[Batch], device, timer: Timer, out_dir: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU under the Triton interpreter")
-    ap.add_argument("--tune", action="store_true", help="only sweep packinfer launch settings (writes tune.csv)")
-    ap.add_argument("--only", default="", help="comma-separated substrings: run only batches whose id has one")
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--repeats", type=int, default=30)
-    args = ap.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cpu" if args.smoke else "cuda")
-    shape = SMOKE_SHAPE if args.smoke else GPU_SHAPE
-    timer = Timer(device, 1 if args.smoke else args.warmup, 2 if args.smoke else args.repeats, flush_l2=True)
-    write_env(args.out, "benchmarks/decode_kernel.py", shape, timer)
-    batches = make_batches(args.smoke)
-    if args.only:
-        batches = [b for b in batches if any(s in b.batch_id for s in args.only.split(","))]
-    if args.tune:
-        tune(batches, device, timer, args.out)
+    s = setup(__doc__, "benchmarks/decode_kernel.py", 30, "only sweep packinfer launch settings (writes tune.csv)")
+    batches = s.select(make_batches(s.args.smoke))
+    if s.args.tune:
+        tune(batches, s.device, s.timer, s.args.out)
         return
-    records = measure_batches(batches, lambda b: variants(b, device.type == "cuda"), shape, device, timer, args.out)
+    on_gpu = s.device.type == "cuda"
+    records = measure_batches(batches, lambda b: variants(b, on_gpu), s.shape, s.device, s.timer, s.args.out)
     print_table(records, metric="kv_tbps")
 
 

@@ -106,7 +106,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
 
 
 def cache_attention(q: torch.Tensor, view: KVView, plan: CachePlan, *, softmax_scale: float | None = None,
-                    out: torch.Tensor | None = None, validate: bool = True, use_tma: bool | None = None) -> torch.Tensor:
+                    out: torch.Tensor | None = None, validate: bool = True,
+                    use_tma: bool | None = None) -> torch.Tensor:
     """Decode/append attention of new query rows over a KV cache: q [sum(q_lens), H, D], the rows of each
     request of `view` in order, each the last q_lens[i] positions of its request (bottom-right causal).
     `plan` comes from plan_cache_attention(view, q_lens, H) and serves every layer of the step.
@@ -128,10 +129,12 @@ def _check_cache_call(q: torch.Tensor, view: KVView, plan: CachePlan, out: torch
     if q.shape[0] != rows or q.shape[1] != plan.num_heads:
         raise ValueError(f"q has shape {tuple(q.shape)} but the plan expects {rows} rows of {plan.num_heads} heads")
     if q.shape[2] != view.k.shape[2] or q.shape[2] not in HEAD_DIMS:
-        raise ValueError(f"q head_dim {q.shape[2]} must equal the cache's ({view.k.shape[2]}), one of {list(HEAD_DIMS)}")
+        raise ValueError(f"q head_dim {q.shape[2]} must equal the cache's ({view.k.shape[2]}), one of "
+                         f"{list(HEAD_DIMS)}")
     if q.dtype != view.k.dtype or q.device != view.k.device:
         raise ValueError(f"q is {q.dtype} on {q.device}, the cache {view.k.dtype} on {view.k.device}")
-    if plan.layout != view.layout or plan.num_kv_heads != view.k.shape[1] or not np.array_equal(plan.kv_lens, view.kv_lens):
+    if (plan.layout != view.layout or plan.num_kv_heads != view.k.shape[1]
+            or not np.array_equal(plan.kv_lens, view.kv_lens)):
         raise ValueError("plan was built for another view (layout, KV heads or lengths differ)")
     if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device
                             or out.stride(-1) != 1):

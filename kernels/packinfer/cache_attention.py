@@ -20,7 +20,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from packinfer.cache_plan import CachePlan
-from packinfer.packed_attention import LOG2E, interpreter_needs_f32_dot
+from packinfer.packed_attention import LOG2E, interpreter_needs_f32_dot, program_slots
 
 MERGE_BLOCK_P = 16
 
@@ -60,19 +60,7 @@ def _cache_attention_partial(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
     DOT_F32: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    slots = tl.arange(0, BLOCK_M)
-    if PACK_GQA:
-        item = pid // (NUM_HEADS // GROUP)
-        kv_head = pid % (NUM_HEADS // GROUP)
-        slot_row = slots // GROUP
-        heads = kv_head * GROUP + slots % GROUP
-    else:
-        item = pid // NUM_HEADS
-        head = pid % NUM_HEADS
-        kv_head = head // GROUP
-        slot_row = slots
-        heads = tl.zeros([BLOCK_M], dtype=tl.int32) + head
+    item, kv_head, slot_row, heads = program_slots(tl.program_id(0), NUM_HEADS, GROUP, PACK_GQA, BLOCK_M)
     it = items + item * 7
     row_first = tl.load(it)
     num_rows = tl.load(it + 1)
@@ -176,8 +164,8 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     lse_part = torch.empty(plan.num_partials, heads, dtype=torch.float32, device=q.device)
     kv_args = (k, v)
     if use_tma:
-        kv_args = tuple(TensorDescriptor.from_tensor(t.view(t.shape[0], kv_heads * dim), block_shape=[plan.block_n, dim])
-                        for t in (k, v))
+        kv_args = tuple(TensorDescriptor.from_tensor(t.view(t.shape[0], kv_heads * dim),
+                                                     block_shape=[plan.block_n, dim]) for t in (k, v))
     grid = (plan.num_items * (kv_heads if plan.pack_gqa else heads),)
     _cache_attention_partial[grid](
         q, *kv_args, o_part, lse_part, items, row_perm, row_limit, table, softmax_scale * LOG2E,

@@ -146,7 +146,8 @@ def plan_cache_attention(view: KVView, q_lens, num_heads: int, *, prefix_groupin
     merge_ptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=len(row_perm)))])
     plan = CachePlan(
         items=items.astype(np.int32), row_perm=row_perm.astype(np.int32), row_limit=row_limit.astype(np.int32),
-        merge_ptr=merge_ptr.astype(np.int32), merge_idx=by_row.astype(np.int32), q_lens=q, kv_lens=kv.copy(), layout=view.layout,
+        merge_ptr=merge_ptr.astype(np.int32), merge_idx=by_row.astype(np.int32), q_lens=q, kv_lens=kv.copy(),
+        layout=view.layout,
         num_heads=num_heads, num_kv_heads=num_kv_heads, slots=slots, block_n=block_n, pack_gqa=bool(pack_gqa),
         kv_chunk=kv_chunk, page_size=view.page_size, block_table=view.block_table,
         kv_tokens_read=int(segs[:, 4].sum()), num_warps=8 if slots >= 128 else 4)

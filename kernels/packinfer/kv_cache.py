@@ -201,11 +201,9 @@ class _KVCacheBase:
             raise KVCacheError("view needs at least one request")
         reqs = [self._request(r) for r in ids]
         return KVView(self.layout, self.k, self.v, ids, np.array([r.length for r in reqs], np.int64),
-                      np.array([-1 if r.prefix_id is None else self._prefix_index(r.prefix_id) for r in reqs], np.int64),
+                      np.array([-1 if r.prefix_id is None else self._prefixes[r.prefix_id].serial for r in reqs],
+                               np.int64),
                       np.array([r.prefix_len for r in reqs], np.int64), **self._view_fields(reqs))
-
-    def _prefix_index(self, prefix_id: Hashable) -> int:
-        return self._prefixes[prefix_id].serial
 
     def _next_serial(self) -> int:
         self._serials += 1

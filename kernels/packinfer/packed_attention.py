@@ -28,6 +28,25 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def program_slots(pid, NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, PACK_GQA: tl.constexpr,
+                  BLOCK_M: tl.constexpr):
+    """(work unit, KV head, row offset of each slot, query head of each slot) of program pid: with PACK_GQA the
+    GROUP query heads of a KV head side by side (slot m: row m // GROUP), else one query head per program."""
+    slots = tl.arange(0, BLOCK_M)
+    if PACK_GQA:
+        unit = pid // (NUM_HEADS // GROUP)
+        kv_head = pid % (NUM_HEADS // GROUP)
+        slot_row = slots // GROUP
+        heads = kv_head * GROUP + slots % GROUP
+    else:
+        unit = pid // NUM_HEADS
+        kv_head = (pid % NUM_HEADS) // GROUP
+        slot_row = slots
+        heads = tl.zeros([BLOCK_M], dtype=tl.int32) + pid % NUM_HEADS
+    return unit, kv_head, slot_row, heads
+
+
+@triton.jit
 def _packed_attention_fwd(
     Q, K, V, O, runs, tile_run, cu_q, cu_k, qk_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
@@ -35,19 +54,7 @@ def _packed_attention_fwd(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
     DOT_F32: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    slots = tl.arange(0, BLOCK_M)
-    if PACK_GQA:
-        tile = pid // (NUM_HEADS // GROUP)
-        kv_head = pid % (NUM_HEADS // GROUP)
-        slot_row = slots // GROUP
-        heads = kv_head * GROUP + slots % GROUP
-    else:
-        tile = pid // NUM_HEADS
-        head = pid % NUM_HEADS
-        kv_head = head // GROUP
-        slot_row = slots
-        heads = tl.zeros([BLOCK_M], dtype=tl.int32) + head
+    tile, kv_head, slot_row, heads = program_slots(tl.program_id(0), NUM_HEADS, GROUP, PACK_GQA, BLOCK_M)
     run = tl.load(tile_run + tile)
     r = runs + run * 6
     run_start = tl.load(r)

@@ -45,7 +45,8 @@ def copy_token_ranges(src: torch.Tensor, dst: torch.Tensor, src_start: torch.Ten
     which = torch.repeat_interleave(torch.arange(len(per_range)), per_range)
     offset = (torch.arange(len(which)) - first_block[which]) * BLOCK_T
     blocks = torch.stack([which, offset], 1).to(device=src.device, dtype=torch.int32)
-    src_start, dst_start, lengths = (t.to(device=src.device, dtype=torch.int32) for t in (src_start, dst_start, lengths))
+    src_start, dst_start, lengths = (t.to(device=src.device, dtype=torch.int32)
+                                     for t in (src_start, dst_start, lengths))
     grid = (len(which), triton.cdiv(src.shape[1], BLOCK_W))
     _copy_ranges[grid](src, dst, blocks, src_start, dst_start, lengths, src.shape[1], src.stride(0), dst.stride(0),
                        BLOCK_T=BLOCK_T, BLOCK_W=BLOCK_W)

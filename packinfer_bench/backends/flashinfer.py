@@ -16,7 +16,8 @@ WORKSPACE_BYTES = 256 << 20
 
 
 def _available(device: torch.device) -> str | None:
-    return needs_cuda(device, "flashinfer", missing="flashinfer is not installed (pip install packinfer-bench[flashinfer])")
+    return needs_cuda(device, "flashinfer",
+                      missing="flashinfer is not installed (pip install packinfer-bench[flashinfer])")
 
 
 def _workspace(x: Inputs) -> torch.Tensor:
