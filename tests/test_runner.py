@@ -11,10 +11,12 @@ from conftest import FIXTURES
 
 from packinfer_bench.backends import BACKENDS, Backend
 from packinfer_bench.backends.packinfer import PACKINFER_VARIANTS
-from packinfer_bench.config import load_config
+from packinfer_bench.config import ShapeConfig, load_config
 from packinfer_bench.experiment import read_batches, run_experiment
 from packinfer_bench.records import FIELDS, RECORDS_FILE, Record
+from packinfer_bench.reference import reference_attention
 from packinfer_bench.runner import make_inputs
+from packinfer_bench.workload import Batch
 
 CONFIG = (FIXTURES / "tiny.yaml").read_text()
 
@@ -99,6 +101,26 @@ def test_inputs_are_deterministic_per_batch_and_shape(write, tmp_path):
     c = make_inputs(second, cfg.shapes[0], torch.device("cpu"))
     assert torch.equal(a.q, b.q) and torch.equal(a.v, b.v) and a.q.abs().sum() > 0
     assert not torch.equal(a.q[:3], c.q[:3])
+
+
+def test_a_shared_prefix_holds_the_same_kv_in_every_member():
+    batch = Batch("b", "t", "static", q_lens=[1, 1, 1, 1], kv_lens=[10, 12, 9, 6], request_ids=[0, 1, 2, 3],
+                  prefix_ids=[5, 5, 5, -1], prefix_lens=[8, 8, 8, 0])
+    x = make_inputs(batch, ShapeConfig("s", 4, 2, 64, "fp16"), torch.device("cpu"))
+    starts = [0, 10, 22]
+    for s in starts[1:]:
+        assert torch.equal(x.k[s:s + 8], x.k[:8]) and torch.equal(x.v[s:s + 8], x.v[:8])
+    assert not torch.equal(x.k[10 + 8:10 + 9], x.k[8:9]), "positions past the prefix stay the request's own"
+    assert batch.dedup_kv_tokens() == 16
+
+
+@pytest.mark.parametrize("variant", ["full", "paged", "no-prefix-grouping"])
+def test_packinfer_decode_path_reads_the_batch_laid_out_in_a_kv_cache(variant):
+    batch = Batch("b", "t", "static", q_lens=[1, 2, 1, 1], kv_lens=[40, 35, 9, 20], request_ids=[0, 1, 2, 3],
+                  prefix_ids=[5, 5, 5, -1], prefix_lens=[19, 19, 19, 0])
+    x = make_inputs(batch, ShapeConfig("s", 4, 2, 64, "fp16"), torch.device("cpu"))
+    out = BACKENDS["packinfer"].prepare(x, variant)()
+    assert (out.float() - reference_attention(x)).abs().max() < 4e-3
 
 
 def test_record_key_and_fields():
