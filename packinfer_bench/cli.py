@@ -16,6 +16,7 @@ from packinfer_bench import envinfo  # noqa: E402
 from packinfer_bench.config import load_config  # noqa: E402
 from packinfer_bench.errors import PackinferBenchError  # noqa: E402
 from packinfer_bench.experiment import run_experiment  # noqa: E402
+from packinfer_bench.report import write_report  # noqa: E402
 from packinfer_bench.traces import KINDS, SHIPPED, load_trace, shipped_dir  # noqa: E402
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
@@ -88,6 +89,20 @@ def traces_describe(source: str, kind: str | None, as_json: bool) -> None:
     for key, value in info.items():
         shown = f"{value:.4g}" if isinstance(value, float) else value
         click.echo(f"{key:<{width}}  {shown}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Report folder (default: RUN_DIR/report).")
+@click.option("--format", "formats", default="md,csv", show_default=True, help="Table formats, comma-separated.")
+def report(run_dir: Path, out: Path | None, formats: str) -> None:
+    """Kernel-level tables (speed-ups, ablation, correctness) and summary.md from a run folder's records."""
+    try:
+        summary = write_report(run_dir, out, tuple(f.strip() for f in formats.split(",") if f.strip()))
+    except PackinferBenchError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"report: {summary}")
 
 
 @main.command()
