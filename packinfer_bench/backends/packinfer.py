@@ -20,7 +20,7 @@ PACKINFER_VARIANTS = ("full", "no-balancing", "no-packing", "no-gqa-packing", "n
                       "paged")
 #: Batches whose requests all have at most this many query rows are decode batches (cache attention).
 DECODE_MAX_Q = 16
-_PREFILL_ONLY = {"no-packing", "fa2-grid"}
+_PREFILL_ONLY = {"no-packing"}  # fa2-grid (triton_unpacked) always takes the varlen path
 _DECODE_ONLY = {"no-prefix-grouping", "no-split", "paged"}
 
 
