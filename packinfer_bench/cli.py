@@ -43,11 +43,15 @@ def main() -> None:
 @click.option("--dry-run", is_flag=True, help="Load traces and replay the workload only; write batch statistics.")
 @click.option("--resume", is_flag=True, help="Continue a run folder (--out, or the experiment's latest run), "
               "skipping what it already holds.")
-def run(config: Path | None, out: Path | None, dry_run: bool, resume: bool) -> None:
+@click.option("--cuda-graphs", is_flag=True, help="Time CUDA-graph replays of each call (sets timing.cuda_graphs; "
+              "records say timing: cuda-graph).")
+def run(config: Path | None, out: Path | None, dry_run: bool, resume: bool, cuda_graphs: bool) -> None:
     """Run an experiment CONFIG (default: experiments/smoke.yaml without a GPU, else the GPU's sweep)."""
     config = config or default_config()
     try:
         cfg = load_config(config)
+        if cuda_graphs:
+            cfg.timing.cuda_graphs = True
         click.echo(f"experiment {cfg.name} ({config})")
         summary = run_experiment(cfg, out, dry_run=dry_run, resume=resume, log=click.echo)
     except PackinferBenchError as e:

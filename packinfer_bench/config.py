@@ -75,8 +75,9 @@ class GpuConfig:
 
 @dataclass
 class TimingConfig:
-    """Warm-up calls, timed repeats (median and spread reported), L2 flush before each repeat; CUDA-graph replay
-    is reserved (not implemented yet)."""
+    """Warm-up calls, timed repeats (median and spread reported), L2 flush before each repeat; cuda_graphs: time
+    the replay of a CUDA graph captured from the call (records say `timing: cuda-graph`; a call that cannot be
+    captured is an `error` record naming why)."""
 
     warmup: int = 10
     repeats: int = 50

@@ -20,7 +20,7 @@ class Record:
     reference) | skipped (cannot run here: reason) | error (it raised: reason); plan_ms: CPU/prepare time, once;
     kernel_ms(_p10/_p90): median (10th/90th percentile) of the timed call; tflops: causal-area FLOPs / median;
     kv_tbps: K and V bytes read once / median; max_abs_err, rel_err (L2): against the reference; timing:
-    cuda-events, or wall-clock-cpu (not representative)."""
+    cuda-events, cuda-graph (replays of a captured graph), or wall-clock-cpu (not representative)."""
 
     trace: str
     workload: str

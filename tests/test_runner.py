@@ -16,6 +16,7 @@ from packinfer_bench.experiment import read_batches, run_experiment
 from packinfer_bench.records import FIELDS, RECORDS_FILE, Record
 from packinfer_bench.reference import reference_attention
 from packinfer_bench.runner import make_inputs
+from packinfer_bench.timing import Timer
 from packinfer_bench.workload import Batch
 
 CONFIG = (FIXTURES / "tiny.yaml").read_text()
@@ -173,3 +174,14 @@ def test_a_batch_whose_inputs_cannot_be_built_is_recorded_for_every_backend(writ
     rows = _rows(tmp_path / "run")
     assert {r["status"] for r in rows if r["backend"] != "fa2"} == {"error"}
     assert all(r["reason"].startswith("inputs or reference: OutOfMemoryError") for r in rows if r["backend"] != "fa2")
+
+
+def test_cuda_graph_timing_is_a_gpu_method_and_the_cpu_keeps_its_wall_clock(write, tmp_path):
+    cpu = Timer(torch.device("cpu"), warmup=1, repeats=3, flush_l2=True, cuda_graphs=True)
+    assert cpu.method == "wall-clock-cpu" and len(cpu(lambda: None)) == 3
+    logs = []
+    cfg = load_config(write("c.yaml", CONFIG.replace("flush_l2: false", "flush_l2: false, cuda_graphs: true")))
+    assert cfg.timing.cuda_graphs
+    run_experiment(cfg, tmp_path / "run", log=logs.append)
+    assert any("cuda_graphs ignored" in line for line in logs)
+    assert {r["timing"] for r in _rows(tmp_path / "run") if r["status"] == "ok"} == {"wall-clock-cpu"}
