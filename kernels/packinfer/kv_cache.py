@@ -117,6 +117,12 @@ class _KVCacheBase:
     def request_ids(self) -> list:
         return list(self._requests)
 
+    def __contains__(self, request_id: Hashable) -> bool:
+        return request_id in self._requests
+
+    def has_prefix(self, prefix_id: Hashable) -> bool:
+        return prefix_id in self._prefixes
+
     def length(self, request_id: Hashable) -> int:
         """Tokens visible to the request (its prefix included)."""
         return self._request(request_id).length
