@@ -94,7 +94,8 @@ def run_replay(name: str, batches: list[Batch], headrooms: list[int], shape, dev
                 view = caches[key].view(b.request_ids.tolist())
                 plan = packinfer.plan_cache_attention(view, b.q_lens, shape.num_heads, num_sms=sms)
                 outs[key] = packinfer.cache_attention(q, view, plan)
-                ms = float(np.median(timer(lambda: packinfer.cache_attention(q, view, plan, validate=False))))
+                ms = float(np.median(timer(lambda q=q, view=view, plan=plan: packinfer.cache_attention(
+                    q, view, plan, validate=False))))
                 attn[key] += ms
                 row[f"{key}_attn_ms"] = round(ms, 4)
             if not torch.allclose(outs[timed[0]].float(), outs[timed[1]].float(), atol=1e-2, rtol=1e-2):

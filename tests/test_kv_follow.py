@@ -4,8 +4,8 @@ preemption, shared prefixes and re-layouts."""
 
 import pytest
 import torch
-
 from packinfer import make_cache
+
 from packinfer_bench.kv_follow import CacheFollower, peak_tokens, sequence_kv
 from packinfer_bench.traces.synthetic import load as synthetic
 from packinfer_bench.workload import Batch
