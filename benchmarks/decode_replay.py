@@ -67,7 +67,7 @@ def run_replay(name: str, batches: list[Batch], headrooms: list[int], shape, dev
     follow = {k: CacheFollower(c, batches) for k, c in caches.items()}
     timed = [f"grouped-h{TIMED_HEADROOM}", "paged"]
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-    totals = {k: {"room_s": 0.0, "moved_bytes": 0, "relayouts": 0, "frag": []} for k in caches}
+    totals = {k: {"room_s": 0.0, "moved_bytes": 0, "relayouts": 0, "relocations": 0, "frag": []} for k in caches}
     attn = {k: 0.0 for k in timed}
     max_err, decode_iters = 0.0, 0
     gen = torch.Generator().manual_seed(0)
@@ -80,6 +80,7 @@ def run_replay(name: str, batches: list[Batch], headrooms: list[int], shape, dev
             totals[key]["room_s"] += cost.room_s
             totals[key]["moved_bytes"] += cost.moved_bytes
             totals[key]["relayouts"] += cost.relayouts
+            totals[key]["relocations"] += cost.relocations
             totals[key]["frag"].append(st.fragmentation)
             row[f"{key}_room_ms"] = round(cost.room_s * 1e3, 4)
             row[f"{key}_moved_mb"] = round(cost.moved_bytes / 2**20, 3)
@@ -111,7 +112,7 @@ def run_replay(name: str, batches: list[Batch], headrooms: list[int], shape, dev
                "attention_ms": {k: round(v, 3) for k, v in attn.items()},
                "checked_rel_err_max": float(f"{max_err:.3g}")}
     for key, t in totals.items():
-        summary[key] = {"relayouts": t["relayouts"], "moved_gb": round(t["moved_bytes"] / 1e9, 4),
+        summary[key] = {"relayouts": t["relayouts"], "relocations": t["relocations"], "moved_gb": round(t["moved_bytes"] / 1e9, 4),
                         "room_ms_total": round(t["room_s"] * 1e3, 3),
                         "room_ms_per_iteration": round(t["room_s"] * 1e3 / len(batches), 4),
                         "fragmentation_mean": round(float(np.mean(t["frag"])), 4)}
@@ -168,7 +169,8 @@ def main() -> None:
               f"{g['fragmentation_mean']:>6.3f}/{s['paged']['fragmentation_mean']:.3f}")
         for h in headrooms:
             k = s[f"grouped-h{h}"]
-            print(f"    headroom {h:>4}: {k['relayouts']:>5} re-layouts, {k['moved_gb']:.3f} GB moved, "
+            print(f"    headroom {h:>4}: {k['relayouts']:>5} re-layouts, {k['relocations']:>5} relocations, "
+                  f"{k['moved_gb']:.3f} GB moved, "
                   f"{k['room_ms_total']:.1f} ms making room, fragmentation {k['fragmentation_mean']:.3f}")
         print(f"    max rel err vs float32 (sampled): {s['checked_rel_err_max']}")
 

@@ -18,15 +18,20 @@ from packinfer_bench.workload import Batch
 
 def token_kv(keys, positions, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V of tokens given by (sequence key, position) pairs, a key being a request id or -1 - id for a shared
-    prefix: a smooth function of (key, position, channel), so a token's K/V is the same however the sequence is
-    chunked, and one call makes an iteration's new tokens."""
+    """K and V in [-1, 1) of tokens given by (sequence key, position) pairs, a key being a request id or -1 - id for
+    a shared prefix: a hash of (key, position, channel), so a token's K/V is the same however the sequence is
+    chunked (and looks random, like real activations, not smooth), and one call makes an iteration's tokens."""
     key = torch.as_tensor(np.asarray(keys), dtype=torch.float32).to(device)[:, None]
     pos = torch.as_tensor(np.asarray(positions), dtype=torch.float32).to(device)[:, None]
     chan = torch.arange(num_kv_heads * head_dim, device=device, dtype=torch.float32)[None, :]
-    phase = 0.37 * pos + 0.011 * chan * (1 + torch.remainder(key, 7)) + 1.3 * key
     shape = (pos.shape[0], num_kv_heads, head_dim)
-    return torch.sin(phase).reshape(shape).to(dtype), torch.cos(0.5 * phase + 0.2).reshape(shape).to(dtype)
+
+    def unit(salt: float) -> torch.Tensor:  # fract(sin(x) * big): the classic shader hash
+        x = torch.sin(12.9898 * torch.remainder(pos, 4096) + 78.233 * chan + 37.719 * torch.remainder(key, 8191)
+                      + 0.731 * torch.floor(pos / 4096) + salt) * 43758.5453
+        return (2 * (x - torch.floor(x)) - 1).reshape(shape).to(dtype)
+
+    return unit(0.0), unit(1.618)
 
 
 def sequence_kv(key: int, start: int, n: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
@@ -38,11 +43,12 @@ def sequence_kv(key: int, start: int, n: int, num_kv_heads: int, head_dim: int, 
 @dataclass
 class StepCost:
     """What keeping the cache in step cost one iteration: bytes moved and seconds spent (CPU bookkeeping plus
-    the GPU copy, synchronised) making room for the new tokens, and whether a full re-layout happened."""
+    the GPU copy, synchronised) making room for the new tokens; full re-layouts and single-request relocations."""
 
     moved_bytes: int = 0
     room_s: float = 0.0
     relayouts: int = 0
+    relocations: int = 0
 
 
 class CacheFollower:
@@ -86,9 +92,10 @@ class CacheFollower:
             needs = {rid: q for rid, q, kv in zip(batch.request_ids.tolist(), batch.q_lens.tolist(),
                                                   batch.kv_lens.tolist()) if cache.length(rid) < kv}
             t0 = time.perf_counter()
-            before = cache.relayouts
+            before = cache.relayouts, cache.relocations
             cost.moved_bytes += cache.make_room(needs)
-            cost.relayouts += cache.relayouts - before
+            cost.relayouts += cache.relayouts - before[0]
+            cost.relocations += cache.relocations - before[1]
             _sync(cache)
             cost.room_s += time.perf_counter() - t0
         todo = [(rid, cache.length(rid), kv) for rid, kv in zip(batch.request_ids.tolist(), batch.kv_lens.tolist())

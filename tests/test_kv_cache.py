@@ -143,6 +143,29 @@ def test_grouped_append_past_room_asks_for_relayout_and_changes_nothing():
     assert cache.length("a") == 5
 
 
+def test_grouped_make_room_moves_only_the_growing_request_and_compacts_when_nothing_fits():
+    gen = torch.Generator().manual_seed(5)
+    cache = GroupedKVCache(100, HKV, D, dtype=torch.float16, headroom=4)
+    data = {}
+    for rid in "abc":
+        cache.allocate(rid, reserve=10)
+        data[rid] = _tokens(gen, 10)
+        cache.append(rid, *data[rid])  # a, b, c packed at 0, 10, 20: none can grow in place but c
+    b_at = [e for e in cache.extents() if e[2] == ("request", "b")]
+    moved = cache.make_room({"a": 6})
+    assert moved == 10 * cache.token_bytes and cache.stats().relocations == 1 and cache.stats().relayouts == 0
+    assert [e for e in cache.extents() if e[2] == ("request", "b")] == b_at, "b did not move"
+    more = _tokens(gen, 6)
+    cache.append("a", *more)
+    data["a"] = tuple(torch.cat([x, y]) for x, y in zip(data["a"], more))
+    for rid, (k, v) in data.items():
+        assert torch.equal(cache.read(rid)[0], k) and torch.equal(cache.read(rid)[1], v)
+    cache.make_room({"b": 40})  # 50 tokens with room: no free range holds them, so everything is packed again
+    assert cache.stats().relayouts == 1
+    for rid, (k, v) in data.items():
+        assert torch.equal(cache.read(rid)[0], k) and torch.equal(cache.read(rid)[1], v)
+
+
 @pytest.mark.parametrize("layout", ["paged", "grouped"])
 def test_bad_operations_name_the_problem_and_leave_the_cache_unchanged(layout):
     gen = torch.Generator().manual_seed(4)

@@ -52,13 +52,14 @@ class KVView:
 @dataclass
 class CacheStats:
     """Bytes of K+V: capacity of the pools, reserved for requests and prefixes, holding live tokens (a prefix
-    counted once), moved by re-layouts so far (and how many there were)."""
+    counted once), moved so far by full re-layouts (how many) and by single requests' relocations (how many)."""
 
     capacity_bytes: int
     reserved_bytes: int
     live_bytes: int
     moved_bytes: int = 0
     relayouts: int = 0
+    relocations: int = 0
 
     @property
     def fragmentation(self) -> float:
@@ -102,6 +103,7 @@ class _KVCacheBase:
         self._requests: dict[Hashable, _Request] = {}
         self.moved_bytes = 0
         self.relayouts = 0
+        self.relocations = 0  # single requests moved to a larger free range (grouped)
         self._serials = 0
 
     @property
@@ -219,7 +221,7 @@ class _KVCacheBase:
         live = sum(p.length for p in self._prefixes.values())
         live += sum(r.length - r.prefix_len for r in self._requests.values())
         return CacheStats(self.capacity_tokens * self.token_bytes, self._reserved_tokens() * self.token_bytes,
-                          live * self.token_bytes, self.moved_bytes, self.relayouts)
+                          live * self.token_bytes, self.moved_bytes, self.relayouts, self.relocations)
 
     def extents(self) -> list[tuple[int, int, Hashable]]:
         """(first token address, end, owner) of every reserved range: the storage map, for checks."""
@@ -351,7 +353,8 @@ class PagedKVCache(_KVCacheBase):
 class GroupedKVCache(_KVCacheBase):
     """Group-contiguous layout: a prefix stored once, each request one contiguous extent of own tokens with
     headroom (`headroom` tokens, or what allocate/relayout reserve). Appending past the room raises unless the
-    extent can grow in place; `relayout()` (or `make_room()`) then packs everything again, groups together."""
+    extent can grow in place; `make_room()` grows or moves the requests that need it, `relayout()` packs
+    everything again, groups together."""
 
     layout = "grouped"
 
@@ -439,21 +442,40 @@ class GroupedKVCache(_KVCacheBase):
         return sum(e - s for s, e, _ in self.extents())
 
     def make_room(self, needs: Mapping[Hashable, int]) -> int:
-        """Make sure each request can take `needs[request]` more tokens: grow extents in place where the space
-        after them is free, else relayout. Returns the bytes moved (0 when nothing moved)."""
+        """Make sure each request can take `needs[request]` more tokens: grow its extent in place where the space
+        after it is free, else move it alone to a free range with a quarter more room than it needs (so a growing
+        request moves O(1) times its final size in all), and only when no free range is large enough, relayout
+        everything. Returns the bytes moved (0 when nothing moved)."""
         for rid, n in needs.items():
             if n < 0:
                 raise KVCacheError(f"make_room: request {rid!r} needs {n} < 0 tokens")
         wants = {rid: self._request(rid).length - self._request(rid).prefix_len + n for rid, n in needs.items()}
-        short = [rid for rid, want in wants.items() if want > self._requests[rid].room]
-        if short:
-            rooms = {rid: self._requests[rid].room for rid in short}
-            if all(self._grow_in_place(self._requests[rid], wants[rid]) for rid in short):
-                return 0
-            for rid, room in rooms.items():  # undo the grows: the relayout decides every room
-                self._requests[rid].room = room
-            return self.relayout(reserve=needs)
-        return 0
+        moved = 0
+        for rid, want in wants.items():
+            req = self._requests[rid]
+            if want <= req.room or self._grow_in_place(req, want):
+                continue
+            room = want + max(self.headroom, want // 4)
+            try:
+                start = self._find(room, f"request {rid!r}", near=req.start)
+            except KVCacheError:  # no free range fits: compaction makes one
+                return moved + self.relayout(reserve=needs)
+            moved += self._relocate(req, start, room)
+        return moved
+
+    def _relocate(self, req: _Request, start: int, room: int) -> int:
+        """Move a request's own tokens to the free range at `start` (disjoint from its old one; copies are
+        stream-ordered, so a later relocation may reuse this one's old range)."""
+        own = req.length - req.prefix_len
+        if own:
+            at = (torch.tensor([req.start]), torch.tensor([start]), torch.tensor([own]))
+            for pool in (self.k, self.v):
+                flat = pool.view(pool.shape[0], -1)
+                copy_token_ranges(flat, flat, *at)
+        req.start, req.room = start, room
+        self.relocations += 1
+        self.moved_bytes += own * self.token_bytes
+        return own * self.token_bytes
 
     def relayout(self, reserve: Mapping[Hashable, int] | None = None) -> int:
         """Pack prefixes and requests from address 0, each group's requests right after its prefix, every request
