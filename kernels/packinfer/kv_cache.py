@@ -14,6 +14,7 @@ block table. An operation that fails raises KVCacheError and leaves the cache as
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -450,17 +451,27 @@ class GroupedKVCache(_KVCacheBase):
             if n < 0:
                 raise KVCacheError(f"make_room: request {rid!r} needs {n} < 0 tokens")
         wants = {rid: self._request(rid).length - self._request(rid).prefix_len + n for rid, n in needs.items()}
+        starts = sorted(s for s, _, _ in self.extents())  # where each reserved range begins, kept up to date below
         moved = 0
         for rid, want in wants.items():
             req = self._requests[rid]
-            if want <= req.room or self._grow_in_place(req, want):
+            if want <= req.room:
                 continue
-            room = want + max(self.headroom, want // 4)
+            target = want + max(self.headroom, want // 4)
+            if req.room:  # grow in place as far as the next reserved range allows, up to the target
+                after = bisect.bisect_right(starts, req.start)
+                limit = (starts[after] if after < len(starts) else self.capacity_tokens) - req.start
+                if limit >= want:
+                    req.room = min(target, limit)
+                    continue
             try:
-                start = self._find(room, f"request {rid!r}", near=req.start)
+                start = self._find(target, f"request {rid!r}", near=req.start)
             except KVCacheError:  # no free range fits: compaction makes one
                 return moved + self.relayout(reserve=needs)
-            moved += self._relocate(req, start, room)
+            if req.room:
+                starts.remove(req.start)
+            moved += self._relocate(req, start, target)
+            bisect.insort(starts, start)
         return moved
 
     def _relocate(self, req: _Request, start: int, room: int) -> int:
