@@ -91,6 +91,7 @@ class CacheFollower:
         if cache.layout == "grouped":
             needs = {rid: q for rid, q, kv in zip(batch.request_ids.tolist(), batch.q_lens.tolist(),
                                                   batch.kv_lens.tolist()) if cache.length(rid) < kv}
+            _sync(cache)  # earlier queued work is not this step's cost
             t0 = time.perf_counter()
             before = cache.relayouts, cache.relocations
             cost.moved_bytes += cache.make_room(needs)
@@ -129,6 +130,7 @@ class CacheFollower:
         except KVCacheError:
             if cache.layout != "grouped":
                 raise
+            _sync(cache)
             t0 = time.perf_counter()
             cost.moved_bytes += cache.relayout()  # compaction makes one free range of the scattered gaps
             cost.relayouts += 1

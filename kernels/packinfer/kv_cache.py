@@ -451,12 +451,14 @@ class GroupedKVCache(_KVCacheBase):
             if n < 0:
                 raise KVCacheError(f"make_room: request {rid!r} needs {n} < 0 tokens")
         wants = {rid: self._request(rid).length - self._request(rid).prefix_len + n for rid, n in needs.items()}
-        starts = sorted(s for s, _, _ in self.extents())  # where each reserved range begins, kept up to date below
+        starts = None  # where each reserved range begins (built when first needed, then kept up to date)
         moved = 0
         for rid, want in wants.items():
             req = self._requests[rid]
             if want <= req.room:
                 continue
+            if starts is None:
+                starts = sorted(s for s, _, _ in self.extents())
             target = want + max(self.headroom, want // 4)
             if req.room:  # grow in place as far as the next reserved range allows, up to the target
                 after = bisect.bisect_right(starts, req.start)
