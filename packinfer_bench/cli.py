@@ -12,12 +12,12 @@ import torch
 if not torch.cuda.is_available():  # Triton kernels run under the interpreter; must be set before triton loads
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from packinfer_bench import envinfo  # noqa: E402
-from packinfer_bench.config import load_config  # noqa: E402
-from packinfer_bench.errors import PackinferBenchError  # noqa: E402
-from packinfer_bench.experiment import run_experiment  # noqa: E402
-from packinfer_bench.report import write_report  # noqa: E402
-from packinfer_bench.traces import KINDS, SHIPPED, load_trace, shipped_dir  # noqa: E402
+from packinfer_bench import envinfo
+from packinfer_bench.config import load_config
+from packinfer_bench.errors import PackinferBenchError
+from packinfer_bench.experiment import run_experiment
+from packinfer_bench.report import write_report
+from packinfer_bench.traces import KINDS, SHIPPED, load_trace, shipped_dir
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
 
@@ -99,11 +99,25 @@ def traces_describe(source: str, kind: str | None, as_json: bool) -> None:
 @click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Report folder (default: RUN_DIR/report).")
-@click.option("--format", "formats", default="md,csv", show_default=True, help="Table formats, comma-separated.")
-def report(run_dir: Path, out: Path | None, formats: str) -> None:
-    """Kernel-level tables (speed-ups, ablation, correctness) and summary.md from a run folder's records."""
+@click.option("--format", "formats", default="md,csv", show_default=True,
+              help="Table formats, comma-separated: md, csv, tex.")
+@click.option("--figures", default="png", show_default=True,
+              help="Figure formats, comma-separated: png, pdf ('' for none).")
+@click.option("--compare", "compare", multiple=True, type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="Another run folder whose speed-ups go side by side with RUN_DIR's (repeatable).")
+def report(run_dir: Path, out: Path | None, formats: str, figures: str, compare: tuple[Path, ...]) -> None:
+    """Tables (speed-ups, ablation, plan cost, correctness; comparison with other runs), figures and summary.md
+    from a run folder's records."""
+
+    def split(text: str) -> tuple[str, ...]:
+        return tuple(f.strip() for f in text.split(",") if f.strip())
+
+    labels = {}
+    for path in compare:
+        label = path.name if path.name not in labels and path.name != run_dir.name else str(path)
+        labels[label] = path
     try:
-        summary = write_report(run_dir, out, tuple(f.strip() for f in formats.split(",") if f.strip()))
+        summary = write_report(run_dir, out, split(formats), split(figures), labels)
     except PackinferBenchError as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"report: {summary}")

@@ -1,5 +1,6 @@
 """Reports: a run folder's records turned into the kernel-level tables (speed-ups per trace and phase, ablation,
-correctness), as CSV and Markdown with a summary.md stating the environment. A speed-up only ever compares two
+plan cost, correctness; optionally side by side with other runs), as CSV, Markdown and LaTeX, figures (see
+figures.py) and a summary.md stating the environment. A speed-up only ever compares two
 `ok` records of the same batch and shape; incorrect, skipped and failed records are counted, never folded in."""
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from packinfer_bench.errors import PackinferBenchError
 from packinfer_bench.records import RECORDS_FILE
 
 OURS = ("packinfer", "full")
-FORMATS = ("md", "csv")
+FORMATS = ("md", "csv", "tex")
 
 
 def load_records(run: Path) -> pd.DataFrame:
@@ -22,12 +23,13 @@ def load_records(run: Path) -> pd.DataFrame:
     path = run / RECORDS_FILE
     if not path.is_file():
         raise PackinferBenchError(f"{run}: no {RECORDS_FILE} (is it a run folder?)")
-    df = pd.read_csv(path, keep_default_na=False, na_values={"kernel_ms": [""], "rel_err": [""]})
+    numeric = ("plan_ms", "kernel_ms", "kernel_ms_p10", "kernel_ms_p90", "tflops", "kv_tbps", "max_abs_err", "rel_err")
+    df = pd.read_csv(path, keep_default_na=False, na_values={c: [""] for c in numeric})
     df["system"] = df["backend"] + ":" + df["variant"]
     return df
 
 
-def _paired(df: pd.DataFrame, ours: str) -> pd.DataFrame:
+def paired_speedups(df: pd.DataFrame, ours: str) -> pd.DataFrame:
     """One row per (batch, shape, other system) where both ours and the other are ok: the speed-up ours gives."""
     ok = df[df["status"] == "ok"]
     mine = ok[ok["system"] == ours][["batch_id", "shape", "trace", "phase", "kernel_ms"]]
@@ -46,14 +48,14 @@ def _geomean_table(pairs: pd.DataFrame, by: list[str]) -> pd.DataFrame:
 
 def speedup_table(df: pd.DataFrame, ours: tuple[str, str] = OURS) -> pd.DataFrame:
     """Speed-up of `ours` over every other system (excluding its own ablations), per trace and phase."""
-    pairs = _paired(df, ":".join(ours))
+    pairs = paired_speedups(df, ":".join(ours))
     pairs = pairs[~pairs["system"].str.startswith(ours[0] + ":")]
     return _geomean_table(pairs, ["trace", "phase", "system"])
 
 
 def ablation_table(df: pd.DataFrame, ours: tuple[str, str] = OURS) -> pd.DataFrame:
     """Slow-down of each ablation variant of `ours` against the full system, per phase (> 1: the feature helps)."""
-    pairs = _paired(df, ":".join(ours))
+    pairs = paired_speedups(df, ":".join(ours))
     pairs = pairs[pairs["system"].str.startswith(ours[0] + ":")]
     return _geomean_table(pairs, ["phase", "system"]).rename(columns={"geomean": "slowdown_geomean"})
 
@@ -69,21 +71,59 @@ def correctness_table(df: pd.DataFrame) -> pd.DataFrame:
     return table.reset_index()
 
 
-def write_report(run: Path, out: Path | None = None, formats: tuple[str, ...] = FORMATS) -> Path:
-    """Write the tables (each as <name>.csv / .md per `formats`) and summary.md to `out` (default: <run>/report);
-    returns summary.md's path."""
-    bad = [f for f in formats if f not in FORMATS]
-    if bad:
-        raise PackinferBenchError(f"--format: unknown format(s) {bad}; allowed: {list(FORMATS)}")
-    df = load_records(run)
-    out = out or run / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    tables = {"speedups": speedup_table(df), "ablation": ablation_table(df), "correctness": correctness_table(df)}
+def plan_cost_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Plan cost (CPU, ms) of each system that plans, per phase: median and max over its ok records."""
+    ok = df[df["status"] == "ok"]
+    g = ok.groupby(["phase", "system"])["plan_ms"]
+    return pd.DataFrame({"batches": g.size(), "median_ms": g.median(), "max_ms": g.max()}).reset_index()
+
+
+def compare_table(runs: dict[str, pd.DataFrame], ours: tuple[str, str] = OURS) -> pd.DataFrame:
+    """Speed-ups of `ours` per trace, phase and system side by side for several runs (e.g. two GPUs): one
+    geomean column and one batch-count column per run label; a row missing from a run is left empty."""
+    merged = None
+    for label, df in runs.items():
+        t = speedup_table(df, ours)[["trace", "phase", "system", "batches", "geomean"]]
+        t = t.rename(columns={"batches": f"batches_{label}", "geomean": f"geomean_{label}"})
+        merged = t if merged is None else merged.merge(t, on=["trace", "phase", "system"], how="outer")
+    return merged.sort_values(["trace", "phase", "system"]).reset_index(drop=True)
+
+
+def write_tables(tables: dict[str, pd.DataFrame], out: Path, formats: tuple[str, ...]) -> None:
+    """Each table as <name>.csv / .md / .tex per `formats`."""
     for name, table in tables.items():
         if "csv" in formats:
             table.to_csv(out / f"{name}.csv", index=False)
         if "md" in formats:
             (out / f"{name}.md").write_text(_markdown(table) + "\n", encoding="utf-8")
+        if "tex" in formats:
+            (out / f"{name}.tex").write_text(_latex(table) + "\n", encoding="utf-8")
+
+
+def check_formats(formats: tuple[str, ...], allowed: tuple[str, ...], option: str) -> None:
+    bad = [f for f in formats if f not in allowed]
+    if bad:
+        raise PackinferBenchError(f"{option}: unknown format(s) {bad}; allowed: {list(allowed)}")
+
+
+def write_report(run: Path, out: Path | None = None, formats: tuple[str, ...] = ("md", "csv"),
+                 figures: tuple[str, ...] = (), compare: dict[str, Path] | None = None) -> Path:
+    """Write the tables (each as <name>.csv / .md / .tex per `formats`), figures (under figures/, per
+    `figures`: png, pdf), a comparison with other runs (`compare`: label -> run folder) and summary.md to `out`
+    (default: <run>/report); returns summary.md's path."""
+    check_formats(formats, FORMATS, "--format")
+    if figures:
+        from packinfer_bench.figures import FIGURE_FORMATS, write_figures
+        check_formats(figures, FIGURE_FORMATS, "--figures")
+    df = load_records(run)
+    out = out or run / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    tables = {"speedups": speedup_table(df), "ablation": ablation_table(df), "plan_cost": plan_cost_table(df),
+              "correctness": correctness_table(df)}
+    if compare:
+        tables["compare"] = compare_table({run.name: df, **{k: load_records(p) for k, p in compare.items()}})
+    write_tables(tables, out, formats)
+    figure_paths = write_figures(df, run, out, figures) if figures else []
     env_path = run / "env.json"
     env = json.loads(env_path.read_text(encoding="utf-8")) if env_path.is_file() else {}
     gpu = env.get("gpu") or {}
@@ -96,16 +136,33 @@ def write_report(run: Path, out: Path | None = None, formats: tuple[str, ...] = 
              "records of the same batch and shape (median kernel times); other records are counted below.", ""]
     titles = {"speedups": f"Speed-up of {':'.join(OURS)} (other time / ours)",
               "ablation": "Ablation: slow-down with one feature off (variant time / full time)",
-              "correctness": "Records by status, largest relative error against the float32 reference"}
+              "plan_cost": "Plan cost (CPU, once per batch)",
+              "correctness": "Records by status, largest relative error against the float32 reference",
+              "compare": f"Speed-ups of {':'.join(OURS)} across runs ({', '.join([run.name, *(compare or {})])})"}
     for name, table in tables.items():
         lines += [f"## {titles[name]}", "", _markdown(table) if len(table) else "(no comparable records)", ""]
+    shown = [p for p in figure_paths if p.suffix == ".png"] or figure_paths
+    if shown:
+        lines += ["## Figures", ""] + [f"![{p.stem}](figures/{p.name})" for p in shown] + [""]
     summary = out / "summary.md"
     summary.write_text("\n".join(lines), encoding="utf-8")
     return summary
 
 
+def _latex(table: pd.DataFrame) -> str:
+    def cell(v) -> str:
+        text = f"{v:.3g}" if isinstance(v, float) else str(v)
+        return "" if text == "nan" else text.replace("_", r"\_").replace("%", r"\%").replace("&", r"\&")
+
+    lines = [r"\begin{tabular}{" + "l" * len(table.columns) + "}", r"\hline",
+             " & ".join(cell(c) for c in table.columns) + r" \\", r"\hline"]
+    lines += [" & ".join(cell(v) for v in row) + r" \\" for row in table.itertuples(index=False)]
+    return "\n".join(lines + [r"\hline", r"\end{tabular}"])
+
+
 def _markdown(table: pd.DataFrame) -> str:
     cols = list(table.columns)
-    rows = [[f"{v:.3g}" if isinstance(v, float) else str(v) for v in row] for row in table.itertuples(index=False)]
+    rows = [["" if isinstance(v, float) and np.isnan(v) else f"{v:.3g}" if isinstance(v, float) else str(v)
+             for v in row] for row in table.itertuples(index=False)]
     return "\n".join(["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
                      + ["| " + " | ".join(r) + " |" for r in rows])

@@ -2,15 +2,25 @@
 incorrect / skipped / failed records counted but never folded into a speed-up."""
 
 import math
+import os
 
 import pandas as pd
 import pytest
 from click.testing import CliRunner
+from conftest import REPO
 
 from packinfer_bench.cli import main
 from packinfer_bench.errors import PackinferBenchError
 from packinfer_bench.records import FIELDS, RECORDS_FILE
-from packinfer_bench.report import ablation_table, correctness_table, load_records, speedup_table, write_report
+from packinfer_bench.report import (
+    ablation_table,
+    compare_table,
+    correctness_table,
+    load_records,
+    plan_cost_table,
+    speedup_table,
+    write_report,
+)
 
 
 def _record(batch, backend, variant, status="ok", kernel_ms=None, phase="prefill", rel_err=1e-3):
@@ -36,6 +46,9 @@ def run(tmp_path):
         _record("d1", "fa2", "varlen", kernel_ms=2.5, phase="decode"),
     ]
     pd.DataFrame(rows, columns=FIELDS).to_csv(tmp_path / RECORDS_FILE, index=False)
+    pd.DataFrame({"batch_id": ["b1", "b2", "b3", "b4", "d1"], "kv_len_cv": [0.1, 0.9, 0.5, 0.3, 1.2]}).to_csv(
+        tmp_path / "workload.csv", index=False)
+    (tmp_path / "config.yaml").write_text("gpu: {name: Test GPU, sms: 4, hbm_tbps: 1.0, bf16_tflops: 10.0}\n")
     return tmp_path
 
 
@@ -73,7 +86,63 @@ def test_report_command_writes_tables_and_summary(run, tmp_path):
 
 
 def test_bad_report_requests_name_the_problem(run, tmp_path):
-    with pytest.raises(PackinferBenchError, match=r"unknown format\(s\) \['pdf'\]"):
+    with pytest.raises(PackinferBenchError, match=r"--format: unknown format\(s\) \['pdf'\]"):
         write_report(run, tmp_path / "r", ("md", "pdf"))
+    with pytest.raises(PackinferBenchError, match=r"--figures: unknown format\(s\) \['svg'\]"):
+        write_report(run, tmp_path / "r", ("md",), ("svg",))
     with pytest.raises(PackinferBenchError, match="no records.csv"):
         write_report(tmp_path / "r", tmp_path / "r2")
+
+
+def test_every_figure_and_latex_table_is_written_and_linked(run, tmp_path):
+    result = CliRunner().invoke(main, ["report", str(run), "--out", str(tmp_path / "rep"), "--format", "md,tex",
+                                       "--figures", "png,pdf"])
+    assert result.exit_code == 0, result.output
+    for name in ("speedup_vs_cv", "latency_cdf", "roofline", "ablation", "plan_cost"):
+        for fmt in ("png", "pdf"):
+            assert (tmp_path / "rep" / "figures" / f"{name}.{fmt}").stat().st_size > 1000
+        assert f"(figures/{name}.png)" in (tmp_path / "rep" / "summary.md").read_text()
+    tex = (tmp_path / "rep" / "speedups.tex").read_text()
+    assert tex.startswith("\\begin{tabular}") and "prefill & fa2:varlen & 2 & 2.83" in tex
+
+
+def test_two_runs_side_by_side(run, tmp_path):
+    other = tmp_path / "a100"
+    other.mkdir()
+    df = pd.read_csv(run / RECORDS_FILE)
+    df.loc[(df["batch_id"] == "b1") & (df["backend"] == "fa2"), "kernel_ms"] = 3.0  # 3x there instead of 2x
+    df.to_csv(other / RECORDS_FILE, index=False)
+    table = compare_table({"h100": load_records(run), "a100": load_records(other)}).set_index(["phase", "system"])
+    row = table.loc[("prefill", "fa2:varlen")]
+    assert row["geomean_h100"] == pytest.approx(math.sqrt(2.0 * 4.0))
+    assert row["geomean_a100"] == pytest.approx(math.sqrt(3.0 * 4.0))
+    assert row["batches_h100"] == row["batches_a100"] == 2
+    result = CliRunner().invoke(main, ["report", str(run), "--out", str(tmp_path / "rep"), "--figures", "",
+                                       "--compare", str(other)])
+    assert result.exit_code == 0, result.output
+    assert "geomean_a100" in (tmp_path / "rep" / "compare.md").read_text()
+
+
+def test_plan_cost_table_summarises_plan_time_per_system(tmp_path):
+    rows = [_record(f"b{i}", "packinfer", "full", kernel_ms=1.0) | {"plan_ms": ms} for i, ms in enumerate([0.2, 0.4, 0.9])]
+    pd.DataFrame(rows, columns=FIELDS).to_csv(tmp_path / RECORDS_FILE, index=False)
+    row = plan_cost_table(load_records(tmp_path)).set_index("system").loc["packinfer:full"]
+    assert (row["batches"], row["median_ms"], row["max_ms"]) == (3, 0.4, 0.9)
+
+
+def test_the_paper_figures_notebook_runs_top_to_bottom(run):
+    nbformat = pytest.importorskip("nbformat")
+    from nbclient import NotebookClient
+
+    notebook = REPO / "notebooks" / "paper_figures.ipynb"
+    nb = nbformat.read(notebook, as_version=4)
+    os.environ["PACKINFER_RUN"] = str(run)
+    try:
+        NotebookClient(nb, timeout=300, kernel_name="python3",
+                       resources={"metadata": {"path": str(notebook.parent)}}).execute()
+    finally:
+        del os.environ["PACKINFER_RUN"]
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) >= 5  # every figure drawn
