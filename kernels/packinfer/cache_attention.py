@@ -20,7 +20,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from packinfer.cache_plan import CachePlan
-from packinfer.packed_attention import LOG2E, interpreter_needs_f32_dot, program_slots
+from packinfer.packed_attention import LOG2E, interpreter_needs_f32_dot, online_softmax_step, program_slots
 
 MERGE_BLOCK_P = 16
 
@@ -33,23 +33,6 @@ def _addresses(table, kv_addr, pos_start, j, in_range, PAGED: tl.constexpr, PAGE
         page = tl.load(table + pos // PAGE_SIZE, mask=in_range, other=0)
         return page.to(tl.int64) * PAGE_SIZE + pos % PAGE_SIZE
     return (kv_addr + j).to(tl.int64)
-
-
-@triton.jit
-def _attend(q, k, v, m_i, l_i, acc, qk_scale, j, limit, kv_len, MASKED: tl.constexpr, DOT_F32: tl.constexpr):
-    """One online-softmax step of the slots over a block of keys (masked: keys past the item or a slot's limit)."""
-    if DOT_F32:
-        k, v = k.to(tl.float32), v.to(tl.float32)
-    qk = tl.dot(q, tl.trans(k)) * qk_scale
-    if MASKED:
-        qk = tl.where((j < kv_len)[None, :] & (j[None, :] <= limit[:, None]), qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # slots with no visible key yet
-    p = tl.math.exp2(qk - m_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return m_new, l_i, acc
 
 
 @triton.jit
@@ -100,7 +83,7 @@ def _cache_attention_partial(
             addr = _addresses(table, kv_addr, pos_start, j, j < kv_len, PAGED, PAGE_SIZE)
             k = tl.load(k_base + addr[:, None] * stride_kt)
             v = tl.load(v_base + addr[:, None] * stride_vt)
-        m_i, l_i, acc = _attend(q, k, v, m_i, l_i, acc, qk_scale, j, limit, kv_len, False, DOT_F32)
+        m_i, l_i, acc = online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, 0, False, DOT_F32)
     for start in range(nomask_end, kv_len, BLOCK_N):
         j = start + cols
         in_range = j < kv_len
@@ -111,7 +94,8 @@ def _cache_attention_partial(
             addr = _addresses(table, kv_addr, pos_start, j, in_range, PAGED, PAGE_SIZE)
             k = tl.load(k_base + addr[:, None] * stride_kt, mask=in_range[:, None], other=0.0)
             v = tl.load(v_base + addr[:, None] * stride_vt, mask=in_range[:, None], other=0.0)
-        m_i, l_i, acc = _attend(q, k, v, m_i, l_i, acc, qk_scale, j, limit, kv_len, True, DOT_F32)
+        valid = in_range[None, :] & (j[None, :] <= limit[:, None])
+        m_i, l_i, acc = online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, valid, True, DOT_F32)
 
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]

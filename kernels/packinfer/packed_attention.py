@@ -47,6 +47,28 @@ def program_slots(pid, NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, PACK_GQA: t
 
 
 @triton.jit
+def online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, valid, MASKED: tl.constexpr, DOT_F32: tl.constexpr):
+    """One online-softmax step (base 2, fp32 state) of the query slots over a block of keys, shared by both
+    kernels. MASKED: only keys where `valid` [slots, keys] count, so a slot may have seen no key yet; its max then
+    stays -inf and is kept out of the exponents. Returns the new (max, sum, accumulator)."""
+    if DOT_F32:
+        k, v = k.to(tl.float32), v.to(tl.float32)
+    qk = tl.dot(q, tl.trans(k)) * qk_scale
+    if MASKED:
+        qk = tl.where(valid, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_ref = m_new
+    p = tl.math.exp2(qk - m_ref[:, None])
+    alpha = tl.math.exp2(m_i - m_ref)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _packed_attention_fwd(
     Q, K, V, O, runs, tile_run, cu_q, cu_k, qk_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
@@ -112,15 +134,7 @@ def _packed_attention_fwd(
             keys = start + cols
             k = tl.load(k_base + keys.to(tl.int64)[:, None] * stride_kt)
             v = tl.load(v_base + keys.to(tl.int64)[:, None] * stride_vt)
-        if DOT_F32:
-            k, v = k.to(tl.float32), v.to(tl.float32)
-        qk = tl.dot(q, tl.trans(k)) * qk_scale
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, 0, False, DOT_F32)
 
     for start in range(k_nomask_end, k_end, BLOCK_N):
         keys = start + cols
@@ -131,18 +145,8 @@ def _packed_attention_fwd(
             in_range = keys < k_end
             k = tl.load(k_base + keys.to(tl.int64)[:, None] * stride_kt, mask=in_range[:, None], other=0.0)
             v = tl.load(v_base + keys.to(tl.int64)[:, None] * stride_vt, mask=in_range[:, None], other=0.0)
-        if DOT_F32:
-            k, v = k.to(tl.float32), v.to(tl.float32)
-        qk = tl.dot(q, tl.trans(k)) * qk_scale
         valid = (keys[None, :] >= lo[:, None]) & (keys[None, :] <= hi[:, None])
-        qk = tl.where(valid, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no valid key yet
-        p = tl.math.exp2(qk - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, valid, True, DOT_F32)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row with no key at all (kv_len 0) writes zeros
     o_offs = rows.to(tl.int64) * stride_ot + heads * stride_oh
