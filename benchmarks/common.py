@@ -91,10 +91,35 @@ def measure_batches(batches: list[Batch], variants: Callable[[Batch], list[tuple
     return records
 
 
+UNITS = {"tflops": "TFLOP/s", "kv_tbps": "TB/s"}
+
+
+def tune_candidates(batches: list[Batch], picks: tuple[str, ...], candidates: list[tuple[str, Callable]],
+                    shape: ShapeConfig, device: torch.device, timer: Timer, out: Path, metric: str) -> None:
+    """Time each (name, prepare) launch-setting candidate of packinfer on the picked batches (same inputs, each
+    output checked against the reference): one row per (batch, candidate) in out/tune.csv, written as measured."""
+    with open(out / "tune.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["batch", "config", "status", "kernel_ms", metric, "rel_err"])
+        writer.writeheader()
+        for batch in (b for b in batches if b.batch_id in picks):
+            x = make_inputs(batch, shape, device)
+            ref = reference_attention(x)
+            for name, prepare in candidates:
+                rec = measure_one(Backend("packinfer", (name,), lambda d: None, prepare), name, x, ref, timer,
+                                  record_base(batch, shape))
+                value = getattr(rec, metric)
+                writer.writerow({"batch": batch.batch_id, "config": name, "status": rec.status,
+                                 "kernel_ms": rec.kernel_ms, metric: value, "rel_err": rec.rel_err})
+                f.flush()
+                print(f"tune {batch.batch_id:<40} {name:<22} {rec.kernel_ms} ms {value} {UNITS[metric]} {rec.status}",
+                      flush=True)
+            del x, ref
+
+
 def print_table(records: list[Record], metric: str = "tflops") -> None:
     """One line per record: time, `metric` (tflops or kv_tbps), speed-up over fa2 on the same batch, error."""
     fa2 = {r.batch_id: r.kernel_ms for r in records if r.backend == "fa2" and r.status == "ok"}
-    label = {"tflops": "TFLOP/s", "kv_tbps": "TB/s"}[metric]
+    label = UNITS[metric]
     print(f"\n{'batch':<42}{'backend:variant':<32}{'ms':>9}{label:>9}{'vs fa2':>8}{'rel err':>10}  status")
     for r in records:
         comparable = r.batch_id in fa2 and r.kernel_ms and r.status == "ok"

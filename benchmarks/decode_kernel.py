@@ -10,7 +10,6 @@ float32 reference. Writes records.csv, batches.csv, env.json (and tune.csv with 
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import os
 import sys
@@ -20,12 +19,10 @@ if "--smoke" in sys.argv:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import packinfer
-from common import GPU_SHAPE, measure_batches, print_table, setup
+from common import GPU_SHAPE, measure_batches, print_table, setup, tune_candidates
 
 from packinfer_bench.backends import BACKENDS, Backend
 from packinfer_bench.backends.kv_layouts import cache_for
-from packinfer_bench.reference import reference_attention
-from packinfer_bench.runner import make_inputs, measure_one, record_base
 from packinfer_bench.timing import Timer
 from packinfer_bench.traces import load_trace
 from packinfer_bench.workload import Batch, StaticSpec, static_batches
@@ -83,32 +80,18 @@ def tune(batches: list[Batch], device, timer: Timer, out_dir: Path) -> None:
     """Time packinfer cache attention under several key blocks, pipeline depths, split targets, TMA on/off."""
     picks = ("sharegpt/b128/s0/decode@0.5", "azure-conv/b128/s0/decode@0.5", "straggler-32k/b128/s0/decode@0",
              "uniform-2048/b128/s0/decode@0", "prefix-4096/b64/s0/decode@0")
-    configs = [(bn, stages, waves, tma) for bn in (32, 64) for stages in (2, 3, 4) for waves in (2, 4)
-               for tma in (True, False)]
-    with open(out_dir / "tune.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["batch", "config", "status", "kernel_ms", "kv_tbps", "rel_err"])
-        writer.writeheader()
-        for batch in (b for b in batches if b.batch_id in picks):
-            x = make_inputs(batch, GPU_SHAPE, device)
-            ref = reference_attention(x)
-            for bn, stages, waves, tma in configs:
-                name = f"n{bn}-s{stages}-waves{waves}" + ("-tma" if tma else "")
+    candidates = []
+    for bn, stages, waves, tma in [(bn, stages, waves, tma) for bn in (32, 64) for stages in (2, 3, 4)
+                                   for waves in (2, 4) for tma in (True, False)]:
 
-                def prepare(x, variant, bn=bn, stages=stages, waves=waves, tma=tma):
-                    _, view = cache_for(x, "grouped")
-                    plan = packinfer.plan_cache_attention(view, x.batch.q_lens, x.shape.num_heads, block_n=bn,
-                                                          waves=waves)
-                    plan = dataclasses.replace(plan, num_stages=stages)
-                    return lambda: packinfer.cache_attention(x.q, view, plan, validate=False, use_tma=tma)
+        def prepare(x, variant, bn=bn, stages=stages, waves=waves, tma=tma):
+            _, view = cache_for(x, "grouped")
+            plan = packinfer.plan_cache_attention(view, x.batch.q_lens, x.shape.num_heads, block_n=bn, waves=waves)
+            plan = dataclasses.replace(plan, num_stages=stages)
+            return lambda: packinfer.cache_attention(x.q, view, plan, validate=False, use_tma=tma)
 
-                rec = measure_one(Backend("packinfer", (name,), lambda d: None, prepare), name, x, ref, timer,
-                                  record_base(batch, GPU_SHAPE))
-                writer.writerow({"batch": batch.batch_id, "config": name, "status": rec.status,
-                                 "kernel_ms": rec.kernel_ms, "kv_tbps": rec.kv_tbps, "rel_err": rec.rel_err})
-                f.flush()
-                print(f"tune {batch.batch_id:<36} {name:<22} {rec.kernel_ms} ms {rec.kv_tbps} TB/s {rec.status}",
-                      flush=True)
-            del x, ref
+        candidates.append((f"n{bn}-s{stages}-waves{waves}" + ("-tma" if tma else ""), prepare))
+    tune_candidates(batches, picks, candidates, GPU_SHAPE, device, timer, out_dir, "kv_tbps")
 
 
 def main() -> None:

@@ -9,7 +9,6 @@ tune.csv with --tune) to --out.
 
 from __future__ import annotations
 
-import csv
 import os
 import sys
 from pathlib import Path
@@ -18,13 +17,11 @@ if "--smoke" in sys.argv:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import packinfer
-from common import measure_batches, print_table, setup
+from common import measure_batches, print_table, setup, tune_candidates
 
 from packinfer_bench.backends import BACKENDS, Backend
 from packinfer_bench.backends import packinfer as packinfer_backend
 from packinfer_bench.config import ShapeConfig
-from packinfer_bench.reference import reference_attention
-from packinfer_bench.runner import make_inputs, measure_one, record_base
 from packinfer_bench.timing import Timer
 from packinfer_bench.traces import load_trace
 from packinfer_bench.workload import Batch, StaticSpec, static_batches
@@ -80,29 +77,18 @@ def tune(batches: list[Batch], shape: ShapeConfig, device, timer: Timer, out_dir
     picks = ("sharegpt/b256/s0/prefill", "azure-conv/b64/s0/prefill", "uniform-4096/b16/s0/prefill",
              "sharegpt-like-lognormal/b256/s0/prefill", "sharegpt/b128/s0/mixed", "azure-conv/b128/s0/mixed",
              "straggler-32k/b128/s0/prefill")
-    with open(out_dir / "tune.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["batch", "config", "status", "kernel_ms", "tflops", "rel_err"])
-        writer.writeheader()
-        for batch in (b for b in batches if b.batch_id in picks):
-            x = make_inputs(batch, shape, device)
-            ref = reference_attention(x)
-            for cfg in configs:
-                name = f"{cfg.slots}x{cfg.block_n}x{cfg.num_warps}x{cfg.num_stages}" + ("+gqa" if cfg.pack_gqa else "")
+    candidates = []
+    for cfg in configs:
 
-                def prepare(x, variant, cfg=cfg):
-                    s = x.shape
-                    plan = packinfer.plan_for(x.cu_q_cpu, x.cu_k_cpu, s.num_heads, s.num_kv_heads, s.head_dim,
-                                              config=cfg)
-                    return lambda: packinfer.varlen_attention(x.q, x.k, x.v, x.cu_q, x.cu_k, x.max_q, x.max_k,
-                                                              plan=plan, validate=False)
+        def prepare(x, variant, cfg=cfg):
+            s = x.shape
+            plan = packinfer.plan_for(x.cu_q_cpu, x.cu_k_cpu, s.num_heads, s.num_kv_heads, s.head_dim, config=cfg)
+            return lambda: packinfer.varlen_attention(x.q, x.k, x.v, x.cu_q, x.cu_k, x.max_q, x.max_k, plan=plan,
+                                                      validate=False)
 
-                rec = measure_one(Backend("packinfer", (name,), lambda d: None, prepare), name, x, ref, timer,
-                                  record_base(batch, shape))
-                writer.writerow({"batch": batch.batch_id, "config": name, "status": rec.status,
-                                 "kernel_ms": rec.kernel_ms, "tflops": rec.tflops, "rel_err": rec.rel_err})
-                f.flush()
-                print(f"tune {batch.batch_id:<40} {name:<16} {rec.kernel_ms} ms {rec.tflops} TFLOP/s {rec.status}",
-                      flush=True)
+        candidates.append((f"{cfg.slots}x{cfg.block_n}x{cfg.num_warps}x{cfg.num_stages}"
+                           + ("+gqa" if cfg.pack_gqa else ""), prepare))
+    tune_candidates(batches, picks, candidates, shape, device, timer, out_dir, "tflops")
 
 
 def main() -> None:
