@@ -27,16 +27,15 @@ import packinfer
 import torch
 from common import GPU_SHAPE, SMOKE_SHAPE, write_env
 
+from packinfer_bench.backends.kv_layouts import PAGE_SIZE
+from packinfer_bench.backends.packinfer import DECODE_MAX_Q  # decode iterations take cache attention
 from packinfer_bench.kv_follow import CacheFollower, peak_tokens
 from packinfer_bench.timing import Timer
 from packinfer_bench.traces import load_trace
 from packinfer_bench.workload import Batch
 from packinfer_bench.workload.continuous import ContinuousSpec, continuous_batches
 
-#: Iterations whose requests all have at most this many query rows are decode iterations (cache attention).
-DECODE_MAX_Q = 16
 TIMED_HEADROOM = 64  # the grouped cache whose attention is timed; others only track re-layouts and fragmentation
-PAGE_SIZE = 16
 
 
 def replays(smoke: bool, requests: int, rate: float) -> dict[str, list[Batch]]:
@@ -112,7 +111,8 @@ def run_replay(name: str, batches: list[Batch], headrooms: list[int], shape, dev
                "attention_ms": {k: round(v, 3) for k, v in attn.items()},
                "checked_rel_err_max": float(f"{max_err:.3g}")}
     for key, t in totals.items():
-        summary[key] = {"relayouts": t["relayouts"], "relocations": t["relocations"], "moved_gb": round(t["moved_bytes"] / 1e9, 4),
+        summary[key] = {"relayouts": t["relayouts"], "relocations": t["relocations"],
+                        "moved_gb": round(t["moved_bytes"] / 1e9, 4),
                         "room_ms_total": round(t["room_s"] * 1e3, 3),
                         "room_ms_per_iteration": round(t["room_s"] * 1e3 / len(batches), 4),
                         "fragmentation_mean": round(float(np.mean(t["frag"])), 4)}

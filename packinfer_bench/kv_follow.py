@@ -66,7 +66,6 @@ class CacheFollower:
                 if pid >= 0:
                     self.prefix_len[pid] = max(self.prefix_len.get(pid, 0), plen)
         self._prefix_of: dict[int, int] = {}  # request -> prefix whose cached copy it uses
-        self._users: dict[int, int] = {}
 
     def _kv(self, keys, positions):
         c = self.cache
@@ -99,8 +98,9 @@ class CacheFollower:
             cost.relocations += cache.relocations - before[1]
             _sync(cache)
             cost.room_s += time.perf_counter() - t0
-        todo = [(rid, cache.length(rid), kv) for rid, kv in zip(batch.request_ids.tolist(), batch.kv_lens.tolist())
-                if cache.length(rid) < kv]
+        have = {rid: cache.length(rid) for rid in batch.request_ids.tolist()}
+        todo = [(rid, have[rid], kv) for rid, kv in zip(batch.request_ids.tolist(), batch.kv_lens.tolist())
+                if have[rid] < kv]
         if todo:
             counts = [kv - have for _, have, kv in todo]
             k, v = self._kv(np.repeat([rid for rid, _, _ in todo], counts),
@@ -139,16 +139,12 @@ class CacheFollower:
             cache.allocate(rid, pid if use_prefix else None, reserve=reserve)
         if use_prefix:
             self._prefix_of[rid] = pid
-            self._users[pid] = self._users.get(pid, 0) + 1
 
     def _finish(self, rid: int) -> None:
         self.cache.finish(rid)
         pid = self._prefix_of.pop(rid, None)
-        if pid is not None:
-            self._users[pid] -= 1
-            if self._users[pid] == 0:
-                self.cache.release_prefix(pid)
-                del self._users[pid]
+        if pid is not None and self.cache.prefix_users(pid) == 0:
+            self.cache.release_prefix(pid)
 
 
 def peak_tokens(batches: Sequence[Batch]) -> int:

@@ -126,6 +126,12 @@ class _KVCacheBase:
     def has_prefix(self, prefix_id: Hashable) -> bool:
         return prefix_id in self._prefixes
 
+    def prefix_users(self, prefix_id: Hashable) -> int:
+        """Live requests allocated on a stored prefix."""
+        if prefix_id not in self._prefixes:
+            raise KVCacheError(f"unknown prefix {prefix_id!r}")
+        return self._prefixes[prefix_id].users
+
     def length(self, request_id: Hashable) -> int:
         """Tokens visible to the request (its prefix included)."""
         return self._request(request_id).length
@@ -408,14 +414,20 @@ class GroupedKVCache(_KVCacheBase):
                 near = max(group, default=p.start + p.length)
             req.start, req.room = self._find(room, f"request {request_id!r}", near), room
 
-    def _grow_in_place(self, req: _Request, room: int) -> bool:
+    def _grow_in_place(self, req: _Request, want: int, target: int | None = None,
+                       starts: list[int] | None = None) -> bool:
+        """Extend a request's room to `target` (default: `want`) tokens, or as far as the next reserved range
+        allows if that still holds `want`; False (nothing changed) when it does not. `starts`: the sorted first
+        addresses of the reserved ranges, when the caller keeps them."""
         if req.room == 0:
             return False
-        end = req.start + req.room
-        nxt = min((s for s, _, _ in self.extents() if s >= end), default=self.capacity_tokens)
-        if req.start + room > nxt:
+        if starts is None:
+            starts = sorted(s for s, _, _ in self.extents())
+        after = bisect.bisect_right(starts, req.start)
+        limit = (starts[after] if after < len(starts) else self.capacity_tokens) - req.start
+        if limit < want:
             return False
-        req.room = room
+        req.room = min(want if target is None else target, limit)
         return True
 
     def _write(self, request_id, req, k, v):
@@ -460,12 +472,8 @@ class GroupedKVCache(_KVCacheBase):
             if starts is None:
                 starts = sorted(s for s, _, _ in self.extents())
             target = want + max(self.headroom, want // 4)
-            if req.room:  # grow in place as far as the next reserved range allows, up to the target
-                after = bisect.bisect_right(starts, req.start)
-                limit = (starts[after] if after < len(starts) else self.capacity_tokens) - req.start
-                if limit >= want:
-                    req.room = min(target, limit)
-                    continue
+            if self._grow_in_place(req, want, target, starts):
+                continue
             try:
                 start = self._find(target, f"request {rid!r}", near=req.start)
             except KVCacheError:  # no free range fits: compaction makes one
