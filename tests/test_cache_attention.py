@@ -21,6 +21,8 @@ def _fill(layout, kv_lens, prefix_of, prefix_lens, *, kv_heads, dim, dtype, devi
 
     cache = make_cache(layout, 4 * sum(kv_lens) + 256, kv_heads, dim, dtype=dtype, device=device, block_size=BN,
                        headroom=4)
+    cache.k.fill_(float("nan"))  # unwritten pool space: no kernel may let it into a result
+    cache.v.fill_(float("nan"))
     for pid, n in prefix_lens.items():
         cache.add_prefix(pid, *tokens(n))
     for rid, (n, pid) in enumerate(zip(kv_lens, prefix_of)):

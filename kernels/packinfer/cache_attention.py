@@ -89,7 +89,8 @@ def _cache_attention_partial(
         in_range = j < kv_len
         if USE_TMA:  # keys past the item are other data (or zeros past the pool), masked like the rest
             k = K.load([kv_addr + start, kv_head * HEAD_DIM])
-            v = V.load([kv_addr + start, kv_head * HEAD_DIM])
+            # unwritten pool space may hold NaN bits, and a masked key's weight 0 times NaN is NaN
+            v = tl.where(in_range[:, None], V.load([kv_addr + start, kv_head * HEAD_DIM]), 0.0)
         else:
             addr = _addresses(table, kv_addr, pos_start, j, in_range, PAGED, PAGE_SIZE)
             k = tl.load(k_base + addr[:, None] * stride_kt, mask=in_range[:, None], other=0.0)
