@@ -45,7 +45,10 @@ def main() -> None:
               "skipping what it already holds.")
 @click.option("--cuda-graphs", is_flag=True, help="Time CUDA-graph replays of each call (sets timing.cuda_graphs; "
               "records say timing: cuda-graph).")
-def run(config: Path | None, out: Path | None, dry_run: bool, resume: bool, cuda_graphs: bool) -> None:
+@click.option("--only", type=click.Choice(["kernel", "e2e"]), help="Run one stage: the kernel batches or the "
+              "end-to-end replays (default: both).")
+def run(config: Path | None, out: Path | None, dry_run: bool, resume: bool, cuda_graphs: bool,
+        only: str | None) -> None:
     """Run an experiment CONFIG (default: experiments/smoke.yaml without a GPU, else the GPU's sweep)."""
     config = config or default_config()
     try:
@@ -53,7 +56,7 @@ def run(config: Path | None, out: Path | None, dry_run: bool, resume: bool, cuda
         if cuda_graphs:
             cfg.timing.cuda_graphs = True
         click.echo(f"experiment {cfg.name} ({config})")
-        summary = run_experiment(cfg, out, dry_run=dry_run, resume=resume, log=click.echo)
+        summary = run_experiment(cfg, out, dry_run=dry_run, resume=resume, only=only, log=click.echo)
     except PackinferBenchError as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"run folder: {summary.out_dir}")

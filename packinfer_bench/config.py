@@ -14,6 +14,7 @@ import yaml
 
 from packinfer_bench.backends import BACKENDS
 from packinfer_bench.errors import ConfigError
+from packinfer_bench.serving.model import preset
 from packinfer_bench.workload import ContinuousSpec, StaticSpec
 
 HEAD_DIMS = (64, 128, 256)
@@ -85,6 +86,39 @@ class TimingConfig:
     cuda_graphs: bool = False
 
 
+E2E_BACKENDS = ("reference", "fa2", "flashinfer", "packinfer")
+
+
+@dataclass
+class E2EConfig:
+    """An end-to-end serving replay: a model preset (layers limited by num_layers), the traces it replays, the
+    continuous-batching schedule (its max_kv_tokens is the KV budget), Poisson `rates` (requests/s; each is one
+    replay; omitted: the schedule's own arrivals), the attention backends, and how many first iterations are
+    checked against the float32 reference attention (verify_iterations)."""
+
+    name: str
+    model: str
+    continuous: ContinuousSpec
+    num_layers: int | None = None
+    traces: list[str] | None = None
+    rates: list[float] | None = None
+    backends: list[str] = field(default_factory=lambda: ["fa2", "flashinfer", "packinfer"])
+    dtype: Literal["bf16", "fp16"] = "bf16"
+    verify_iterations: int = 4
+    warmup: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        preset(self.model, self.num_layers)  # names the allowed models / layer counts if wrong
+        bad = [b for b in self.backends if b not in E2E_BACKENDS]
+        if bad:
+            raise ConfigError(f"backends: unknown end-to-end backend(s) {bad}; allowed: {list(E2E_BACKENDS)}")
+        if any(r <= 0 for r in self.rates or []):
+            raise ConfigError(f"rates: every rate must be > 0 requests/s, got {self.rates}")
+        if self.verify_iterations < 0:
+            raise ConfigError(f"verify_iterations must be >= 0, got {self.verify_iterations}")
+
+
 @dataclass
 class OutputConfig:
     dir: str = "results"
@@ -94,28 +128,33 @@ class OutputConfig:
 class ExperimentConfig:
     name: str
     traces: list[TraceConfig]
-    workloads: list[WorkloadConfig]
-    shapes: list[ShapeConfig]
-    backends: list[str]
+    workloads: list[WorkloadConfig] = field(default_factory=list)
+    shapes: list[ShapeConfig] = field(default_factory=list)
+    backends: list[str] = field(default_factory=list)
     description: str = ""
     device: Literal["auto", "cuda", "cpu", "analytic"] = "auto"
     gpu: GpuConfig | None = None
     timing: TimingConfig = field(default_factory=TimingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    e2e: list[E2EConfig] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        for key, items in (("traces", self.traces), ("workloads", self.workloads), ("shapes", self.shapes)):
+        for key, items in (("traces", self.traces), ("workloads", self.workloads), ("shapes", self.shapes),
+                           ("e2e", self.e2e)):
             names = [i.name for i in items]
-            if not names:
-                raise ConfigError(f"{key}: needs at least one entry")
+            if not names and key == "traces":
+                raise ConfigError("traces: needs at least one entry")
+            if not names and key in ("workloads", "shapes") and not self.e2e:
+                raise ConfigError(f"{key}: needs at least one entry (or an e2e section)")
             dup = sorted({n for n in names if names.count(n) > 1})
             if dup:
                 raise ConfigError(f"{key}: duplicate name(s) {dup}")
         known = [t.name for t in self.traces]
-        for i, w in enumerate(self.workloads):
-            bad = [t for t in (w.traces or []) if t not in known]
-            if bad:
-                raise ConfigError(f"workloads[{i}].traces: unknown trace(s) {bad}; allowed: {known}")
+        for key, items in (("workloads", self.workloads), ("e2e", self.e2e)):
+            for i, w in enumerate(items):
+                bad = [t for t in (w.traces or []) if t not in known]
+                if bad:
+                    raise ConfigError(f"{key}[{i}].traces: unknown trace(s) {bad}; allowed: {known}")
         if self.device == "analytic" and self.gpu is None:
             raise ConfigError("device: analytic needs a 'gpu' section (name, sms) to predict for")
         bad = [b for b in self.backends if b not in BACKENDS]

@@ -4,8 +4,9 @@ then (unless a dry run) measure every batch through every backend.
 A run folder (results/<experiment>/<run-id>/) holds config.yaml (the resolved config), env.json, traces.json
 (what each trace is), batches.jsonl (every batch with its lengths, appended as it is made), workload.csv
 (one row of statistics per batch) and records.csv (one row per batch, shape, backend and variant), or with
-device: analytic, analytic.csv (predicted per-SM balance of FA2's grid and the packinfer plan; no GPU needed).
-Writing is incremental, and --resume skips what a folder already holds.
+device: analytic, analytic.csv (predicted per-SM balance of FA2's grid and the packinfer plan; no GPU needed);
+and e2e/ for the end-to-end replays (packinfer_bench.serving). Writing is incremental, and --resume skips what a
+folder already holds.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from packinfer_bench.analytic import write_predictions
 from packinfer_bench.config import ExperimentConfig, TraceConfig
 from packinfer_bench.errors import PackinferBenchError
 from packinfer_bench.records import RECORDS_FILE
-from packinfer_bench.runner import measure
+from packinfer_bench.runner import measure, pick_device
+from packinfer_bench.serving.results import E2E_DIR
+from packinfer_bench.serving.stage import run_e2e
 from packinfer_bench.traces import Trace, load_trace
 from packinfer_bench.workload import Batch, continuous_batches, static_batches
 
@@ -51,7 +54,8 @@ def run_dir(config: ExperimentConfig, out: str | Path | None, resume: bool) -> P
         return path
     base = Path(config.output.dir) / config.name
     if resume:
-        runs = sorted(p for p in base.glob("*") if (p / BATCHES_FILE).exists()) if base.exists() else []
+        runs = sorted(p for p in base.glob("*") if (p / BATCHES_FILE).exists() or (p / E2E_DIR).exists()) \
+            if base.exists() else []
         if not runs:
             raise PackinferBenchError(f"--resume: no earlier run of {config.name!r} under {base}")
         return runs[-1]
@@ -75,8 +79,10 @@ def load_traces(configs: list[TraceConfig]) -> dict[str, Trace]:
 
 
 def run_experiment(config: ExperimentConfig, out: str | Path | None = None, *, dry_run: bool = False,
-                   resume: bool = False, log: Callable[[str], None] = print) -> RunSummary:
-    """Replay the experiment's workloads into its run folder; with dry_run, stop there."""
+                   resume: bool = False, only: str | None = None,
+                   log: Callable[[str], None] = print) -> RunSummary:
+    """Replay the experiment's workloads into its run folder and measure them (with dry_run, stop there), then
+    run its end-to-end replays; only='kernel' or 'e2e' runs one of the two stages."""
     out_dir = run_dir(config, out, resume)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
@@ -88,6 +94,18 @@ def run_experiment(config: ExperimentConfig, out: str | Path | None = None, *, d
     for name, trace in traces.items():
         log(f"trace {name}: {len(trace)} requests ({trace.kind}, tokenizer: {trace.tokenizer})")
 
+    summary = RunSummary(out_dir=out_dir, batches_new=0, batches_kept=0, measured=False)
+    if only != "e2e":
+        summary = _kernel_stage(config, out_dir, traces, dry_run, log)
+    if config.e2e and only != "kernel" and not dry_run and config.device != "analytic":
+        counts = run_e2e(config, out_dir, traces, pick_device(config), log=log)
+        log("e2e: " + ", ".join(f"{n} {status}" for status, n in counts.items()) + f" -> {out_dir / E2E_DIR}")
+        summary.measured = True
+    return summary
+
+
+def _kernel_stage(config: ExperimentConfig, out_dir: Path, traces: dict[str, Trace], dry_run: bool,
+                  log: Callable[[str], None]) -> RunSummary:
     done = stored_batch_ids(out_dir)
     new = kept = 0
     with open(out_dir / BATCHES_FILE, "a", encoding="utf-8") as f:
@@ -99,6 +117,8 @@ def run_experiment(config: ExperimentConfig, out: str | Path | None = None, *, d
             f.flush()
             new += 1
     batches = read_batches(out_dir)
+    if not batches:
+        return RunSummary(out_dir=out_dir, batches_new=0, batches_kept=0, measured=False)
     stats = workload_stats(batches)
     stats.to_csv(out_dir / WORKLOAD_FILE, index=False)
     log(f"workload: {new} new batch(es), {kept} already stored -> {out_dir / WORKLOAD_FILE}")

@@ -142,10 +142,15 @@ def all_figures(df: pd.DataFrame, run: Path) -> dict[str, plt.Figure]:
 
 
 def write_figures(df: pd.DataFrame, run: Path, out: Path, formats: tuple[str, ...]) -> list[Path]:
-    """Save every figure under out/figures in each format; returns the paths."""
+    """Save every kernel figure under out/figures in each format; returns the paths."""
+    return save_figures(all_figures(df, run), out, formats)
+
+
+def save_figures(figs: dict[str, plt.Figure], out: Path, formats: tuple[str, ...]) -> list[Path]:
+    """Save figures by name under out/figures in each format (and close them); returns the paths."""
     (out / "figures").mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, fig in all_figures(df, run).items():
+    for name, fig in figs.items():
         for fmt in formats:
             path = out / "figures" / f"{name}.{fmt}"
             fig.savefig(path)

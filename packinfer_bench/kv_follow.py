@@ -54,7 +54,12 @@ class StepCost:
 class CacheFollower:
     """Keeps `cache` holding exactly the tokens the schedule `batches` has computed before each iteration's
     attention. A request with a shared prefix uses the cache's single copy of it when its first iteration
-    already covers the prefix (otherwise it stores its own tokens); the prefix goes when its last user does."""
+    already covers the prefix (otherwise it stores its own tokens); the prefix goes when its last user does.
+
+    step() does the bookkeeping and, by default, writes synthetic K/V (token_kv) for the iteration's new tokens;
+    with write=False it only leaves `rows` and `slots`: query row rows[j] of the batch (rows in batch order) goes
+    to token address slots[j], so a model's forward pass can write each layer's K/V there itself. A row at a
+    prefix position whose shared copy is already stored has no slot; one that stores a new prefix may have two."""
 
     def __init__(self, cache, batches: Sequence[Batch]):
         self.cache = cache
@@ -66,13 +71,11 @@ class CacheFollower:
                 if pid >= 0:
                     self.prefix_len[pid] = max(self.prefix_len.get(pid, 0), plen)
         self._prefix_of: dict[int, int] = {}  # request -> prefix whose cached copy it uses
+        self.rows = self.slots = np.zeros(0, np.int64)
 
-    def _kv(self, keys, positions):
-        c = self.cache
-        return token_kv(keys, positions, c.num_kv_heads, c.head_dim, c.dtype, c.k.device)
-
-    def step(self, i: int, batch: Batch) -> StepCost:
-        """Bring the cache to iteration i's state: its requests hold kv_len tokens each (the new ones written)."""
+    def step(self, i: int, batch: Batch, write: bool = True) -> StepCost:
+        """Bring the cache to iteration i's state: its requests hold kv_len tokens each (the new ones written when
+        `write`, else addressed by `rows` and `slots`)."""
         cost = StepCost()
         cache = self.cache
         new = []
@@ -85,8 +88,11 @@ class CacheFollower:
                 self._finish(rid)  # preempted and recomputed from scratch
             if rid not in cache:
                 new.append((rid, q, kv, pid))
+        created = {}  # prefix stored this iteration -> (the request that fills it, its addresses)
         for rid, q, kv, pid in new:
-            self._arrive(rid, kv, pid, cost)
+            addr = self._arrive(rid, kv, pid, cost)
+            if addr is not None:
+                created[pid] = (rid, addr)
         if cache.layout == "grouped":
             needs = {rid: q for rid, q, kv in zip(batch.request_ids.tolist(), batch.q_lens.tolist(),
                                                   batch.kv_lens.tolist()) if cache.length(rid) < kv}
@@ -98,17 +104,29 @@ class CacheFollower:
             cost.relocations += cache.relocations - before[1]
             _sync(cache)
             cost.room_s += time.perf_counter() - t0
-        have = {rid: cache.length(rid) for rid in batch.request_ids.tolist()}
-        todo = [(rid, have[rid], kv) for rid, kv in zip(batch.request_ids.tolist(), batch.kv_lens.tolist())
-                if have[rid] < kv]
-        if todo:
-            counts = [kv - have for _, have, kv in todo]
-            k, v = self._kv(np.repeat([rid for rid, _, _ in todo], counts),
-                            np.concatenate([np.arange(have, kv) for _, have, kv in todo]))
-            at = 0
-            for (rid, _, _), n in zip(todo, counts):
-                cache.append(rid, k[at:at + n], v[at:at + n])
-                at += n
+        rows, slots, keys, at = [], [], [], 0
+        for rid, q, kv, pid in zip(batch.request_ids.tolist(), batch.q_lens.tolist(), batch.kv_lens.tolist(),
+                                   batch.prefix_ids.tolist()):
+            shared = q - (kv - cache.length(rid))  # leading rows at prefix positions the cache already holds
+            own = cache.extend(rid, q - shared)
+            if shared and pid in created:  # a prefix stored this iteration: its first user's rows fill it; the
+                filler, stored = created[pid]  # paged layout's copy-on-write last block of each user, too
+                seen = cache.addresses(rid)[:shared]
+                fill = np.arange(shared) if filler == rid else np.zeros(0, np.int64)
+                differ = np.flatnonzero(seen != stored)
+                rows += [at + fill, at + differ]
+                slots += [stored[fill], seen[differ]]
+                keys.append(np.full(len(fill) + len(differ), -1 - pid))
+            rows.append(at + shared + np.arange(len(own)))
+            slots.append(own)
+            keys.append(np.full(len(own), rid))
+            at += q
+        self.rows = np.concatenate(rows).astype(np.int64)
+        self.slots = np.concatenate(slots).astype(np.int64)
+        if write and len(self.rows):
+            positions = np.concatenate([np.arange(kv - q, kv) for q, kv in zip(batch.q_lens.tolist(),
+                                                                                batch.kv_lens.tolist())])
+            cache.write(self.slots, *self._kv(np.concatenate(keys), positions[self.rows]))
         return cost
 
     def retire(self, i: int, batch: Batch) -> None:
@@ -117,16 +135,30 @@ class CacheFollower:
             if self.last_seen[rid] == i and rid in self.cache:
                 self._finish(rid)
 
-    def _arrive(self, rid: int, kv: int, pid: int, cost: StepCost) -> None:
+    def _kv(self, keys, positions):
+        c = self.cache
+        return token_kv(keys, positions, c.num_kv_heads, c.head_dim, c.dtype, c.k.device)
+
+    def _arrive(self, rid: int, kv: int, pid: int, cost: StepCost) -> np.ndarray | None:
+        """Allocate a request; returns the addresses of its shared prefix when this request stores it first."""
         cache = self.cache
         plen = self.prefix_len.get(pid, 0)
         use_prefix = pid >= 0 and 0 < plen <= kv
+        created = None
         if use_prefix and not cache.has_prefix(pid):
-            cache.add_prefix(pid, *self._kv(np.full(plen, -1 - pid), np.arange(plen)))
+            created = self._room(cost, lambda: cache.add_prefix(pid, length=plen))
         own = kv - (plen if use_prefix else 0)
         reserve = own + getattr(cache, "headroom", 0)
+        self._room(cost, lambda: cache.allocate(rid, pid if use_prefix else None, reserve=reserve))
+        if use_prefix:
+            self._prefix_of[rid] = pid
+        return created
+
+    def _room(self, cost: StepCost, op):
+        """Run an allocation; in the grouped layout, when no free range fits, compact once and try again."""
+        cache = self.cache
         try:
-            cache.allocate(rid, pid if use_prefix else None, reserve=reserve)
+            return op()
         except KVCacheError:
             if cache.layout != "grouped":
                 raise
@@ -136,9 +168,7 @@ class CacheFollower:
             cost.relayouts += 1
             _sync(cache)
             cost.room_s += time.perf_counter() - t0
-            cache.allocate(rid, pid if use_prefix else None, reserve=reserve)
-        if use_prefix:
-            self._prefix_of[rid] = pid
+            return op()
 
     def _finish(self, rid: int) -> None:
         self.cache.finish(rid)

@@ -1,6 +1,7 @@
 """Reports: a run folder's records turned into the kernel-level tables (speed-ups per trace and phase, ablation,
-plan cost, correctness; optionally side by side with other runs), as CSV, Markdown and LaTeX, figures (see
-figures.py) and a summary.md stating the environment. A speed-up only ever compares two
+plan cost, correctness; optionally side by side with other runs) and its end-to-end replays into the headline
+latency/throughput table (report_e2e.py), as CSV, Markdown and LaTeX, figures (see figures.py) and a summary.md
+stating the environment. A speed-up only ever compares two
 `ok` records of the same batch and shape; incorrect, skipped and failed records are counted, never folded in."""
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ import pandas as pd
 
 from packinfer_bench.errors import PackinferBenchError
 from packinfer_bench.records import RECORDS_FILE
+from packinfer_bench.report_e2e import OURS as E2E_OURS
+from packinfer_bench.report_e2e import e2e_figures, e2e_gains_table, e2e_summary_table, has_e2e, load_e2e
+from packinfer_bench.serving.results import E2E_DIR
 
 OURS = ("packinfer", "full")
 FORMATS = ("md", "csv", "tex")
@@ -115,15 +119,26 @@ def write_report(run: Path, out: Path | None = None, formats: tuple[str, ...] = 
     if figures:
         from packinfer_bench.figures import FIGURE_FORMATS, write_figures
         check_formats(figures, FIGURE_FORMATS, "--figures")
-    df = load_records(run)
+    kernel, e2e = (run / RECORDS_FILE).is_file(), has_e2e(run)
+    if not kernel and not e2e:
+        raise PackinferBenchError(f"{run}: no {RECORDS_FILE} and no e2e/summary.csv (is it a run folder?)")
+    df = load_records(run) if kernel else None
     out = out or run / "report"
     out.mkdir(parents=True, exist_ok=True)
-    tables = {"speedups": speedup_table(df), "ablation": ablation_table(df), "plan_cost": plan_cost_table(df),
-              "correctness": correctness_table(df)}
-    if compare:
+    tables = {}
+    if e2e:
+        e2e_summary, e2e_requests = load_e2e(run)
+        tables.update({"e2e_gains": e2e_gains_table(e2e_summary), "e2e_summary": e2e_summary_table(e2e_summary)})
+    if kernel:
+        tables.update({"speedups": speedup_table(df), "ablation": ablation_table(df),
+                       "plan_cost": plan_cost_table(df), "correctness": correctness_table(df)})
+    if compare and kernel:
         tables["compare"] = compare_table({run.name: df, **{k: load_records(p) for k, p in compare.items()}})
     write_tables(tables, out, formats)
-    figure_paths = write_figures(df, run, out, figures) if figures else []
+    figure_paths = write_figures(df, run, out, figures) if figures and kernel else []
+    if figures and e2e:
+        from packinfer_bench.figures import save_figures
+        figure_paths += save_figures(e2e_figures(e2e_summary, e2e_requests), out, figures)
     env_path = run / "env.json"
     env = json.loads(env_path.read_text(encoding="utf-8")) if env_path.is_file() else {}
     gpu = env.get("gpu") or {}
@@ -132,9 +147,18 @@ def write_report(run: Path, out: Path | None = None, formats: tuple[str, ...] = 
              f"Environment (env.json): {gpu.get('name', 'no GPU')} ({gpu.get('sms', '?')} SMs, driver "
              f"{gpu.get('driver', '?')}), torch {env.get('torch', '?')}, triton {packages.get('triton', '?')}, "
              f"flashinfer {packages.get('flashinfer-python')}, commit {env.get('git_sha', '?')}.",
-             f"Source of every number: {run / RECORDS_FILE} ({len(df)} records). Speed-ups compare two `ok` "
-             "records of the same batch and shape (median kernel times); other records are counted below.", ""]
-    titles = {"speedups": f"Speed-up of {':'.join(OURS)} (other time / ours)",
+             ""]
+    if e2e:
+        lines += [f"End-to-end numbers: {run / E2E_DIR} (summary.csv, requests.csv, iterations.csv). A gain compares "
+                  "two `ok` replays of the same schedule (open loop: the scheduler's decisions do not depend on the "
+                  "backend); latency = measured iteration times laid on the schedule; every other replay is "
+                  "listed in e2e_summary.", ""]
+    if kernel:
+        lines += [f"Kernel numbers: {run / RECORDS_FILE} ({len(df)} records). Speed-ups compare two `ok` records "
+                  "of the same batch and shape (median kernel times); other records are counted below.", ""]
+    titles = {"e2e_gains": f"End to end: {E2E_OURS} against each baseline (latency reduction, throughput gain, %)",
+              "e2e_summary": "End-to-end replays (latencies in ms, throughput in output tokens/s)",
+              "speedups": f"Speed-up of {':'.join(OURS)} (other time / ours)",
               "ablation": "Ablation: slow-down with one feature off (variant time / full time)",
               "plan_cost": "Plan cost (CPU, once per batch)",
               "correctness": "Records by status, largest relative error against the float32 reference",

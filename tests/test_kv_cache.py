@@ -194,3 +194,43 @@ def test_bad_operations_name_the_problem_and_leave_the_cache_unchanged(layout):
     cache.finish("a")
     cache.release_prefix("p")
     assert cache.stats().reserved_bytes == 0
+
+
+@pytest.mark.parametrize("layout", ["paged", "grouped"])
+def test_a_model_cache_keeps_every_layer_at_the_same_addresses_through_moves(layout):
+    """A cache of several layers: a forward pass extends a request once and writes each layer's K/V in turn;
+    every layer reads back its own data, also after a copy-on-write prefix, growth, relocation and re-layout."""
+    gen = torch.Generator().manual_seed(3)
+    layers = 3
+    cache = make_cache(layout, 256, HKV, D, dtype=torch.float16, block_size=8, headroom=4, num_layers=layers)
+    assert cache.k_pools.shape == (layers, cache.capacity_tokens, HKV, D) and cache.token_bytes == layers * 2 * HKV * D * 2
+    pk, pv = (torch.randn(layers, 13, HKV, D, generator=gen).half() for _ in range(2))
+    cache.add_prefix("sys", pk, pv)
+    want = {"a": [pk.clone(), pv.clone()], "b": [pk[:, :0].clone(), pv[:, :0].clone()]}
+    cache.allocate("a", "sys", reserve=4)
+    cache.allocate("b", reserve=4)
+    for step in range(6):
+        for rid in ("a", "b"):
+            n = 5 + step
+            if layout == "grouped":
+                cache.make_room({rid: n})
+            addr = cache.extend(rid, n)
+            assert len(addr) == n
+            k, v = (torch.randn(layers, n, HKV, D, generator=gen).half() for _ in range(2))
+            for layer in range(layers):  # as a forward pass does: one layer at a time
+                cache.write(addr, k[layer], v[layer], layer=layer)
+            want[rid] = [torch.cat([want[rid][0], k], 1), torch.cat([want[rid][1], v], 1)]
+    if layout == "grouped":
+        cache.relayout()
+        assert cache.relocations + cache.relayouts > 1
+    for rid, (k, v) in want.items():
+        assert cache.length(rid) == k.shape[1]
+        for layer in range(layers):
+            got_k, got_v = cache.read(rid, layer)
+            assert torch.equal(got_k, k[layer]) and torch.equal(got_v, v[layer]), (rid, layer)
+        view = cache.view([rid], layer=2)
+        assert view.k.data_ptr() == cache.k_pools[2].data_ptr()
+    with pytest.raises(KVCacheError, match=r"must be \[3, tokens, 2, 8\]"):
+        cache.append("a", k[0], v[0])  # one layer's tokens where every layer's are due
+    with pytest.raises(KVCacheError, match="layer 3 out of range"):
+        cache.view(["a"], layer=3)

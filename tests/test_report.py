@@ -146,3 +146,49 @@ def test_the_paper_figures_notebook_runs_top_to_bottom(run):
     assert not [o for o in outputs if o.output_type == "error"]
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) >= 5  # every figure drawn
+
+
+def _e2e_run(tmp_path):
+    """A run folder with end-to-end replays only: two traces x one rate, packinfer ok everywhere, fa2 ok,
+    flashinfer skipped on one trace and incorrect on the other."""
+    from packinfer_bench.serving.results import REQUESTS_FILE, E2ERecord, E2EStore
+
+    store = E2EStore(tmp_path)
+    rows = [("sharegpt", "fa2", "ok", 1000.0, 2000.0), ("sharegpt", "packinfer", "ok", 800.0, 2500.0),
+            ("sharegpt", "flashinfer", "skipped", None, None), ("azure", "fa2", "ok", 500.0, 4000.0),
+            ("azure", "packinfer", "ok", 400.0, 5000.0), ("azure", "flashinfer", "incorrect", 300.0, 9000.0)]
+    for trace, backend, status, e2e_ms, tok_s in rows:
+        store.add_summary(E2ERecord("m", trace, "4", backend, "llama-3.1-8b", 32, 32, status, e2e_ms_mean=e2e_ms,
+                                    ttft_ms_mean=e2e_ms and e2e_ms / 10, tpot_ms_mean=e2e_ms and e2e_ms / 100,
+                                    throughput_tok_s=tok_s, busy_tok_s=tok_s and 2 * tok_s))
+        if status == "ok":
+            store.append(REQUESTS_FILE, [{"e2e": "m", "trace": trace, "rate": "4", "backend": backend,
+                                          "request_id": i, "e2e_s": e2e_ms / 1e3 * (0.5 + i / 4), "ttft_s": 0.1,
+                                          "tpot_s": 0.01} for i in range(5)])
+    return tmp_path
+
+
+def test_e2e_gains_pair_only_ok_replays_of_the_same_schedule(tmp_path):
+    from packinfer_bench.report_e2e import e2e_gains_table, load_e2e
+
+    summary, _ = load_e2e(_e2e_run(tmp_path))
+    gains = e2e_gains_table(summary).set_index(["trace", "baseline"])
+    assert sorted(gains.index) == [("azure", "fa2"), ("sharegpt", "fa2")]  # skipped / incorrect never paired
+    assert gains.loc[("sharegpt", "fa2"), "e2e_reduction_pct"] == pytest.approx(20.0)
+    assert gains.loc[("sharegpt", "fa2"), "throughput_gain_pct"] == pytest.approx(25.0)
+    assert gains.loc[("azure", "fa2"), "tpot_reduction_pct"] == pytest.approx(20.0)
+    assert gains.loc[("azure", "fa2"), "busy_gain_pct"] == pytest.approx(25.0)
+
+
+def test_report_of_an_e2e_run_writes_the_headline_table_and_figures(tmp_path):
+    run = _e2e_run(tmp_path / "run")
+    result = CliRunner().invoke(main, ["report", str(run), "--format", "md,csv,tex", "--figures", "png,pdf"])
+    assert result.exit_code == 0, result.output
+    report = run / "report"
+    for name in ("e2e_gains", "e2e_summary"):
+        assert all((report / f"{name}.{fmt}").is_file() for fmt in ("md", "csv", "tex"))
+    for name in ("e2e_latency_cdf", "e2e_latency_vs_rate"):
+        assert all((report / "figures" / f"{name}.{fmt}").stat().st_size > 1000 for fmt in ("png", "pdf"))
+    summary = (report / "summary.md").read_text()
+    assert "End to end: packinfer against each baseline" in summary and "incorrect" in summary
+    assert "| m | llama-3.1-8b | 32 | sharegpt | 4 | fa2 | 20 |" in summary

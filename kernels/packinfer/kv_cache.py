@@ -9,7 +9,10 @@ with a GPU copy kernel, and counts the bytes it moved.
 
 Both store K and V as flat pools [tokens, num_kv_heads, head_dim] (a paged block is block_size consecutive
 tokens of the pool), so one attention kernel reads either: contiguous ranges, or positions mapped through a
-block table. An operation that fails raises KVCacheError and leaves the cache as it was.
+block table. A model's cache has one pool per layer (`num_layers`), all with the same token addresses: the
+bookkeeping (and every move) is done once for all layers, and `extend()` + `write()` let a forward pass write
+each layer's new tokens as it computes them (`append()` writes all layers at once).
+An operation that fails raises KVCacheError and leaves the cache as it was.
 """
 
 from __future__ import annotations
@@ -93,13 +96,15 @@ class _KVCacheBase:
     layout = ""
 
     def __init__(self, capacity_tokens: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device | str) -> None:
-        if capacity_tokens <= 0 or num_kv_heads <= 0 or head_dim <= 0:
-            raise KVCacheError(f"capacity_tokens, num_kv_heads and head_dim must be > 0, got {capacity_tokens}, "
-                               f"{num_kv_heads}, {head_dim}")
-        self.num_kv_heads, self.head_dim, self.dtype = num_kv_heads, head_dim, dtype
-        self.k = torch.empty(capacity_tokens, num_kv_heads, head_dim, dtype=dtype, device=device)
-        self.v = torch.empty_like(self.k)
+                 device: torch.device | str, num_layers: int = 1) -> None:
+        if capacity_tokens <= 0 or num_kv_heads <= 0 or head_dim <= 0 or num_layers <= 0:
+            raise KVCacheError(f"capacity_tokens, num_kv_heads, head_dim and num_layers must be > 0, got "
+                               f"{capacity_tokens}, {num_kv_heads}, {head_dim}, {num_layers}")
+        self.num_kv_heads, self.head_dim, self.dtype, self.num_layers = num_kv_heads, head_dim, dtype, num_layers
+        # pools [layer, token, kv head, dim]; k / v are layer 0's (the only one of a single-layer cache)
+        self.k_pools = torch.empty(num_layers, capacity_tokens, num_kv_heads, head_dim, dtype=dtype, device=device)
+        self.v_pools = torch.empty_like(self.k_pools)
+        self.k, self.v = self.k_pools[0], self.v_pools[0]
         self._prefixes: dict[Hashable, _Prefix] = {}
         self._requests: dict[Hashable, _Request] = {}
         self.moved_bytes = 0
@@ -113,8 +118,8 @@ class _KVCacheBase:
 
     @property
     def token_bytes(self) -> int:
-        """Bytes of K plus V for one token."""
-        return 2 * self.num_kv_heads * self.head_dim * self.k.element_size()
+        """Bytes of K plus V for one token, all layers."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.k.element_size()
 
     @property
     def request_ids(self) -> list:
@@ -141,29 +146,48 @@ class _KVCacheBase:
             raise KVCacheError(f"unknown request {request_id!r}")
         return self._requests[request_id]
 
-    def _check_tokens(self, k: torch.Tensor, v: torch.Tensor, what: str) -> int:
+    def _check_tokens(self, k: torch.Tensor, v: torch.Tensor, what: str, all_layers: bool = True) -> int:
+        """Token count of k/v: [tokens, Hkv, D] for one layer (all_layers=False, or a single-layer cache), else
+        [num_layers, tokens, Hkv, D]."""
         want = (self.num_kv_heads, self.head_dim)
+        layered = all_layers and self.num_layers > 1
         for name, t in (("k", k), ("v", v)):
-            if not isinstance(t, torch.Tensor) or t.dim() != 3 or tuple(t.shape[1:]) != want:
-                raise KVCacheError(f"{what}: {name} must be [tokens, {want[0]}, {want[1]}], got "
-                                   f"{tuple(getattr(t, 'shape', ()))}")
+            shape = tuple(getattr(t, "shape", ()))
+            ok = isinstance(t, torch.Tensor) and (
+                shape[1:] == (*want,) and t.dim() == 3 if not layered else
+                t.dim() == 4 and shape[0] == self.num_layers and shape[2:] == want)
+            if not ok:
+                lead = f"{self.num_layers}, tokens" if layered else "tokens"
+                raise KVCacheError(f"{what}: {name} must be [{lead}, {want[0]}, {want[1]}], got {shape}")
             if t.dtype != self.dtype:
                 raise KVCacheError(f"{what}: {name} has dtype {t.dtype}, the cache holds {self.dtype}")
             if t.device != self.k.device:
                 raise KVCacheError(f"{what}: {name} is on {t.device}, the cache on {self.k.device}")
-        if k.shape[0] != v.shape[0]:
-            raise KVCacheError(f"{what}: k has {k.shape[0]} tokens but v has {v.shape[0]}")
-        return k.shape[0]
+        if k.shape[-3] != v.shape[-3]:
+            raise KVCacheError(f"{what}: k has {k.shape[-3]} tokens but v has {v.shape[-3]}")
+        return k.shape[-3]
 
-    def add_prefix(self, prefix_id: Hashable, k: torch.Tensor, v: torch.Tensor) -> None:
+    def add_prefix(self, prefix_id: Hashable, k: torch.Tensor | None = None, v: torch.Tensor | None = None, *,
+                   length: int | None = None) -> np.ndarray:
         """Store a shared prefix (system prompt, few-shot examples) once; requests allocated with its id start
-        with these tokens."""
-        n = self._check_tokens(k, v, f"prefix {prefix_id!r}")
+        with these tokens. Give its K/V (all layers), or only its `length` and write() the layers later.
+        Returns the token addresses of its positions."""
+        if k is None and v is None:
+            if length is None or length <= 0:
+                raise KVCacheError(f"prefix {prefix_id!r}: give k and v, or a length > 0 (got {length})")
+            n = length
+        else:
+            n = self._check_tokens(k, v, f"prefix {prefix_id!r}")
         if prefix_id in self._prefixes:
             raise KVCacheError(f"prefix {prefix_id!r} is already stored")
         if n == 0:
             raise KVCacheError(f"prefix {prefix_id!r} has no tokens")
-        self._prefixes[prefix_id] = self._store_prefix(n, k, v)
+        prefix = self._store_prefix(n)
+        self._prefixes[prefix_id] = prefix
+        addr = self._prefix_addresses(prefix)
+        if k is not None:
+            self.write(addr, k, v)
+        return addr
 
     def release_prefix(self, prefix_id: Hashable) -> None:
         """Free a prefix no live request uses."""
@@ -190,12 +214,37 @@ class _KVCacheBase:
             prefix.users += 1
 
     def append(self, request_id: Hashable, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write the request's next tokens (k, v [n, num_kv_heads, head_dim])."""
-        req = self._request(request_id)
+        """Write the request's next tokens: k, v [n, num_kv_heads, head_dim] ([num_layers, n, ...] for a cache of
+        several layers)."""
+        self._request(request_id)
         n = self._check_tokens(k, v, f"append to request {request_id!r}")
         if n:
-            self._write(request_id, req, k, v)
-            req.length += n
+            self.write(self.extend(request_id, n), k, v)
+
+    def extend(self, request_id: Hashable, n: int) -> np.ndarray:
+        """Make the request `n` tokens longer and return the token addresses of its new positions, for write() to
+        fill layer by layer (a forward pass computes each layer's K/V in turn). Grows its storage as append does."""
+        req = self._request(request_id)
+        if n < 0:
+            raise KVCacheError(f"extend request {request_id!r}: n must be >= 0, got {n}")
+        addr = self._extend(request_id, req, n) if n else np.zeros(0, np.int64)
+        req.length += n
+        return addr
+
+    def write(self, addresses, k: torch.Tensor, v: torch.Tensor, layer: int | None = None) -> None:
+        """Store K/V of tokens at `addresses` (from extend / add_prefix; numpy or a tensor on the cache's device):
+        one layer's [n, Hkv, D] when `layer` is given, else every layer's ([num_layers, n, Hkv, D], or [n, Hkv, D]
+        for a single-layer cache). No checks beyond shapes: this is the forward pass's hot path."""
+        self._check_tokens(k, v, "write", all_layers=layer is None)
+        if not isinstance(addresses, torch.Tensor):
+            addresses = torch.from_numpy(np.asarray(addresses, np.int64))
+        addresses = addresses.to(self.k.device)
+        if layer is not None:
+            self.k_pools[layer].index_copy_(0, addresses, k)
+            self.v_pools[layer].index_copy_(0, addresses, v)
+            return
+        self.k_pools.index_copy_(1, addresses, k.reshape(self.num_layers, *k.shape[-3:]))
+        self.v_pools.index_copy_(1, addresses, v.reshape(self.num_layers, *v.shape[-3:]))
 
     def finish(self, request_id: Hashable) -> None:
         """Drop a request; its space is reused (its prefix stays until released)."""
@@ -205,17 +254,25 @@ class _KVCacheBase:
         if req.prefix_id is not None:
             self._prefixes[req.prefix_id].users -= 1
 
-    def read(self, request_id: Hashable) -> tuple[torch.Tensor, torch.Tensor]:
-        """A copy of the request's K and V, all visible positions in order (for checks, not for speed)."""
-        addr = torch.from_numpy(self._addresses(self._request(request_id))).to(self.k.device)
-        return self.k[addr], self.v[addr]
+    def read(self, request_id: Hashable, layer: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """A copy of the request's K and V in one layer, all visible positions in order (for checks, not speed)."""
+        addr = torch.from_numpy(self.addresses(request_id)).to(self.k.device)
+        return self.k_pools[layer][addr], self.v_pools[layer][addr]
 
-    def view(self, request_ids: Iterable[Hashable]) -> KVView:
+    def addresses(self, request_id: Hashable) -> np.ndarray:
+        """Token addresses of the request's visible positions, in order."""
+        return self._addresses(self._request(request_id))
+
+    def view(self, request_ids: Iterable[Hashable], layer: int = 0) -> KVView:
+        """What attention over these requests (in this order) needs, reading `layer`'s pools."""
         ids = list(request_ids)
         if not ids:
             raise KVCacheError("view needs at least one request")
+        if not 0 <= layer < self.num_layers:
+            raise KVCacheError(f"layer {layer} out of range: the cache has {self.num_layers} layer(s)")
         reqs = [self._request(r) for r in ids]
-        return KVView(self.layout, self.k, self.v, ids, np.array([r.length for r in reqs], np.int64),
+        return KVView(self.layout, self.k_pools[layer], self.v_pools[layer], ids,
+                      np.array([r.length for r in reqs], np.int64),
                       np.array([-1 if r.prefix_id is None else self._prefixes[r.prefix_id].serial for r in reqs],
                                np.int64),
                       np.array([r.prefix_len for r in reqs], np.int64), **self._view_fields(reqs))
@@ -234,8 +291,21 @@ class _KVCacheBase:
         """(first token address, end, owner) of every reserved range: the storage map, for checks."""
         raise NotImplementedError
 
+    def _copy_tokens(self, src, dst, lengths) -> None:
+        """Copy token ranges (src[i], dst[i], lengths[i]: int64 tensors) of every layer's K and V pools in one
+        launch each; ranges of one call must not overlap."""
+        cap, layers = self.capacity_tokens, self.num_layers
+        shift = torch.arange(layers, dtype=torch.int64).repeat_interleave(len(src)) * cap
+        src, dst, lengths = src.repeat(layers) + shift, dst.repeat(layers) + shift, lengths.repeat(layers)
+        for pool in (self.k_pools, self.v_pools):
+            flat = pool.view(layers * cap, -1)
+            copy_token_ranges(flat, flat, src, dst, lengths)
+
     # layout-specific parts
-    def _store_prefix(self, n: int, k: torch.Tensor, v: torch.Tensor) -> _Prefix:
+    def _store_prefix(self, n: int) -> _Prefix:
+        raise NotImplementedError
+
+    def _prefix_addresses(self, prefix: _Prefix) -> np.ndarray:
         raise NotImplementedError
 
     def _free_prefix(self, prefix: _Prefix) -> None:
@@ -244,7 +314,7 @@ class _KVCacheBase:
     def _place(self, request_id: Hashable, req: _Request, reserve: int) -> None:
         raise NotImplementedError
 
-    def _write(self, request_id: Hashable, req: _Request, k: torch.Tensor, v: torch.Tensor) -> None:
+    def _extend(self, request_id: Hashable, req: _Request, n: int) -> np.ndarray:
         raise NotImplementedError
 
     def _free_request(self, req: _Request) -> None:
@@ -267,10 +337,10 @@ class PagedKVCache(_KVCacheBase):
     layout = "paged"
 
     def __init__(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu") -> None:
+                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu", num_layers: int = 1) -> None:
         if block_size <= 0 or num_blocks <= 0:
             raise KVCacheError(f"num_blocks and block_size must be > 0, got {num_blocks}, {block_size}")
-        super().__init__(num_blocks * block_size, num_kv_heads, head_dim, dtype, device)
+        super().__init__(num_blocks * block_size, num_kv_heads, head_dim, dtype, device, num_layers)
         self.block_size = block_size
         self._free = list(range(num_blocks - 1, -1, -1))  # a stack: the block freed last is reused first
         self._refs = np.zeros(num_blocks, np.int64)
@@ -293,16 +363,15 @@ class PagedKVCache(_KVCacheBase):
             if self._refs[b] == 0:
                 self._free.append(b)
 
-    def _token_addresses(self, blocks: list[int], first: int, n: int) -> torch.Tensor:
+    def _token_addresses(self, blocks: list[int], first: int, n: int) -> np.ndarray:
         pos = np.arange(first, first + n)
-        return torch.from_numpy(np.asarray(blocks, np.int64)[pos // self.block_size] * self.block_size
-                                + pos % self.block_size).to(self.k.device)
+        return np.asarray(blocks, np.int64)[pos // self.block_size] * self.block_size + pos % self.block_size
 
-    def _store_prefix(self, n, k, v):
-        blocks = self._take(-(-n // self.block_size), "prefix")
-        addr = self._token_addresses(blocks, 0, n)
-        self.k[addr], self.v[addr] = k, v
-        return _Prefix(n, self._next_serial(), blocks=blocks)
+    def _store_prefix(self, n):
+        return _Prefix(n, self._next_serial(), blocks=self._take(-(-n // self.block_size), "prefix"))
+
+    def _prefix_addresses(self, prefix):
+        return self._token_addresses(prefix.blocks, 0, prefix.length)
 
     def _free_prefix(self, prefix):
         self._release(prefix.blocks)
@@ -317,24 +386,23 @@ class PagedKVCache(_KVCacheBase):
             src = prefix.blocks[full] * self.block_size
             dst = tail[0] * self.block_size
             n = prefix.length - full * self.block_size
-            self.k[dst:dst + n], self.v[dst:dst + n] = self.k[src:src + n], self.v[src:src + n]
+            for pool in (self.k_pools, self.v_pools):
+                pool[:, dst:dst + n] = pool[:, src:src + n]
         shared = prefix.blocks[:full]
         self._refs[shared] += 1
         req.blocks = shared + tail
 
-    def _write(self, request_id, req, k, v):
-        n = k.shape[0]
+    def _extend(self, request_id, req, n):
         need = -(-(req.length + n) // self.block_size) - len(req.blocks)
         if need > 0:
             req.blocks = req.blocks + self._take(need, f"append to request {request_id!r}")
-        addr = self._token_addresses(req.blocks, req.length, n)
-        self.k[addr], self.v[addr] = k, v
+        return self._token_addresses(req.blocks, req.length, n)
 
     def _free_request(self, req):
         self._release(req.blocks)
 
     def _addresses(self, req):
-        return self._token_addresses(req.blocks, 0, req.length).cpu().numpy()
+        return self._token_addresses(req.blocks, 0, req.length)
 
     def _view_fields(self, reqs):
         width = max(max(len(r.blocks) for r in reqs), 1)
@@ -366,8 +434,8 @@ class GroupedKVCache(_KVCacheBase):
     layout = "grouped"
 
     def __init__(self, capacity_tokens: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype = torch.bfloat16,
-                 device: torch.device | str = "cpu", headroom: int = 64) -> None:
-        super().__init__(capacity_tokens, num_kv_heads, head_dim, dtype, device)
+                 device: torch.device | str = "cpu", headroom: int = 64, num_layers: int = 1) -> None:
+        super().__init__(capacity_tokens, num_kv_heads, head_dim, dtype, device, num_layers)
         if headroom < 0:
             raise KVCacheError(f"headroom must be >= 0, got {headroom}")
         self.headroom = headroom
@@ -396,10 +464,11 @@ class GroupedKVCache(_KVCacheBase):
         ext += [(r.start, r.start + r.room, ("request", rid)) for rid, r in self._requests.items() if r.room]
         return sorted(ext)
 
-    def _store_prefix(self, n, k, v):
-        start = self._find(n, "prefix")
-        self.k[start:start + n], self.v[start:start + n] = k, v
-        return _Prefix(n, self._next_serial(), start=start)
+    def _store_prefix(self, n):
+        return _Prefix(n, self._next_serial(), start=self._find(n, "prefix"))
+
+    def _prefix_addresses(self, prefix):
+        return np.arange(prefix.start, prefix.start + prefix.length, dtype=np.int64)
 
     def _free_prefix(self, prefix):
         pass  # its extent disappears with it
@@ -430,12 +499,12 @@ class GroupedKVCache(_KVCacheBase):
         req.room = min(want if target is None else target, limit)
         return True
 
-    def _write(self, request_id, req, k, v):
-        own, n = req.length - req.prefix_len, k.shape[0]
+    def _extend(self, request_id, req, n):
+        own = req.length - req.prefix_len
         if own + n > req.room and not self._grow_in_place(req, own + n):
             raise KVCacheError(f"append to request {request_id!r}: {n} token(s) past its room ({own} of "
                                f"{req.room} used); call make_room({{{request_id!r}: {n}}}) or relayout() first")
-        self.k[req.start + own:req.start + own + n], self.v[req.start + own:req.start + own + n] = k, v
+        return np.arange(req.start + own, req.start + own + n, dtype=np.int64)
 
     def _free_request(self, req):
         pass
@@ -489,10 +558,7 @@ class GroupedKVCache(_KVCacheBase):
         stream-ordered, so a later relocation may reuse this one's old range)."""
         own = req.length - req.prefix_len
         if own:
-            at = (torch.tensor([req.start]), torch.tensor([start]), torch.tensor([own]))
-            for pool in (self.k, self.v):
-                flat = pool.view(pool.shape[0], -1)
-                copy_token_ranges(flat, flat, *at)
+            self._copy_tokens(torch.tensor([req.start]), torch.tensor([start]), torch.tensor([own]))
         req.start, req.room = start, room
         self.relocations += 1
         self.moved_bytes += own * self.token_bytes
@@ -530,11 +596,12 @@ class GroupedKVCache(_KVCacheBase):
         if moves:
             src, dst, lens = (torch.tensor([m[i] for m in moves], dtype=torch.int64) for i in range(3))
             scratch_at = torch.cumsum(lens, 0) - lens
-            for pool in (self.k, self.v):
-                flat = pool.view(pool.shape[0], -1)
-                scratch = torch.empty(moved, flat.shape[1], dtype=pool.dtype, device=pool.device)
-                copy_token_ranges(flat, scratch, src, scratch_at, lens)
-                copy_token_ranges(scratch, flat, scratch_at, dst, lens)
+            for pool in (self.k_pools, self.v_pools):
+                for layer in pool:  # through a scratch buffer of one layer's moved tokens
+                    flat = layer.view(layer.shape[0], -1)
+                    scratch = torch.empty(moved, flat.shape[1], dtype=pool.dtype, device=pool.device)
+                    copy_token_ranges(flat, scratch, src, scratch_at, lens)
+                    copy_token_ranges(scratch, flat, scratch_at, dst, lens)
         for kind, key, _, new, _, size in plan:
             if kind == "prefix":
                 self._prefixes[key].start = new
@@ -546,10 +613,11 @@ class GroupedKVCache(_KVCacheBase):
 
 
 def make_cache(layout: str, capacity_tokens: int, num_kv_heads: int, head_dim: int, *, dtype=torch.bfloat16,
-               device="cpu", block_size: int = 16, headroom: int = 64):
-    """A cache of `layout` ('paged' or 'grouped') holding capacity_tokens tokens."""
+               device="cpu", block_size: int = 16, headroom: int = 64, num_layers: int = 1):
+    """A cache of `layout` ('paged' or 'grouped') holding capacity_tokens tokens in each of num_layers layers."""
     if layout == "paged":
-        return PagedKVCache(-(-capacity_tokens // block_size), block_size, num_kv_heads, head_dim, dtype, device)
+        return PagedKVCache(-(-capacity_tokens // block_size), block_size, num_kv_heads, head_dim, dtype, device,
+                            num_layers)
     if layout == "grouped":
-        return GroupedKVCache(capacity_tokens, num_kv_heads, head_dim, dtype, device, headroom)
+        return GroupedKVCache(capacity_tokens, num_kv_heads, head_dim, dtype, device, headroom, num_layers)
     raise KVCacheError(f"layout must be one of {list(LAYOUTS)}, got {layout!r}")

@@ -27,6 +27,7 @@ class Batch:
     prefix_lens: np.ndarray = field(default=None)
     iteration: int | None = None
     time_s: float | None = None
+    sampled: np.ndarray | None = None  # continuous batching: the requests that emit an output token after this call
 
     def __post_init__(self) -> None:
         n = len(self.q_lens)
@@ -41,6 +42,10 @@ class Batch:
             raise ValueError(f"batch {self.batch_id}: per-request arrays differ in length")
         if (self.q_lens < 1).any() or (self.q_lens > self.kv_lens).any():
             raise ValueError(f"batch {self.batch_id}: need 1 <= q_len <= kv_len for every request")
+        if self.sampled is not None:
+            self.sampled = np.asarray(self.sampled, dtype=bool)
+            if self.sampled.shape != (n,):
+                raise ValueError(f"batch {self.batch_id}: sampled must have one flag per request")
         # a shared prefix only counts for the part of it already in the KV cache
         self.prefix_lens = np.minimum(self.prefix_lens, self.kv_lens)
 
@@ -109,7 +114,8 @@ class Batch:
                 "iteration": self.iteration, "time_s": self.time_s,
                 "q_lens": self.q_lens.tolist(), "kv_lens": self.kv_lens.tolist(),
                 "request_ids": self.request_ids.tolist(), "prefix_ids": self.prefix_ids.tolist(),
-                "prefix_lens": self.prefix_lens.tolist()}
+                "prefix_lens": self.prefix_lens.tolist(),
+                **({} if self.sampled is None else {"sampled": self.sampled.tolist()})}
 
     @classmethod
     def from_record(cls, rec: dict[str, object]) -> Batch:

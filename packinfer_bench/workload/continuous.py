@@ -99,7 +99,8 @@ def arrival_times(trace: Trace, spec: ContinuousSpec, n: int) -> np.ndarray:
 
 
 def continuous_batches(trace: Trace, spec: ContinuousSpec) -> Iterator[Batch]:
-    """Yield one Batch per scheduler iteration, with `iteration` and modelled start `time_s`."""
+    """Yield one Batch per scheduler iteration, with `iteration`, modelled start `time_s` and `sampled` (which
+    requests emit an output token: their last prompt chunk or a decode step)."""
     df = trace.requests.iloc[spec.start:]
     if spec.num_requests is not None:
         df = df.iloc[:spec.num_requests]
@@ -132,7 +133,8 @@ def continuous_batches(trace: Trace, spec: ContinuousSpec) -> Iterator[Batch]:
             yield Batch(batch_id=f"{trace.name}/it{iteration}", trace=trace.name, workload="continuous",
                         q_lens=q, kv_lens=kv, request_ids=[r.rid for r, _ in scheduled],
                         prefix_ids=[r.prefix_id for r, _ in scheduled],
-                        prefix_lens=[r.prefix_len for r, _ in scheduled], iteration=iteration, time_s=clock)
+                        prefix_lens=[r.prefix_len for r, _ in scheduled], iteration=iteration, time_s=clock,
+                        sampled=[r.todo == n for r, n in scheduled])
         for req, n in scheduled:
             req.computed += n
             if req.todo == 0:

@@ -1,0 +1,129 @@
+"""A decoder-only transformer with random weights, shaped like a real model (no downloads: the shapes are
+public), whose attention is a callback: the end-to-end replay runs the same forward pass with each backend's
+attention. Layers: RMSNorm, fused QKV projection, rotary embeddings, attention, output projection, RMSNorm,
+SwiGLU MLP; then a final norm and the LM head on the rows that sample a token (greedy)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from packinfer_bench.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A decoder's shape. num_layers may be fewer than the real model's for short runs (reports say so)."""
+
+    name: str
+    num_layers: int
+    hidden: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    rope_theta: float
+    rms_eps: float = 1e-5
+    full_layers: int | None = None  # the real model's layer count, when num_layers was limited
+
+    @property
+    def params(self) -> int:
+        """Weights in the stack (embedding and LM head included)."""
+        attn = self.hidden * (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        attn += self.num_heads * self.head_dim * self.hidden
+        mlp = 3 * self.hidden * self.intermediate
+        return self.num_layers * (attn + mlp + 2 * self.hidden) + 2 * self.vocab * self.hidden + self.hidden
+
+
+# Shapes from the models' published configs (config.json); rope scaling (Llama 3.1) changes values, not cost.
+PRESETS = {
+    "llama-3.1-8b": ModelConfig("llama-3.1-8b", 32, 4096, 32, 8, 128, 14336, 128256, 500000.0),
+    "qwen2.5-7b": ModelConfig("qwen2.5-7b", 28, 3584, 28, 4, 128, 18944, 152064, 1000000.0, 1e-6),
+    "mistral-7b": ModelConfig("mistral-7b", 32, 4096, 32, 8, 128, 14336, 32768, 1000000.0),
+    "llama-2-13b": ModelConfig("llama-2-13b", 40, 5120, 40, 40, 128, 13824, 32000, 10000.0),
+    # for CPU tests and the smoke run
+    "tiny": ModelConfig("tiny", 2, 128, 4, 2, 64, 256, 512, 10000.0),
+}
+
+
+def preset(name: str, num_layers: int | None = None) -> ModelConfig:
+    """A preset's shape, with its layers limited to num_layers when given."""
+    if name not in PRESETS:
+        raise ConfigError(f"model: {name!r} not allowed; allowed: {sorted(PRESETS)}")
+    cfg = PRESETS[name]
+    if num_layers is None or num_layers == cfg.num_layers:
+        return cfg
+    if not 0 < num_layers <= cfg.num_layers:
+        raise ConfigError(f"num_layers: {num_layers} not allowed for {name}; allowed: 1..{cfg.num_layers}")
+    return dataclasses.replace(cfg, num_layers=num_layers, full_layers=cfg.num_layers)
+
+
+#: attention(layer, q [T, H, D], k [T, Hkv, D], v [T, Hkv, D]) -> out [T, H, D]: the new tokens' K/V are
+#: the callee's to store; causal over each request's cached tokens plus these.
+Attention = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Decoder:
+    """The model with random weights (seeded, scaled so activations stay O(1) through every layer)."""
+
+    def __init__(self, cfg: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
+                 seed: int = 0):
+        self.cfg, self.device, self.dtype = cfg, torch.device(device), dtype
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        h, d = cfg.hidden, cfg.head_dim
+        qkv_out = (cfg.num_heads + 2 * cfg.num_kv_heads) * d
+
+        def weight(rows: int, cols: int, scale: float = 1.0) -> torch.Tensor:
+            w = torch.randn(rows, cols, generator=gen, device=self.device, dtype=dtype)
+            return w.mul_(scale / cols ** 0.5)
+
+        depth = (2 * cfg.num_layers) ** -0.5  # residual branches shrink with depth
+        self.embed = torch.randn(cfg.vocab, h, generator=gen, device=self.device, dtype=dtype)
+        self.layers = [dict(norm1=torch.ones(h, device=self.device, dtype=dtype), qkv=weight(qkv_out, h),
+                            o=weight(h, cfg.num_heads * d, depth), norm2=torch.ones(h, device=self.device, dtype=dtype),
+                            gate_up=weight(2 * cfg.intermediate, h), down=weight(h, cfg.intermediate, depth))
+                       for _ in range(cfg.num_layers)]
+        self.norm = torch.ones(h, device=self.device, dtype=dtype)
+        self.lm_head = weight(cfg.vocab, h)
+        self.inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, device=self.device, dtype=torch.float32) / d)
+
+    def truncated(self, num_layers: int) -> Decoder:
+        """The same model cut to its first layers (shares the weights): for warm-up passes."""
+        cut = object.__new__(Decoder)
+        cut.__dict__.update(self.__dict__)
+        cut.cfg = dataclasses.replace(self.cfg, num_layers=num_layers)
+        cut.layers = self.layers[:num_layers]
+        return cut
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, attention: Attention,
+                sample_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the new tokens of one iteration (int64 [T] ids and positions, requests' rows in batch order)
+        through every layer; returns (greedy next token of each sample row, final hidden state of those rows)."""
+        cfg = self.cfg
+        n, hq, hkv, d = tokens.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        angles = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        cos, sin = (t.to(self.dtype)[:, None, :] for t in (angles.cos(), angles.sin()))
+        x = self.embed[tokens]
+        for i, w in enumerate(self.layers):
+            h = F.rms_norm(x, (cfg.hidden,), w["norm1"], cfg.rms_eps)
+            qkv = h @ w["qkv"].T
+            q = _rotate(qkv[:, :hq * d].view(n, hq, d), cos, sin)
+            k = _rotate(qkv[:, hq * d:(hq + hkv) * d].view(n, hkv, d), cos, sin)
+            v = qkv[:, (hq + hkv) * d:].reshape(n, hkv, d)
+            x = x + attention(i, q, k, v).reshape(n, hq * d) @ w["o"].T
+            h = F.rms_norm(x, (cfg.hidden,), w["norm2"], cfg.rms_eps)
+            gate, up = (h @ w["gate_up"].T).chunk(2, dim=-1)
+            x = x + (F.silu(gate) * up) @ w["down"].T
+        last = F.rms_norm(x[sample_rows], (cfg.hidden,), self.norm, cfg.rms_eps)
+        return (last @ self.lm_head.T).argmax(dim=-1), last
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, rotate-half convention (Llama): pairs (i, i + D/2) turn by position x frequency i."""
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)

@@ -1,0 +1,204 @@
+"""The end-to-end stage of an experiment: for every e2e entry, trace and rate, build the continuous-batching
+schedule once, then replay it through the model with each backend's attention (fresh KV cache each), check the
+first iterations against the float32 reference attention, and store per-iteration, per-request and summary rows
+(e2e/ in the run folder) as they are made."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import traceback
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from packinfer import KVCacheError
+
+from packinfer_bench.config import E2EConfig, ExperimentConfig
+from packinfer_bench.errors import ConfigError
+from packinfer_bench.kv_follow import peak_tokens
+from packinfer_bench.serving.attention import ATTENTIONS, ReferenceAttention
+from packinfer_bench.serving.metrics import request_latencies, summarize, timeline
+from packinfer_bench.serving.model import Decoder, preset
+from packinfer_bench.serving.replay import cache_capacity, make_cache, replay
+from packinfer_bench.serving.results import ITERATIONS_FILE, REQUESTS_FILE, E2ERecord, E2EStore
+from packinfer_bench.traces import Trace
+from packinfer_bench.workload import Batch, continuous_batches
+from packinfer_bench.workload.continuous import ContinuousSpec, arrival_times
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+#: Sampled rows whose final hidden state is further than this (relative L2) from the reference's: `incorrect`.
+#: Looser than the kernel check: bf16 differences in attention compound through every layer.
+E2E_MAX_REL_ERR = 5e-2
+
+
+@dataclasses.dataclass
+class Scenario:
+    """One schedule to replay: which requests, when they arrive, how many tokens each must produce."""
+
+    spec: ContinuousSpec
+    schedule: list[Batch]
+    arrivals: dict[int, float]
+    expected: dict[int, int]  # request -> output tokens
+    refused: int  # requests the scheduler never ran (too large for its limits)
+
+
+def scenario(trace: Trace, spec: ContinuousSpec) -> Scenario:
+    schedule = list(continuous_batches(trace, spec))
+    df = trace.requests.iloc[spec.start:]
+    if spec.num_requests is not None:
+        df = df.iloc[:spec.num_requests]
+    times = arrival_times(trace, spec, len(df))
+    arrivals = {int(r): float(t) for r, t in zip(df["request_id"], times)}
+    expected = {int(r): int(o) for r, o in zip(df["request_id"], df["output_len"])}
+    seen = {r for b in schedule for r in b.request_ids.tolist()}
+    return Scenario(spec, schedule, {r: t for r, t in arrivals.items() if r in seen},
+                    {r: n for r, n in expected.items() if r in seen}, len(expected) - len(seen))
+
+
+def run_e2e(config: ExperimentConfig, out_dir, traces: dict[str, Trace], device: torch.device,
+            log: Callable[[str], None] = print) -> dict[str, int]:
+    """Run every end-to-end replay of the config not already stored; returns counts per status."""
+    store = E2EStore(out_dir)
+    done = store.done()
+    counts: dict[str, int] = {}
+    for entry in config.e2e:
+        cfg = preset(entry.model, entry.num_layers)
+        model = None
+        for tcfg in config.traces_of(entry):
+            for rate in entry.rates or [None]:
+                spec = entry.continuous if rate is None else dataclasses.replace(
+                    entry.continuous, arrivals="poisson", rate=rate)
+                label = "trace" if rate is None else f"{rate:g}"
+                todo = [b for b in entry.backends if (entry.name, tcfg.name, label, b) not in done]
+                if not todo:
+                    continue
+                scen = scenario(traces[tcfg.name], spec)
+                log(f"e2e {entry.name} {tcfg.name} rate {label}: {len(scen.arrivals)} requests "
+                    f"({scen.refused} refused), {len(scen.schedule)} iterations, model {cfg.name} "
+                    f"x {cfg.num_layers} layers")
+                reference = None
+                for backend in todo:
+                    base = E2ERecord(entry.name, tcfg.name, label, backend, cfg.name, cfg.num_layers,
+                                     cfg.full_layers or cfg.num_layers, status="ok")
+                    why = ATTENTIONS[backend].available(device)
+                    if why:
+                        record = dataclasses.replace(base, status="skipped", reason=why)
+                        log(f"  {backend}: skipped ({why})")
+                    else:
+                        if model is None:
+                            model = Decoder(cfg, device, DTYPES[entry.dtype], seed=entry.seed)
+                        if reference is None and entry.verify_iterations:
+                            reference = _reference_outputs(model, scen, entry.verify_iterations)
+                        record = _replay_one(model, scen, entry, backend, base, reference, store, device, log)
+                    store.add_summary(record)
+                    counts[record.status] = counts.get(record.status, 0) + 1
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return counts
+
+
+def _reference_outputs(model: Decoder, scen: Scenario, n: int):
+    head = scen.schedule[:n]
+    attn = ReferenceAttention(model.device, model.cfg.num_heads, model.cfg.num_kv_heads, model.cfg.head_dim)
+    cache = make_cache(attn, model, cache_capacity(attn, peak_tokens(head), min(scen.spec.max_num_seqs,
+                                                                                 len(scen.arrivals))))
+    return replay(model, head, attn, cache, keep_outputs=n)
+
+
+def _replay_one(model: Decoder, scen: Scenario, entry: E2EConfig, backend: str, base: E2ERecord, reference,
+                store: E2EStore, device: torch.device, log) -> E2ERecord:
+    cfg = model.cfg
+    budget = scen.spec.max_kv_tokens or peak_tokens(scen.schedule)
+    done_iterations = 0
+
+    def keep(it) -> None:
+        nonlocal done_iterations
+        done_iterations += 1
+        rows.append({**dict(zip(("e2e", "trace", "rate", "backend"), base.key)), **dataclasses.asdict(it)})
+        if len(rows) >= 64:
+            store.append(ITERATIONS_FILE, rows)
+            rows.clear()
+
+    rows: list[dict] = []
+    cache = None
+    try:
+        attn = ATTENTIONS[backend](device, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        capacity = cache_capacity(attn, budget, min(scen.spec.max_num_seqs, len(scen.arrivals)))
+        base = dataclasses.replace(base, kv_layout=attn.layout, kv_access=attn.kv_access, kv_budget_tokens=budget,
+                                   kv_capacity_tokens=capacity)
+        _check_memory(capacity, cfg, model.dtype, device)
+        if entry.warmup and device.type == "cuda":  # compile every kernel specialisation outside the timed replay
+            shallow = model.truncated(1)
+            replay(shallow, scen.schedule, attn, make_cache(attn, shallow, capacity))
+        cache = make_cache(attn, model, capacity)
+        t0 = time.perf_counter()
+        result = replay(model, scen.schedule, attn, cache, keep_outputs=entry.verify_iterations, on_iteration=keep)
+        store.append(ITERATIONS_FILE, rows)
+    except KVCacheError as e:
+        store.append(ITERATIONS_FILE, rows)
+        reason = f"KV cache full at iteration {done_iterations} (budget {budget} tokens): {_first_line(e)}"
+        log(f"  {backend}: error ({reason})")
+        return dataclasses.replace(base, status="error", reason=reason, iterations=done_iterations)
+    except Exception as e:  # a backend failing must not lose the other replays
+        store.append(ITERATIONS_FILE, rows)
+        log(f"  {backend}: error {type(e).__name__}: {_first_line(e)}\n{traceback.format_exc(limit=4)}")
+        return dataclasses.replace(base, status="error", reason=f"{type(e).__name__}: {_first_line(e)}",
+                                   iterations=done_iterations)
+    finally:
+        del cache
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    its = result.iterations
+    durations = np.array([it.iteration_ms for it in its]) * 1e-3
+    ends = timeline(scen.schedule, scen.arrivals, durations)
+    requests = request_latencies(scen.schedule, scen.arrivals, ends)
+    store.append(REQUESTS_FILE, [{**dict(zip(("e2e", "trace", "rate", "backend"), base.key)), **r}
+                                 for r in requests.to_dict("records")])
+    metrics = summarize(requests, durations, scen.expected)
+    err, match = _compare(result, reference)
+    status = "incorrect" if err is not None and err > E2E_MAX_REL_ERR else "ok"
+    iteration_ms = sum(it.iteration_ms for it in its)
+    record = dataclasses.replace(
+        base, status=status, reason="" if status == "ok" else f"final hidden states {err:.3g} from the reference",
+        num_requests=len(scen.arrivals) + scen.refused, refused=scen.refused, iterations=len(its),
+        **{k: v for k, v in metrics.items() if k in E2ERecord.__dataclass_fields__},
+        iteration_ms_mean=iteration_ms / max(len(its), 1),
+        attention_share=sum(it.attention_ms for it in its) / iteration_ms if iteration_ms else None,
+        room_ms_total=sum(it.room_ms for it in its), moved_gb=sum(it.moved_bytes for it in its) / 1e9,
+        max_rel_err=err, token_match=match,
+        timing="cuda-synchronised wall clock" if device.type == "cuda" else "wall-clock-cpu")
+    log(f"  {backend}: {status}, mean e2e {metrics['e2e_ms_mean']:.1f} ms, TTFT {metrics['ttft_ms_mean']:.1f} ms, "
+        f"TPOT {metrics['tpot_ms_mean']:.2f} ms, {metrics['throughput_tok_s']:.0f} tok/s, attention "
+        f"{100 * (record.attention_share or 0):.0f}% ({time.perf_counter() - t0:.0f} s)")
+    return record
+
+
+def _compare(result, reference) -> tuple[float | None, float | None]:
+    """Largest relative L2 error of the sampled rows' final hidden states against the reference's over the
+    verified iterations, and the share of greedy tokens that agree."""
+    if reference is None:
+        return None, None
+    errs, same, total = [], 0, 0
+    for i, ref in reference.hidden.items():
+        if i in result.hidden and ref.numel():
+            errs.append(float((result.hidden[i] - ref).norm() / ref.norm().clamp_min(1e-12)))
+            same += int((result.tokens[i] == reference.tokens[i]).sum())
+            total += ref.shape[0]
+    return (max(errs) if errs else None), (same / total if total else None)
+
+
+def _check_memory(capacity: int, cfg, dtype: torch.dtype, device: torch.device) -> None:
+    if device.type != "cuda":
+        return
+    need = 2 * capacity * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
+    free, _ = torch.cuda.mem_get_info(device)
+    if need > 0.9 * free:
+        raise ConfigError(f"a KV cache of {capacity} tokens x {cfg.num_layers} layers needs {need / 2**30:.1f} GiB, "
+                           f"{free / 2**30:.1f} GiB free: lower continuous.max_kv_tokens or num_layers")
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).splitlines()
+    return lines[0][:200] if lines else ""
