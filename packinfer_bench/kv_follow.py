@@ -61,14 +61,14 @@ class CacheFollower:
     to token address slots[j], so a model's forward pass can write each layer's K/V there itself. A row at a
     prefix position whose shared copy is already stored has no slot; one that stores a new prefix may have two."""
 
-    def __init__(self, cache, batches: Sequence[Batch]):
+    def __init__(self, cache, batches: Sequence[Batch], share_prefixes: bool = True):
         self.cache = cache
         self.last_seen: dict[int, int] = {}
-        self.prefix_len: dict[int, int] = {}
+        self.prefix_len: dict[int, int] = {}  # empty when prefixes are not shared: every request stores its own
         for i, b in enumerate(batches):
             for rid, pid, plen in zip(b.request_ids.tolist(), b.prefix_ids.tolist(), b.prefix_lens.tolist()):
                 self.last_seen[rid] = i
-                if pid >= 0:
+                if pid >= 0 and share_prefixes:
                     self.prefix_len[pid] = max(self.prefix_len.get(pid, 0), plen)
         self._prefix_of: dict[int, int] = {}  # request -> prefix whose cached copy it uses
         self.rows = self.slots = np.zeros(0, np.int64)

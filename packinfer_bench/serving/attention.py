@@ -3,9 +3,9 @@ iteration's plan made once (CPU) and reused by every layer, and per layer: store
 attend over each request's cached tokens.
 
 - reference: float32, one request at a time, K/V gathered from the cache (the correctness yardstick; slow).
-- fa2: FlashAttention-2 varlen over a paged cache through its block table (PyTorch's built-in FA2 needs pages of
-  256 tokens); where this torch has no paged varlen, K/V are gathered into a packed copy per layer, and the
-  replay's summary says so (`kv_access`).
+- fa2: FlashAttention-2 varlen reading the cache in place: over 256-token pages through a block table when the
+  flash-attn package is installed, else (PyTorch's built-in FA2 has no block table) over one contiguous extent
+  per request through cu_seqlens_k / seqused_k; the replay's summary says which (`kv_access`).
 - flashinfer: paged cache of 16-token pages; batch decode (tensor cores) for all-decode iterations, batch prefill
   over the paged cache for the rest (FlashInfer's plan per iteration, as serving engines use it).
 - packinfer: grouped (group-contiguous) cache; fresh prompts longer than DECODE_MAX_Q rows go through the packed
@@ -16,7 +16,6 @@ attend over each request's cached tokens.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import os
 from dataclasses import dataclass
 
@@ -51,6 +50,7 @@ class ServingAttention:
     layout = "paged"
     page_size = FLASHINFER_PAGE
     kv_access = "cache"
+    share_prefixes = True  # requests of a prefix group read one stored copy of it
 
     def __init__(self, device: torch.device, num_heads: int, num_kv_heads: int, head_dim: int):
         self.device, self.num_heads, self.num_kv_heads, self.head_dim = device, num_heads, num_kv_heads, head_dim
@@ -94,52 +94,52 @@ class ReferenceAttention(ServingAttention):
 
 
 class Fa2Attention(ServingAttention):
+    """flash-attn installed: flash_attn_varlen_func over the paged cache (block table, 256-token pages). Else
+    PyTorch's built-in FA2 (aten._flash_attention_forward, which has no block table): each request one contiguous
+    extent of the grouped layout, read in place through cu_seqlens_k = its start and seqused_k = its length, no
+    prefix sharing (FA2 reads one range per request)."""
+
     name = "fa2"
-    page_size = FA2_PAGE
 
     def __init__(self, *args):
         super().__init__(*args)
-        from torch.nn.attention.varlen import varlen_attn
+        try:
+            from flash_attn import flash_attn_varlen_func
 
-        params = inspect.signature(varlen_attn).parameters
-        self._attn = varlen_attn
-        self._kwargs = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
-        if "enable_gqa" in params:
-            self._kwargs["enable_gqa"] = True
-        self._group = 1 if "enable_gqa" in params else self.num_heads // self.num_kv_heads
-        self.paged = "block_table" in params
-        self.kv_access = "paged" if self.paged else "gathered"
-        if not self.paged:
-            self.page_size = FLASHINFER_PAGE
+            self._paged_fn = flash_attn_varlen_func
+            self.layout, self.page_size, self.kv_access = "paged", FA2_PAGE, "paged"
+        except ImportError:
+            self._paged_fn = None
+            self.layout, self.share_prefixes, self.kv_access = "grouped", False, "contiguous-slots"
 
     @staticmethod
     def available(device):
-        return needs_cuda(device, "torch.nn.attention.varlen",
-                          missing="torch.nn.attention.varlen (torch >= 2.9) is not installed")
+        return needs_cuda(device, "flash_attn", "torch.nn.attention.varlen",
+                          missing="neither flash-attn nor PyTorch's FA2 (torch >= 2.9) is installed")
 
     def begin(self, step):
         super().begin(step)
         b, dev = step.batch, self.device
         self._cu_q = torch.from_numpy(step.cu_q).to(dev)
-        self._cu_k = torch.from_numpy(np.concatenate([[0], np.cumsum(b.kv_lens)]).astype(np.int32)).to(dev)
         self._max = int(b.q_lens.max()), int(b.kv_lens.max())
-        if self.paged:
-            self._table = torch.from_numpy(step.cache.view(self._request_order()).block_table).to(dev)
+        view = step.cache.view(self._request_order())
+        if self._paged_fn is not None:
+            self._cu_k = torch.from_numpy(np.concatenate([[0], np.cumsum(b.kv_lens)]).astype(np.int32)).to(dev)
+            self._table = torch.from_numpy(view.block_table).to(dev)
         else:
-            addr = [step.cache.addresses(r) for r in self._request_order()]
-            self._gather = torch.from_numpy(np.concatenate(addr)).to(dev)
+            starts = np.concatenate([view.own_addr, [step.cache.capacity_tokens]]).astype(np.int32)
+            self._cu_k = torch.from_numpy(starts).to(dev)
+            self._used = torch.from_numpy(view.kv_lens.astype(np.int32)).to(dev)
 
     def attend(self, layer, q):
         c = self.step.cache
-        if self.paged:
+        if self._paged_fn is not None:
             shape = (-1, self.page_size, self.num_kv_heads, self.head_dim)
-            k, v = c.k_pools[layer].view(shape), c.v_pools[layer].view(shape)
-            extra = {"block_table": self._table}
-        else:
-            k, v, extra = c.k_pools[layer][self._gather], c.v_pools[layer][self._gather], {}
-            if self._group > 1:
-                k, v = k.repeat_interleave(self._group, 1), v.repeat_interleave(self._group, 1)
-        return self._attn(q, k, v, self._cu_q, self._cu_k, *self._max, **self._kwargs, **extra)
+            return self._paged_fn(q, c.k_pools[layer].view(shape), c.v_pools[layer].view(shape), self._cu_q,
+                                  self._cu_k, *self._max, causal=True, block_table=self._table)
+        return torch.ops.aten._flash_attention_forward(
+            q, c.k_pools[layer], c.v_pools[layer], self._cu_q, self._cu_k, *self._max, 0.0, True, False,
+            seqused_k=self._used)[0]
 
 
 class FlashInferAttention(ServingAttention):

@@ -24,7 +24,8 @@ HEADROOM = 64
 @dataclass
 class IterationResult:
     """One iteration: what ran and what it cost (ms): the whole iteration (bookkeeping, planning, forward,
-    synchronised), attention inside it (cache writes plus attention calls, all layers), making room in the cache."""
+    synchronised), attention inside it (GPU time from the first to the last event around each layer's cache
+    write plus attention call, summed over layers), making room in the cache (inside prepare)."""
 
     iteration: int
     num_requests: int
@@ -36,6 +37,8 @@ class IterationResult:
     attention_ms: float
     room_ms: float
     moved_bytes: int
+    prepare_ms: float  # CPU: cache bookkeeping, making room, token ids, the attention plan
+    launch_ms: float  # CPU: issuing the forward pass (near iteration_ms - prepare_ms: the host is the bottleneck)
 
 
 @dataclass
@@ -79,7 +82,7 @@ def replay(model: Decoder, schedule: Sequence[Batch], attention: ServingAttentio
     iterations done so far were passed to on_iteration."""
     dev = model.device
     cuda = dev.type == "cuda"
-    follower = CacheFollower(cache, schedule)
+    follower = CacheFollower(cache, schedule, share_prefixes=attention.share_prefixes)
     result = ReplayResult()
     layer_times: list = []
 
@@ -106,7 +109,9 @@ def replay(model: Decoder, schedule: Sequence[Batch], attention: ServingAttentio
         rows = None if all_rows else torch.from_numpy(follower.rows).to(dev)
         attention.begin(Step(batch, cache, rows, torch.from_numpy(follower.slots).to(dev), cu_q))
         sample = torch.from_numpy((cu_q[1:] - 1)[batch.sampled]).to(dev)
+        t1 = clock()
         tokens, hidden = model.forward(torch.from_numpy(ids).to(dev), torch.from_numpy(pos).to(dev), timed, sample)
+        t2 = clock()
         if cuda:
             torch.cuda.synchronize(dev)
         follower.retire(i, batch)
@@ -117,7 +122,7 @@ def replay(model: Decoder, schedule: Sequence[Batch], attention: ServingAttentio
         phases = batch.request_phases
         it = IterationResult(i, len(batch), int((phases != "decode").sum()), int((phases == "decode").sum()),
                              int(batch.q_lens.sum()), int(batch.kv_lens.sum()), took * 1e3, attn,
-                             cost.room_s * 1e3, cost.moved_bytes)
+                             cost.room_s * 1e3, cost.moved_bytes, (t1 - t0) * 1e3, (t2 - t1) * 1e3)
         result.iterations.append(it)
         if on_iteration is not None:
             on_iteration(it)

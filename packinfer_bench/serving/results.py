@@ -22,7 +22,8 @@ class E2ERecord:
     """One replay. rate: Poisson requests/s, or 'trace' (the trace's own arrivals, time-scaled). status: ok |
     incorrect (sampled rows' final hidden states off the reference attention's) | skipped | error. Latencies in
     ms over finished requests; throughput from first arrival to last token, busy_tok_s over summed iteration
-    time. attention_share: attention (cache writes + kernels) / iteration time. max_rel_err / token_match: the
+    time. prepare / launch: CPU time per iteration making the cache ready and planning / issuing the forward pass.
+attention_share: attention (cache writes + kernels) / iteration time. max_rel_err / token_match: the
     first verify iterations against the float32 reference attention. schedule: open-loop (fixed by the
     scheduler's step-time model, the same for every backend; only iteration times are measured)."""
 
@@ -62,6 +63,8 @@ class E2ERecord:
     throughput_req_s: float | None = None
     busy_tok_s: float | None = None
     iteration_ms_mean: float | None = None
+    prepare_ms_mean: float | None = None
+    launch_ms_mean: float | None = None
     attention_share: float | None = None
     room_ms_total: float | None = None
     moved_gb: float | None = None
