@@ -93,8 +93,9 @@ E2E_BACKENDS = ("reference", "fa2", "flashinfer", "packinfer")
 class E2EConfig:
     """An end-to-end serving replay: a model preset (layers limited by num_layers), the traces it replays, the
     continuous-batching schedule (its max_kv_tokens is the KV budget), Poisson `rates` (requests/s; each is one
-    replay; omitted: the schedule's own arrivals), the attention backends, and how many first iterations are
-    checked against the float32 reference attention (verify_iterations)."""
+    replay; omitted: the schedule's own arrivals), the attention backends, how many first iterations are
+    checked against the float32 reference attention (verify_iterations), a warm-up pass that compiles every
+    kernel before the timed replay, and piecewise CUDA graphs for decode iterations (on a GPU)."""
 
     name: str
     model: str
@@ -106,6 +107,7 @@ class E2EConfig:
     dtype: Literal["bf16", "fp16"] = "bf16"
     verify_iterations: int = 4
     warmup: bool = True
+    cuda_graphs: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:

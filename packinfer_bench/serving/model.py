@@ -104,22 +104,37 @@ class Decoder:
                 sample_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the new tokens of one iteration (int64 [T] ids and positions, requests' rows in batch order)
         through every layer; returns (greedy next token of each sample row, final hidden state of those rows)."""
-        cfg = self.cfg
-        n, hq, hkv, d = tokens.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        angles = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
-        cos, sin = (t.to(self.dtype)[:, None, :] for t in (angles.cos(), angles.sin()))
+        cos, sin = self.rope(positions)
         x = self.embed[tokens]
-        for i, w in enumerate(self.layers):
-            h = F.rms_norm(x, (cfg.hidden,), w["norm1"], cfg.rms_eps)
-            qkv = h @ w["qkv"].T
-            q = _rotate(qkv[:, :hq * d].view(n, hq, d), cos, sin)
-            k = _rotate(qkv[:, hq * d:(hq + hkv) * d].view(n, hkv, d), cos, sin)
-            v = qkv[:, (hq + hkv) * d:].reshape(n, hkv, d)
-            x = x + attention(i, q, k, v).reshape(n, hq * d) @ w["o"].T
-            h = F.rms_norm(x, (cfg.hidden,), w["norm2"], cfg.rms_eps)
-            gate, up = (h @ w["gate_up"].T).chunk(2, dim=-1)
-            x = x + (F.silu(gate) * up) @ w["down"].T
-        last = F.rms_norm(x[sample_rows], (cfg.hidden,), self.norm, cfg.rms_eps)
+        for i in range(self.cfg.num_layers):
+            q, k, v = self.attention_inputs(i, x, cos, sin)
+            x = self.after_attention(i, x, attention(i, q, k, v))
+        return self.head(x[sample_rows])
+
+    # the pieces between attention calls (DecodeGraphs captures them as CUDA graphs)
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        return tuple(t.to(self.dtype)[:, None, :] for t in (angles.cos(), angles.sin()))
+
+    def attention_inputs(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Layer i up to attention: norm, QKV projection, rotary embedding -> q [T, H, D], k, v [T, Hkv, D]."""
+        cfg, w = self.cfg, self.layers[i]
+        n, hq, hkv, d = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        qkv = F.rms_norm(x, (cfg.hidden,), w["norm1"], cfg.rms_eps) @ w["qkv"].T
+        q = _rotate(qkv[:, :hq * d].view(n, hq, d), cos, sin)
+        k = _rotate(qkv[:, hq * d:(hq + hkv) * d].view(n, hkv, d), cos, sin)
+        return q, k, qkv[:, (hq + hkv) * d:].reshape(n, hkv, d)
+
+    def after_attention(self, i: int, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Layer i from attention on: output projection, residual, norm, SwiGLU MLP, residual."""
+        cfg, w = self.cfg, self.layers[i]
+        x = x + attn.reshape(x.shape[0], -1) @ w["o"].T
+        gate, up = (F.rms_norm(x, (cfg.hidden,), w["norm2"], cfg.rms_eps) @ w["gate_up"].T).chunk(2, dim=-1)
+        return x + (F.silu(gate) * up) @ w["down"].T
+
+    def head(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final norm and LM head: (greedy token, normed hidden state) of each row."""
+        last = F.rms_norm(x, (self.cfg.hidden,), self.norm, self.cfg.rms_eps)
         return (last @ self.lm_head.T).argmax(dim=-1), last
 
 

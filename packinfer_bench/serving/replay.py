@@ -14,6 +14,7 @@ import torch
 
 from packinfer_bench.kv_follow import CacheFollower
 from packinfer_bench.serving.attention import ServingAttention, Step
+from packinfer_bench.serving.graphs import DecodeGraphs
 from packinfer_bench.serving.model import Decoder
 from packinfer_bench.workload import Batch
 
@@ -75,11 +76,12 @@ def token_ids(batch: Batch, vocab: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def replay(model: Decoder, schedule: Sequence[Batch], attention: ServingAttention, cache, *,
-           keep_outputs: int = 0, on_iteration: Callable[[IterationResult], None] | None = None,
+           graphs: DecodeGraphs | None = None, keep_outputs: int = 0,
+           on_iteration: Callable[[IterationResult], None] | None = None,
            clock: Callable[[], float] = time.perf_counter) -> ReplayResult:
-    """Run every iteration of the schedule; keep the sampled rows' hidden states and tokens of the first
-    `keep_outputs` iterations (for comparison with a reference). A KVCacheError (cache full) propagates after the
-    iterations done so far were passed to on_iteration."""
+    """Run every iteration of the schedule (decode iterations through `graphs` where it has their size); keep the
+    sampled rows' hidden states and tokens of the first `keep_outputs` iterations (for comparison with a
+    reference). A KVCacheError (cache full) propagates after the iterations done so far went to on_iteration."""
     dev = model.device
     cuda = dev.type == "cuda"
     follower = CacheFollower(cache, schedule, share_prefixes=attention.share_prefixes)
@@ -110,7 +112,9 @@ def replay(model: Decoder, schedule: Sequence[Batch], attention: ServingAttentio
         attention.begin(Step(batch, cache, rows, torch.from_numpy(follower.slots).to(dev), cu_q))
         sample = torch.from_numpy((cu_q[1:] - 1)[batch.sampled]).to(dev)
         t1 = clock()
-        tokens, hidden = model.forward(torch.from_numpy(ids).to(dev), torch.from_numpy(pos).to(dev), timed, sample)
+        graphed = graphs is not None and int(batch.q_lens.max()) == 1 and graphs.covers(len(ids))
+        forward = graphs.forward if graphed else model.forward
+        tokens, hidden = forward(torch.from_numpy(ids).to(dev), torch.from_numpy(pos).to(dev), timed, sample)
         t2 = clock()
         if cuda:
             torch.cuda.synchronize(dev)

@@ -25,7 +25,8 @@ class E2ERecord:
     time. prepare / launch: CPU time per iteration making the cache ready and planning / issuing the forward pass.
 attention_share: attention (cache writes + kernels) / iteration time. max_rel_err / token_match: the
     first verify iterations against the float32 reference attention. schedule: open-loop (fixed by the
-    scheduler's step-time model, the same for every backend; only iteration times are measured)."""
+    scheduler's step-time model, the same for every backend; only iteration times are measured). cuda_graphs:
+    'decode (piecewise)' when decode iterations replay the model between attention calls from CUDA graphs."""
 
     e2e: str
     trace: str
@@ -71,6 +72,7 @@ attention_share: attention (cache writes + kernels) / iteration time. max_rel_er
     max_rel_err: float | None = None
     token_match: float | None = None
     schedule: str = "open-loop"
+    cuda_graphs: str = ""
     timing: str = ""
 
     @property

@@ -18,6 +18,7 @@ from packinfer_bench.config import E2EConfig, ExperimentConfig
 from packinfer_bench.errors import ConfigError
 from packinfer_bench.kv_follow import peak_tokens
 from packinfer_bench.serving.attention import ATTENTIONS, ReferenceAttention
+from packinfer_bench.serving.graphs import DecodeGraphs
 from packinfer_bench.serving.metrics import request_latencies, summarize, timeline
 from packinfer_bench.serving.model import Decoder, preset
 from packinfer_bench.serving.replay import cache_capacity, make_cache, replay
@@ -64,7 +65,7 @@ def run_e2e(config: ExperimentConfig, out_dir, traces: dict[str, Trace], device:
     counts: dict[str, int] = {}
     for entry in config.e2e:
         cfg = preset(entry.model, entry.num_layers)
-        model = None
+        model = graphs = None
         for tcfg in config.traces_of(entry):
             for rate in entry.rates or [None]:
                 spec = entry.continuous if rate is None else dataclasses.replace(
@@ -88,12 +89,17 @@ def run_e2e(config: ExperimentConfig, out_dir, traces: dict[str, Trace], device:
                     else:
                         if model is None:
                             model = Decoder(cfg, device, DTYPES[entry.dtype], seed=entry.seed)
+                            if entry.cuda_graphs and device.type == "cuda":
+                                graphs = DecodeGraphs(model)
                         if reference is None and entry.verify_iterations:
                             reference = _reference_outputs(model, scen, entry.verify_iterations)
-                        record = _replay_one(model, scen, entry, backend, base, reference, store, device, log)
+                        if graphs is not None:  # captured outside the timed replays
+                            graphs.ensure(len(b) for b in scen.schedule if int(b.q_lens.max()) == 1)
+                        record = _replay_one(model, graphs, scen, entry, backend, base, reference, store, device,
+                                             log)
                     store.add_summary(record)
                     counts[record.status] = counts.get(record.status, 0) + 1
-        del model
+        del model, graphs
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return counts
@@ -107,8 +113,8 @@ def _reference_outputs(model: Decoder, scen: Scenario, n: int):
     return replay(model, head, attn, cache, keep_outputs=n)
 
 
-def _replay_one(model: Decoder, scen: Scenario, entry: E2EConfig, backend: str, base: E2ERecord, reference,
-                store: E2EStore, device: torch.device, log) -> E2ERecord:
+def _replay_one(model: Decoder, graphs: DecodeGraphs | None, scen: Scenario, entry: E2EConfig, backend: str,
+                base: E2ERecord, reference, store: E2EStore, device: torch.device, log) -> E2ERecord:
     cfg = model.cfg
     budget = scen.spec.max_kv_tokens or peak_tokens(scen.schedule)
     done_iterations = 0
@@ -134,7 +140,8 @@ def _replay_one(model: Decoder, scen: Scenario, entry: E2EConfig, backend: str, 
             replay(shallow, scen.schedule, attn, make_cache(attn, shallow, capacity))
         cache = make_cache(attn, model, capacity)
         t0 = time.perf_counter()
-        result = replay(model, scen.schedule, attn, cache, keep_outputs=entry.verify_iterations, on_iteration=keep)
+        result = replay(model, scen.schedule, attn, cache, graphs=graphs, keep_outputs=entry.verify_iterations,
+                        on_iteration=keep)
         store.append(ITERATIONS_FILE, rows)
     except KVCacheError as e:
         store.append(ITERATIONS_FILE, rows)
@@ -169,7 +176,7 @@ def _replay_one(model: Decoder, scen: Scenario, entry: E2EConfig, backend: str, 
         launch_ms_mean=float(np.mean([it.launch_ms for it in its])) if its else None,
         attention_share=sum(it.attention_ms for it in its) / iteration_ms if iteration_ms else None,
         room_ms_total=sum(it.room_ms for it in its), moved_gb=sum(it.moved_bytes for it in its) / 1e9,
-        max_rel_err=err, token_match=match,
+        max_rel_err=err, token_match=match, cuda_graphs="decode (piecewise)" if graphs is not None else "off",
         timing="cuda-synchronised wall clock" if device.type == "cuda" else "wall-clock-cpu")
     log(f"  {backend}: {status}, mean e2e {metrics['e2e_ms_mean']:.1f} ms, TTFT {metrics['ttft_ms_mean']:.1f} ms, "
         f"TPOT {metrics['tpot_ms_mean']:.2f} ms, {metrics['throughput_tok_s']:.0f} tok/s, attention "
