@@ -234,3 +234,25 @@ def test_a_model_cache_keeps_every_layer_at_the_same_addresses_through_moves(lay
         cache.append("a", k[0], v[0])  # one layer's tokens where every layer's are due
     with pytest.raises(KVCacheError, match="layer 3 out of range"):
         cache.view(["a"], layer=3)
+
+
+def test_grouped_make_room_copies_all_relocations_at_once_without_reusing_a_vacated_range():
+    """Two requests outgrow their room in one call: the first moves to the free tail; its old range stays held
+    until the single copy is issued, so the second cannot land on data not yet moved (here it then needs a
+    re-layout), and every request reads back intact."""
+    gen = torch.Generator().manual_seed(5)
+    cache = GroupedKVCache(70, HKV, D, dtype=torch.float16, headroom=4)
+    data = {}
+    for rid, n, reserve in (("a", 20, 20), ("b", 8, 8), ("c", 6, 12)):
+        cache.allocate(rid, reserve=reserve)
+        data[rid] = _tokens(gen, n)
+        cache.append(rid, *data[rid])
+    assert [(s, e) for s, e, _ in cache.extents()] == [(0, 20), (20, 28), (28, 40)]
+    cache.make_room({"a": 2, "b": 2})
+    assert cache.relocations == 1 and cache.relayouts == 1  # a moved; b found no free range but a's old one
+    for rid, (k, v) in data.items():
+        got_k, got_v = cache.read(rid)
+        assert torch.equal(got_k, k) and torch.equal(got_v, v), rid
+    cache.make_room({"c": 3})  # and a plain relocation still works afterwards
+    for rid, (k, v) in data.items():
+        assert torch.equal(cache.read(rid)[0], k)

@@ -145,8 +145,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     # TMA loads were 0-40% slower than pointer loads on every decode mix of the H100 tuning sweep
     # (results/decode-kernel/h100-tune), so they are opt-in here, unlike prefill
     use_tma = bool(use_tma) and not paged and k.is_contiguous() and v.is_contiguous()
-    o_part = torch.empty(plan.num_partials, heads, dim, dtype=torch.float32, device=q.device)
-    lse_part = torch.empty(plan.num_partials, heads, dtype=torch.float32, device=q.device)
+    o_part, lse_part = plan.partial_buffers(q.device, heads, dim)
     kv_args = (k, v)
     if use_tma:
         kv_args = tuple(TensorDescriptor.from_tensor(t.view(t.shape[0], kv_heads * dim),

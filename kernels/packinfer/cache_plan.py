@@ -79,6 +79,17 @@ class CachePlan:
         return self._device_cache[key]
 
 
+    def partial_buffers(self, device: torch.device, num_heads: int, head_dim: int) -> tuple[torch.Tensor, ...]:
+        """Float32 partial outputs [num_partials, H, D] and log-sum-exps [num_partials, H], allocated once and
+        reused by every call with this plan (every layer of a step: calls on one stream run in order)."""
+        key = ("partials", str(device), num_heads, head_dim)
+        if key not in self._device_cache:
+            self._device_cache[key] = (
+                torch.empty(self.num_partials, num_heads, head_dim, dtype=torch.float32, device=device),
+                torch.empty(self.num_partials, num_heads, dtype=torch.float32, device=device))
+        return self._device_cache[key]
+
+
 def plan_cache_attention(view: KVView, q_lens, num_heads: int, *, prefix_grouping: bool = True,
                          split: bool = True, balancing: bool = True, kv_chunk: int | None = None,
                          num_sms: int = 132, waves: int = WAVES, block_n: int = 64, slots: int | None = None,

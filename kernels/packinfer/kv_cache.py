@@ -439,11 +439,12 @@ class GroupedKVCache(_KVCacheBase):
         if headroom < 0:
             raise KVCacheError(f"headroom must be >= 0, got {headroom}")
         self.headroom = headroom
+        self._held: list[tuple[int, int]] = []  # ranges vacated by relocations whose copy is not issued yet
 
-    # free-space search over the sorted extents (first fit, or right after a given address)
+    # free-space search over the sorted extents and held ranges (first fit, or right after a given address)
     def _gaps(self) -> list[tuple[int, int]]:
         gaps, cursor = [], 0
-        for start, end, _ in self.extents():
+        for start, end, _ in sorted([*self.extents(), *((s, e, "held") for s, e in self._held)]):
             if start > cursor:
                 gaps.append((cursor, start))
             cursor = max(cursor, end)
@@ -527,42 +528,57 @@ class GroupedKVCache(_KVCacheBase):
         """Make sure each request can take `needs[request]` more tokens: grow its extent in place where the space
         after it is free, else move it alone to a free range with a quarter more room than it needs (so a growing
         request moves O(1) times its final size in all), and only when no free range is large enough, relayout
-        everything. Returns the bytes moved (0 when nothing moved)."""
+        everything. All relocations of one call are one copy launch. Returns the bytes moved (0 when nothing
+        moved)."""
         for rid, n in needs.items():
             if n < 0:
                 raise KVCacheError(f"make_room: request {rid!r} needs {n} < 0 tokens")
         wants = {rid: self._request(rid).length - self._request(rid).prefix_len + n for rid, n in needs.items()}
         starts = None  # where each reserved range begins (built when first needed, then kept up to date)
+        moves: list[tuple[int, int, int]] = []  # (from, to, tokens) of this call's relocations: one copy launch
         moved = 0
-        for rid, want in wants.items():
-            req = self._requests[rid]
-            if want <= req.room:
-                continue
-            if starts is None:
-                starts = sorted(s for s, _, _ in self.extents())
-            target = want + max(self.headroom, want // 4)
-            if self._grow_in_place(req, want, target, starts):
-                continue
-            try:
-                start = self._find(target, f"request {rid!r}", near=req.start)
-            except KVCacheError:  # no free range fits: compaction makes one
-                return moved + self.relayout(reserve=needs)
-            if req.room:
-                starts.remove(req.start)
-            moved += self._relocate(req, start, target)
-            bisect.insort(starts, start)
+        try:
+            for rid, want in wants.items():
+                req = self._requests[rid]
+                if want <= req.room:
+                    continue
+                if starts is None:
+                    starts = sorted(s for s, _, _ in self.extents())
+                target = want + max(self.headroom, want // 4)
+                if self._grow_in_place(req, want, target, starts):
+                    continue
+                try:
+                    start = self._find(target, f"request {rid!r}", near=req.start)
+                except KVCacheError:  # no free range fits: compaction makes one
+                    self._copy_moves(moves)
+                    self._held = []
+                    return moved + self.relayout(reserve=needs)
+                if req.room:  # the old range stays taken (its start stays in `starts`) until the copy is issued
+                    self._held.append((req.start, req.start + req.room))
+                moved += self._relocate(req, start, target, moves)
+                bisect.insort(starts, start)
+            self._copy_moves(moves)
+        finally:
+            self._held = []
         return moved
 
-    def _relocate(self, req: _Request, start: int, room: int) -> int:
-        """Move a request's own tokens to the free range at `start` (disjoint from its old one; copies are
-        stream-ordered, so a later relocation may reuse this one's old range)."""
+    def _relocate(self, req: _Request, start: int, room: int, moves: list[tuple[int, int, int]]) -> int:
+        """Give a request the free range at `start` and queue the move of its own tokens there."""
         own = req.length - req.prefix_len
         if own:
-            self._copy_tokens(torch.tensor([req.start]), torch.tensor([start]), torch.tensor([own]))
+            moves.append((req.start, start, own))
         req.start, req.room = start, room
         self.relocations += 1
         self.moved_bytes += own * self.token_bytes
         return own * self.token_bytes
+
+    def _copy_moves(self, moves: list[tuple[int, int, int]]) -> None:
+        """Issue the queued relocations as one copy (their sources and destinations are all disjoint: a range
+        vacated by a move stays held until this copy)."""
+        if moves:
+            src, dst, n = (torch.tensor(col, dtype=torch.int64) for col in zip(*moves))
+            self._copy_tokens(src, dst, n)
+            moves.clear()
 
     def relayout(self, reserve: Mapping[Hashable, int] | None = None) -> int:
         """Pack prefixes and requests from address 0, each group's requests right after its prefix, every request
