@@ -20,7 +20,6 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from packinfer.cache_plan import CachePlan
-from packinfer.launch import launch as launch_kernel
 from packinfer.packed_attention import LOG2E, interpreter_needs_f32_dot, online_softmax_step, program_slots
 
 MERGE_BLOCK_P = 16
@@ -152,13 +151,14 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
         kv_args = tuple(TensorDescriptor.from_tensor(t.view(t.shape[0], kv_heads * dim),
                                                      block_shape=[plan.block_n, dim]) for t in (k, v))
     grid = (plan.num_items * (kv_heads if plan.pack_gqa else heads),)
-    launch_kernel(_cache_attention_partial, grid, (
+    _cache_attention_partial[grid](
         q, *kv_args, o_part, lse_part, items, row_perm, row_limit, table, softmax_scale * LOG2E,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), table.stride(0)),
-        dict(NUM_HEADS=heads, GROUP=group, PACK_GQA=plan.pack_gqa, HEAD_DIM=dim, BLOCK_M=plan.slots,
-             BLOCK_N=plan.block_n, PAGED=paged, PAGE_SIZE=max(plan.page_size, 1),
-             DOT_F32=interpreter_needs_f32_dot(q.dtype), USE_TMA=use_tma),
-        dict(num_warps=plan.num_warps, num_stages=plan.num_stages))
-    launch_kernel(_merge_partials, (len(plan.row_perm), heads), (
-        o_part, lse_part, merge_ptr, merge_idx, row_perm, out, out.stride(0), out.stride(1)),
-        dict(NUM_HEADS=heads, HEAD_DIM=dim, BLOCK_P=MERGE_BLOCK_P), dict(num_warps=1))
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), table.stride(0),
+        NUM_HEADS=heads, GROUP=group, PACK_GQA=plan.pack_gqa, HEAD_DIM=dim, BLOCK_M=plan.slots,
+        BLOCK_N=plan.block_n, PAGED=paged, PAGE_SIZE=max(plan.page_size, 1), DOT_F32=interpreter_needs_f32_dot(q.dtype),
+        USE_TMA=use_tma, num_warps=plan.num_warps, num_stages=plan.num_stages,
+    )
+    _merge_partials[(len(plan.row_perm), heads)](
+        o_part, lse_part, merge_ptr, merge_idx, row_perm, out, out.stride(0), out.stride(1),
+        NUM_HEADS=heads, HEAD_DIM=dim, BLOCK_P=MERGE_BLOCK_P, num_warps=1,
+    )

@@ -22,7 +22,6 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from packinfer.launch import launch as launch_kernel
 from packinfer.plan import Plan
 
 LOG2E = 1.4426950408889634
@@ -172,13 +171,14 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
         kv_args = tuple(TensorDescriptor.from_tensor(t.view(t.shape[0], kv_heads * dim), block_shape=[plan.block_n, dim])
                         for t in (k, v))
     grid = (plan.num_tiles * (kv_heads if plan.pack_gqa else heads),)
-    launch_kernel(_packed_attention_fwd, grid, (
+    _packed_attention_fwd[grid](
         q, *kv_args, out, runs, tile_run, cu_q, cu_k, softmax_scale * LOG2E,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1)),
-        dict(NUM_HEADS=heads, GROUP=group, PACK_GQA=plan.pack_gqa, CAUSAL=plan.causal, HEAD_DIM=dim,
-             BLOCK_M=plan.block_m * (group if plan.pack_gqa else 1), BLOCK_N=plan.block_n, ROWS=plan.block_m,
-             DOT_F32=interpreter_needs_f32_dot(q.dtype), USE_TMA=use_tma),
-        dict(num_warps=plan.num_warps, num_stages=plan.num_stages))
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        NUM_HEADS=heads, GROUP=group, PACK_GQA=plan.pack_gqa, CAUSAL=plan.causal, HEAD_DIM=dim,
+        BLOCK_M=plan.block_m * (group if plan.pack_gqa else 1), BLOCK_N=plan.block_n, ROWS=plan.block_m,
+        DOT_F32=interpreter_needs_f32_dot(q.dtype), USE_TMA=use_tma, num_warps=plan.num_warps,
+        num_stages=plan.num_stages,
+    )
 
 
 def tma_available(device: torch.device) -> bool:
