@@ -20,6 +20,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from packinfer.cache_plan import CachePlan
+from packinfer.launch import Bound
 from packinfer.packed_attention import LOG2E, interpreter_needs_f32_dot, online_softmax_step, program_slots
 
 MERGE_BLOCK_P = 16
@@ -107,7 +108,7 @@ def _cache_attention_partial(
 
 
 @triton.jit
-def _merge_partials(O_part, LSE_part, merge_ptr, merge_idx, row_perm, Out, stride_ot, stride_oh,
+def _merge_partials(Out, O_part, LSE_part, merge_ptr, merge_idx, row_perm, stride_ot, stride_oh,
                     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr):
     row = tl.program_id(0)
     head = tl.program_id(1)
@@ -137,28 +138,38 @@ def _merge_partials(O_part, LSE_part, merge_ptr, merge_idx, row_perm, Out, strid
 
 def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, plan: CachePlan,
            softmax_scale: float, use_tma: bool | None = None) -> None:
-    """Run the plan's items over q and the cache pools k/v [tokens, Hkv, D], then merge into out (like q)."""
-    items, row_perm, row_limit, merge_ptr, merge_idx, table = plan.device_arrays(q.device)
-    heads, kv_heads, dim = q.shape[1], k.shape[1], q.shape[2]
-    group = heads // kv_heads
+    """Run the plan's items over q and the cache pools k/v [tokens, Hkv, D], then merge into out (like q).
+    The two launches are bound to the plan (launch.Bound): every layer of a step reuses them."""
     paged = plan.layout == "paged"
     # TMA loads were 0-40% slower than pointer loads on every decode mix of the H100 tuning sweep
     # (results/decode-kernel/h100-tune), so they are opt-in here, unlike prefill
     use_tma = bool(use_tma) and not paged and k.is_contiguous() and v.is_contiguous()
-    o_part, lse_part = plan.partial_buffers(q.device, heads, dim)
-    kv_args = (k, v)
+    key = ("launch", q.device, q.dtype, q.shape[1:], k.shape[1:], q.stride(), k.stride(), v.stride(), out.stride(),
+           softmax_scale, use_tma)
+    bound = plan._device_cache.get(key)
+    if bound is None:
+        bound = plan._device_cache[key] = _bind(q, k, v, out, plan, softmax_scale, use_tma)
+    partial, merge = bound
     if use_tma:
-        kv_args = tuple(TensorDescriptor.from_tensor(t.view(t.shape[0], kv_heads * dim),
-                                                     block_shape=[plan.block_n, dim]) for t in (k, v))
+        dim = q.shape[2]
+        k, v = (TensorDescriptor.from_tensor(t.view(t.shape[0], -1), block_shape=[plan.block_n, dim]) for t in (k, v))
+    partial(q, k, v)
+    merge(out)
+
+
+def _bind(q, k, v, out, plan: CachePlan, softmax_scale: float, use_tma: bool) -> tuple[Bound, Bound]:
+    items, row_perm, row_limit, merge_ptr, merge_idx, table = plan.device_arrays(q.device)
+    heads, kv_heads, dim = q.shape[1], k.shape[1], q.shape[2]
+    o_part, lse_part = plan.partial_buffers(q.device, heads, dim)
     grid = (plan.num_items * (kv_heads if plan.pack_gqa else heads),)
-    _cache_attention_partial[grid](
-        q, *kv_args, o_part, lse_part, items, row_perm, row_limit, table, softmax_scale * LOG2E,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), table.stride(0),
-        NUM_HEADS=heads, GROUP=group, PACK_GQA=plan.pack_gqa, HEAD_DIM=dim, BLOCK_M=plan.slots,
-        BLOCK_N=plan.block_n, PAGED=paged, PAGE_SIZE=max(plan.page_size, 1), DOT_F32=interpreter_needs_f32_dot(q.dtype),
-        USE_TMA=use_tma, num_warps=plan.num_warps, num_stages=plan.num_stages,
-    )
-    _merge_partials[(len(plan.row_perm), heads)](
-        o_part, lse_part, merge_ptr, merge_idx, row_perm, out, out.stride(0), out.stride(1),
-        NUM_HEADS=heads, HEAD_DIM=dim, BLOCK_P=MERGE_BLOCK_P, num_warps=1,
-    )
+    partial = Bound(_cache_attention_partial, grid, (
+        o_part, lse_part, items, row_perm, row_limit, table, softmax_scale * LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), table.stride(0)),
+        dict(NUM_HEADS=heads, GROUP=heads // kv_heads, PACK_GQA=plan.pack_gqa, HEAD_DIM=dim, BLOCK_M=plan.slots,
+             BLOCK_N=plan.block_n, PAGED=plan.layout == "paged", PAGE_SIZE=max(plan.page_size, 1),
+             DOT_F32=interpreter_needs_f32_dot(q.dtype), USE_TMA=use_tma),
+        dict(num_warps=plan.num_warps, num_stages=plan.num_stages))
+    merge = Bound(_merge_partials, (len(plan.row_perm), heads), (
+        o_part, lse_part, merge_ptr, merge_idx, row_perm, out.stride(0), out.stride(1)),
+        dict(NUM_HEADS=heads, HEAD_DIM=dim, BLOCK_P=MERGE_BLOCK_P), dict(num_warps=1))
+    return partial, merge

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from packinfer.launch import Bound
 from packinfer.plan import Plan
 
 LOG2E = 1.4426950408889634
@@ -156,29 +157,37 @@ def _packed_attention_fwd(
 def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, plan: Plan, softmax_scale: float,
            use_tma: bool | None = None) -> None:
     """Run the plan's tiles over q/k/v into out (all already validated and laid out [tokens, heads, dim]).
-    use_tma: load K/V tiles with the Hopper tensor-memory accelerator (None: where the GPU has one)."""
+    use_tma: load K/V tiles with the Hopper tensor-memory accelerator (None: where the GPU has one).
+    The launch is bound to the plan (launch.Bound): every layer of a batch reuses it."""
     if plan.num_tiles == 0:
         return
+    heads, kv_heads, dim = q.shape[1], k.shape[1], q.shape[2]
+    if use_tma is None:
+        use_tma = tma_available(q.device) and os.environ.get("PACKINFER_NO_TMA") != "1"
+    if use_tma and (k.stride() != (kv_heads * dim, dim, 1) or v.stride() != k.stride()):
+        k, v = k.contiguous(), v.contiguous()
+    key = ("launch", q.device, q.dtype, q.shape[1:], k.shape[1:], q.stride(), k.stride(), v.stride(), out.stride(),
+           softmax_scale, use_tma)
+    bound = plan._device_cache.get(key)
+    if bound is None:
+        bound = plan._device_cache[key] = _bind(q, k, v, out, plan, softmax_scale, use_tma)
+    if use_tma:
+        k, v = (TensorDescriptor.from_tensor(t.view(t.shape[0], kv_heads * dim), block_shape=[plan.block_n, dim])
+                for t in (k, v))
+    bound(q, k, v, out)
+
+
+def _bind(q, k, v, out, plan: Plan, softmax_scale: float, use_tma: bool) -> Bound:
     runs, tile_run, cu_q, cu_k = plan.device_arrays(q.device)
     heads, kv_heads, dim = q.shape[1], k.shape[1], q.shape[2]
     group = heads // kv_heads
-    if use_tma is None:
-        use_tma = tma_available(q.device) and os.environ.get("PACKINFER_NO_TMA") != "1"
-    kv_args = (k, v)
-    if use_tma:
-        if k.stride() != (kv_heads * dim, dim, 1) or v.stride() != k.stride():
-            k, v = k.contiguous(), v.contiguous()
-        kv_args = tuple(TensorDescriptor.from_tensor(t.view(t.shape[0], kv_heads * dim), block_shape=[plan.block_n, dim])
-                        for t in (k, v))
-    grid = (plan.num_tiles * (kv_heads if plan.pack_gqa else heads),)
-    _packed_attention_fwd[grid](
-        q, *kv_args, out, runs, tile_run, cu_q, cu_k, softmax_scale * LOG2E,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        NUM_HEADS=heads, GROUP=group, PACK_GQA=plan.pack_gqa, CAUSAL=plan.causal, HEAD_DIM=dim,
-        BLOCK_M=plan.block_m * (group if plan.pack_gqa else 1), BLOCK_N=plan.block_n, ROWS=plan.block_m,
-        DOT_F32=interpreter_needs_f32_dot(q.dtype), USE_TMA=use_tma, num_warps=plan.num_warps,
-        num_stages=plan.num_stages,
-    )
+    return Bound(_packed_attention_fwd, (plan.num_tiles * (kv_heads if plan.pack_gqa else heads),), (
+        runs, tile_run, cu_q, cu_k, softmax_scale * LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1)),
+        dict(NUM_HEADS=heads, GROUP=group, PACK_GQA=plan.pack_gqa, CAUSAL=plan.causal, HEAD_DIM=dim,
+             BLOCK_M=plan.block_m * (group if plan.pack_gqa else 1), BLOCK_N=plan.block_n, ROWS=plan.block_m,
+             DOT_F32=interpreter_needs_f32_dot(q.dtype), USE_TMA=use_tma),
+        dict(num_warps=plan.num_warps, num_stages=plan.num_stages))
 
 
 def tma_available(device: torch.device) -> bool:
