@@ -15,6 +15,7 @@ are valid for every slot and skip the mask.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -190,8 +191,9 @@ def _bind(q, k, v, out, plan: Plan, softmax_scale: float, use_tma: bool) -> Boun
         dict(num_warps=plan.num_warps, num_stages=plan.num_stages))
 
 
+@functools.lru_cache(maxsize=None)
 def tma_available(device: torch.device) -> bool:
-    """Hopper or newer GPU (compute capability >= 9)."""
+    """Hopper or newer GPU (compute capability >= 9); asked once per device (the query costs host time per call)."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
