@@ -71,11 +71,16 @@ class RecordStore:
         return {(r["batch_id"], r["shape"], r["backend"], r["variant"]) for r in rows}
 
     def append(self, record: Record) -> None:
-        new = not self.path.exists()
-        with open(self.path, "a", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=FIELDS)
-            if new:
-                writer.writeheader()
-            writer.writerow(dataclasses.asdict(record))
-            f.flush()
-            os.fsync(f.fileno())
+        append_rows(self.path, [dataclasses.asdict(record)], FIELDS)
+
+
+def append_rows(path: Path, rows: list[dict], fields: list[str]) -> None:
+    """Append rows to a CSV file (header first when the file is new), flushed to disk before returning."""
+    new = not path.exists()
+    with open(path, "a", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+        f.flush()
+        os.fsync(f.fileno())

@@ -59,7 +59,11 @@ def e2e_gains_table(summary: pd.DataFrame, ours: str = OURS) -> pd.DataFrame:
 
 def latency_cdf(requests: pd.DataFrame) -> plt.Figure:
     """Per trace and rate: the CDF of end-to-end request latency, one line per backend."""
-    panels = sorted(requests.groupby(["trace", "rate"]).groups) if len(requests) else []
+    def order(panel):
+        trace, rate = panel
+        return trace, float(rate) if rate != "trace" else float("inf")
+
+    panels = sorted(requests.groupby(["trace", "rate"]).groups, key=order) if len(requests) else []
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(3.2 * max(len(panels), 1), 2.8), squeeze=False)
     for ax, (trace, rate) in zip(axes[0], panels):
         sub = requests[(requests["trace"] == trace) & (requests["rate"] == rate)]
@@ -70,6 +74,7 @@ def latency_cdf(requests: pd.DataFrame) -> plt.Figure:
         ax.set_xlabel("end-to-end latency (s)")
     axes[0][0].set_ylabel("fraction of requests")
     axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
     return fig
 
 
@@ -89,6 +94,7 @@ def latency_vs_rate(summary: pd.DataFrame) -> plt.Figure:
     axes[0][0].set_ylabel("mean TTFT (ms)")
     axes[1][0].set_ylabel("mean TPOT (ms)")
     axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
     return fig
 
 

@@ -165,11 +165,11 @@ def _bind(q, k, v, out, plan: CachePlan, softmax_scale: float, use_tma: bool) ->
     partial = Bound(_cache_attention_partial, grid, (
         o_part, lse_part, items, row_perm, row_limit, table, softmax_scale * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), table.stride(0)),
-        dict(NUM_HEADS=heads, GROUP=heads // kv_heads, PACK_GQA=plan.pack_gqa, HEAD_DIM=dim, BLOCK_M=plan.slots,
-             BLOCK_N=plan.block_n, PAGED=plan.layout == "paged", PAGE_SIZE=max(plan.page_size, 1),
-             DOT_F32=interpreter_needs_f32_dot(q.dtype), USE_TMA=use_tma),
-        dict(num_warps=plan.num_warps, num_stages=plan.num_stages))
+        {"NUM_HEADS": heads, "GROUP": heads // kv_heads, "PACK_GQA": plan.pack_gqa, "HEAD_DIM": dim,
+         "BLOCK_M": plan.slots, "BLOCK_N": plan.block_n, "PAGED": plan.layout == "paged",
+         "PAGE_SIZE": max(plan.page_size, 1), "DOT_F32": interpreter_needs_f32_dot(q.dtype), "USE_TMA": use_tma},
+        {"num_warps": plan.num_warps, "num_stages": plan.num_stages})
     merge = Bound(_merge_partials, (len(plan.row_perm), heads), (
         o_part, lse_part, merge_ptr, merge_idx, row_perm, out.stride(0), out.stride(1)),
-        dict(NUM_HEADS=heads, HEAD_DIM=dim, BLOCK_P=MERGE_BLOCK_P), dict(num_warps=1))
+        {"NUM_HEADS": heads, "HEAD_DIM": dim, "BLOCK_P": MERGE_BLOCK_P}, {"num_warps": 1})
     return partial, merge

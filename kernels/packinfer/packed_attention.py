@@ -162,7 +162,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     The launch is bound to the plan (launch.Bound): every layer of a batch reuses it."""
     if plan.num_tiles == 0:
         return
-    heads, kv_heads, dim = q.shape[1], k.shape[1], q.shape[2]
+    kv_heads, dim = k.shape[1], q.shape[2]
     if use_tma is None:
         use_tma = tma_available(q.device) and os.environ.get("PACKINFER_NO_TMA") != "1"
     if use_tma and (k.stride() != (kv_heads * dim, dim, 1) or v.stride() != k.stride()):
@@ -185,13 +185,13 @@ def _bind(q, k, v, out, plan: Plan, softmax_scale: float, use_tma: bool) -> Boun
     return Bound(_packed_attention_fwd, (plan.num_tiles * (kv_heads if plan.pack_gqa else heads),), (
         runs, tile_run, cu_q, cu_k, softmax_scale * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1)),
-        dict(NUM_HEADS=heads, GROUP=group, PACK_GQA=plan.pack_gqa, CAUSAL=plan.causal, HEAD_DIM=dim,
-             BLOCK_M=plan.block_m * (group if plan.pack_gqa else 1), BLOCK_N=plan.block_n, ROWS=plan.block_m,
-             DOT_F32=interpreter_needs_f32_dot(q.dtype), USE_TMA=use_tma),
-        dict(num_warps=plan.num_warps, num_stages=plan.num_stages))
+        {"NUM_HEADS": heads, "GROUP": group, "PACK_GQA": plan.pack_gqa, "CAUSAL": plan.causal, "HEAD_DIM": dim,
+         "BLOCK_M": plan.block_m * (group if plan.pack_gqa else 1), "BLOCK_N": plan.block_n, "ROWS": plan.block_m,
+         "DOT_F32": interpreter_needs_f32_dot(q.dtype), "USE_TMA": use_tma},
+        {"num_warps": plan.num_warps, "num_stages": plan.num_stages})
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tma_available(device: torch.device) -> bool:
     """Hopper or newer GPU (compute capability >= 9); asked once per device (the query costs host time per call)."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9

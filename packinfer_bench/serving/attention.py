@@ -149,9 +149,11 @@ class FlashInferAttention(ServingAttention):
         super().__init__(*args)
         import flashinfer
 
-        ws = lambda: torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)  # noqa: E731
-        self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws(), "NHD", use_tensor_cores=True)
-        self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws(), "NHD", backend="fa2")
+        def workspace() -> torch.Tensor:
+            return torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
+
+        self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace(), "NHD", use_tensor_cores=True)
+        self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace(), "NHD", backend="fa2")
 
     @staticmethod
     def available(device):

@@ -84,9 +84,10 @@ class Decoder:
 
         depth = (2 * cfg.num_layers) ** -0.5  # residual branches shrink with depth
         self.embed = torch.randn(cfg.vocab, h, generator=gen, device=self.device, dtype=dtype)
-        self.layers = [dict(norm1=torch.ones(h, device=self.device, dtype=dtype), qkv=weight(qkv_out, h),
-                            o=weight(h, cfg.num_heads * d, depth), norm2=torch.ones(h, device=self.device, dtype=dtype),
-                            gate_up=weight(2 * cfg.intermediate, h), down=weight(h, cfg.intermediate, depth))
+        self.layers = [{"norm1": torch.ones(h, device=self.device, dtype=dtype), "qkv": weight(qkv_out, h),
+                        "o": weight(h, cfg.num_heads * d, depth),
+                        "norm2": torch.ones(h, device=self.device, dtype=dtype),
+                        "gate_up": weight(2 * cfg.intermediate, h), "down": weight(h, cfg.intermediate, depth)}
                        for _ in range(cfg.num_layers)]
         self.norm = torch.ones(h, device=self.device, dtype=dtype)
         self.lm_head = weight(cfg.vocab, h)

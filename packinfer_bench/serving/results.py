@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from packinfer_bench.records import append_rows
 
 E2E_DIR = "e2e"
 SUMMARY_FILE, REQUESTS_FILE, ITERATIONS_FILE = "summary.csv", "requests.csv", "iterations.csv"
@@ -105,17 +106,8 @@ class E2EStore:
 
     def append(self, name: str, rows: Iterable[dict], fields: list[str] | None = None) -> None:
         rows = list(rows)
-        if not rows:
-            return
-        path = self.dir / name
-        new = not path.exists()
-        with open(path, "a", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=fields or list(rows[0]))
-            if new:
-                writer.writeheader()
-            writer.writerows(rows)
-            f.flush()
-            os.fsync(f.fileno())
+        if rows:
+            append_rows(self.dir / name, rows, fields or list(rows[0]))
 
     def _read(self, name: str) -> list[dict]:
         path = self.dir / name

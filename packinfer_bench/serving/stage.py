@@ -148,7 +148,7 @@ def _replay_one(model: Decoder, graphs: DecodeGraphs | None, scen: Scenario, ent
         reason = f"KV cache full at iteration {done_iterations} (budget {budget} tokens): {_first_line(e)}"
         log(f"  {backend}: error ({reason})")
         return dataclasses.replace(base, status="error", reason=reason, iterations=done_iterations)
-    except Exception as e:  # a backend failing must not lose the other replays
+    except Exception as e:  # noqa: BLE001 -- a backend failing must not lose the other replays
         store.append(ITERATIONS_FILE, rows)
         log(f"  {backend}: error {type(e).__name__}: {_first_line(e)}\n{traceback.format_exc(limit=4)}")
         return dataclasses.replace(base, status="error", reason=f"{type(e).__name__}: {_first_line(e)}",
