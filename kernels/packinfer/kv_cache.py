@@ -153,9 +153,11 @@ class _KVCacheBase:
         layered = all_layers and self.num_layers > 1
         for name, t in (("k", k), ("v", v)):
             shape = tuple(getattr(t, "shape", ()))
-            ok = isinstance(t, torch.Tensor) and (
-                shape[1:] == (*want,) and t.dim() == 3 if not layered else
-                t.dim() == 4 and shape[0] == self.num_layers and shape[2:] == want)
+            if layered:
+                ok = len(shape) == 4 and shape[0] == self.num_layers and shape[2:] == want
+            else:
+                ok = len(shape) == 3 and shape[1:] == want
+            ok = ok and isinstance(t, torch.Tensor)
             if not ok:
                 lead = f"{self.num_layers}, tokens" if layered else "tokens"
                 raise KVCacheError(f"{what}: {name} must be [{lead}, {want[0]}, {want[1]}], got {shape}")
