@@ -127,8 +127,7 @@ def run_replay(name: str, batches: list[Batch], headrooms: list[int], shape, dev
 def reference_error(q: torch.Tensor, cache, b: Batch, out: torch.Tensor) -> float:
     """Relative L2 error of `out` against float32 attention over each request's K/V read back from the cache."""
     ks, vs = zip(*(cache.read(r) for r in b.request_ids.tolist()))
-    cu_q = torch.from_numpy(np.concatenate([[0], np.cumsum(b.q_lens)])).to(torch.int32)
-    cu_k = torch.from_numpy(np.concatenate([[0], np.cumsum(b.kv_lens)])).to(torch.int32)
+    cu_q, cu_k = (torch.from_numpy(c) for c in b.cu_seqlens())
     ref = packinfer.reference_varlen_attention(q.float(), torch.cat(ks).float(), torch.cat(vs).float(), cu_q, cu_k)
     return float((out.float() - ref).norm() / ref.norm())
 

@@ -124,9 +124,7 @@ class CacheFollower:
         self.rows = np.concatenate(rows).astype(np.int64)
         self.slots = np.concatenate(slots).astype(np.int64)
         if write and len(self.rows):
-            positions = np.concatenate([np.arange(kv - q, kv) for q, kv in zip(batch.q_lens.tolist(),
-                                                                                batch.kv_lens.tolist())])
-            cache.write(self.slots, *self._kv(np.concatenate(keys), positions[self.rows]))
+            cache.write(self.slots, *self._kv(np.concatenate(keys), batch.query_positions()[self.rows]))
         return cost
 
     def retire(self, i: int, batch: Batch) -> None:

@@ -16,14 +16,16 @@ attend over each request's cached tokens.
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 
 import numpy as np
 import packinfer
 import torch
 
-from packinfer_bench.backends.base import needs_cuda
+from packinfer_bench.backends import fa2
+from packinfer_bench.backends import flashinfer as flashinfer_backend
+from packinfer_bench.backends import packinfer as packinfer_backend
+from packinfer_bench.backends.kv_layouts import page_table
 from packinfer_bench.backends.packinfer import DECODE_MAX_Q
 from packinfer_bench.workload import Batch
 
@@ -112,10 +114,7 @@ class Fa2Attention(ServingAttention):
             self._paged_fn = None
             self.layout, self.share_prefixes, self.kv_access = "grouped", False, "contiguous-slots"
 
-    @staticmethod
-    def available(device):
-        return needs_cuda(device, "flash_attn", "torch.nn.attention.varlen",
-                          missing="neither flash-attn nor PyTorch's FA2 (torch >= 2.9) is installed")
+    available = staticmethod(fa2.BACKEND.available)
 
     def begin(self, step):
         super().begin(step)
@@ -124,7 +123,7 @@ class Fa2Attention(ServingAttention):
         self._max = int(b.q_lens.max()), int(b.kv_lens.max())
         view = step.cache.view(self._request_order())
         if self._paged_fn is not None:
-            self._cu_k = torch.from_numpy(np.concatenate([[0], np.cumsum(b.kv_lens)]).astype(np.int32)).to(dev)
+            self._cu_k = torch.from_numpy(b.cu_seqlens()[1]).to(dev)
             self._table = torch.from_numpy(view.block_table).to(dev)
         else:
             starts = np.concatenate([view.own_addr, [step.cache.capacity_tokens]]).astype(np.int32)
@@ -155,14 +154,9 @@ class FlashInferAttention(ServingAttention):
         self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace(), "NHD", use_tensor_cores=True)
         self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace(), "NHD", backend="fa2")
 
-    @staticmethod
-    def available(device):
-        return needs_cuda(device, "flashinfer",
-                          missing="flashinfer is not installed (pip install packinfer-bench[flashinfer])")
+    available = staticmethod(flashinfer_backend.BACKEND.available)
 
     def begin(self, step):
-        from packinfer_bench.backends.kv_layouts import page_table
-
         super().begin(step)
         view = step.cache.view(self._request_order())
         indptr, indices, last = page_table(view, device=self.device)
@@ -184,11 +178,7 @@ class FlashInferAttention(ServingAttention):
 class PackinferAttention(ServingAttention):
     name, layout = "packinfer", "grouped"
 
-    @staticmethod
-    def available(device):
-        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-            return "on the CPU Triton kernels need TRITON_INTERPRET=1 (set before triton is imported)"
-        return None
+    available = staticmethod(packinfer_backend.BACKEND.available)
 
     def begin(self, step):
         super().begin(step)

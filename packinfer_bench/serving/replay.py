@@ -68,7 +68,7 @@ def make_cache(attention: ServingAttention, model: Decoder, capacity_tokens: int
 def token_ids(batch: Batch, vocab: int) -> tuple[np.ndarray, np.ndarray]:
     """(token ids, positions) of the batch's new rows: ids hashed from (sequence, position), the sequence being
     the shared prefix for positions inside it, so prefix tokens are the same in every request of a group."""
-    pos = np.concatenate([np.arange(kv - q, kv) for q, kv in zip(batch.q_lens.tolist(), batch.kv_lens.tolist())])
+    pos = batch.query_positions()
     rid = np.repeat(batch.request_ids, batch.q_lens)
     pid, plen = np.repeat(batch.prefix_ids, batch.q_lens), np.repeat(batch.prefix_lens, batch.q_lens)
     key = np.where((pid >= 0) & (pos < plen), -1 - pid, rid)
@@ -106,7 +106,7 @@ def replay(model: Decoder, schedule: Sequence[Batch], attention: ServingAttentio
         t0 = clock()
         cost = follower.step(i, batch, write=False)
         ids, pos = token_ids(batch, model.cfg.vocab)
-        cu_q = np.concatenate([[0], np.cumsum(batch.q_lens)]).astype(np.int32)
+        cu_q = batch.cu_seqlens()[0]
         all_rows = len(follower.rows) == len(ids) and (follower.rows == np.arange(len(ids))).all()
         rows = None if all_rows else torch.from_numpy(follower.rows).to(dev)
         attention.begin(Step(batch, cache, rows, torch.from_numpy(follower.slots).to(dev), cu_q))

@@ -25,7 +25,7 @@ from packinfer_bench.serving.replay import cache_capacity, make_cache, replay
 from packinfer_bench.serving.results import ITERATIONS_FILE, REQUESTS_FILE, E2ERecord, E2EStore
 from packinfer_bench.traces import Trace
 from packinfer_bench.workload import Batch, continuous_batches
-from packinfer_bench.workload.continuous import ContinuousSpec, arrival_times
+from packinfer_bench.workload.continuous import ContinuousSpec, replayed_requests
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 #: Sampled rows whose final hidden state is further than this (relative L2) from the reference's: `incorrect`.
@@ -46,10 +46,7 @@ class Scenario:
 
 def scenario(trace: Trace, spec: ContinuousSpec) -> Scenario:
     schedule = list(continuous_batches(trace, spec))
-    df = trace.requests.iloc[spec.start:]
-    if spec.num_requests is not None:
-        df = df.iloc[:spec.num_requests]
-    times = arrival_times(trace, spec, len(df))
+    df, times = replayed_requests(trace, spec)
     arrivals = {int(r): float(t) for r, t in zip(df["request_id"], times)}
     expected = {int(r): int(o) for r, o in zip(df["request_id"], df["output_len"])}
     seen = {r for b in schedule for r in b.request_ids.tolist()}

@@ -71,6 +71,10 @@ class Batch:
         return (np.concatenate([zero, np.cumsum(self.q_lens)]).astype(np.int32),
                 np.concatenate([zero, np.cumsum(self.kv_lens)]).astype(np.int32))
 
+    def query_positions(self) -> np.ndarray:
+        """Position in its sequence of every query row, requests in order (the last q_len of each kv_len)."""
+        return np.concatenate([np.arange(kv - q, kv) for q, kv in zip(self.q_lens.tolist(), self.kv_lens.tolist())])
+
     def causal_pairs(self) -> int:
         """(query, key) pairs attended under bottom-right causal masking; FLOPs = 4 * pairs * heads * head_dim."""
         q, kv = self.q_lens, self.kv_lens

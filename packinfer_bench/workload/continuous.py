@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 
 from packinfer_bench.errors import ConfigError
 from packinfer_bench.traces import Trace
@@ -98,15 +99,20 @@ def arrival_times(trace: Trace, spec: ContinuousSpec, n: int) -> np.ndarray:
     return (t - t[0]) * spec.time_scale
 
 
-def continuous_batches(trace: Trace, spec: ContinuousSpec) -> Iterator[Batch]:
-    """Yield one Batch per scheduler iteration, with `iteration`, modelled start `time_s` and `sampled` (which
-    requests emit an output token: their last prompt chunk or a decode step)."""
+def replayed_requests(trace: Trace, spec: ContinuousSpec) -> tuple[pd.DataFrame, np.ndarray]:
+    """The trace rows the spec replays and their arrival times (seconds from the first)."""
     df = trace.requests.iloc[spec.start:]
     if spec.num_requests is not None:
         df = df.iloc[:spec.num_requests]
     if len(df) == 0:
         raise ConfigError(f"start={spec.start} is past the end of trace {trace.name!r} ({len(trace)} rows)")
-    arrivals = arrival_times(trace, spec, len(df))
+    return df, arrival_times(trace, spec, len(df))
+
+
+def continuous_batches(trace: Trace, spec: ContinuousSpec) -> Iterator[Batch]:
+    """Yield one Batch per scheduler iteration, with `iteration`, modelled start `time_s` and `sampled` (which
+    requests emit an output token: their last prompt chunk or a decode step)."""
+    df, arrivals = replayed_requests(trace, spec)
     pending = deque(_Request(int(r.request_id), float(t), int(r.prompt_len), int(r.output_len), int(r.prefix_id),
                              int(r.prefix_len)) for r, t in zip(df.itertuples(), arrivals))
     waiting: deque[_Request] = deque()
