@@ -1,0 +1,11 @@
+"""The names of the files in a run folder (results/<experiment>/<run-id>/), defined once."""
+
+CONFIG_FILE = "config.yaml"
+ENV_FILE = "env.json"
+TRACES_FILE = "traces.json"
+BATCHES_FILE = "batches.jsonl"
+WORKLOAD_FILE = "workload.csv"
+RECORDS_FILE = "records.csv"
+ANALYTIC_FILE = "analytic.csv"
+E2E_DIR = "e2e"
+SUMMARY_FILE, REQUESTS_FILE, ITERATIONS_FILE = "summary.csv", "requests.csv", "iterations.csv"
