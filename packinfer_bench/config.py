@@ -14,7 +14,7 @@ import yaml
 
 from packinfer_bench.backends import BACKENDS
 from packinfer_bench.errors import ConfigError
-from packinfer_bench.serving.model import preset
+from packinfer_bench.models import preset
 from packinfer_bench.workload import ContinuousSpec, StaticSpec
 
 HEAD_DIMS = (64, 128, 256)

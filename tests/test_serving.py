@@ -16,7 +16,8 @@ from packinfer_bench.experiment import run_experiment
 from packinfer_bench.kv_follow import peak_tokens
 from packinfer_bench.serving.attention import PackinferAttention, ReferenceAttention
 from packinfer_bench.serving.metrics import request_latencies, summarize, timeline
-from packinfer_bench.serving.model import PRESETS, Decoder, preset
+from packinfer_bench.models import PRESETS, preset
+from packinfer_bench.serving.model import Decoder
 from packinfer_bench.serving.replay import cache_capacity, make_cache, replay
 from packinfer_bench.serving.stage import _compare, scenario
 from packinfer_bench.traces.synthetic import load as synthetic

@@ -20,7 +20,8 @@ from packinfer_bench.kv_follow import peak_tokens
 from packinfer_bench.serving.attention import ATTENTIONS, ReferenceAttention
 from packinfer_bench.serving.graphs import DecodeGraphs
 from packinfer_bench.serving.metrics import request_latencies, summarize, timeline
-from packinfer_bench.serving.model import Decoder, preset
+from packinfer_bench.models import preset
+from packinfer_bench.serving.model import Decoder
 from packinfer_bench.serving.replay import cache_capacity, make_cache, replay
 from packinfer_bench.serving.results import ITERATIONS_FILE, REQUESTS_FILE, E2ERecord, E2EStore
 from packinfer_bench.traces import Trace
