@@ -19,7 +19,7 @@ from packinfer_bench.analytic import predict
 from packinfer_bench.backends.packinfer import DECODE_MAX_Q
 from packinfer_bench.config import load_config
 from packinfer_bench.experiment import read_batches
-from packinfer_bench.records import RECORDS_FILE
+from packinfer_bench.run_folder import RECORDS_FILE
 
 
 def compare(run: Path, sms: int) -> pd.DataFrame:

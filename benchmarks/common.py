@@ -16,7 +16,7 @@ import torch
 from packinfer_bench import envinfo
 from packinfer_bench.backends import Backend
 from packinfer_bench.config import ShapeConfig
-from packinfer_bench.records import Record, RecordStore
+from packinfer_bench.run_folder.records import Record, RecordStore
 from packinfer_bench.reference import reference_attention
 from packinfer_bench.runner import make_inputs, measure_one, record_base
 from packinfer_bench.timing import Timer

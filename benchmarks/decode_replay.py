@@ -27,9 +27,9 @@ import packinfer
 import torch
 from common import GPU_SHAPE, SMOKE_SHAPE, write_env
 
-from packinfer_bench.backends.kv_layouts import PAGE_SIZE
+from packinfer_bench.backends.base import PAGE_SIZE
 from packinfer_bench.backends.packinfer import DECODE_MAX_Q  # decode iterations take cache attention
-from packinfer_bench.kv_follow import CacheFollower, peak_tokens
+from packinfer_bench.serving.kv_follow import CacheFollower, peak_tokens
 from packinfer_bench.timing import Timer
 from packinfer_bench.traces import load_trace
 from packinfer_bench.workload import Batch

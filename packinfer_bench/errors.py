@@ -11,3 +11,9 @@ class TraceError(PackinferBenchError, ValueError):
 
 class ConfigError(PackinferBenchError, ValueError):
     """An experiment config is invalid (message names the key, the bad value and what is allowed)."""
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """An exception's first message line, cut to `limit` characters, for a record's reason."""
+    lines = str(error).splitlines()
+    return lines[0][:limit] if lines else ""

@@ -1,39 +1,34 @@
 """Running an experiment: load its traces, replay its workloads into batches, write them to the run folder,
 then (unless a dry run) measure every batch through every backend.
 
-A run folder (results/<experiment>/<run-id>/) holds config.yaml (the resolved config), env.json, traces.json
-(what each trace is), batches.jsonl (every batch with its lengths, appended as it is made), workload.csv
-(one row of statistics per batch) and records.csv (one row per batch, shape, backend and variant), or with
-device: analytic, analytic.csv (predicted per-SM balance of FA2's grid and the packinfer plan; no GPU needed);
-and e2e/ for the end-to-end replays (packinfer_bench.serving). Writing is incremental, and --resume skips what a
-folder already holds.
+A run folder (results/<experiment>/<run-id>/) holds config.yaml (the resolved config, with its hash), env.json
+(the first session's environment; every session's in sessions.jsonl), traces.json (what each trace is),
+batches.jsonl (every batch with its lengths, appended as it is made), workload.csv (one row of statistics per
+batch) and records.csv (one row per batch, shape, backend and variant), or with device: analytic, analytic.csv
+(predicted per-SM balance of FA2's grid and the packinfer plan; no GPU needed); and e2e/ for the end-to-end
+replays (packinfer_bench.serving). Files are written through packinfer_bench.run_folder: append only, one writer
+at a time, and --resume skips what a folder already holds (with the same config only).
 """
 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
 from packinfer_bench import envinfo
 from packinfer_bench.analytic import write_predictions
 from packinfer_bench.config import ExperimentConfig, TraceConfig
 from packinfer_bench.errors import PackinferBenchError
-from packinfer_bench.records import RECORDS_FILE
+from packinfer_bench.run_folder import (ANALYTIC_FILE, BATCHES_FILE, E2E_DIR, RECORDS_FILE, TRACES_FILE,
+                                        WORKLOAD_FILE, JsonLines, new_run_path, open_run_folder, write_atomic)
 from packinfer_bench.runner import measure, pick_device
-from packinfer_bench.serving.results import E2E_DIR
 from packinfer_bench.serving.stage import run_e2e
 from packinfer_bench.traces import Trace, load_trace
 from packinfer_bench.workload import Batch, continuous_batches, static_batches
-
-BATCHES_FILE = "batches.jsonl"
-WORKLOAD_FILE = "workload.csv"
-ANALYTIC_FILE = "analytic.csv"
 
 
 @dataclass
@@ -45,21 +40,17 @@ class RunSummary:
 
 
 def run_dir(config: ExperimentConfig, out: str | Path | None, resume: bool) -> Path:
-    """The run folder: `out` if given, else a new timestamped one (or, with resume, the latest one)."""
+    """The run folder: `out` if given, else a new, uniquely named one (or, with resume, the latest one)."""
     if out is not None:
-        path = Path(out)
-        if path.exists() and any(path.iterdir()) and not resume:
-            raise PackinferBenchError(f"output folder {path} is not empty: pass --resume to continue it, "
-                                      "or another --out")
-        return path
+        return Path(out)
     base = Path(config.output.dir) / config.name
     if resume:
         runs = sorted(p for p in base.glob("*") if (p / BATCHES_FILE).exists() or (p / E2E_DIR).exists()) \
-            if base.exists() else []
+            if base.is_dir() else []
         if not runs:
             raise PackinferBenchError(f"--resume: no earlier run of {config.name!r} under {base}")
         return runs[-1]
-    return base / time.strftime("%Y%m%d-%H%M%S")
+    return new_run_path(base)
 
 
 def experiment_batches(config: ExperimentConfig, traces: dict[str, Trace]) -> Iterator[Batch]:
@@ -83,44 +74,45 @@ def run_experiment(config: ExperimentConfig, out: str | Path | None = None, *, d
                    log: Callable[[str], None] = print) -> RunSummary:
     """Replay the experiment's workloads into its run folder and measure them (with dry_run, stop there), then
     run its end-to-end replays; only='kernel' or 'e2e' runs one of the two stages."""
-    out_dir = run_dir(config, out, resume)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
-    (out_dir / "env.json").write_text(json.dumps(envinfo.collect(), indent=2) + "\n", encoding="utf-8")
-    traces = load_traces(config.traces)
-    (out_dir / "traces.json").write_text(
-        json.dumps({n: {**t.describe(), "notes": t.notes} for n, t in traces.items()}, indent=2, default=str) + "\n",
-        encoding="utf-8")
-    for name, trace in traces.items():
-        log(f"trace {name}: {len(trace)} requests ({trace.kind}, tokenizer: {trace.tokenizer})")
+    traces = load_traces(config.traces)  # bad traces fail before anything is written
+    with open_run_folder(run_dir(config, out, resume), config.to_dict(), envinfo.collect(), resume=resume,
+                         log=log) as folder:
+        out_dir = folder.path
+        write_atomic(out_dir / TRACES_FILE, json.dumps({n: {**t.describe(), "notes": t.notes} for n, t in
+                                                        traces.items()}, indent=2, default=str) + "\n")
+        for name, trace in traces.items():
+            log(f"trace {name}: {len(trace)} requests ({trace.kind}, tokenizer: {trace.tokenizer})")
 
-    summary = RunSummary(out_dir=out_dir, batches_new=0, batches_kept=0, measured=False)
-    if only != "e2e":
-        summary = _kernel_stage(config, out_dir, traces, dry_run, log)
-    if config.e2e and only != "kernel" and not dry_run and config.device != "analytic":
-        counts = run_e2e(config, out_dir, traces, pick_device(config), log=log)
-        log("e2e: " + ", ".join(f"{n} {status}" for status, n in counts.items()) + f" -> {out_dir / E2E_DIR}")
-        summary.measured = True
-    return summary
+        summary = RunSummary(out_dir=out_dir, batches_new=0, batches_kept=0, measured=False)
+        if only != "e2e":
+            summary = _kernel_stage(config, out_dir, traces, dry_run, log)
+        if config.e2e and only != "kernel" and not dry_run and config.device != "analytic":
+            counts = run_e2e(config, out_dir, traces, pick_device(config), log=log)
+            log("e2e: " + ", ".join(f"{n} {status}" for status, n in counts.items()) + f" -> {out_dir / E2E_DIR}")
+            summary.measured = True
+        return summary
 
 
 def _kernel_stage(config: ExperimentConfig, out_dir: Path, traces: dict[str, Trace], dry_run: bool,
                   log: Callable[[str], None]) -> RunSummary:
     done = stored_batch_ids(out_dir)
     new = kept = 0
-    with open(out_dir / BATCHES_FILE, "a", encoding="utf-8") as f:
-        for batch in experiment_batches(config, traces):
-            if batch.batch_id in done:
-                kept += 1
-                continue
-            f.write(json.dumps(batch.to_record()) + "\n")
-            f.flush()
-            new += 1
+    store, pending = JsonLines(out_dir / BATCHES_FILE), []
+    for batch in experiment_batches(config, traces):
+        if batch.batch_id in done:
+            kept += 1
+            continue
+        pending.append(batch.to_record())
+        new += 1
+        if len(pending) >= 256:
+            store.append(pending)
+            pending.clear()
+    store.append(pending)
     batches = read_batches(out_dir)
     if not batches:
         return RunSummary(out_dir=out_dir, batches_new=0, batches_kept=0, measured=False)
     stats = workload_stats(batches)
-    stats.to_csv(out_dir / WORKLOAD_FILE, index=False)
+    write_atomic(out_dir / WORKLOAD_FILE, stats.to_csv(index=False))
     log(f"workload: {new} new batch(es), {kept} already stored -> {out_dir / WORKLOAD_FILE}")
     for (workload, phase), group in stats.groupby([stats["batch_id"].str.split("/").str[0], "phase"]):
         log(f"  {workload:<24} {phase:<8} {len(group):5d} batches, batch size {group['batch_size'].min()}-"
@@ -138,25 +130,24 @@ def _kernel_stage(config: ExperimentConfig, out_dir: Path, traces: dict[str, Tra
 
 
 def stored_batch_ids(out_dir: Path) -> set[str]:
-    """Batch ids already written to a run folder; a line cut short by an interrupted write is dropped."""
-    path = out_dir / BATCHES_FILE
-    if not path.exists():
-        return set()
-    ids, good = set(), []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            ids.add(json.loads(line)["batch_id"])
-            good.append(line)
-        except (json.JSONDecodeError, KeyError):
-            continue
-    path.write_text("".join(g + "\n" for g in good), encoding="utf-8")
-    return ids
+    """Batch ids already written to a run folder (unreadable lines are skipped, never rewritten)."""
+    return {b.batch_id for b in read_batches(out_dir)}
 
 
 def read_batches(out_dir: Path) -> list[Batch]:
-    """The batches stored in a run folder, in the order they were made."""
-    path = out_dir / BATCHES_FILE
-    return [Batch.from_record(json.loads(line)) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    """The batches stored in a run folder, in the order they were made (the first copy of an id)."""
+    items, _ = JsonLines(out_dir / BATCHES_FILE).read()
+    batches, seen = [], set()
+    for n, item in enumerate(items):
+        try:
+            batch = Batch.from_record(item)
+        except (KeyError, TypeError, ValueError) as e:
+            raise PackinferBenchError(f"{out_dir / BATCHES_FILE}: batch {n} is not a batch record ({e}); start a "
+                                      "new run folder") from None
+        if batch.batch_id not in seen:
+            seen.add(batch.batch_id)
+            batches.append(batch)
+    return batches
 
 
 def workload_stats(batches: list[Batch]) -> pd.DataFrame:

@@ -1,12 +1,15 @@
-"""The float32 reference every backend's output is checked against (bottom-right causal, per request)."""
+"""The float32 references every backend's output is checked against (bottom-right causal, per request): on a
+batch's inputs (kernel level), and inside a serving forward pass over a KV cache (end to end)."""
 
 from __future__ import annotations
 
+import numpy as np
 import packinfer
 import torch
 import torch.nn.functional as F
 
-from packinfer_bench.backends.base import Inputs
+from packinfer_bench.backends.base import Inputs, ServingAttention
+from packinfer_bench.config import REFERENCE
 
 
 def reference_attention(x: Inputs) -> torch.Tensor:
@@ -30,3 +33,21 @@ def reference_attention(x: Inputs) -> torch.Tensor:
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=n_q == n_k)
         out[cu_q[i]:cu_q[i + 1]] = o[0].transpose(0, 1)
     return out
+
+
+class ReferenceAttention(ServingAttention):
+    """The serving yardstick: float32, one request at a time, K/V gathered from the grouped cache (slow)."""
+
+    name, layout = REFERENCE, "grouped"
+
+    def begin(self, step: Step) -> None:
+        super().begin(step)
+        addr = [step.cache.addresses(r) for r in self._request_order()]
+        self._gather = torch.from_numpy(np.concatenate(addr)).to(self.device)
+        self._cu_k = np.concatenate([[0], np.cumsum([len(a) for a in addr])])
+
+    def attend(self, layer, q):
+        c = self.step.cache
+        k, v = c.k_pools[layer][self._gather], c.v_pools[layer][self._gather]
+        out = packinfer.reference_varlen_attention(q, k, v, self.step.cu_q, self._cu_k)
+        return out.to(q.dtype)

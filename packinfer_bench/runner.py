@@ -14,15 +14,14 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from packinfer_bench.backends import BACKENDS, AttentionShape, Backend, Inputs, NotApplicable
+from packinfer_bench.backends import BACKENDS, DTYPES, AttentionShape, Backend, Inputs, NotApplicable
 from packinfer_bench.config import ExperimentConfig, ShapeConfig
-from packinfer_bench.errors import ConfigError
-from packinfer_bench.records import Record, RecordStore
+from packinfer_bench.errors import ConfigError, first_line
+from packinfer_bench.run_folder.records import Record, RecordStore
 from packinfer_bench.reference import reference_attention
 from packinfer_bench.timing import Timer
 from packinfer_bench.workload import Batch
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 #: An output whose relative L2 error to the float32 reference exceeds this is `incorrect` (bf16 lands near 2e-3).
 MAX_REL_ERR = 2e-2
 
@@ -50,12 +49,6 @@ def make_inputs(batch: Batch, shape: ShapeConfig, device: torch.device, seed: in
             k[dst:dst + length], v[dst:dst + length] = k[src:src + length], v[src:src + length]
     return Inputs(batch=batch, shape=AttentionShape(shape.num_heads, shape.num_kv_heads, shape.head_dim, dtype),
                   q=q, k=k, v=v, cu_q=cu_q.to(device), cu_k=cu_k.to(device), cu_q_cpu=cu_q, cu_k_cpu=cu_k)
-
-
-def first_line(error: BaseException, limit: int = 200) -> str:
-    """An exception's first message line, cut to `limit` characters, for a record's reason."""
-    lines = str(error).splitlines()
-    return lines[0][:limit] if lines else ""
 
 
 def record_base(batch: Batch, shape: ShapeConfig) -> dict:

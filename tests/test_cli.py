@@ -8,8 +8,8 @@ from click.testing import CliRunner
 from conftest import FIXTURES, REPO
 
 from packinfer_bench.cli import main
-from packinfer_bench.experiment import BATCHES_FILE, WORKLOAD_FILE
-from packinfer_bench.records import RECORDS_FILE
+from packinfer_bench.run_folder import BATCHES_FILE, WORKLOAD_FILE
+from packinfer_bench.run_folder import RECORDS_FILE
 
 SMOKE = str(REPO / "experiments" / "smoke.yaml")
 

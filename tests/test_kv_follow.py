@@ -6,7 +6,7 @@ import pytest
 import torch
 from packinfer import make_cache
 
-from packinfer_bench.kv_follow import CacheFollower, peak_tokens, sequence_kv
+from packinfer_bench.serving.kv_follow import CacheFollower, peak_tokens, sequence_kv
 from packinfer_bench.traces.synthetic import load as synthetic
 from packinfer_bench.workload import Batch
 from packinfer_bench.workload.continuous import ContinuousSpec, continuous_batches

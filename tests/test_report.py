@@ -11,16 +11,20 @@ from conftest import REPO
 
 from packinfer_bench.cli import main
 from packinfer_bench.errors import PackinferBenchError
-from packinfer_bench.records import FIELDS, RECORDS_FILE
 from packinfer_bench.report import (
     ablation_table,
     compare_table,
     correctness_table,
+    e2e_gains_table,
+    load_e2e,
     load_records,
     plan_cost_table,
     speedup_table,
     write_report,
 )
+from packinfer_bench.run_folder import RECORDS_FILE, REQUESTS_FILE
+from packinfer_bench.run_folder.e2e import E2ERecord, E2EStore
+from packinfer_bench.run_folder.records import FIELDS
 
 
 def _record(batch, backend, variant, status="ok", kernel_ms=None, phase="prefill", rel_err=1e-3):
@@ -152,8 +156,6 @@ def test_the_paper_figures_notebook_runs_top_to_bottom(run, tmp_path):
 def _e2e_run(tmp_path):
     """A run folder with end-to-end replays only: two traces x one rate, packinfer ok everywhere, fa2 ok,
     flashinfer skipped on one trace and incorrect on the other."""
-    from packinfer_bench.serving.results import REQUESTS_FILE, E2ERecord, E2EStore
-
     store = E2EStore(tmp_path)
     rows = [("sharegpt", "fa2", "ok", 1000.0, 2000.0), ("sharegpt", "packinfer", "ok", 800.0, 2500.0),
             ("sharegpt", "flashinfer", "skipped", None, None), ("azure", "fa2", "ok", 500.0, 4000.0),
@@ -170,8 +172,6 @@ def _e2e_run(tmp_path):
 
 
 def test_e2e_gains_pair_only_ok_replays_of_the_same_schedule(tmp_path):
-    from packinfer_bench.report_e2e import e2e_gains_table, load_e2e
-
     summary, _ = load_e2e(_e2e_run(tmp_path))
     gains = e2e_gains_table(summary).set_index(["trace", "baseline"])
     assert sorted(gains.index) == [("azure", "fa2"), ("sharegpt", "fa2")]  # skipped / incorrect never paired

@@ -13,7 +13,8 @@ from packinfer_bench.backends import BACKENDS, Backend
 from packinfer_bench.backends.packinfer import PACKINFER_VARIANTS
 from packinfer_bench.config import ShapeConfig, load_config
 from packinfer_bench.experiment import read_batches, run_experiment
-from packinfer_bench.records import FIELDS, RECORDS_FILE, Record
+from packinfer_bench.run_folder import RECORDS_FILE
+from packinfer_bench.run_folder.records import FIELDS, Record
 from packinfer_bench.reference import reference_attention
 from packinfer_bench.runner import make_inputs
 from packinfer_bench.timing import Timer

@@ -1,5 +1,6 @@
 """What a backend is: a named attention implementation with variants, a cheap availability check, a prepare
-step (layouts, plans: timed apart as plan cost) and a run step (the timed part)."""
+step (layouts, plans: timed apart as plan cost) and a run step (the timed part), and its attention inside a
+serving forward pass (ServingAttention, over its own KV cache)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,15 @@ import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from packinfer_bench.workload import Batch
+
+#: The config's dtype names.
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+#: Tokens per block of the paged KV layout (vLLM's default), for FlashInfer and packinfer's paged variant.
+PAGE_SIZE = 16
 
 
 @dataclass
@@ -52,15 +59,63 @@ class NotApplicable(Exception):
     the runner records it `skipped` with this message."""
 
 
+@dataclass
+class Step:
+    """One serving iteration as attention sees it: the batch, the cache, and which query rows store their K/V
+    where."""
+
+    batch: Batch
+    cache: object
+    rows: torch.Tensor | None  # query rows to store (None: all of them, in order)
+    slots: torch.Tensor  # token addresses of those rows
+    cu_q: np.ndarray  # int32 [B + 1]
+
+
+class ServingAttention:
+    """A backend's attention inside a serving forward pass, over its own KV cache: begin(step) plans the
+    iteration once (CPU), then every layer calls it; it stores the layer's new K/V at the step's slots and
+    attends (attend()). layout / page_size: the KV cache it reads (packinfer.make_cache); kv_access: how, as the
+    e2e summary reports it; share_prefixes: requests of a prefix group read one stored copy of it."""
+
+    name = ""
+    layout = "paged"
+    page_size = PAGE_SIZE
+    kv_access = "cache"
+    share_prefixes = True
+
+    def __init__(self, device: torch.device, num_heads: int, num_kv_heads: int, head_dim: int):
+        self.device, self.num_heads, self.num_kv_heads, self.head_dim = device, num_heads, num_kv_heads, head_dim
+        self.step: Step | None = None
+
+    def begin(self, step: Step) -> None:
+        self.step = step
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        s = self.step
+        if s.rows is not None:
+            k, v = k[s.rows], v[s.rows]
+        s.cache.write(s.slots, k, v, layer=layer)
+        return self.attend(layer, q)
+
+    def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _request_order(self) -> list[int]:
+        return self.step.batch.request_ids.tolist()
+
+
 @dataclass(frozen=True)
 class Backend:
-    """name and variants as they appear in records; available(device) returns None or the reason it cannot run;
-    prepare(inputs, variant) returns the timed callable, which returns out like q (causal attention)."""
+    """Everything the harness knows about one attention implementation. name and variants as they appear in
+    records; available(device) returns None or the reason it cannot run; prepare(inputs, variant) returns the
+    kernel-level timed callable, which returns out like q (causal attention); serving: its attention inside a
+    serving forward pass (None: the backend takes no part in end-to-end replays)."""
 
     name: str
     variants: tuple[str, ...]
     available: Callable[[torch.device], str | None]
     prepare: Callable[[Inputs, str], Callable[[], torch.Tensor]]
+    serving: type[ServingAttention] | None = None
 
 
 def needs_cuda(device: torch.device, *modules: str, missing: str = "") -> str | None:

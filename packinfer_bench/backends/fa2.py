@@ -1,13 +1,21 @@
 """FlashAttention-2 varlen: the flash-attn package when installed, else PyTorch's built-in FA2 kernel
-(torch.nn.attention.varlen.varlen_attn, torch >= 2.9)."""
+(torch.nn.attention.varlen.varlen_attn, torch >= 2.9).
+
+Serving: flash-attn installed: flash_attn_varlen_func over the paged cache (block table, 256-token pages). Else
+PyTorch's built-in FA2 (aten._flash_attention_forward, which has no block table): each request one contiguous
+extent of the grouped layout, read in place through cu_seqlens_k = its start and seqused_k = its length, no
+prefix sharing (FA2 reads one range per request); the e2e summary says which (`kv_access`)."""
 
 from __future__ import annotations
 
 import inspect
 
+import numpy as np
 import torch
 
-from packinfer_bench.backends.base import Backend, Inputs, needs_cuda
+from packinfer_bench.backends.base import Backend, Inputs, ServingAttention, needs_cuda
+
+FA2_PAGE = 256  # FlashAttention-2's paged KV needs a multiple of 256 tokens per page
 
 
 def _available(device: torch.device) -> str | None:
@@ -34,4 +42,45 @@ def _prepare(x: Inputs, variant: str):
     return lambda: varlen_attn(x.q, k, v, x.cu_q, x.cu_k, x.max_q, x.max_k, **kwargs)
 
 
-BACKEND = Backend("fa2", ("varlen",), _available, _prepare)
+class Fa2Attention(ServingAttention):
+    """FA2 over the serving cache: paged with flash-attn, else contiguous extents (see the module's docstring)."""
+
+    name = "fa2"
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        try:
+            from flash_attn import flash_attn_varlen_func
+
+            self._paged_fn = flash_attn_varlen_func
+            self.layout, self.page_size, self.kv_access = "paged", FA2_PAGE, "paged"
+        except ImportError:
+            self._paged_fn = None
+            self.layout, self.share_prefixes, self.kv_access = "grouped", False, "contiguous-slots"
+
+    def begin(self, step):
+        super().begin(step)
+        b, dev = step.batch, self.device
+        self._cu_q = torch.from_numpy(step.cu_q).to(dev)
+        self._max = int(b.q_lens.max()), int(b.kv_lens.max())
+        view = step.cache.view(self._request_order())
+        if self._paged_fn is not None:
+            self._cu_k = torch.from_numpy(b.cu_seqlens()[1]).to(dev)
+            self._table = torch.from_numpy(view.block_table).to(dev)
+        else:
+            starts = np.concatenate([view.own_addr, [step.cache.capacity_tokens]]).astype(np.int32)
+            self._cu_k = torch.from_numpy(starts).to(dev)
+            self._used = torch.from_numpy(view.kv_lens.astype(np.int32)).to(dev)
+
+    def attend(self, layer, q):
+        c = self.step.cache
+        if self._paged_fn is not None:
+            shape = (-1, self.page_size, self.num_kv_heads, self.head_dim)
+            return self._paged_fn(q, c.k_pools[layer].view(shape), c.v_pools[layer].view(shape), self._cu_q,
+                                  self._cu_k, *self._max, causal=True, block_table=self._table)
+        return torch.ops.aten._flash_attention_forward(
+            q, c.k_pools[layer], c.v_pools[layer], self._cu_q, self._cu_k, *self._max, 0.0, True, False,
+            seqused_k=self._used)[0]
+
+
+BACKEND = Backend("fa2", ("varlen",), _available, _prepare, serving=Fa2Attention)

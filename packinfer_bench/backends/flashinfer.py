@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from packinfer_bench.backends.base import Backend, Inputs, NotApplicable, needs_cuda
-from packinfer_bench.backends.kv_layouts import PAGE_SIZE, cache_for, page_table
+from packinfer_bench.backends.base import PAGE_SIZE, Backend, Inputs, NotApplicable, ServingAttention, needs_cuda
+from packinfer_bench.backends.kv_layouts import cache_for, page_table
 
 WORKSPACE_BYTES = 256 << 20
 
@@ -73,4 +73,40 @@ def _prepare(x: Inputs, variant: str):
     return lambda: wrapper.run(x.q, kv)
 
 
-BACKEND = Backend("flashinfer", ("fa2", "fa3", "decode", "cascade"), _available, _prepare)
+class FlashInferAttention(ServingAttention):
+    """Serving: a paged cache of PAGE_SIZE-token pages; batch decode (tensor cores) for all-decode iterations,
+    batch prefill over the paged cache for the rest, FlashInfer's plan once per iteration."""
+
+    name = "flashinfer"
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        import flashinfer
+
+        def workspace() -> torch.Tensor:
+            return torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
+
+        self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace(), "NHD", use_tensor_cores=True)
+        self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace(), "NHD", backend="fa2")
+
+    def begin(self, step):
+        super().begin(step)
+        view = step.cache.view(self._request_order())
+        indptr, indices, last = page_table(view, device=self.device)
+        h, hkv, d, dt = self.num_heads, self.num_kv_heads, self.head_dim, step.cache.dtype
+        if int(step.batch.q_lens.max()) == 1:
+            self._wrapper = self._decode
+            self._decode.plan(indptr, indices, last, h, hkv, d, self.page_size, q_data_type=dt, kv_data_type=dt)
+        else:
+            self._wrapper = self._prefill
+            self._prefill.plan(torch.from_numpy(step.cu_q).to(self.device), indptr, indices, last, h, hkv, d,
+                               self.page_size, causal=True, q_data_type=dt, kv_data_type=dt)
+
+    def attend(self, layer, q):
+        c = self.step.cache
+        shape = (-1, self.page_size, self.num_kv_heads, self.head_dim)
+        return self._wrapper.run(q, (c.k_pools[layer].view(shape), c.v_pools[layer].view(shape)))
+
+
+BACKEND = Backend("flashinfer", ("fa2", "fa3", "decode", "cascade"), _available, _prepare,
+                  serving=FlashInferAttention)

@@ -1,4 +1,4 @@
-"""A batch's K/V laid out as a serving system would hold it before the attention call: in packinfer's paged
+"""Shared by the packinfer and flashinfer backends: a batch's K/V laid out as a serving system would hold it before the attention call: in packinfer's paged
 (vLLM-style blocks) or grouped (group-contiguous) KV cache, a shared prefix stored once. Built once per batch
 and kept in the inputs' scratch, so it is neither kernel time nor plan cost (the layout is the cache's state)."""
 
@@ -8,10 +8,7 @@ import numpy as np
 import packinfer
 import torch
 
-from packinfer_bench.backends.base import Inputs
-
-#: Tokens per block of the paged layout (vLLM's default), for packinfer's paged variant and FlashInfer.
-PAGE_SIZE = 16
+from packinfer_bench.backends.base import PAGE_SIZE, Inputs
 
 
 def cache_for(x: Inputs, layout: str) -> tuple[object, packinfer.KVView]:

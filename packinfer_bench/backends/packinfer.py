@@ -10,10 +10,11 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import numpy as np
 import packinfer
 import torch
 
-from packinfer_bench.backends.base import Backend, Inputs, NotApplicable
+from packinfer_bench.backends.base import Backend, Inputs, NotApplicable, ServingAttention
 from packinfer_bench.backends.kv_layouts import cache_for
 
 PACKINFER_VARIANTS = ("full", "no-balancing", "no-packing", "no-gqa-packing", "no-prefix-grouping", "no-split",
@@ -82,5 +83,55 @@ def prepare(x: Inputs, variant: str, use_tma: bool | None = None):
     return run
 
 
-BACKEND = Backend("packinfer", PACKINFER_VARIANTS, _available, prepare)
+class PackinferAttention(ServingAttention):
+    """Serving: the grouped (group-contiguous) cache; fresh prompts longer than DECODE_MAX_Q rows go through the
+    packed varlen kernel on their own new K/V, every other row (decode, prompt chunks over cached tokens, short
+    prompts) through cache attention, prefix groups read once. Both plans are made once per iteration."""
+
+    name, layout = "packinfer", "grouped"
+
+    def begin(self, step):
+        super().begin(step)
+        b, dev = step.batch, self.device
+        h, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        fresh = (b.q_lens == b.kv_lens) & (b.q_lens > DECODE_MAX_Q)
+        self._parts = []  # (query rows, plan, cu_seqlens or view, max_q or None)
+        for mask, is_fresh in ((fresh, True), (~fresh, False)):
+            if not mask.any():
+                continue
+            q_lens = b.q_lens[mask]
+            idx = np.flatnonzero(np.repeat(mask, b.q_lens))
+            where = slice(int(idx[0]), int(idx[-1]) + 1) if idx[-1] - idx[0] + 1 == len(idx) else \
+                torch.from_numpy(idx).to(dev)
+            if is_fresh:
+                cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+                plan = packinfer.plan_for(cu, cu, h, hkv, d)
+                self._parts.append((where, plan, torch.from_numpy(cu).to(dev), int(q_lens.max())))
+            else:
+                ids = b.request_ids[mask].tolist()
+                view = step.cache.view(ids)
+                plan = packinfer.plan_cache_attention(view, q_lens, h, num_sms=_num_sms(dev))
+                self._parts.append((where, plan, view, None))
+
+    def __call__(self, layer, q, k, v):
+        self._k, self._v = k, v  # fresh prompts attend over this layer's new K/V directly
+        return super().__call__(layer, q, k, v)
+
+    def attend(self, layer, q):
+        c = self.step.cache
+        out = torch.empty_like(q)
+        for where, plan, arg, max_q in self._parts:
+            dst = out[where] if isinstance(where, slice) else torch.empty_like(q[where])
+            if max_q is not None:  # arg: cu_seqlens of the fresh prompts
+                packinfer.varlen_attention(q[where], self._k[where], self._v[where], arg, arg, max_q, max_q,
+                                           plan=plan, out=dst, validate=False)
+            else:  # arg: the view of the cached requests (layer 0; the plan serves every layer)
+                view = dataclasses.replace(arg, k=c.k_pools[layer], v=c.v_pools[layer])
+                packinfer.cache_attention(q[where], view, plan, out=dst, validate=False)
+            if not isinstance(where, slice):
+                out[where] = dst
+        return out
+
+
+BACKEND = Backend("packinfer", PACKINFER_VARIANTS, _available, prepare, serving=PackinferAttention)
 UNPACKED = Backend("triton_unpacked", ("fa2-grid",), _available, prepare)

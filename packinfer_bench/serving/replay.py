@@ -12,9 +12,9 @@ import numpy as np
 import packinfer
 import torch
 
-from packinfer_bench.kv_follow import CacheFollower
-from packinfer_bench.serving.attention import ServingAttention, Step
+from packinfer_bench.backends import ServingAttention, Step
 from packinfer_bench.serving.graphs import DecodeGraphs
+from packinfer_bench.serving.kv_follow import CacheFollower
 from packinfer_bench.serving.model import Decoder
 from packinfer_bench.workload import Batch
 

@@ -14,21 +14,22 @@ import numpy as np
 import torch
 from packinfer import KVCacheError
 
-from packinfer_bench.config import E2EConfig, ExperimentConfig
-from packinfer_bench.errors import ConfigError
-from packinfer_bench.kv_follow import peak_tokens
-from packinfer_bench.serving.attention import ATTENTIONS, ReferenceAttention
+from packinfer_bench.backends import BACKENDS, DTYPES
+from packinfer_bench.config import REFERENCE, E2EConfig, ExperimentConfig
+from packinfer_bench.errors import ConfigError, first_line
+from packinfer_bench.reference import ReferenceAttention
+from packinfer_bench.run_folder import ITERATIONS_FILE, REQUESTS_FILE
+from packinfer_bench.run_folder.e2e import E2ERecord, E2EStore, new_attempt
 from packinfer_bench.serving.graphs import DecodeGraphs
+from packinfer_bench.serving.kv_follow import peak_tokens
 from packinfer_bench.serving.metrics import request_latencies, summarize, timeline
 from packinfer_bench.models import preset
 from packinfer_bench.serving.model import Decoder
 from packinfer_bench.serving.replay import cache_capacity, make_cache, replay
-from packinfer_bench.serving.results import ITERATIONS_FILE, REQUESTS_FILE, E2ERecord, E2EStore
 from packinfer_bench.traces import Trace
 from packinfer_bench.workload import Batch, continuous_batches
 from packinfer_bench.workload.continuous import ContinuousSpec, replayed_requests
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 #: Sampled rows whose final hidden state is further than this (relative L2) from the reference's: `incorrect`.
 #: Looser than the kernel check: bf16 differences in attention compound through every layer.
 E2E_MAX_REL_ERR = 5e-2
@@ -79,8 +80,8 @@ def run_e2e(config: ExperimentConfig, out_dir, traces: dict[str, Trace], device:
                 reference = None
                 for backend in todo:
                     base = E2ERecord(entry.name, tcfg.name, label, backend, cfg.name, cfg.num_layers,
-                                     cfg.full_layers or cfg.num_layers, status="ok")
-                    why = ATTENTIONS[backend].available(device)
+                                     cfg.full_layers or cfg.num_layers, status="ok", attempt=new_attempt())
+                    why = None if backend == REFERENCE else BACKENDS[backend].available(device)
                     if why:
                         record = dataclasses.replace(base, status="skipped", reason=why)
                         log(f"  {backend}: skipped ({why})")
@@ -115,12 +116,13 @@ def _replay_one(model: Decoder, graphs: DecodeGraphs | None, scen: Scenario, ent
                 base: E2ERecord, reference, store: E2EStore, device: torch.device, log) -> E2ERecord:
     cfg = model.cfg
     budget = scen.spec.max_kv_tokens or peak_tokens(scen.schedule)
+    labels = {**dict(zip(("e2e", "trace", "rate", "backend"), base.key)), "attempt": base.attempt}
     done_iterations = 0
 
     def keep(it) -> None:
         nonlocal done_iterations
         done_iterations += 1
-        rows.append({**dict(zip(("e2e", "trace", "rate", "backend"), base.key)), **dataclasses.asdict(it)})
+        rows.append({**labels, **dataclasses.asdict(it)})
         if len(rows) >= 64:
             store.append(ITERATIONS_FILE, rows)
             rows.clear()
@@ -128,7 +130,8 @@ def _replay_one(model: Decoder, graphs: DecodeGraphs | None, scen: Scenario, ent
     rows: list[dict] = []
     cache = None
     try:
-        attn = ATTENTIONS[backend](device, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        serving = ReferenceAttention if backend == REFERENCE else BACKENDS[backend].serving
+        attn = serving(device, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
         capacity = cache_capacity(attn, budget, min(scen.spec.max_num_seqs, len(scen.arrivals)))
         base = dataclasses.replace(base, kv_layout=attn.layout, kv_access=attn.kv_access, kv_budget_tokens=budget,
                                    kv_capacity_tokens=capacity)
@@ -143,13 +146,13 @@ def _replay_one(model: Decoder, graphs: DecodeGraphs | None, scen: Scenario, ent
         store.append(ITERATIONS_FILE, rows)
     except KVCacheError as e:
         store.append(ITERATIONS_FILE, rows)
-        reason = f"KV cache full at iteration {done_iterations} (budget {budget} tokens): {_first_line(e)}"
+        reason = f"KV cache full at iteration {done_iterations} (budget {budget} tokens): {first_line(e)}"
         log(f"  {backend}: error ({reason})")
         return dataclasses.replace(base, status="error", reason=reason, iterations=done_iterations)
     except Exception as e:  # noqa: BLE001 -- a backend failing must not lose the other replays
         store.append(ITERATIONS_FILE, rows)
-        log(f"  {backend}: error {type(e).__name__}: {_first_line(e)}\n{traceback.format_exc(limit=4)}")
-        return dataclasses.replace(base, status="error", reason=f"{type(e).__name__}: {_first_line(e)}",
+        log(f"  {backend}: error {type(e).__name__}: {first_line(e)}\n{traceback.format_exc(limit=4)}")
+        return dataclasses.replace(base, status="error", reason=f"{type(e).__name__}: {first_line(e)}",
                                    iterations=done_iterations)
     finally:
         del cache
@@ -159,8 +162,7 @@ def _replay_one(model: Decoder, graphs: DecodeGraphs | None, scen: Scenario, ent
     durations = np.array([it.iteration_ms for it in its]) * 1e-3
     ends = timeline(scen.schedule, scen.arrivals, durations)
     requests = request_latencies(scen.schedule, scen.arrivals, ends)
-    store.append(REQUESTS_FILE, [{**dict(zip(("e2e", "trace", "rate", "backend"), base.key)), **r}
-                                 for r in requests.to_dict("records")])
+    store.append(REQUESTS_FILE, [{**labels, **r} for r in requests.to_dict("records")])
     metrics = summarize(requests, durations, scen.expected)
     err, match = _compare(result, reference)
     status = "incorrect" if err is not None and err > E2E_MAX_REL_ERR else "ok"
@@ -205,7 +207,3 @@ def _check_memory(capacity: int, cfg, dtype: torch.dtype, device: torch.device) 
         raise ConfigError(f"a KV cache of {capacity} tokens x {cfg.num_layers} layers needs {need / 2**30:.1f} GiB, "
                            f"{free / 2**30:.1f} GiB free: lower continuous.max_kv_tokens or num_layers")
 
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).splitlines()
-    return lines[0][:200] if lines else ""

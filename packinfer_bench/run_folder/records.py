@@ -1,15 +1,15 @@
-"""Measurement records and their store: one CSV row per (batch, shape, backend, variant), appended and flushed as
-it is measured, so an interrupted run loses nothing finished and --resume skips what is stored."""
+"""Kernel-level measurement records and their store: one CSV row per (batch, shape, backend, variant), appended
+and flushed as it is measured, so an interrupted run loses nothing finished and --resume skips what is stored."""
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-RECORDS_FILE = "records.csv"
+from packinfer_bench.run_folder.files import RECORDS_FILE
+from packinfer_bench.run_folder.store import CsvRows
+
 STATUSES = ("ok", "incorrect", "skipped", "error")
 
 
@@ -50,37 +50,34 @@ class Record:
 
 
 FIELDS = [f.name for f in dataclasses.fields(Record)]
+KEY_FIELDS = ("batch_id", "shape", "backend", "variant")
+_NUMBERS = [f.name for f in dataclasses.fields(Record) if f.type in ("int", "float | None")]
+
+
+def _check(row: dict[str, str]) -> str | None:
+    if row.get("status") not in STATUSES:
+        return f"status {row.get('status')!r} is none of {list(STATUSES)}"
+    for name in _NUMBERS:
+        value = row.get(name, "")
+        if value:
+            try:
+                float(value)
+            except ValueError:
+                return f"{name} {value[:20]!r} is not a number"
+    return None
 
 
 class RecordStore:
-    """Append-only CSV of records in a run folder."""
+    """The run folder's records.csv: append-only, one row per record; rows that cannot be read are skipped."""
 
     def __init__(self, out_dir: Path):
         self.path = Path(out_dir) / RECORDS_FILE
+        self.rows = CsvRows(self.path, FIELDS, _check)
 
     def keys(self) -> set[tuple[str, str, str, str]]:
-        """Keys of the complete rows already stored (a row cut short by an interruption is dropped)."""
-        if not self.path.exists():
-            return set()
-        with open(self.path, newline="", encoding="utf-8") as f:
-            rows = [r for r in csv.DictReader(f) if r.get("timing") is not None and r.get("status") in STATUSES]
-        with open(self.path, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
-        return {(r["batch_id"], r["shape"], r["backend"], r["variant"]) for r in rows}
+        """Keys of the complete rows already stored (a row cut short or corrupt is skipped, never rewritten)."""
+        rows, _ = self.rows.read()
+        return {tuple(r[f] for f in KEY_FIELDS) for r in rows}
 
     def append(self, record: Record) -> None:
-        append_rows(self.path, [dataclasses.asdict(record)], FIELDS)
-
-
-def append_rows(path: Path, rows: list[dict], fields: list[str]) -> None:
-    """Append rows to a CSV file (header first when the file is new), flushed to disk before returning."""
-    new = not path.exists()
-    with open(path, "a", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-        f.flush()
-        os.fsync(f.fileno())
+        self.rows.append([dataclasses.asdict(record)])

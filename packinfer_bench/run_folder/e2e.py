@@ -1,20 +1,21 @@
 """End-to-end results in a run folder (e2e/): summary.csv (one row per replay: model, trace, rate, backend),
 requests.csv (per request latencies) and iterations.csv (per iteration composition and times). Rows are
-appended as they are measured; a replay is complete when its summary row exists, and --resume drops the
-partial rows of an interrupted replay before doing it again."""
+appended as they are measured, each with its replay's `attempt` (unique per try); a replay is complete when its
+summary row exists, and readers keep the request and iteration rows of the attempt that the summary row names, so
+an interrupted replay done again leaves its partial rows in place, unread."""
 
 from __future__ import annotations
 
-import csv
 import dataclasses
+import os
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from packinfer_bench.records import append_rows
+from packinfer_bench.run_folder.files import E2E_DIR, ITERATIONS_FILE, REQUESTS_FILE, SUMMARY_FILE
+from packinfer_bench.run_folder.store import CsvRows
 
-E2E_DIR = "e2e"
-SUMMARY_FILE, REQUESTS_FILE, ITERATIONS_FILE = "summary.csv", "requests.csv", "iterations.csv"
 KEY_FIELDS = ("e2e", "trace", "rate", "backend")
 
 
@@ -75,6 +76,7 @@ attention_share: attention (cache writes + kernels) / iteration time. max_rel_er
     schedule: str = "open-loop"
     cuda_graphs: str = ""
     timing: str = ""
+    attempt: str = ""
 
     @property
     def key(self) -> tuple[str, str, str, str]:
@@ -84,43 +86,38 @@ attention_share: attention (cache writes + kernels) / iteration time. max_rel_er
 SUMMARY_FIELDS = [f.name for f in dataclasses.fields(E2ERecord)]
 
 
+def new_attempt() -> str:
+    """A label unique to one try of one replay (time and process)."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{time.perf_counter_ns() % 10**9}"
+
+
 class E2EStore:
-    """The e2e/ folder of a run: append rows, know which replays are complete."""
+    """The e2e/ folder of a run: append rows, know which replays are complete, read the rows of complete ones."""
 
     def __init__(self, out_dir: Path):
         self.dir = Path(out_dir) / E2E_DIR
         self.dir.mkdir(parents=True, exist_ok=True)
 
     def done(self) -> set[tuple[str, str, str, str]]:
-        """Keys of complete replays; rows of incomplete ones are dropped from requests and iterations."""
-        keys = {tuple(r[f] for f in KEY_FIELDS) for r in self._read(SUMMARY_FILE)}
-        for name in (REQUESTS_FILE, ITERATIONS_FILE):
-            rows = self._read(name)
-            kept = [r for r in rows if tuple(r[f] for f in KEY_FIELDS) in keys]
-            if len(kept) != len(rows):
-                self._rewrite(name, kept)
-        return keys
+        """Keys of complete replays."""
+        return {tuple(r[f] for f in KEY_FIELDS) for r in self.summaries()}
+
+    def summaries(self) -> list[dict[str, str]]:
+        return CsvRows(self.dir / SUMMARY_FILE).read()[0]
 
     def add_summary(self, record: E2ERecord) -> None:
-        self.append(SUMMARY_FILE, [dataclasses.asdict(record)], SUMMARY_FIELDS)
+        CsvRows(self.dir / SUMMARY_FILE, SUMMARY_FIELDS).append([dataclasses.asdict(record)])
 
-    def append(self, name: str, rows: Iterable[dict], fields: list[str] | None = None) -> None:
-        rows = list(rows)
-        if rows:
-            append_rows(self.dir / name, rows, fields or list(rows[0]))
+    def append(self, name: str, rows: Iterable[dict]) -> None:
+        CsvRows(self.dir / name).append(rows)
 
-    def _read(self, name: str) -> list[dict]:
-        path = self.dir / name
-        if not path.exists():
-            return []
-        with open(path, newline="", encoding="utf-8") as f:
-            return [r for r in csv.DictReader(f) if None not in r.values()]  # a row cut short is dropped
+    def rows(self, name: str) -> list[dict[str, str]]:
+        """The rows of `name` (requests or iterations) that belong to the attempt each summary row names (files
+        written before attempts were recorded: every row of a complete replay)."""
+        return complete_rows(CsvRows(self.dir / name).read()[0], self.summaries())
 
-    def _rewrite(self, name: str, rows: list[dict]) -> None:
-        path = self.dir / name
-        with open(path, newline="", encoding="utf-8") as f:
-            fields = next(csv.reader(f))
-        with open(path, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
+
+def complete_rows(rows: list[dict[str, str]], summaries: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The rows whose replay has a summary row, from the attempt that summary row names."""
+    attempt = {tuple(s[f] for f in KEY_FIELDS): s.get("attempt", "") for s in summaries}
+    return [r for r in rows if attempt.get(tuple(r[f] for f in KEY_FIELDS), None) == r.get("attempt", "")]

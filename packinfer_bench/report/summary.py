@@ -1,0 +1,86 @@
+"""`packinfer-bench report`: a run folder's tables (formats.py), figures (figures.py) and summary.md, which states
+the environment (env.json), where every number comes from, each table in Markdown and links to the figures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from packinfer_bench.errors import PackinferBenchError
+from packinfer_bench.report.figures import FIGURE_FORMATS, e2e_figures, save_figures, write_figures
+from packinfer_bench.report.formats import FORMATS, check_formats, markdown_table, write_tables
+from packinfer_bench.report.tables import (OURS_BACKEND, OURS_SYSTEM, ablation_table, compare_table,
+                                           correctness_table, e2e_gains_table, e2e_summary_table, has_e2e, load_e2e,
+                                           load_records, plan_cost_table, speedup_table)
+from packinfer_bench.run_folder import E2E_DIR, ENV_FILE, ITERATIONS_FILE, RECORDS_FILE, REQUESTS_FILE, SUMMARY_FILE
+
+SUMMARY_MD = "summary.md"
+
+
+def write_report(run: Path, out: Path | None = None, formats: tuple[str, ...] = ("md", "csv"),
+                 figures: tuple[str, ...] = (), compare: dict[str, Path] | None = None) -> Path:
+    """Write the tables (each as <name>.csv / .md / .tex per `formats`), figures (under figures/, per
+    `figures`: png, pdf), a comparison with other runs (`compare`: label -> run folder) and summary.md to `out`
+    (default: <run>/report); returns summary.md's path."""
+    check_formats(formats, FORMATS, "--format")
+    if figures:
+        check_formats(figures, FIGURE_FORMATS, "--figures")
+    kernel, e2e = (run / RECORDS_FILE).is_file(), has_e2e(run)
+    if not kernel and not e2e:
+        raise PackinferBenchError(f"{run}: no {RECORDS_FILE} and no {E2E_DIR}/{SUMMARY_FILE} (is it a run folder?)")
+    df = load_records(run) if kernel else None
+    out = out or run / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    tables = {}
+    if e2e:
+        e2e_summary, e2e_requests = load_e2e(run)
+        tables.update({"e2e_gains": e2e_gains_table(e2e_summary), "e2e_summary": e2e_summary_table(e2e_summary)})
+    if kernel:
+        tables.update({"speedups": speedup_table(df), "ablation": ablation_table(df),
+                       "plan_cost": plan_cost_table(df), "correctness": correctness_table(df)})
+    if compare and kernel:
+        tables["compare"] = compare_table({run.name: df, **{k: load_records(p) for k, p in compare.items()}})
+    write_tables(tables, out, formats)
+    figure_paths = write_figures(df, run, out, figures) if figures and kernel else []
+    if figures and e2e:
+        figure_paths += save_figures(e2e_figures(e2e_summary, e2e_requests), out, figures)
+    summary = out / SUMMARY_MD
+    summary.write_text("\n".join(summary_lines(run, df, e2e, tables, figure_paths, compare)), encoding="utf-8")
+    return summary
+
+
+def summary_lines(run: Path, df: pd.DataFrame | None, e2e: bool, tables: dict[str, pd.DataFrame],
+                  figure_paths: list[Path], compare: dict[str, Path] | None = None) -> list[str]:
+    """summary.md's lines: environment, sources, each table under its title, the figures (png where drawn)."""
+    env_path = run / ENV_FILE
+    env = json.loads(env_path.read_text(encoding="utf-8")) if env_path.is_file() else {}
+    gpu = env.get("gpu") or {}
+    packages = env.get("packages") or {}
+    lines = [f"# Report: {run}", "",
+             f"Environment ({ENV_FILE}): {gpu.get('name', 'no GPU')} ({gpu.get('sms', '?')} SMs, driver "
+             f"{gpu.get('driver', '?')}), torch {env.get('torch', '?')}, triton {packages.get('triton', '?')}, "
+             f"flashinfer {packages.get('flashinfer-python')}, commit {env.get('git_sha', '?')}.",
+             ""]
+    if e2e:
+        lines += [f"End-to-end numbers: {run / E2E_DIR} ({SUMMARY_FILE}, {REQUESTS_FILE}, {ITERATIONS_FILE}). A gain "
+                  "compares two `ok` replays of the same schedule (open loop: the scheduler's decisions do not depend "
+                  "on the backend); latency = measured iteration times laid on the schedule; every other replay is "
+                  "listed in e2e_summary.", ""]
+    if df is not None:
+        lines += [f"Kernel numbers: {run / RECORDS_FILE} ({len(df)} records). Speed-ups compare two `ok` records "
+                  "of the same batch and shape (median kernel times); other records are counted below.", ""]
+    titles = {"e2e_gains": f"End to end: {OURS_BACKEND} against each baseline (latency reduction, throughput gain, %)",
+              "e2e_summary": "End-to-end replays (latencies in ms, throughput in output tokens/s)",
+              "speedups": f"Speed-up of {OURS_SYSTEM} (other time / ours)",
+              "ablation": "Ablation: slow-down with one feature off (variant time / full time)",
+              "plan_cost": "Plan cost (CPU, once per batch)",
+              "correctness": "Records by status, largest relative error against the float32 reference",
+              "compare": f"Speed-ups of {OURS_SYSTEM} across runs ({', '.join([run.name, *(compare or {})])})"}
+    for name, table in tables.items():
+        lines += [f"## {titles[name]}", "", markdown_table(table) if len(table) else "(no comparable records)", ""]
+    shown = [p for p in figure_paths if p.suffix == ".png"] or figure_paths
+    if shown:
+        lines += ["## Figures", ""] + [f"![{p.stem}](figures/{p.name})" for p in shown] + [""]
+    return lines

@@ -1,0 +1,220 @@
+"""A run folder's files read into DataFrames, and the report's tables computed from them.
+
+Kernel level (records.csv): speed-ups of ours per trace and phase, ablation, plan cost, correctness, and several
+runs side by side. End to end (e2e/summary.csv, e2e/requests.csv): the headline gains of ours over each baseline
+per model, trace and rate, and the replays' summary. A speed-up or gain only ever compares two `ok` rows of the
+same batch and shape (or the same schedule); incorrect, skipped and failed rows are counted, never folded in.
+
+Files are read one row per line (run_folder.store): a row that cannot be read (an unbalanced quote, a NUL byte, a
+wrong number of fields, a non-number where a number belongs) is skipped with a warning naming the file and line;
+a file without a column the report needs is a PackinferBenchError naming the file and the column.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from packinfer_bench.errors import PackinferBenchError
+from packinfer_bench.run_folder import E2E_DIR, RECORDS_FILE, REQUESTS_FILE, SUMMARY_FILE, WORKLOAD_FILE
+from packinfer_bench.run_folder.e2e import complete_rows
+from packinfer_bench.run_folder.store import CsvRows
+
+#: "Ours": the backend every other one is compared with. End to end it is the backend; at kernel level its full
+#: variant (its other variants are ablations, each with one feature off).
+OURS_BACKEND = "packinfer"
+OURS = (OURS_BACKEND, "full")
+OURS_SYSTEM = ":".join(OURS)
+
+#: records.csv: the numeric columns that may be empty, and every column the tables read.
+RECORD_NUMBERS = ("plan_ms", "kernel_ms", "kernel_ms_p10", "kernel_ms_p90", "tflops", "kv_tbps", "max_abs_err",
+                  "rel_err")
+RECORD_COLUMNS = ("trace", "phase", "batch_id", "shape", "backend", "variant", "status", "plan_ms", "kernel_ms",
+                  "rel_err")
+#: An end-to-end replay's key, and the columns of e2e/summary.csv and e2e/requests.csv the report reads.
+E2E_KEY = ["e2e", "model", "num_layers", "trace", "rate"]
+E2E_GAIN_METRICS = ("e2e_ms_mean", "ttft_ms_mean", "tpot_ms_mean", "throughput_tok_s", "busy_tok_s")
+E2E_SUMMARY_COLUMNS = (*E2E_KEY, "backend", "status", *E2E_GAIN_METRICS)
+E2E_REQUEST_COLUMNS = ("e2e", "trace", "rate", "backend", "e2e_s")
+#: workload.csv: what the speed-up-against-heterogeneity figure reads.
+WORKLOAD_COLUMNS = ("batch_id", "kv_len_cv")
+
+
+# -- reading ------------------------------------------------------------------------------------------------------
+
+def require_columns(columns: Iterable[str], required: Iterable[str], path: Path) -> None:
+    """A PackinferBenchError naming the file and every required column it lacks."""
+    have = set(columns)
+    missing = [c for c in required if c not in have]
+    if missing:
+        raise PackinferBenchError(f"{path}: no column {', '.join(missing)} (a file written by another version of "
+                                  "packinfer-bench, or edited by hand?)")
+
+
+def _numbers_check(columns: Iterable[str]) -> Callable[[dict[str, str]], str | None]:
+    """A row check (run_folder.store): each of `columns` is empty or a number."""
+    columns = tuple(columns)
+
+    def check(row: dict[str, str]) -> str | None:
+        for name in columns:
+            value = row.get(name, "")
+            if value:
+                try:
+                    float(value)
+                except ValueError:
+                    return f"{name} {value[:20]!r} is not a number"
+        return None
+
+    return check
+
+
+def _read_rows(path: Path, required: Iterable[str],
+               numbers: Iterable[str] = ()) -> tuple[list[str], list[dict[str, str]]]:
+    """(header, readable rows) of a CSV file; unreadable rows are skipped, with a warning naming file and lines."""
+    rows_file = CsvRows(path, check=_numbers_check(numbers))
+    header = rows_file.header()
+    if header is None:
+        raise PackinferBenchError(f"{path}: empty (no header line)")
+    require_columns(header, required, path)
+    rows, _ = rows_file.read()
+    return header, rows
+
+
+def _frame(header: list[str], rows: list[dict[str, str]], **read_csv: object) -> pd.DataFrame:
+    """The rows as a DataFrame, parsed by pandas exactly as the file itself would be (types, empty cells)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows([row.get(c, "") for c in header] for row in rows)
+    buf.seek(0)
+    return pd.read_csv(buf, **read_csv)
+
+
+def load_records(run: Path) -> pd.DataFrame:
+    """records.csv of a run folder, with a `system` column (backend:variant)."""
+    path = run / RECORDS_FILE
+    if not path.is_file():
+        raise PackinferBenchError(f"{run}: no {RECORDS_FILE} (is it a run folder?)")
+    header, rows = _read_rows(path, RECORD_COLUMNS, (*RECORD_NUMBERS, "batch_size"))
+    df = _frame(header, rows, keep_default_na=False, na_values={c: [""] for c in RECORD_NUMBERS})
+    df["system"] = df["backend"] + ":" + df["variant"]
+    return df
+
+
+def load_workload(run: Path) -> pd.DataFrame | None:
+    """workload.csv of a run folder (per batch statistics such as kv_len_cv), or None when it has none."""
+    path = run / WORKLOAD_FILE
+    if not path.is_file():
+        return None
+    return _frame(*_read_rows(path, WORKLOAD_COLUMNS))
+
+
+def has_e2e(run: Path) -> bool:
+    return (run / E2E_DIR / SUMMARY_FILE).is_file()
+
+
+def load_e2e(run: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(summary, requests) of a run's end-to-end replays; requests are those of the attempt each summary row
+    names (empty when none finished)."""
+    path = run / E2E_DIR / SUMMARY_FILE
+    header, summary_rows = _read_rows(path, E2E_SUMMARY_COLUMNS, E2E_GAIN_METRICS)
+    summary = _frame(header, summary_rows, keep_default_na=False, na_values=[""], dtype={"rate": str, "reason": str})
+    path = run / E2E_DIR / REQUESTS_FILE
+    if path.is_file():
+        header, rows = _read_rows(path, E2E_REQUEST_COLUMNS, ("e2e_s", "ttft_s", "tpot_s"))
+        requests = _frame(header, complete_rows(rows, summary_rows), dtype={"rate": str})
+    else:
+        requests = pd.DataFrame(columns=["e2e", "trace", "rate", "backend", "e2e_s", "ttft_s", "tpot_s"])
+    return summary, requests
+
+
+# -- kernel-level tables ------------------------------------------------------------------------------------------
+
+def paired_speedups(df: pd.DataFrame, ours: str = OURS_SYSTEM) -> pd.DataFrame:
+    """One row per (batch, shape, other system) where both ours and the other are ok: the speed-up ours gives."""
+    ok = df[df["status"] == "ok"]
+    mine = ok[ok["system"] == ours][["batch_id", "shape", "trace", "phase", "kernel_ms"]]
+    others = ok[ok["system"] != ours][["batch_id", "shape", "system", "kernel_ms"]]
+    pairs = mine.merge(others, on=["batch_id", "shape"], suffixes=("_ours", "_other"))
+    pairs["speedup"] = pairs["kernel_ms_other"] / pairs["kernel_ms_ours"]
+    return pairs
+
+
+def _geomean_table(pairs: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+    g = pairs.groupby(by)["speedup"]
+    table = pd.DataFrame({"batches": g.size(), "geomean": g.apply(lambda s: float(np.exp(np.log(s).mean()))),
+                          "min": g.min(), "max": g.max()})
+    return table.reset_index()
+
+
+def speedup_table(df: pd.DataFrame, ours: tuple[str, str] = OURS) -> pd.DataFrame:
+    """Speed-up of `ours` over every other system (excluding its own ablations), per trace and phase."""
+    pairs = paired_speedups(df, ":".join(ours))
+    pairs = pairs[~pairs["system"].str.startswith(ours[0] + ":")]
+    return _geomean_table(pairs, ["trace", "phase", "system"])
+
+
+def ablation_table(df: pd.DataFrame, ours: tuple[str, str] = OURS) -> pd.DataFrame:
+    """Slow-down of each ablation variant of `ours` against the full system, per phase (> 1: the feature helps)."""
+    pairs = paired_speedups(df, ":".join(ours))
+    pairs = pairs[pairs["system"].str.startswith(ours[0] + ":")]
+    return _geomean_table(pairs, ["phase", "system"]).rename(columns={"geomean": "slowdown_geomean"})
+
+
+def correctness_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Per system: records by status and the largest relative error of its ok records."""
+    counts = df.pivot_table(index="system", columns="status", values="batch_id", aggfunc="count", fill_value=0)
+    for status in ("ok", "incorrect", "skipped", "error"):
+        if status not in counts:
+            counts[status] = 0
+    table = counts[["ok", "incorrect", "skipped", "error"]].copy()
+    table["max_rel_err"] = df[df["status"] == "ok"].groupby("system")["rel_err"].max()
+    return table.reset_index()
+
+
+def plan_cost_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Plan cost (CPU, ms) of each system that plans, per phase: median and max over its ok records."""
+    ok = df[df["status"] == "ok"]
+    g = ok.groupby(["phase", "system"])["plan_ms"]
+    return pd.DataFrame({"batches": g.size(), "median_ms": g.median(), "max_ms": g.max()}).reset_index()
+
+
+def compare_table(runs: dict[str, pd.DataFrame], ours: tuple[str, str] = OURS) -> pd.DataFrame:
+    """Speed-ups of `ours` per trace, phase and system side by side for several runs (e.g. two GPUs): one
+    geomean column and one batch-count column per run label; a row missing from a run is left empty."""
+    merged = None
+    for label, df in runs.items():
+        t = speedup_table(df, ours)[["trace", "phase", "system", "batches", "geomean"]]
+        t = t.rename(columns={"batches": f"batches_{label}", "geomean": f"geomean_{label}"})
+        merged = t if merged is None else merged.merge(t, on=["trace", "phase", "system"], how="outer")
+    return merged.sort_values(["trace", "phase", "system"]).reset_index(drop=True)
+
+
+# -- end-to-end tables --------------------------------------------------------------------------------------------
+
+def e2e_summary_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """Every replay: status, latency (mean, p50, p99 end to end; mean TTFT and TPOT), throughput, attention share."""
+    cols = E2E_KEY + ["backend", "status", "finished", "e2e_ms_mean", "e2e_ms_p50", "e2e_ms_p99", "ttft_ms_mean",
+                      "tpot_ms_mean", "throughput_tok_s", "busy_tok_s", "attention_share", "max_rel_err", "reason"]
+    return summary[[c for c in cols if c in summary]].sort_values(E2E_KEY + ["backend"]).reset_index(drop=True)
+
+
+def e2e_gains_table(summary: pd.DataFrame, ours: str = OURS_BACKEND) -> pd.DataFrame:
+    """Per model, trace, rate and baseline (both replays ok): reduction of mean end-to-end latency, TTFT and TPOT
+    (%, > 0: ours is faster) and gain in throughput and busy throughput (%, > 0: ours serves more)."""
+    ok = summary[summary["status"] == "ok"]
+    mine = ok[ok["backend"] == ours]
+    others = ok[ok["backend"] != ours]
+    pairs = mine.merge(others, on=E2E_KEY, suffixes=("_ours", "_base"))
+    out = pairs[E2E_KEY].copy()
+    out["baseline"] = pairs["backend_base"]
+    for name in ("e2e_ms_mean", "ttft_ms_mean", "tpot_ms_mean"):
+        out[name.replace("_ms_mean", "_reduction_pct")] = 100 * (1 - pairs[f"{name}_ours"] / pairs[f"{name}_base"])
+    for name in ("throughput_tok_s", "busy_tok_s"):
+        out[name.replace("_tok_s", "_gain_pct")] = 100 * (pairs[f"{name}_ours"] / pairs[f"{name}_base"] - 1)
+    return out.sort_values(E2E_KEY + ["baseline"]).reset_index(drop=True)
