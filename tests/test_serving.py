@@ -2,6 +2,7 @@
 replay (prefix groups, chunked prefill, preemption under a KV budget), the latency arithmetic is right on a
 made-up clock, and a replay that outgrows its KV cache ends in an error record that keeps what was measured."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -166,3 +167,27 @@ def test_the_shipped_h100_experiment_has_the_end_to_end_section():
     assert {t.name for t in cfg.traces_of(entry)} == {"sharegpt", "azure-conv"} and len(entry.rates) >= 2
     assert not math.isnan(float(entry.continuous.max_kv_tokens))
     assert np.isfinite(entry.rates).all()
+
+
+def test_a_replay_that_fails_or_refuses_everything_leaves_its_rows_and_the_next_replay_runs(write, tmp_path,
+                                                                                             monkeypatch):
+    text = E2E.replace("rates: [RATE]", "rates: [20.0, 30.0, 40.0]").replace("BUDGET", "null")
+    cfg = load_config(write("e.yaml", text))
+    real = scenario
+
+    def flaky(trace, spec):
+        if spec.rate == 20.0:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 32.00 GiB")
+        if spec.rate == 30.0:  # every request larger than the scheduler's limits
+            return dataclasses.replace(real(trace, spec), schedule=[], arrivals={}, expected={}, refused=6)
+        return real(trace, spec)
+
+    monkeypatch.setattr("packinfer_bench.serving.stage.scenario", flaky)
+    out = tmp_path / "run"
+    run_experiment(cfg, out, log=lambda _: None)
+    rows = pd.read_csv(out / "e2e" / "summary.csv", keep_default_na=False, dtype={"rate": str})
+    status = {(r["rate"], r["backend"]): r["status"] for _, r in rows.iterrows()}
+    assert status == {("20", "fa2"): "error", ("20", "packinfer"): "error", ("30", "fa2"): "refused",
+                      ("30", "packinfer"): "refused", ("40", "fa2"): "skipped", ("40", "packinfer"): "ok"}
+    assert "OutOfMemoryError" in rows[rows["rate"] == "20"]["reason"].iloc[0]
+    assert "refused all 6 requests" in rows[rows["rate"] == "30"]["reason"].iloc[0]

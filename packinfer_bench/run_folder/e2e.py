@@ -22,7 +22,8 @@ KEY_FIELDS = ("e2e", "trace", "rate", "backend")
 @dataclass
 class E2ERecord:
     """One replay. rate: Poisson requests/s, or 'trace' (the trace's own arrivals, time-scaled). status: ok |
-    incorrect (sampled rows' final hidden states off the reference attention's) | skipped | error. Latencies in
+    incorrect (sampled rows' final hidden states off the reference attention's) | skipped | error | refused
+    (the scheduler ran none of the requests: each is larger than its limits). Latencies in
     ms over finished requests; throughput from first arrival to last token, busy_tok_s over summed iteration
     time. prepare / launch: CPU time per iteration making the cache ready and planning / issuing the forward pass.
 attention_share: attention (cache writes + kernels) / iteration time. max_rel_err / token_match: the

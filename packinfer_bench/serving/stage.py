@@ -73,29 +73,54 @@ def run_e2e(config: ExperimentConfig, out_dir, traces: dict[str, Trace], device:
                 todo = [b for b in entry.backends if (entry.name, tcfg.name, label, b) not in done]
                 if not todo:
                     continue
-                scen = scenario(traces[tcfg.name], spec)
+                def base(backend: str) -> E2ERecord:
+                    return E2ERecord(entry.name, tcfg.name, label, backend, cfg.name, cfg.num_layers,
+                                     cfg.full_layers or cfg.num_layers, status="ok", attempt=new_attempt())
+
+                def store_all(status: str, reason: str) -> None:  # every backend of this replay alike
+                    log(f"  {status}: {reason}")
+                    for backend in todo:
+                        store.add_summary(dataclasses.replace(base(backend), status=status, reason=reason))
+                        counts[status] = counts.get(status, 0) + 1
+
+                try:
+                    scen = scenario(traces[tcfg.name], spec)
+                except Exception as e:  # noqa: BLE001 -- one replay's failure must not end the run
+                    store_all("error", f"building the schedule: {type(e).__name__}: {first_line(e)}")
+                    continue
                 log(f"e2e {entry.name} {tcfg.name} rate {label}: {len(scen.arrivals)} requests "
                     f"({scen.refused} refused), {len(scen.schedule)} iterations, model {cfg.name} "
                     f"x {cfg.num_layers} layers")
+                if not scen.arrivals:
+                    store_all("refused", f"the scheduler refused all {scen.refused} requests (each needs more than "
+                                         "max_kv_tokens / max_num_batched_tokens allow)")
+                    continue
                 reference = None
                 for backend in todo:
-                    base = E2ERecord(entry.name, tcfg.name, label, backend, cfg.name, cfg.num_layers,
-                                     cfg.full_layers or cfg.num_layers, status="ok", attempt=new_attempt())
+                    record = base(backend)
                     why = None if backend == REFERENCE else BACKENDS[backend].available(device)
                     if why:
-                        record = dataclasses.replace(base, status="skipped", reason=why)
+                        record = dataclasses.replace(record, status="skipped", reason=why)
                         log(f"  {backend}: skipped ({why})")
                     else:
-                        if model is None:
-                            model = Decoder(cfg, device, DTYPES[entry.dtype], seed=entry.seed)
-                            if entry.cuda_graphs and device.type == "cuda":
-                                graphs = DecodeGraphs(model)
-                        if reference is None and entry.verify_iterations:
-                            reference = _reference_outputs(model, scen, entry.verify_iterations)
-                        if graphs is not None:  # captured outside the timed replays
-                            graphs.ensure(len(b) for b in scen.schedule if int(b.q_lens.max()) == 1)
-                        record = _replay_one(model, graphs, scen, entry, backend, base, reference, store, device,
-                                             log)
+                        try:
+                            if model is None:
+                                model = Decoder(cfg, device, DTYPES[entry.dtype], seed=entry.seed)
+                                if entry.cuda_graphs and device.type == "cuda":
+                                    graphs = DecodeGraphs(model)
+                            if reference is None and entry.verify_iterations:
+                                reference = _reference_outputs(model, scen, entry.verify_iterations)
+                            if graphs is not None:  # captured outside the timed replays
+                                graphs.ensure(len(b) for b in scen.schedule if int(b.q_lens.max()) == 1)
+                        except Exception as e:  # noqa: BLE001 -- e.g. out of memory: this replay only
+                            reason = f"model, reference or graphs: {type(e).__name__}: {first_line(e)}"
+                            log(f"  {backend}: error ({reason})")
+                            record = dataclasses.replace(record, status="error", reason=reason)
+                            if device.type == "cuda":
+                                torch.cuda.empty_cache()
+                        else:
+                            record = _replay_one(model, graphs, scen, entry, backend, record, reference, store,
+                                                 device, log)
                     store.add_summary(record)
                     counts[record.status] = counts.get(record.status, 0) + 1
         del model, graphs
