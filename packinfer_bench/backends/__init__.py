@@ -5,11 +5,12 @@ to BACKENDS below."""
 
 from __future__ import annotations
 
-from packinfer_bench.backends import fa2, flashinfer, flex, packinfer, sdpa_padded
+from packinfer_bench.backends import fa2, fa3, flashinfer, flex, packinfer, sdpa_padded
 from packinfer_bench.backends.base import DTYPES, AttentionShape, Backend, Inputs, NotApplicable, ServingAttention, Step
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in [
     fa2.BACKEND,
+    fa3.BACKEND,
     sdpa_padded.BACKEND,
     flex.BACKEND,
     flashinfer.BACKEND,

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import inspect
 
-import numpy as np
 import torch
 
 from packinfer_bench.backends.base import Backend, Inputs, ServingAttention, needs_cuda
+from packinfer_bench.backends.kv_layouts import contiguous_extents
 
 FA2_PAGE = 256  # FlashAttention-2's paged KV needs a multiple of 256 tokens per page
 
@@ -68,9 +68,7 @@ class Fa2Attention(ServingAttention):
             self._cu_k = torch.from_numpy(b.cu_seqlens()[1]).to(dev)
             self._table = torch.from_numpy(view.block_table).to(dev)
         else:
-            starts = np.concatenate([view.own_addr, [step.cache.capacity_tokens]]).astype(np.int32)
-            self._cu_k = torch.from_numpy(starts).to(dev)
-            self._used = torch.from_numpy(view.kv_lens.astype(np.int32)).to(dev)
+            self._cu_k, self._used = contiguous_extents(step.cache, view, dev)
 
     def attend(self, layer, q):
         c = self.step.cache

@@ -50,3 +50,11 @@ def page_table(view: packinfer.KVView, first_page: np.ndarray | None = None,
     indptr = np.concatenate([[0], np.cumsum(counts)])
     last = view.kv_lens - (pages - 1) * ps
     return tuple(torch.from_numpy(a.astype(np.int32)).to(device) for a in (indptr, indices, last))
+
+
+def contiguous_extents(cache, view: packinfer.KVView, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cu_seqlens_k, seqused_k), int32, that make FlashAttention's varlen call read each request of a grouped
+    cache in place: request i's keys start at cu_seqlens_k[i] (its extent's first address) and number
+    seqused_k[i]; the last entry is the pool's end."""
+    starts = np.concatenate([view.own_addr, [cache.capacity_tokens]]).astype(np.int32)
+    return torch.from_numpy(starts).to(device), torch.from_numpy(view.kv_lens.astype(np.int32)).to(device)
