@@ -11,7 +11,8 @@ from conftest import REPO
 #: backends.base); a peer of the same layer is not below it.
 LAYERS = [
     ["packinfer"],
-    ["packinfer_bench", "packinfer_bench.errors", "packinfer_bench.envinfo", "packinfer_bench.timing"],
+    ["packinfer_bench", "packinfer_bench.errors", "packinfer_bench.envinfo", "packinfer_bench.timing",
+     "packinfer_bench.stats"],
     ["packinfer_bench.traces"],
     ["packinfer_bench.workload"],
     ["packinfer_bench.models"],

@@ -1,0 +1,67 @@
+"""Confidence intervals by bootstrap, for the end-to-end comparisons: a metric's mean over units (requests,
+iterations) and the paired ratio of two backends' means over the same units (the same schedule replayed by both,
+so unit i of one backend is unit i of the other). Seeded: the same data always gives the same interval."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+CONFIDENCE = 0.95
+RESAMPLES = 2000
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate and its two-sided percentile-bootstrap interval."""
+
+    value: float
+    low: float
+    high: float
+
+    def spans(self, x: float) -> bool:
+        return self.low <= x <= self.high
+
+    def __str__(self) -> str:
+        return f"{self.value:.4g} [{self.low:.4g}, {self.high:.4g}]"
+
+
+def bootstrap(samples: np.ndarray, statistic: Callable[[np.ndarray], float] = np.mean, *,
+              confidence: float = CONFIDENCE, resamples: int = RESAMPLES, seed: int = 0) -> Interval:
+    """Percentile bootstrap interval of statistic(samples), resampling the samples with replacement."""
+    x = np.asarray(samples, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    if len(x) == 0:
+        return Interval(float("nan"), float("nan"), float("nan"))
+    idx = np.random.default_rng(seed).integers(0, len(x), size=(resamples, len(x)))
+    stats = np.array([statistic(x[i]) for i in idx]) if statistic is not np.mean else x[idx].mean(axis=1)
+    lo, hi = np.quantile(stats, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return Interval(float(statistic(x)), float(lo), float(hi))
+
+
+def paired_ratio(ours: np.ndarray, theirs: np.ndarray, *, confidence: float = CONFIDENCE,
+                 resamples: int = RESAMPLES, seed: int = 0) -> Interval:
+    """Interval of mean(ours) / mean(theirs) over paired units (the same resampled indices for both)."""
+    a, b = np.asarray(ours, dtype=np.float64), np.asarray(theirs, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired samples differ in length: {a.shape} vs {b.shape}")
+    keep = np.isfinite(a) & np.isfinite(b)
+    a, b = a[keep], b[keep]
+    if len(a) == 0 or b.sum() == 0:
+        return Interval(float("nan"), float("nan"), float("nan"))
+    idx = np.random.default_rng(seed).integers(0, len(a), size=(resamples, len(a)))
+    ratios = a[idx].mean(axis=1) / b[idx].mean(axis=1)
+    lo, hi = np.quantile(ratios, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return Interval(float(a.mean() / b.mean()), float(lo), float(hi))
+
+
+def verdict(ratio: Interval, lower_is_better: bool = True) -> str:
+    """How a ratio ours / peer reads: 'no difference' when its interval spans 1.0."""
+    if not np.isfinite(ratio.value):
+        return "n/a"
+    if ratio.spans(1.0):
+        return "no difference"
+    better = ratio.high < 1.0 if lower_is_better else ratio.low > 1.0
+    return "better" if better else "worse"
