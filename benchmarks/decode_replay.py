@@ -65,7 +65,7 @@ def run_replay(name: str, batches: list[Batch], headrooms: list[int], shape, dev
                                            device=device, block_size=PAGE_SIZE)
     follow = {k: CacheFollower(c, batches) for k, c in caches.items()}
     timed = [f"grouped-h{TIMED_HEADROOM}", "paged"]
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    sms = packinfer.num_sms(device)
     totals = {k: {"room_s": 0.0, "moved_bytes": 0, "relayouts": 0, "relocations": 0, "frag": []} for k in caches}
     attn = {k: 0.0 for k in timed}
     max_err, decode_iters = 0.0, 0

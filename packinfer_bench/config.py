@@ -11,13 +11,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from packinfer import HEAD_DIMS
 
 from packinfer_bench.backends import BACKENDS
 from packinfer_bench.errors import ConfigError
 from packinfer_bench.models import preset
 from packinfer_bench.workload import ContinuousSpec, StaticSpec
+from packinfer_bench.traces import KINDS, SHIPPED
+from packinfer_bench.traces import check_options as check_trace_options
+from packinfer_bench.traces.limits import (MAX_COUNT, MAX_RATE, MIN_RATE, KeyedConfigError, check_float, check_int,
+                                           check_name, check_seed, check_unique, join)
 
-HEAD_DIMS = (64, 128, 256)
+#: Attention heads of one layer (the largest models have 128).
+MAX_HEADS = 1024
+#: Warm-up and timed calls per measurement.
+MAX_REPEATS = 100_000
 
 
 @dataclass
@@ -29,6 +37,22 @@ class TraceConfig:
     source: str | None = None
     kind: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_name(self.name)
+        if self.kind is not None and self.kind not in KINDS:
+            raise KeyedConfigError("kind", f"{self.kind!r} not allowed; allowed: {sorted(KINDS)}")
+        synthetic = self.kind == "synthetic" or (self.source is None and self.kind is None)
+        if self.source is None and not synthetic:
+            raise KeyedConfigError("source", f"required for a {self.kind} trace (a shipped name {sorted(SHIPPED)}, "
+                                             "a file path or hf:OWNER/NAME)")
+        if self.source is not None and (not self.source.strip() or "\0" in self.source):
+            raise KeyedConfigError("source", f"{self.source!r} not allowed; allowed: a shipped name "
+                                             f"{sorted(SHIPPED)}, a file path or hf:OWNER/NAME")
+        kind = "synthetic" if synthetic else self.kind or SHIPPED.get(self.source, (None, None))[1] or (
+            "sharegpt" if self.source.startswith("hf:") else None)
+        if kind is not None:  # a file's kind is only known once it is read: its loader checks then
+            check_trace_options(kind, self.options, lambda key, detail: KeyedConfigError(join("options", key), detail))
 
 
 @dataclass
@@ -42,8 +66,10 @@ class WorkloadConfig:
     continuous: ContinuousSpec | None = None
 
     def __post_init__(self) -> None:
+        check_name(self.name)
         if (self.static is None) == (self.continuous is None):
             raise ConfigError("a workload needs exactly one of 'static' and 'continuous'")
+        _check_trace_list(self.traces)
 
 
 @dataclass
@@ -57,11 +83,14 @@ class ShapeConfig:
     dtype: Literal["bf16", "fp16"] = "bf16"
 
     def __post_init__(self) -> None:
-        if self.num_heads <= 0 or self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
-            raise ConfigError(f"num_heads ({self.num_heads}) must be a positive multiple of num_kv_heads "
-                              f"({self.num_kv_heads})")
+        check_name(self.name)
+        check_int(self.num_heads, "num_heads", 1, MAX_HEADS, "query heads of one layer")
+        check_int(self.num_kv_heads, "num_kv_heads", 1, MAX_HEADS, "KV heads of one layer")
+        if self.num_heads % self.num_kv_heads:
+            raise KeyedConfigError("num_heads", f"{self.num_heads} must be a positive multiple of num_kv_heads "
+                                                f"({self.num_kv_heads})")
         if self.head_dim not in HEAD_DIMS:
-            raise ConfigError(f"head_dim: {self.head_dim} not allowed; allowed: {list(HEAD_DIMS)}")
+            raise KeyedConfigError("head_dim", f"{self.head_dim} not allowed; allowed: {list(HEAD_DIMS)}")
 
 
 @dataclass
@@ -72,6 +101,15 @@ class GpuConfig:
     sms: int
     hbm_tbps: float | None = None
     bf16_tflops: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name.strip():
+            raise KeyedConfigError("name", "must not be empty")
+        check_int(self.sms, "sms", 1, 4096, "streaming multiprocessors; an H100 has 132")
+        if self.hbm_tbps is not None:
+            check_float(self.hbm_tbps, "hbm_tbps", 0.0, 1000.0, lo_open=True, why="memory bandwidth in TB/s")
+        if self.bf16_tflops is not None:
+            check_float(self.bf16_tflops, "bf16_tflops", 0.0, 1e6, lo_open=True, why="dense bf16 TFLOP/s")
 
 
 @dataclass
@@ -85,8 +123,15 @@ class TimingConfig:
     flush_l2: bool = True
     cuda_graphs: bool = False
 
+    def __post_init__(self) -> None:
+        check_int(self.warmup, "warmup", 0, MAX_REPEATS, "untimed calls before the timed ones, per measurement")
+        check_int(self.repeats, "repeats", 1, MAX_REPEATS, "timed calls per measurement: at least one to take "
+                                                         "the median of")
 
-E2E_BACKENDS = ("reference", "fa2", "flashinfer", "packinfer")
+
+#: The end-to-end replays' float32 yardstick, accepted beside the backends that serve (Backend.serving).
+REFERENCE = "reference"
+E2E_BACKENDS = (REFERENCE, *(name for name, b in BACKENDS.items() if b.serving is not None))
 
 
 @dataclass
@@ -111,19 +156,35 @@ class E2EConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_name(self.name)
         preset(self.model, self.num_layers)  # names the allowed models / layer counts if wrong
+        _check_trace_list(self.traces)
         bad = [b for b in self.backends if b not in E2E_BACKENDS]
         if bad:
-            raise ConfigError(f"backends: unknown end-to-end backend(s) {bad}; allowed: {list(E2E_BACKENDS)}")
-        if any(r <= 0 for r in self.rates or []):
-            raise ConfigError(f"rates: every rate must be > 0 requests/s, got {self.rates}")
-        if self.verify_iterations < 0:
-            raise ConfigError(f"verify_iterations must be >= 0, got {self.verify_iterations}")
+            raise KeyedConfigError("backends", f"unknown end-to-end backend(s) {bad}; allowed: {list(E2E_BACKENDS)}")
+        if not self.backends:
+            raise KeyedConfigError("backends", f"needs at least one of {list(E2E_BACKENDS)}")
+        check_unique(self.backends, "backends")
+        if self.rates is not None:
+            if not self.rates:
+                raise KeyedConfigError("rates", "needs at least one rate (or null: the schedule's own arrivals)")
+            if any(r <= 0 for r in self.rates):
+                raise KeyedConfigError("rates", f"every rate must be > 0 requests/s, got {self.rates}")
+            for i, rate in enumerate(self.rates):
+                check_float(rate, f"rates[{i}]", MIN_RATE, MAX_RATE, why="Poisson arrivals, requests/s")
+            check_unique(self.rates, "rates")
+        check_int(self.verify_iterations, "verify_iterations", 0, MAX_COUNT, "first iterations checked against "
+                                                                            "the reference (0: none)")
+        check_seed(self.seed)
 
 
 @dataclass
 class OutputConfig:
     dir: str = "results"
+
+    def __post_init__(self) -> None:
+        if not self.dir.strip() or "\0" in self.dir:
+            raise KeyedConfigError("dir", f"{self.dir!r} not allowed; allowed: a folder path")
 
 
 @dataclass
@@ -141,6 +202,7 @@ class ExperimentConfig:
     e2e: list[E2EConfig] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        check_name(self.name, folder=True)
         for key, items in (("traces", self.traces), ("workloads", self.workloads), ("shapes", self.shapes),
                            ("e2e", self.e2e)):
             names = [i.name for i in items]
@@ -162,6 +224,7 @@ class ExperimentConfig:
         bad = [b for b in self.backends if b not in BACKENDS]
         if bad:
             raise ConfigError(f"backends: unknown backend(s) {bad}; allowed: {list(BACKENDS)}")
+        check_unique(self.backends, "backends")
 
     def traces_of(self, workload: WorkloadConfig) -> list[TraceConfig]:
         return [t for t in self.traces if workload.traces is None or t.name in workload.traces]
@@ -173,12 +236,25 @@ class ExperimentConfig:
 def load_config(path: str | Path) -> ExperimentConfig:
     """Read and validate an experiment YAML file."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory, not a config file")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte offset {e.start}); save the config as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except _DuplicateKey as e:
+        raise ConfigError(f"{path}:{e.line}: duplicate key {e.key!r} (first on line {e.first}); YAML would keep "
+                          "only the last value: give each key once") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML: nested too deeply") from None
     try:
         return build(ExperimentConfig, data, "")
     except ConfigError as e:
@@ -202,6 +278,8 @@ def build(cls: type, data: Any, where: str) -> Any:
             raise ConfigError(f"{_join(where, name)}: required key is missing")
     try:
         return cls(**kwargs)
+    except KeyedConfigError as e:
+        raise e.under(where) from None
     except ConfigError as e:
         raise ConfigError(f"{where or 'config'}: {e}") from None
 
@@ -230,10 +308,44 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return build(tp, value, where)
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)  # NaN and inf are left to the dataclass's range check, which names the range
+        except OverflowError:
+            raise ConfigError(f"{where}: {str(value)[:20]}... ({len(str(value))} digits) is too large; allowed: a "
+                              "finite number in the key's range") from None
     if tp in (int, str, bool) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
         return value
     raise ConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _check_trace_list(traces: list[str] | None) -> None:
+    if traces is not None:
+        if not traces:
+            raise KeyedConfigError("traces", "needs at least one trace name (or leave it out: every trace)")
+        check_unique(traces, "traces")
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int, first: int):
+        super().__init__(f"line {line}: duplicate key {key!r}")
+        self.key, self.line, self.first = key, line, first
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """The safe loader, but a key given twice in one mapping is an error (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key = self.construct_object(key_node)
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise _DuplicateKey(key, line, seen[key])
+                seen[key] = line
+        return super().construct_mapping(node, deep)
 
 
 def _join(where: str, key: str) -> str:

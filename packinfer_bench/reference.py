@@ -7,7 +7,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from packinfer_bench.backends.base import Inputs, ServingAttention
+from packinfer_bench.backends.base import Inputs, ServingAttention, Step
 from packinfer_bench.config import REFERENCE
 
 

@@ -132,3 +132,25 @@ def test_bad_arguments_are_named():
     for call, message in cases:
         with pytest.raises(ValueError, match=message):
             call()
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+@pytest.mark.parametrize("layout, use_tma", [("paged", False), ("grouped", False), ("grouped", True)])
+def test_one_requests_nan_or_inf_never_reaches_another_request(layout, use_tma, poison, device):
+    """Request 2's K/V hold NaN/inf (its split chunks sit next to other requests' in the pool; TMA blocks of a
+    neighbour's item run over into it): every other request keeps each bit of its clean output."""
+    kv, q_lens = [30, 31, 50, 45, 20], [1, 1, 2, 3, 1]
+    cache = _fill(layout, kv, [0, 0, None, None, None], {0: 21}, kv_heads=2, dim=64, dtype=torch.float16,
+                  device=device)
+    view = cache.view(range(len(kv)))
+    plan = plan_cache_attention(view, q_lens, 4, block_n=BN, kv_chunk=BN)
+    q = torch.randn(sum(q_lens), 4, 64, generator=torch.Generator().manual_seed(3)).to(device, torch.float16)
+    clean = cache_attention(q, view, plan, use_tma=use_tma)
+    addr = torch.from_numpy(cache.addresses(2)).to(device)
+    cache.k[addr[::3], 1] = poison
+    cache.v[addr[1::2], 0, ::5] = poison
+    out = cache_attention(q, view, plan, use_tma=use_tma)
+    others = torch.ones(q.shape[0], dtype=torch.bool, device=q.device)
+    others[2:4] = False  # request 2's two query rows
+    assert out[others].isfinite().all(), "another request's NaN/inf reached these rows"
+    assert torch.equal(out[others], clean[others]), "the other requests' outputs changed"

@@ -109,3 +109,22 @@ def test_default_plan_for_each_head_dim(device):
         q, k, v, cu_q, cu_k = _batch([3, 20], [3, 20], 4, 2, dim, torch.float16, device, dim)
         out = varlen_attention(q, k, v, cu_q, cu_k, 20, 20)  # plan_for picks the tile shape
         assert (out.float() - reference_varlen_attention(q, k, v, cu_q, cu_k)).abs().max() < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("packing", [True, False])
+def test_one_requests_nan_or_inf_never_reaches_another_request(poison, packing, device):
+    """Request 1's K and V hold NaN/inf: the other requests of the batch (sharing its packed tiles) keep every
+    bit of their clean outputs; the poisoned request's own rows are its own business."""
+    q_lens, kv_lens = [3, 5, 2, 9, 1], [3, 7, 2, 20, 4]
+    q, k, v, cu_q, cu_k = _batch(q_lens, kv_lens, 4, 2, 64, torch.float16, device, 7)
+    plan = plan_varlen(cu_q, cu_k, 4, 2, 64, block_m=BM, block_n=BN, packing=packing)
+    assert not packing or plan.num_tiles < len(q_lens), "the requests share packed tiles"
+    clean = varlen_attention(q, k, v, cu_q, cu_k, 9, 20, causal=True, plan=plan)
+    k[int(cu_k[1]):int(cu_k[2]):2, 0] = poison
+    v[int(cu_k[1]) + 1:int(cu_k[2]), 1, ::3] = poison
+    out = varlen_attention(q, k, v, cu_q, cu_k, 9, 20, causal=True, plan=plan)
+    others = torch.ones(q.shape[0], dtype=torch.bool, device=q.device)
+    others[int(cu_q[1]):int(cu_q[2])] = False
+    assert out[others].isfinite().all(), "another request's NaN/inf reached these rows"
+    assert torch.equal(out[others], clean[others]), "the other requests' outputs changed"

@@ -149,7 +149,7 @@ def _load_t(cfg):
 
 @pytest.mark.parametrize("old, new, message", [
     ("model: tiny", "model: gpt-5", r"e2e\[0\]: model: 'gpt-5' not allowed"),
-    ("backends: [fa2, packinfer]", "backends: [fa3]", r"unknown end-to-end backend\(s\) \['fa3'\]; allowed: \["),
+    ("backends: [fa2, packinfer]", "backends: [fa9]", r"unknown end-to-end backend\(s\) \['fa9'\]; allowed: \["),
     ("rates: [RATE]", "rates: [0]", r"rates: every rate must be > 0"),
     ("traces: [t]\n", "traces: [u]\n", r"e2e\[0\].traces: unknown trace\(s\) \['u'\]"),
 ])

@@ -9,11 +9,14 @@ imports the benchmark harness, so a serving stack can take it by itself.
 
 from packinfer.api import FA2_LIKE, KernelConfig, cache_attention, choose_config, plan_for, varlen_attention
 from packinfer.cache_plan import CachePlan, plan_cache_attention
+from packinfer.device import num_sms
 from packinfer.kv_cache import CacheStats, GroupedKVCache, KVCacheError, KVView, PagedKVCache, make_cache
 from packinfer.plan import TILE_FIELDS, Plan, plan_varlen
 from packinfer.reference import reference_varlen_attention
+from packinfer.validate import HEAD_DIMS
 
 __version__ = "0.1.0"
-__all__ = ["FA2_LIKE", "TILE_FIELDS", "CachePlan", "CacheStats", "GroupedKVCache", "KVCacheError", "KVView",
-           "KernelConfig", "PagedKVCache", "Plan", "cache_attention", "choose_config", "make_cache",
-           "plan_cache_attention", "plan_for", "plan_varlen", "reference_varlen_attention", "varlen_attention"]
+__all__ = ["FA2_LIKE", "HEAD_DIMS", "TILE_FIELDS", "CachePlan", "CacheStats", "GroupedKVCache", "KVCacheError",
+           "KVView", "KernelConfig", "PagedKVCache", "Plan", "cache_attention", "choose_config", "make_cache",
+           "num_sms", "plan_cache_attention", "plan_for", "plan_varlen", "reference_varlen_attention",
+           "varlen_attention"]

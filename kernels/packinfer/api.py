@@ -7,10 +7,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from packinfer import cache_attention as _cache
+from packinfer.cache_attention import launch as launch_cache
 from packinfer.cache_plan import CachePlan
 from packinfer.kv_cache import KVView
-from packinfer.packed_attention import launch
+from packinfer.packed_attention import launch as launch_packed
 from packinfer.plan import Plan, as_numpy, plan_varlen
 from packinfer.validate import HEAD_DIMS, check_qkv
 
@@ -101,7 +101,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         raise ValueError(f"out must match q (shape {tuple(q.shape)}, {q.dtype}, {q.device}, last dim contiguous), "
                          f"got {tuple(out.shape)}, {out.dtype}, {out.device}")
     scale = softmax_scale if softmax_scale is not None else head_dim ** -0.5
-    launch(q, k, v, out, plan, scale, use_tma)
+    launch_packed(q, k, v, out, plan, scale, use_tma)
     return out
 
 
@@ -118,7 +118,7 @@ def cache_attention(q: torch.Tensor, view: KVView, plan: CachePlan, *, softmax_s
     if out is None:
         out = torch.empty_like(q)
     scale = softmax_scale if softmax_scale is not None else q.shape[2] ** -0.5
-    _cache.launch(q if q.stride(-1) == 1 else q.contiguous(), view.k, view.v, out, plan, scale, use_tma)
+    launch_cache(q if q.stride(-1) == 1 else q.contiguous(), view.k, view.v, out, plan, scale, use_tma)
     return out
 
 

@@ -6,10 +6,17 @@ with fp32 accumulators. A slot is one (query row, query head) pair of the item's
                 row_first + m // GROUP of query head kv_head * GROUP + m % GROUP (all heads that read the KV
                 head share every K/V load).
   PACK_GQA off: program id // NUM_HEADS is the item, % NUM_HEADS the query head; slot m is plan row row_first + m.
-An item reads positions [pos_start, pos_start + kv_len): at pool address kv_addr + j (grouped, contiguous: TMA
-loads on Hopper) or through the block table row table_row (paged). It writes, per slot, the normalised partial
-output and its base-2 log-sum-exp to partial row partial_base + m // GROUP (m with PACK_GQA off).
-Merge kernel: program id 0 is a plan row, id 1 a query head; it combines the row's partials BLOCK_P at a time.
+An item (a row of CachePlan.items, columns ITEM_FIELDS) reads positions [pos_start, pos_start + kv_len): at pool
+address kv_addr + j (grouped, contiguous: TMA loads on Hopper) or through the block table row table_row (paged).
+It writes, per slot, the normalised partial output and its base-2 log-sum-exp to partial row
+partial_base + m // GROUP (m with PACK_GQA off).
+Merge kernel: program id 0 is a plan row, id 1 a query head; it combines the row's partials MERGE_BLOCK_P at a
+time (only partials of items holding that row).
+Isolation: an item reads one request's positions (or a shared prefix all its rows see), pointer loads past the
+item are masked and TMA blocks past it have their V zeroed (unwritten pool space may hold NaN bits), so only
+positions past a row's causal limit can be masked in a block. As in the packed kernel, a program whose result
+holds a NaN/inf is computed again with the masked blocks cleaned (SAFE steps): a row's partial depends only on
+the positions it sees, and no other bit changes.
 """
 
 from __future__ import annotations
@@ -19,11 +26,20 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from packinfer.cache_plan import CachePlan
+from packinfer.cache_plan import ITEM_FIELDS, CachePlan
 from packinfer.launch import Bound
-from packinfer.packed_attention import LOG2E, interpreter_needs_f32_dot, online_softmax_step, program_slots
+from packinfer.triton_common import (LOG2E, any_nonfinite, field_offset, interpreter_needs_f32_dot,
+                                     online_softmax_step, program_slots)
 
 MERGE_BLOCK_P = 16
+ITEM_WIDTH = tl.constexpr(len(ITEM_FIELDS))
+ITEM_ROW_FIRST = field_offset(ITEM_FIELDS, "row_first")
+ITEM_NUM_ROWS = field_offset(ITEM_FIELDS, "num_rows")
+ITEM_KV_ADDR = field_offset(ITEM_FIELDS, "kv_addr")
+ITEM_POS_START = field_offset(ITEM_FIELDS, "pos_start")
+ITEM_KV_LEN = field_offset(ITEM_FIELDS, "kv_len")
+ITEM_TABLE_ROW = field_offset(ITEM_FIELDS, "table_row")
+ITEM_PARTIAL_BASE = field_offset(ITEM_FIELDS, "partial_base")
 
 
 @triton.jit
@@ -37,35 +53,13 @@ def _addresses(table, kv_addr, pos_start, j, in_range, PAGED: tl.constexpr, PAGE
 
 
 @triton.jit
-def _cache_attention_partial(
-    Q, K, V, O_part, LSE_part, items, row_perm, row_limit, block_table, qk_scale,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_table,
-    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, PACK_GQA: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    DOT_F32: tl.constexpr, USE_TMA: tl.constexpr,
-):
-    item, kv_head, slot_row, heads = program_slots(tl.program_id(0), NUM_HEADS, GROUP, PACK_GQA, BLOCK_M)
-    it = items + item * 7
-    row_first = tl.load(it)
-    num_rows = tl.load(it + 1)
-    kv_addr = tl.load(it + 2)
-    pos_start = tl.load(it + 3)
-    kv_len = tl.load(it + 4)
-    table_row = tl.load(it + 5)
-    partial_base = tl.load(it + 6)
-
-    row_ok = slot_row < num_rows
-    plan_rows = row_first + slot_row
-    q_rows = tl.load(row_perm + plan_rows, mask=row_ok, other=0)
-    limit = tl.load(row_limit + plan_rows, mask=row_ok, other=2147483647) - pos_start  # last key j each slot sees
+def _attend(q, K, V, table, kv_head, kv_addr, pos_start, kv_len, limit, qk_scale, stride_kt, stride_kh, stride_vt,
+            stride_vh, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr,
+            PAGE_SIZE: tl.constexpr, DOT_F32: tl.constexpr, USE_TMA: tl.constexpr, SAFE: tl.constexpr):
+    """The item's slots over its kv_len positions (slot m sees j <= limit[m]). Returns (max, sum, acc)."""
     dims = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + (q_rows.to(tl.int64) * stride_qt + heads * stride_qh)[:, None] + dims[None, :],
-                mask=row_ok[:, None], other=0.0)
-    if DOT_F32:
-        q = q.to(tl.float32)
     # keys [0, nomask_end) are visible to every slot: whole blocks, no mask
     nomask_end = tl.minimum(tl.maximum(tl.min(limit, 0) + 1, 0), kv_len) // BLOCK_N * BLOCK_N
-
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -73,7 +67,6 @@ def _cache_attention_partial(
     if not USE_TMA:
         k_base = K + kv_head * stride_kh + dims[None, :]
         v_base = V + kv_head * stride_vh + dims[None, :]
-    table = block_table + table_row.to(tl.int64) * stride_table
 
     for start in range(0, nomask_end, BLOCK_N):
         j = start + cols
@@ -84,7 +77,7 @@ def _cache_attention_partial(
             addr = _addresses(table, kv_addr, pos_start, j, j < kv_len, PAGED, PAGE_SIZE)
             k = tl.load(k_base + addr[:, None] * stride_kt)
             v = tl.load(v_base + addr[:, None] * stride_vt)
-        m_i, l_i, acc = online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, 0, False, DOT_F32)
+        m_i, l_i, acc = online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, 0, False, False, DOT_F32)
     for start in range(nomask_end, kv_len, BLOCK_N):
         j = start + cols
         in_range = j < kv_len
@@ -97,11 +90,49 @@ def _cache_attention_partial(
             k = tl.load(k_base + addr[:, None] * stride_kt, mask=in_range[:, None], other=0.0)
             v = tl.load(v_base + addr[:, None] * stride_vt, mask=in_range[:, None], other=0.0)
         valid = in_range[None, :] & (j[None, :] <= limit[:, None])
-        m_i, l_i, acc = online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, valid, True, DOT_F32)
+        m_i, l_i, acc = online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, valid, True, SAFE, DOT_F32)
+    return m_i, l_i, acc
 
-    seen = l_i > 0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+
+@triton.jit
+def _cache_attention_partial(
+    Q, K, V, O_part, LSE_part, items, row_perm, row_limit, block_table, qk_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_table,
+    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, PACK_GQA: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    DOT_F32: tl.constexpr, USE_TMA: tl.constexpr,
+):
+    item, kv_head, slot_row, heads = program_slots(tl.program_id(0), NUM_HEADS, GROUP, PACK_GQA, BLOCK_M)
+    it = items + item * ITEM_WIDTH
+    row_first = tl.load(it + ITEM_ROW_FIRST)
+    num_rows = tl.load(it + ITEM_NUM_ROWS)
+    kv_addr = tl.load(it + ITEM_KV_ADDR)
+    pos_start = tl.load(it + ITEM_POS_START)
+    kv_len = tl.load(it + ITEM_KV_LEN)
+    table_row = tl.load(it + ITEM_TABLE_ROW)
+    partial_base = tl.load(it + ITEM_PARTIAL_BASE)
+
+    row_ok = slot_row < num_rows
+    plan_rows = row_first + slot_row
+    q_rows = tl.load(row_perm + plan_rows, mask=row_ok, other=0)
+    limit = tl.load(row_limit + plan_rows, mask=row_ok, other=2147483647) - pos_start  # last key j each slot sees
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + (q_rows.to(tl.int64) * stride_qt + heads * stride_qh)[:, None] + dims[None, :],
+                mask=row_ok[:, None], other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+    table = block_table + table_row.to(tl.int64) * stride_table
+    m_i, l_i, acc = _attend(q, K, V, table, kv_head, kv_addr, pos_start, kv_len, limit, qk_scale, stride_kt,
+                            stride_kh, stride_vt, stride_vh, HEAD_DIM, BLOCK_M, BLOCK_N, PAGED, PAGE_SIZE, DOT_F32,
+                            USE_TMA, False)
+    if any_nonfinite(acc, l_i, row_ok):  # rare: the isolating re-run (see the module's docstring)
+        m_i, l_i, acc = _attend(q, K, V, table, kv_head, kv_addr, pos_start, kv_len, limit, qk_scale, stride_kt,
+                                stride_kh, stride_vt, stride_vh, HEAD_DIM, BLOCK_M, BLOCK_N, PAGED, PAGE_SIZE,
+                                DOT_F32, USE_TMA, True)
+
+    empty = l_i == 0  # a slot that saw no key (a NaN sum stays NaN, and so does its log-sum-exp)
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
     part = (partial_base + slot_row).to(tl.int64) * NUM_HEADS + heads
     tl.store(LSE_part + part, lse, mask=row_ok)
     tl.store(O_part + part[:, None] * HEAD_DIM + dims[None, :], out, mask=row_ok[:, None])

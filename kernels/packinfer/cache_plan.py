@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from packinfer.device import FALLBACK_SMS
 from packinfer.kv_cache import KVView
 
 #: Columns of CachePlan.items.
@@ -92,12 +93,13 @@ class CachePlan:
 
 def plan_cache_attention(view: KVView, q_lens, num_heads: int, *, prefix_grouping: bool = True,
                          split: bool = True, balancing: bool = True, kv_chunk: int | None = None,
-                         num_sms: int = 132, waves: int = WAVES, block_n: int = 64, slots: int | None = None,
+                         num_sms: int = FALLBACK_SMS, waves: int = WAVES, block_n: int = 64, slots: int | None = None,
                          pack_gqa: bool | None = None) -> CachePlan:
     """Plan attention of q_lens[i] new query rows of each request of `view` (the rows are the last q_lens[i]
     positions of the request, already in the cache) over everything the request sees.
 
-    kv_chunk: most positions an item reads (None: chosen so the batch makes about `waves` programs per SM).
+    kv_chunk: most positions an item reads (None: chosen so the batch makes about `waves` programs per SM of
+    the `num_sms` the GPU has: give packinfer.num_sms(device)).
     slots: query (row, head) pairs per program (None: enough for the largest row block, 16 to 128).
     """
     t0 = time.perf_counter()

@@ -8,14 +8,17 @@ A slot is one (query row, query head) pair:
                 row_start + m // GROUP of query head kv_head * GROUP + m % GROUP, so the GROUP query heads that
                 read one KV head share every K/V load (a tile then holds BLOCK_M // GROUP rows).
 Tiles run in the plan's launch order, the heads of a tile side by side; a tile finds its rows from its run
-(ROWS = rows per tile) and its key range from cu_seqlens. Each slot's key interval [lo, hi] (its request's
-keys, cut at the bottom-right causal limit) is built once per tile; key blocks inside [k_start, k_nomask_end)
-are valid for every slot and skip the mask.
+(ROWS = rows per tile; the run's columns are RUN_FIELDS) and its key range from cu_seqlens. Each slot's key
+interval [lo, hi] (its request's keys, cut at the bottom-right causal limit) is built once per tile; key blocks
+inside [k_start, k_nomask_end) are valid for every slot and skip the mask.
+Isolation: a masked key gets weight 0, and 0 x NaN/inf is NaN, so a NaN/inf value of another request in a packed
+tile's key blocks (or past k_end, TMA loads) could reach a slot that never sees it. Rather than clean every
+masked block, a tile whose result holds a NaN/inf (never, for finite inputs) is computed again with the masked
+blocks cleaned (online_softmax_step's SAFE): the same arithmetic, so every other row's output keeps each bit.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -24,50 +27,54 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from packinfer.launch import Bound
-from packinfer.plan import Plan
+from packinfer.plan import RUN_FIELDS, Plan
+from packinfer.triton_common import (LOG2E, any_nonfinite, field_offset, interpreter_needs_f32_dot,
+                                     online_softmax_step, program_slots, tma_available)
 
-LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def program_slots(pid, NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, PACK_GQA: tl.constexpr,
-                  BLOCK_M: tl.constexpr):
-    """(work unit, KV head, row offset of each slot, query head of each slot) of program pid: with PACK_GQA the
-    GROUP query heads of a KV head side by side (slot m: row m // GROUP), else one query head per program."""
-    slots = tl.arange(0, BLOCK_M)
-    if PACK_GQA:
-        unit = pid // (NUM_HEADS // GROUP)
-        kv_head = pid % (NUM_HEADS // GROUP)
-        slot_row = slots // GROUP
-        heads = kv_head * GROUP + slots % GROUP
-    else:
-        unit = pid // NUM_HEADS
-        kv_head = (pid % NUM_HEADS) // GROUP
-        slot_row = slots
-        heads = tl.zeros([BLOCK_M], dtype=tl.int32) + pid % NUM_HEADS
-    return unit, kv_head, slot_row, heads
+RUN_WIDTH = tl.constexpr(len(RUN_FIELDS))
+RUN_ROW_START = field_offset(RUN_FIELDS, "row_start")
+RUN_ROW_END = field_offset(RUN_FIELDS, "row_end")
+RUN_SEQ_FIRST = field_offset(RUN_FIELDS, "seq_first")
+RUN_SEQ_LAST = field_offset(RUN_FIELDS, "seq_last")
+RUN_FIRST_TILE = field_offset(RUN_FIELDS, "first_tile")
 
 
 @triton.jit
-def online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, valid, MASKED: tl.constexpr, DOT_F32: tl.constexpr):
-    """One online-softmax step (base 2, fp32 state) of the query slots over a block of keys, shared by both
-    kernels. MASKED: only keys where `valid` [slots, keys] count, so a slot may have seen no key yet; its max then
-    stays -inf and is kept out of the exponents. Returns the new (max, sum, accumulator)."""
-    if DOT_F32:
-        k, v = k.to(tl.float32), v.to(tl.float32)
-    qk = tl.dot(q, tl.trans(k)) * qk_scale
-    if MASKED:
-        qk = tl.where(valid, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-    else:
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_ref = m_new
-    p = tl.math.exp2(qk - m_ref[:, None])
-    alpha = tl.math.exp2(m_i - m_ref)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return m_new, l_i, acc
+def _attend(q, K, V, kv_head, k_start, k_nomask_end, k_end, lo, hi, qk_scale, stride_kt, stride_kh, stride_vt,
+            stride_vh, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
+            USE_TMA: tl.constexpr, SAFE: tl.constexpr):
+    """The tile's slots over its key range: unmasked blocks, then masked ones. Returns (max, sum, acc)."""
+    dims = tl.arange(0, HEAD_DIM)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    cols = tl.arange(0, BLOCK_N)
+    if not USE_TMA:
+        k_base = K + kv_head * stride_kh + dims[None, :]
+        v_base = V + kv_head * stride_vh + dims[None, :]  # token offsets are int64: tokens * stride can pass 2**31
+
+    for start in range(k_start, k_nomask_end, BLOCK_N):  # keys of one request that every slot sees
+        if USE_TMA:
+            k = K.load([start, kv_head * HEAD_DIM])
+            v = V.load([start, kv_head * HEAD_DIM])
+        else:
+            keys = start + cols
+            k = tl.load(k_base + keys.to(tl.int64)[:, None] * stride_kt)
+            v = tl.load(v_base + keys.to(tl.int64)[:, None] * stride_vt)
+        m_i, l_i, acc = online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, 0, False, False, DOT_F32)
+
+    for start in range(k_nomask_end, k_end, BLOCK_N):
+        keys = start + cols
+        if USE_TMA:  # keys past k_end are real (or zero-filled) data, masked below like the rest
+            k = K.load([start, kv_head * HEAD_DIM])
+            v = V.load([start, kv_head * HEAD_DIM])
+        else:
+            in_range = keys < k_end
+            k = tl.load(k_base + keys.to(tl.int64)[:, None] * stride_kt, mask=in_range[:, None], other=0.0)
+            v = tl.load(v_base + keys.to(tl.int64)[:, None] * stride_vt, mask=in_range[:, None], other=0.0)
+        valid = (keys[None, :] >= lo[:, None]) & (keys[None, :] <= hi[:, None])
+        m_i, l_i, acc = online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, valid, True, SAFE, DOT_F32)
+    return m_i, l_i, acc
 
 
 @triton.jit
@@ -80,12 +87,12 @@ def _packed_attention_fwd(
 ):
     tile, kv_head, slot_row, heads = program_slots(tl.program_id(0), NUM_HEADS, GROUP, PACK_GQA, BLOCK_M)
     run = tl.load(tile_run + tile)
-    r = runs + run * 6
-    run_start = tl.load(r)
-    run_end = tl.load(r + 1)
-    seq_first = tl.load(r + 2)
-    seq_last = tl.load(r + 3)
-    row_end = run_end - (tile - tl.load(r + 5)) * ROWS  # a run's tiles launch from its last rows
+    r = runs + run * RUN_WIDTH
+    run_start = tl.load(r + RUN_ROW_START)
+    run_end = tl.load(r + RUN_ROW_END)
+    seq_first = tl.load(r + RUN_SEQ_FIRST)
+    seq_last = tl.load(r + RUN_SEQ_LAST)
+    row_end = run_end - (tile - tl.load(r + RUN_FIRST_TILE)) * ROWS  # a run's tiles launch from its last rows
     row_start = tl.maximum(run_start, row_end - ROWS)
     k_start = tl.load(cu_k + seq_first)
     if CAUSAL:  # bottom-right: the last row of request s sees keys < cu_k[s+1] - cu_q[s+1] + row + 1
@@ -120,35 +127,11 @@ def _packed_attention_fwd(
     q = tl.load(Q + q_offs[:, None] + dims[None, :], mask=row_ok[:, None], other=0.0)
     if DOT_F32:
         q = q.to(tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    cols = tl.arange(0, BLOCK_N)
-    if not USE_TMA:
-        k_base = K + kv_head * stride_kh + dims[None, :]
-        v_base = V + kv_head * stride_vh + dims[None, :]  # token offsets are int64: tokens * stride can pass 2**31
-
-    for start in range(k_start, k_nomask_end, BLOCK_N):
-        if USE_TMA:
-            k = K.load([start, kv_head * HEAD_DIM])
-            v = V.load([start, kv_head * HEAD_DIM])
-        else:
-            keys = start + cols
-            k = tl.load(k_base + keys.to(tl.int64)[:, None] * stride_kt)
-            v = tl.load(v_base + keys.to(tl.int64)[:, None] * stride_vt)
-        m_i, l_i, acc = online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, 0, False, DOT_F32)
-
-    for start in range(k_nomask_end, k_end, BLOCK_N):
-        keys = start + cols
-        if USE_TMA:  # keys past k_end are real (or zero-filled) data, masked below like the rest
-            k = K.load([start, kv_head * HEAD_DIM])
-            v = V.load([start, kv_head * HEAD_DIM])
-        else:
-            in_range = keys < k_end
-            k = tl.load(k_base + keys.to(tl.int64)[:, None] * stride_kt, mask=in_range[:, None], other=0.0)
-            v = tl.load(v_base + keys.to(tl.int64)[:, None] * stride_vt, mask=in_range[:, None], other=0.0)
-        valid = (keys[None, :] >= lo[:, None]) & (keys[None, :] <= hi[:, None])
-        m_i, l_i, acc = online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, valid, True, DOT_F32)
+    m_i, l_i, acc = _attend(q, K, V, kv_head, k_start, k_nomask_end, k_end, lo, hi, qk_scale, stride_kt, stride_kh,
+                            stride_vt, stride_vh, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_F32, USE_TMA, False)
+    if any_nonfinite(acc, l_i, row_ok):  # rare: the isolating re-run (see the module's docstring)
+        m_i, l_i, acc = _attend(q, K, V, kv_head, k_start, k_nomask_end, k_end, lo, hi, qk_scale, stride_kt,
+                                stride_kh, stride_vt, stride_vh, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_F32, USE_TMA, True)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row with no key at all (kv_len 0) writes zeros
     o_offs = rows.to(tl.int64) * stride_ot + heads * stride_oh
@@ -189,15 +172,3 @@ def _bind(q, k, v, out, plan: Plan, softmax_scale: float, use_tma: bool) -> Boun
          "BLOCK_M": plan.block_m * (group if plan.pack_gqa else 1), "BLOCK_N": plan.block_n, "ROWS": plan.block_m,
          "DOT_F32": interpreter_needs_f32_dot(q.dtype), "USE_TMA": use_tma},
         {"num_warps": plan.num_warps, "num_stages": plan.num_stages})
-
-
-@functools.cache
-def tma_available(device: torch.device) -> bool:
-    """Hopper or newer GPU (compute capability >= 9); asked once per device (the query costs host time per call)."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-
-
-def interpreter_needs_f32_dot(dtype: torch.dtype) -> bool:
-    """Triton's CPU interpreter (3.9) computes tl.dot on bfloat16 operands wrongly (errors of 1e10 on a 16x16
-    product), so under the interpreter bf16 operands are widened to fp32 first; compiled kernels never do."""
-    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"

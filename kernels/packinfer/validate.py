@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+#: Head dims the kernels support (packinfer.HEAD_DIMS; api and these checks read it from here).
 HEAD_DIMS = (64, 128, 256)
 DTYPES = (torch.float16, torch.bfloat16)
 

@@ -35,10 +35,6 @@ def is_decode(x: Inputs) -> bool:
     return int(x.batch.q_lens.max()) <= DECODE_MAX_Q
 
 
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-
-
 def _varlen_plan(x: Inputs, variant: str) -> packinfer.Plan:
     s, b = x.shape, x.batch
     if variant == "fa2-grid":
@@ -63,7 +59,7 @@ def prepare(x: Inputs, variant: str, use_tma: bool | None = None):
         _, view = cache_for(x, "paged" if variant == "paged" else "grouped")
         plan = packinfer.plan_cache_attention(
             view, x.batch.q_lens, x.shape.num_heads, prefix_grouping=variant != "no-prefix-grouping",
-            split=variant != "no-split", balancing=variant != "no-balancing", num_sms=_num_sms(x.q.device),
+            split=variant != "no-split", balancing=variant != "no-balancing", num_sms=packinfer.num_sms(x.q.device),
             pack_gqa=False if variant == "no-gqa-packing" else None)
 
         def run() -> torch.Tensor:
@@ -110,7 +106,7 @@ class PackinferAttention(ServingAttention):
             else:
                 ids = b.request_ids[mask].tolist()
                 view = step.cache.view(ids)
-                plan = packinfer.plan_cache_attention(view, q_lens, h, num_sms=_num_sms(dev))
+                plan = packinfer.plan_cache_attention(view, q_lens, h, num_sms=packinfer.num_sms(dev))
                 self._parts.append((where, plan, view, None))
 
     def __call__(self, layer, q, k, v):

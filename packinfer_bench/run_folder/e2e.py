@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from packinfer_bench.run_folder.files import E2E_DIR, ITERATIONS_FILE, REQUESTS_FILE, SUMMARY_FILE
+from packinfer_bench.run_folder.files import E2E_DIR, SUMMARY_FILE
 from packinfer_bench.run_folder.store import CsvRows
 
 KEY_FIELDS = ("e2e", "trace", "rate", "backend")

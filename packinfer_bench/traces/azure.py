@@ -20,11 +20,7 @@ def sniff(path: Path) -> bool:
 
 def load(path: Path, *, name: str) -> Trace:
     cols, lines = read_csv_columns(path, COLUMNS)
-    stamps = pd.to_datetime(pd.Series(cols["TIMESTAMP"]), errors="coerce", format="mixed")
-    if stamps.isna().any():
-        i = int(np.argmax(stamps.isna().to_numpy()))
-        raise TraceError(f"{path}:{lines[i]}: column 'TIMESTAMP' is not a date-time: {cols['TIMESTAMP'][i]!r}")
-    seconds = (stamps - stamps.min()).dt.total_seconds().to_numpy()
+    seconds = _seconds(cols["TIMESTAMP"], path, lines)
     prompt = parse_ints(cols["ContextTokens"], path, lines, "ContextTokens")
     output = parse_ints(cols["GeneratedTokens"], path, lines, "GeneratedTokens")
     require_positive(prompt, path, lines, "ContextTokens")
@@ -41,3 +37,27 @@ def load(path: Path, *, name: str) -> Trace:
         path=str(path),
     )
 
+
+
+def _seconds(values: list[str], path: Path, lines: np.ndarray) -> np.ndarray:
+    """Seconds since the earliest TIMESTAMP; TraceError naming the line of a value that is not a date-time."""
+    try:
+        stamps = pd.to_datetime(pd.Series(values, dtype=object), errors="coerce", format="mixed")
+    except (ValueError, TypeError, OverflowError):  # e.g. time zones mixed with naive times: find the row
+        stamps = None
+    if stamps is None or not pd.api.types.is_datetime64_any_dtype(stamps) or stamps.isna().any():
+        first_tz = None
+        for i, value in enumerate(values):
+            try:
+                one = pd.Timestamp(value)
+            except (ValueError, TypeError, OverflowError):
+                one = pd.NaT
+            if one is pd.NaT or pd.isna(one):
+                raise TraceError(f"{path}:{lines[i]}: column 'TIMESTAMP' is not a date-time: {value[:100]!r}")
+            if i == 0:
+                first_tz = one.tzinfo is not None
+            elif (one.tzinfo is not None) != first_tz:
+                raise TraceError(f"{path}:{lines[i]}: column 'TIMESTAMP' mixes times with and without a time zone: "
+                                 f"{value[:100]!r}")
+        raise TraceError(f"{path}: column 'TIMESTAMP' could not be read as date-times")
+    return (stamps - stamps.min()).dt.total_seconds().to_numpy()

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from packinfer_bench.errors import TraceError
+from packinfer_bench.traces.limits import MAX_TOKENS, TOKENS_WHY
 
 #: Columns of `Trace.requests`, in order, with their meaning.
 COLUMNS: dict[str, str] = {
@@ -88,11 +89,11 @@ def normalize_requests(df: pd.DataFrame, name: str) -> pd.DataFrame:
     if missing:
         raise TraceError(f"trace {name!r} lacks column(s) {missing}; a trace has {list(COLUMNS)}")
     for col in ("prompt_len", "output_len"):
-        bad = df.index[~(df[col] > 0)]
+        bad = df.index[~((df[col] > 0) & (df[col] <= MAX_TOKENS))]
         if len(bad):
             raise TraceError(
-                f"trace {name!r}: {col} must be > 0, request {int(bad[0])} has {df.loc[bad[0], col]!r}"
-                f" ({len(bad)} such request(s))"
+                f"trace {name!r}: {col} must lie in 1..{MAX_TOKENS} ({TOKENS_WHY}), request {int(bad[0])} has "
+                f"{df.loc[bad[0], col]!r} ({len(bad)} such request(s))"
             )
     over = df.index[(df["prefix_len"] < 0) | (df["prefix_len"] > df["prompt_len"])]
     if len(over):
@@ -106,7 +107,16 @@ def normalize_requests(df: pd.DataFrame, name: str) -> pd.DataFrame:
 
 def trace_path(path: str | Path) -> Path:
     """Resolve a trace file path, raising TraceError when it does not exist."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise TraceError(f"trace file not found: {p}")
+    try:
+        p = Path(path).expanduser()
+        if p.is_dir():
+            raise TraceError(f"trace source {p} is a directory, not a trace file: name the file inside it")
+        if p.exists() and not p.is_file():
+            raise TraceError(f"trace source {p} is not a regular file")
+        if not p.is_file():
+            raise TraceError(f"trace file not found: {p}")
+    except (OSError, ValueError, RuntimeError) as e:  # a name too long, a NUL byte, an unresolvable ~user
+        if isinstance(e, TraceError):
+            raise
+        raise TraceError(f"trace source {str(path)[:200]!r} is not a usable file path: {e}") from None
     return p

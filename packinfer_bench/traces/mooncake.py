@@ -10,6 +10,7 @@ the first block would put the whole trace in one group.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -18,40 +19,47 @@ import pandas as pd
 
 from packinfer_bench.errors import TraceError
 from packinfer_bench.traces.base import Trace
-from packinfer_bench.traces.tabular import iter_json_lines
+from packinfer_bench.traces.limits import MAX_TOKENS, TOKENS_WHY, check_int
+from packinfer_bench.traces.tabular import iter_json_lines, read_text_start
 
 FIELDS = ("timestamp", "input_length", "output_length", "hash_ids")
+#: Block ids become prefix ids (int64; -1 means none).
+MAX_HASH_ID = 2**63 - 1
+#: Timestamps (ms) beyond this size are not times (1e15 ms: 31,700 years).
+MAX_TIMESTAMP_MS = 1e15
 
 
 def sniff(path: Path) -> bool:
     if path.suffix.lower() not in (".jsonl", ".json"):
         return False
-    first = next(iter_json_lines(path), None)
+    try:
+        first = next(iter_json_lines(path, read_text_start(path)), None)
+    except TraceError:  # the first line is not a JSON object: not this format
+        return False
     return first is not None and "hash_ids" in first[1] and "input_length" in first[1]
 
 
+def check_options(options: dict, error) -> None:
+    """block_size: tokens per hash_ids block."""
+    if "block_size" in options:
+        check_int(options["block_size"], "block_size", 1, 1 << 20, "tokens per KV block", error)
+
+
 def load(path: Path, *, name: str, block_size: int = 512) -> Trace:
+    check_options({"block_size": block_size}, lambda key, detail: TraceError(f"trace {name!r}: {key}: {detail}"))
     rows = []
     for line, obj in iter_json_lines(path):
         missing = [f for f in FIELDS if f not in obj]
         if missing:
             raise TraceError(f"{path}:{line}: missing field(s) {missing}; a record has {list(FIELDS)}")
-        for f in ("timestamp", "input_length", "output_length"):
-            if not isinstance(obj[f], (int, float)) or isinstance(obj[f], bool):
-                raise TraceError(f"{path}:{line}: field {f!r} must be a number, got {obj[f]!r}")
-        for f in ("input_length", "output_length"):
-            if obj[f] <= 0:
-                raise TraceError(f"{path}:{line}: field {f!r} must be > 0, got {obj[f]!r}")
-        if not isinstance(obj["hash_ids"], list):
-            raise TraceError(f"{path}:{line}: field 'hash_ids' must be a list, got {obj['hash_ids']!r}")
-        rows.append((obj["timestamp"], int(obj["input_length"]), int(obj["output_length"]), obj["hash_ids"]))
+        rows.append((*_record(path, line, obj), line))
     if not rows:
-        raise TraceError(f"{path}: no records")
-    rows.sort(key=lambda r: r[0])
+        raise TraceError(f"{path}:1: no records (the file holds only blank lines)")
+    rows.sort(key=lambda r: r[0])  # stable: equal times keep file order
     holders = Counter(h for r in rows for h in set(r[3]))
     prefix_id = np.full(len(rows), -1, dtype=np.int64)
     prefix_len = np.zeros(len(rows), dtype=np.int64)
-    for i, (_, prompt, _, blocks) in enumerate(rows):
+    for i, (_, prompt, _, blocks, _) in enumerate(rows):
         shared = 0
         while shared < len(blocks) and holders[blocks[shared]] >= 2:
             shared += 1
@@ -77,3 +85,34 @@ def load(path: Path, *, name: str, block_size: int = 512) -> Trace:
         path=str(path),
         notes={"block_size": block_size, "blocks": total_blocks, "distinct_blocks": len(holders)},
     )
+
+
+def _record(path: Path, line: int, obj: dict) -> tuple[float, int, int, list[int]]:
+    """(timestamp ms, input length, output length, hash ids) of one record; TraceError naming file:line."""
+    stamp = obj["timestamp"]
+    if not isinstance(stamp, (int, float)) or isinstance(stamp, bool):
+        raise TraceError(f"{path}:{line}: field 'timestamp' must be a number, got {stamp!r:.80}")
+    if not math.isfinite(stamp) or abs(stamp) > MAX_TIMESTAMP_MS:
+        raise TraceError(f"{path}:{line}: field 'timestamp' must be a finite number of milliseconds within "
+                         f"+-{MAX_TIMESTAMP_MS:g}, got {stamp!r}")
+    lengths = []
+    for f in ("input_length", "output_length"):
+        v = obj[f]
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            raise TraceError(f"{path}:{line}: field {f!r} must be a number, got {v!r:.80}")
+        if isinstance(v, float) and not (math.isfinite(v) and v.is_integer()):
+            raise TraceError(f"{path}:{line}: field {f!r} must be a whole number of tokens, got {v!r}")
+        if v <= 0:
+            raise TraceError(f"{path}:{line}: field {f!r} must be > 0, got {v!r}")
+        if v > MAX_TOKENS:
+            raise TraceError(f"{path}:{line}: field {f!r}: {v!r} is above the limit of {MAX_TOKENS} tokens "
+                             f"({TOKENS_WHY})")
+        lengths.append(int(v))
+    blocks = obj["hash_ids"]
+    if not isinstance(blocks, list):
+        raise TraceError(f"{path}:{line}: field 'hash_ids' must be a list, got {blocks!r:.80}")
+    for i, h in enumerate(blocks):
+        if not isinstance(h, int) or isinstance(h, bool) or not 0 <= h <= MAX_HASH_ID:
+            raise TraceError(f"{path}:{line}: field 'hash_ids' must be a list of block ids (integers in "
+                             f"0..2**63-1), element {i} is {h!r:.80}")
+    return float(stamp), lengths[0], lengths[1], blocks

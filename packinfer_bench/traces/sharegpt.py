@@ -8,7 +8,6 @@ prompt is a prefix of the next turn's prompt.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -18,7 +17,9 @@ import pandas as pd
 
 from packinfer_bench.errors import TraceError
 from packinfer_bench.traces.base import Trace
-from packinfer_bench.traces.tabular import iter_json_lines, parse_ints, read_csv_columns, read_header, require_positive
+from packinfer_bench.traces.limits import MAX_COUNT, check_int
+from packinfer_bench.traces.tabular import (iter_json_list, iter_json_lines, parse_ints, read_csv_columns, read_header,
+                                            read_text_start, require_positive)
 
 COUNT_COLUMNS = ["num_prefill_tokens", "num_decode_tokens"]
 USER_ROLES = {"human", "user"}
@@ -32,14 +33,29 @@ def sniff(path: Path) -> bool:
     if suffix == ".csv":
         return set(COUNT_COLUMNS) <= {h.strip() for h in read_header(path)}
     if suffix in (".json", ".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            return '"conversations"' in f.read(1 << 16)
+        return '"conversations"' in read_text_start(path)[:1 << 16]
     return False
+
+
+def check_options(options: dict, error) -> None:
+    """tokenizer: a Hugging Face tokenizer name (or, from Python, a callable); max_conversations: how many
+    conversations to read; data_files: for hf: datasets."""
+    tok = options.get("tokenizer")
+    if tok is not None and not callable(tok) and (not isinstance(tok, str) or not tok.strip()):
+        raise error("tokenizer", f"expected a tokenizer name (str), got {tok!r:.80} ({type(tok).__name__})")
+    if options.get("max_conversations") is not None:
+        check_int(options["max_conversations"], "max_conversations", 1, MAX_COUNT,
+                  "conversations read from the file", error)
+    files = options.get("data_files")
+    if files is not None and not isinstance(files, str):
+        raise error("data_files", f"expected str, got {files!r:.80} ({type(files).__name__})")
 
 
 def load(path: Path | str, *, name: str, tokenizer: str | Callable[[str], int] | None = None,
          max_conversations: int | None = None, data_files: str | None = None) -> Trace:
     """Load counts (CSV) or conversations (JSON, JSONL, or `hf:OWNER/NAME` through `datasets`)."""
+    check_options({"tokenizer": tokenizer, "max_conversations": max_conversations, "data_files": data_files},
+                  lambda key, detail: TraceError(f"trace {name!r}: {key}: {detail}"))
     if isinstance(path, str) and path.startswith(HF_PREFIX):
         records = _hub_records(path[len(HF_PREFIX):], data_files)
         return _from_conversations(records, name, str(path), tokenizer, max_conversations)
@@ -68,14 +84,7 @@ def _from_counts(path: Path, name: str) -> Trace:
 def _file_records(path: Path) -> Iterable[tuple[str, dict]]:
     if path.suffix.lower() == ".jsonl":
         return ((f"{path}:{line}", obj) for line, obj in iter_json_lines(path))
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise TraceError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    if not isinstance(data, list):
-        raise TraceError(f"{path}: expected a JSON list of conversations, got {type(data).__name__}")
-    return ((f"{path} record {i}", obj) for i, obj in enumerate(data))
+    return ((f"{path}:{line}", obj) for line, obj in iter_json_list(path))
 
 
 def _hub_records(dataset_id: str, data_files: str | None) -> Iterable[tuple[str, dict]]:
@@ -114,6 +123,9 @@ def _from_conversations(records: Iterable[tuple[str, dict]], name: str, source: 
     for where, rec in records:
         if max_conversations is not None and conversations >= max_conversations:
             break
+        if not isinstance(rec, dict):
+            raise TraceError(f"{where}: expected a conversation (a JSON object with a 'conversations' list), got "
+                             f"{rec!r:.80}")
         turns = rec.get("conversations")
         if not isinstance(turns, list):
             raise TraceError(f"{where}: expected a 'conversations' list, got {type(turns).__name__}")
@@ -133,7 +145,9 @@ def _from_conversations(records: Iterable[tuple[str, dict]], name: str, source: 
             history += tokens
         conversations += 1
     if not prompt:
-        raise TraceError(f"{source}: no usable (prompt, reply) turns in {conversations} conversation(s)")
+        where = source if source.startswith(HF_PREFIX) else f"{source}:1"  # the whole file
+        raise TraceError(f"{where}: no usable (prompt, reply) turns in {conversations} conversation(s): a reply needs "
+                         "a non-empty turn before it")
     requests = pd.DataFrame({"prompt_len": prompt, "output_len": output, "prefix_id": group})
     requests = _turn_prefixes(requests)
     return Trace(name=name, kind="sharegpt", requests=requests, source=f"ShareGPT-format conversations ({source})",

@@ -18,6 +18,8 @@ import pandas as pd
 
 from packinfer_bench.errors import ConfigError
 from packinfer_bench.traces import Trace
+from packinfer_bench.traces.limits import (MAX_BATCH_SIZE, MAX_COUNT, MAX_RATE, MAX_TOKENS, MAX_TRACE_ROWS, MIN_RATE,
+                                           TOKENS_WHY, KeyedConfigError, check_float, check_int, check_seed)
 from packinfer_bench.workload.batch import Batch
 
 
@@ -28,6 +30,11 @@ class StepTime:
     base_ms: float = 5.0
     per_token_us: float = 30.0
     per_kv_token_ns: float = 10.0
+
+    def __post_init__(self) -> None:
+        for key in ("base_ms", "per_token_us", "per_kv_token_ns"):
+            check_float(getattr(self, key), key, 0.0, 1e6, why="modelled time of an iteration: non-negative; "
+                        "1e6 already models a step of minutes")
 
     def seconds(self, q_tokens: int, kv_tokens: int) -> float:
         return self.base_ms * 1e-3 + self.per_token_us * 1e-6 * q_tokens + self.per_kv_token_ns * 1e-9 * kv_tokens
@@ -62,14 +69,26 @@ class ContinuousSpec:
 
     def __post_init__(self) -> None:
         if self.arrivals not in ("trace", "poisson"):
-            raise ConfigError(f"arrivals: {self.arrivals!r} not allowed; allowed: ['trace', 'poisson']")
-        if self.arrivals == "poisson" and (self.rate is None or self.rate <= 0):
-            raise ConfigError(f"rate must be > 0 requests/s with poisson arrivals, got {self.rate!r}")
-        for key in ("max_num_seqs", "max_num_batched_tokens", "every"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"{key} must be > 0, got {getattr(self, key)}")
-        if self.time_scale <= 0:
-            raise ConfigError(f"time_scale must be > 0, got {self.time_scale}")
+            raise KeyedConfigError("arrivals", f"{self.arrivals!r} not allowed; allowed: ['trace', 'poisson']")
+        if self.arrivals == "poisson" and self.rate is None:
+            raise KeyedConfigError("rate", "must be > 0 requests/s with poisson arrivals, got None")
+        if self.rate is not None:
+            check_float(self.rate, "rate", MIN_RATE, MAX_RATE, why="Poisson arrivals, requests/s")
+        check_float(self.time_scale, "time_scale", 0.0, 1e6, lo_open=True, why="factor on the trace's arrival times")
+        check_int(self.start, "start", 0, MAX_TRACE_ROWS, "first trace row replayed")
+        if self.num_requests is not None:
+            check_int(self.num_requests, "num_requests", 1, MAX_TRACE_ROWS, "trace rows replayed; null: to the "
+                      "end of the trace")
+        check_int(self.max_num_seqs, "max_num_seqs", 1, MAX_BATCH_SIZE, "requests in one iteration's batch")
+        check_int(self.max_num_batched_tokens, "max_num_batched_tokens", 1, MAX_TOKENS,
+                  f"tokens in one iteration; {TOKENS_WHY}")
+        if self.max_kv_tokens is not None:
+            check_int(self.max_kv_tokens, "max_kv_tokens", 2, 1 << 40, "the KV budget in tokens; at least one "
+                      "prompt token and one output token")
+        if self.max_iterations is not None:
+            check_int(self.max_iterations, "max_iterations", 1, MAX_COUNT, "0 iterations would replay nothing")
+        check_int(self.every, "every", 1, MAX_COUNT, "yield every n-th iteration")
+        check_seed(self.seed)
 
 
 @dataclass
@@ -113,6 +132,7 @@ def continuous_batches(trace: Trace, spec: ContinuousSpec) -> Iterator[Batch]:
     """Yield one Batch per scheduler iteration, with `iteration`, modelled start `time_s` and `sampled` (which
     requests emit an output token: their last prompt chunk or a decode step)."""
     df, arrivals = replayed_requests(trace, spec)
+    _check_schedulable(trace, df, spec)
     pending = deque(_Request(int(r.request_id), float(t), int(r.prompt_len), int(r.output_len), int(r.prefix_id),
                              int(r.prefix_len)) for r, t in zip(df.itertuples(), arrivals))
     waiting: deque[_Request] = deque()
@@ -148,6 +168,26 @@ def continuous_batches(trace: Trace, spec: ContinuousSpec) -> Iterator[Batch]:
         running[:] = [r for r in running if r.generated < r.output]
         clock += spec.step_time.seconds(int(q.sum()), int(kv.sum()))
         iteration += 1
+
+
+def _check_schedulable(trace: Trace, df: pd.DataFrame, spec: ContinuousSpec) -> None:
+    """ConfigError naming the key when no replayed request can ever be scheduled (the replay would be empty)."""
+    need = df["prompt_len"] + df["output_len"]
+    if spec.max_kv_tokens is not None and not (need <= spec.max_kv_tokens).any():
+        raise KeyedConfigError("continuous.max_kv_tokens", f"{spec.max_kv_tokens} is smaller than the smallest "
+                               f"replayed request of trace {trace.name!r} (prompt + output = {int(need.min())} "
+                               "tokens): no request could ever be scheduled")
+    if not spec.chunked_prefill and not (df["prompt_len"] <= spec.max_num_batched_tokens).any():
+        raise KeyedConfigError("continuous.max_num_batched_tokens", f"{spec.max_num_batched_tokens} is smaller than "
+                               f"the shortest replayed prompt of trace {trace.name!r} ({int(df['prompt_len'].min())} "
+                               "tokens) and chunked_prefill is off: no request could ever be scheduled")
+    fits = need <= (spec.max_kv_tokens if spec.max_kv_tokens is not None else np.inf)
+    if not spec.chunked_prefill:
+        fits &= df["prompt_len"] <= spec.max_num_batched_tokens
+    if not fits.any():
+        raise KeyedConfigError("continuous", f"no replayed request of trace {trace.name!r} fits both max_kv_tokens "
+                               f"({spec.max_kv_tokens}) and max_num_batched_tokens ({spec.max_num_batched_tokens}) "
+                               "with chunked_prefill off: no request could ever be scheduled")
 
 
 def _fits_ever(req: _Request, spec: ContinuousSpec) -> bool:

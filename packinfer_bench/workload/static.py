@@ -9,7 +9,11 @@ import numpy as np
 
 from packinfer_bench.errors import ConfigError
 from packinfer_bench.traces import Trace
+from packinfer_bench.traces.limits import (MAX_BATCH_SIZE, MAX_COUNT, MAX_STATIC_ROWS, MAX_TOKENS, TOKENS_WHY,
+                                           KeyedConfigError, check_float, check_int, check_seed, check_unique)
 from packinfer_bench.workload.batch import Batch
+
+PHASES = ("prefill", "decode", "mixed")
 
 
 @dataclass
@@ -32,18 +36,38 @@ class StaticSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        bad = [p for p in self.phases if p not in ("prefill", "decode", "mixed")]
-        if bad:
-            raise ConfigError(f"phases: unknown phase(s) {bad}; allowed: ['prefill', 'decode', 'mixed']")
-        if any(b <= 0 for b in self.batch_sizes) or self.batches_per_size <= 0:
-            raise ConfigError(f"batch_sizes and batches_per_size must be > 0, got {self.batch_sizes}, "
-                              f"{self.batches_per_size}")
-        if any(not 0.0 <= p <= 1.0 for p in self.decode_points):
-            raise ConfigError(f"decode_points must lie in [0, 1], got {self.decode_points}")
-        if not 0.0 <= self.decode_fraction <= 1.0:
-            raise ConfigError(f"decode_fraction must lie in [0, 1], got {self.decode_fraction}")
-        if self.chunk_size <= 0:
-            raise ConfigError(f"chunk_size must be > 0, got {self.chunk_size}")
+        for i, phase in enumerate(self.phases):
+            if phase not in PHASES:
+                raise KeyedConfigError(f"phases[{i}]", f"unknown phase {phase!r}; allowed: {list(PHASES)}")
+        check_unique(self.phases, "phases")
+        if not self.phases:
+            raise KeyedConfigError("phases", f"needs at least one of {list(PHASES)}")
+        if not self.batch_sizes:
+            raise KeyedConfigError("batch_sizes", "needs at least one batch size")
+        for i, size in enumerate(self.batch_sizes):
+            check_int(size, f"batch_sizes[{i}]", 1, MAX_BATCH_SIZE, "requests in one batch: they are sampled, "
+                      "stored and sent to the kernels at once; more would not fit memory sanely")
+        check_unique(self.batch_sizes, "batch_sizes")
+        check_int(self.batches_per_size, "batches_per_size", 1, MAX_COUNT, "independent samples per batch size")
+        if not self.decode_points:
+            raise KeyedConfigError("decode_points", "needs at least one point in [0, 1]")
+        for i, point in enumerate(self.decode_points):
+            check_float(point, f"decode_points[{i}]", 0.0, 1.0, why="0 = first decode step, 1 = last")
+        check_unique(self.decode_points, "decode_points")
+        check_float(self.decode_fraction, "decode_fraction", 0.0, 1.0, why="the share of decode requests")
+        check_int(self.chunk_size, "chunk_size", 1, MAX_TOKENS, f"tokens of one prefill chunk; {TOKENS_WHY}")
+        if self.max_len is not None:
+            check_int(self.max_len, "max_len", 2, 2 * MAX_TOKENS, "prompt + output tokens of a request")
+        check_seed(self.seed)
+        batches = self.phases.count("prefill") + self.phases.count("mixed") + \
+            self.phases.count("decode") * len(self.decode_points)
+        rows = sum(self.batch_sizes) * self.batches_per_size * batches
+        if rows > MAX_STATIC_ROWS:
+            key = "batches_per_size" if self.batches_per_size > 1 else "batch_sizes"
+            raise KeyedConfigError(key, f"{self.batches_per_size} sample(s) of batch sizes "
+                                   f"{self.batch_sizes} make {rows} request rows over {batches} batch kind(s); "
+                                   f"allowed: at most {MAX_STATIC_ROWS} (the run's batches are held in memory "
+                                   "together)")
 
 
 def static_batches(trace: Trace, spec: StaticSpec) -> Iterator[Batch]:

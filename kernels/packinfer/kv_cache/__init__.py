@@ -1,0 +1,28 @@
+"""KV caches for decode and append attention, in two layouts behind one interface: `PagedKVCache` (vLLM-style
+blocks, the baseline) and `GroupedKVCache` (PackInfer's group-contiguous pool with re-layout). Modules: base
+(view, stats, error, shared bookkeeping), paged, grouped, relayout (the GPU copy kernel that moves token ranges).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from packinfer.kv_cache.base import CacheStats, KVCacheBase, KVCacheError, KVView
+from packinfer.kv_cache.grouped import GroupedKVCache
+from packinfer.kv_cache.paged import PagedKVCache
+
+LAYOUTS = ("paged", "grouped")
+
+__all__ = ["LAYOUTS", "CacheStats", "GroupedKVCache", "KVCacheBase", "KVCacheError", "KVView", "PagedKVCache",
+           "make_cache"]
+
+
+def make_cache(layout: str, capacity_tokens: int, num_kv_heads: int, head_dim: int, *, dtype=torch.bfloat16,
+               device="cpu", block_size: int = 16, headroom: int = 64, num_layers: int = 1):
+    """A cache of `layout` ('paged' or 'grouped') holding capacity_tokens tokens in each of num_layers layers."""
+    if layout == "paged":
+        return PagedKVCache(-(-capacity_tokens // block_size), block_size, num_kv_heads, head_dim, dtype, device,
+                            num_layers)
+    if layout == "grouped":
+        return GroupedKVCache(capacity_tokens, num_kv_heads, head_dim, dtype, device, headroom, num_layers)
+    raise KVCacheError(f"layout must be one of {list(LAYOUTS)}, got {layout!r}")
