@@ -5,7 +5,7 @@ element must be written). Triton interpreter on the CPU; PACKINFER_TEST_GPU=1 ru
 import numpy as np
 import pytest
 import torch
-from packinfer import cache_attention, make_cache, plan_cache_attention, reference_varlen_attention
+from packinfer import PlanBuffers, cache_attention, make_cache, plan_cache_attention, reference_varlen_attention
 
 BN = 16  # key block of the tests' plans: lengths straddle it
 TOL = {torch.float16: 4e-3, torch.bfloat16: 3e-2}
@@ -100,17 +100,24 @@ def test_tensor_descriptor_loads_on_the_grouped_layout(device):
 
 
 def test_plan_splits_long_contexts_and_every_row_gets_a_partial():
-    cache = _fill("grouped", [1000, 10, 10, 10], [None] * 4, {}, kv_heads=2, dim=64, dtype=torch.float16,
+    """A straggler (20k positions beside three of 10) is cut so that no program reads it alone; the cost model
+    keeps a short batch whole (a split costs a partial per chunk)."""
+    cache = _fill("grouped", [20000, 10, 10, 10], [None] * 4, {}, kv_heads=2, dim=64, dtype=torch.float16,
                   device="cpu")
     view = cache.view(range(4))
-    plan = plan_cache_attention(view, [1, 1, 1, 1], 4, num_sms=8)
+    plan = plan_cache_attention(view, [1, 1, 1, 1], 4, num_sms=132)
     lens = plan.items[:, 4]
-    assert lens.max() <= plan.kv_chunk < 1000, "the long context is split"
+    assert lens.max() <= plan.kv_chunk < 20000, "the long context is split"
     assert plan.items[0, 4] == lens.max(), "largest items launch first"
-    assert (np.diff(plan.merge_ptr) >= 1).all()
-    assert sorted(plan.merge_idx.tolist()) == list(range(plan.num_partials))
+    row_of_long = np.flatnonzero(plan.rows[:, 0] == 0)[0]
+    parts = plan.rows[row_of_long, 3]
+    assert parts == (plan.items[:, 0] == row_of_long).sum() > 1, "the long request's row has a partial per chunk"
+    assert (plan.rows[plan.rows[:, 0] != 0, 3] == 1).all(), "the short ones are written directly"
+    assert sorted(plan.merge_idx.tolist()) == list(range(plan.num_partials)) and plan.num_partials == parts
     unsplit = plan_cache_attention(view, [1, 1, 1, 1], 4, split=False)
-    assert unsplit.num_items == 4 and unsplit.num_partials == 4
+    assert unsplit.num_items == 4 and unsplit.num_partials == 0 and (unsplit.rows[:, 3] == 1).all()
+    short = plan_cache_attention(cache.view([1, 2, 3]), [1, 1, 1], 4, num_sms=132)
+    assert short.num_items == 3 and short.num_partials == 0, "nothing worth splitting"
 
 
 def test_bad_arguments_are_named():
@@ -154,3 +161,107 @@ def test_one_requests_nan_or_inf_never_reaches_another_request(layout, use_tma, 
     others[2:4] = False  # request 2's two query rows
     assert out[others].isfinite().all(), "another request's NaN/inf reached these rows"
     assert torch.equal(out[others], clean[others]), "the other requests' outputs changed"
+
+
+# --- any serving iteration in one launch: fresh prompts, chunks, decode rows, shared prefixes ----------------------
+
+def _iteration(rng, n):
+    """A random serving iteration: fresh prompts (q = kv, lengths around the key block), prompt chunks over cached
+    tokens (q < kv), decode rows; requests 0-2 share a prefix when they are long enough."""
+    edge = [1, BN - 1, BN, BN + 1, 2 * BN + 1, 3]
+    kv, q = [], []
+    for i in range(n):
+        kind = rng.integers(3)
+        if kind == 0:  # fresh prompt
+            length = int(rng.choice(edge)) if rng.random() < 0.5 else int(rng.integers(1, 4 * BN))
+            kv.append(length), q.append(length)
+        elif kind == 1:  # chunk of a prompt, or an append
+            length = int(rng.integers(BN, 5 * BN))
+            kv.append(length), q.append(int(rng.integers(2, length)))
+        else:
+            kv.append(int(rng.integers(1, 6 * BN))), q.append(1)
+    prefix_of = [0 if i < 3 and kv[i] - q[i] >= 20 else None for i in range(n)]
+    return kv, q, prefix_of, ({0: 20} if any(p == 0 for p in prefix_of) else {})
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_any_iteration_mix_in_one_launch(seed, device):
+    rng = np.random.default_rng(100 + seed)
+    kv, q, prefix_of, prefixes = _iteration(rng, int(rng.integers(3, 9)))
+    layout = ["paged", "grouped"][seed % 2]
+    dtype = [torch.float16, torch.bfloat16][(seed // 2) % 2]
+    group = [1, 4, 8][seed % 3]
+    _check(layout, kv, q, prefix_of, prefixes, heads=2 * group, kv_heads=2, dtype=dtype, device=device,
+           kv_chunk=BN * int(rng.integers(1, 4)) if seed % 3 else None, slots=[None, 16, 32][seed % 3])
+
+
+def _covered_positions(plan, view):
+    """Per plan row, the request positions its items read (up to its causal limit), with repeats."""
+    segs = {}
+    for it in plan.items:
+        row_first, num_rows, _, pos_start, kv_len = (int(x) for x in it[:5])
+        for r in range(row_first, row_first + num_rows):
+            limit = int(plan.rows[r, 1])
+            segs.setdefault(r, []).extend(p for p in range(pos_start, pos_start + kv_len) if p <= limit)
+    return segs
+
+
+@pytest.mark.parametrize("layout", ["paged", "grouped"])
+def test_plan_covers_every_key_a_row_needs_exactly_once(layout):
+    """Whatever the split, tile shape or prefix grouping: each query row appears in the plan once, and the items
+    holding it read each position it sees (0..its causal limit) exactly once."""
+    for seed in range(25):
+        rng = np.random.default_rng(seed)
+        kv, q, prefix_of, prefixes = _iteration(rng, int(rng.integers(1, 12)))
+        cache = _fill(layout, kv, prefix_of, prefixes, kv_heads=2, dim=16, dtype=torch.float16, device="cpu")
+        view = cache.view(range(len(kv)))
+        for kw in ({}, {"kv_chunk": BN}, {"split": False}, {"slots": 16}, {"prefix_grouping": False},
+                   {"num_sms": 1}, {"num_sms": 1000}):
+            plan = plan_cache_attention(view, q, 8, block_n=BN, **kw)
+            assert sorted(plan.rows[:, 0].tolist()) == list(range(sum(q))), "every query row exactly once"
+            covered = _covered_positions(plan, view)
+            for r in range(plan.num_rows):
+                assert sorted(covered[r]) == list(range(int(plan.rows[r, 1]) + 1)), (seed, kw, r)
+            held = np.bincount(np.concatenate([np.arange(a, a + n) for a, n in plan.items[:, :2]]))
+            assert (held == plan.rows[:, 3]).all(), "part_count is the number of items holding the row"
+
+
+def test_plans_loaded_into_fixed_buffers_replay_through_one_bound_launch(device):
+    """The CUDA-graph path: one PlanBuffers and one launch bound to them (fixed grid, fixed tensors) serve
+    different iterations one after the other; programs past a plan's items return at once."""
+    rng = np.random.default_rng(7)
+    bufs = launches = None
+    for step in range(3):
+        kv, q, prefix_of, prefixes = _iteration(rng, 5)
+        cache = _fill("grouped", kv, prefix_of, prefixes, kv_heads=2, dim=64, dtype=torch.float16, device=device,
+                      seed=step)
+        view = cache.view(range(len(kv)))
+        plan = plan_cache_attention(view, q, 8, block_n=BN, slots=32, kv_chunk=BN, max_items=200, max_partials=1000)
+        if bufs is None:
+            bufs = PlanBuffers(device, num_heads=8, num_kv_heads=2, head_dim=64, tile=plan.tile, max_items=200,
+                               max_rows=400, max_partials=1000)
+        bufs.load(plan)
+        x = torch.randn(sum(q), 8, 64, generator=torch.Generator().manual_seed(step)).to(device, torch.float16)
+        out = torch.full_like(x, float("nan"))
+        cache_attention(x, view, plan, out=out, buffers=bufs)
+        launches = launches or dict(bufs.launches)
+        assert bufs.launches.keys() == launches.keys(), "the same bound launch every step"
+        k, v = (torch.cat(t) for t in zip(*(cache.read(r) for r in range(len(kv)))))
+        cu = [torch.tensor(np.concatenate([[0], np.cumsum(a)]), dtype=torch.int32) for a in (q, kv)]
+        ref = reference_varlen_attention(x, k, v, *cu, causal=True)
+        assert not out.isnan().any() and (out.float() - ref).abs().max() <= TOL[torch.float16]
+        assert (bufs.counters == 0).all(), "every arrival counter is back at zero for the next layer"
+
+
+def test_capacity_overflow_is_a_clear_error_never_a_truncation():
+    cache = _fill("grouped", [300, 40, 40], [None] * 3, {}, kv_heads=2, dim=64, dtype=torch.float16, device="cpu")
+    view = cache.view(range(3))
+    with pytest.raises(ValueError, match=r"max_items=2"):
+        plan_cache_attention(view, [1, 40, 1], 4, slots=16, max_items=2)
+    capped = plan_cache_attention(view, [1, 1, 1], 4, num_sms=64, max_items=3)
+    assert capped.num_items == 3 and capped.num_partials == 0, "splitting gives way to the capacity"
+    plan = plan_cache_attention(view, [1, 40, 1], 4, slots=16)
+    bufs = PlanBuffers("cpu", num_heads=4, num_kv_heads=2, head_dim=64, tile=plan.tile, max_items=64, max_rows=10,
+                       max_partials=64)
+    with pytest.raises(ValueError, match=r"plan has 42 rows, more than the buffers' capacity of 10"):
+        bufs.load(plan)

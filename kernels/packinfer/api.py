@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from packinfer.cache_attention import launch as launch_cache
-from packinfer.cache_plan import CachePlan
+from packinfer.cache_plan import CachePlan, PlanBuffers
 from packinfer.kv_cache import KVView
 from packinfer.packed_attention import launch as launch_packed
 from packinfer.plan import Plan, as_numpy, plan_varlen
@@ -106,19 +106,23 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
 
 
 def cache_attention(q: torch.Tensor, view: KVView, plan: CachePlan, *, softmax_scale: float | None = None,
-                    out: torch.Tensor | None = None, validate: bool = True,
-                    use_tma: bool | None = None) -> torch.Tensor:
-    """Decode/append attention of new query rows over a KV cache: q [sum(q_lens), H, D], the rows of each
-    request of `view` in order, each the last q_lens[i] positions of its request (bottom-right causal).
-    `plan` comes from plan_cache_attention(view, q_lens, H) and serves every layer of the step.
+                    out: torch.Tensor | None = None, validate: bool = True, use_tma: bool | None = None,
+                    buffers: PlanBuffers | None = None) -> torch.Tensor:
+    """Attention of new query rows over a KV cache, any mix of decode rows, prompt chunks and fresh prompts
+    (their K/V written to the cache first): q [sum(q_lens), H, D], the rows of each request of `view` in order,
+    each the last q_lens[i] positions of its request (bottom-right causal). One kernel launch.
+    `plan` comes from plan_cache_attention(view, q_lens, H) and serves every layer of the step; `buffers`
+    (PlanBuffers the plan was loaded into) makes the launch read only fixed-capacity tensors (CUDA graphs).
     Returns out like q; validate=False skips the checks (for calls whose arguments were checked before).
     use_tma: load K/V of the grouped layout through Hopper's TMA (off by default: slower for decode on H100)."""
     if validate:
         _check_cache_call(q, view, plan, out)
+        if buffers is not None and buffers.plan is not plan:
+            raise ValueError("buffers hold another plan: load(plan) them first")
     if out is None:
         out = torch.empty_like(q)
     scale = softmax_scale if softmax_scale is not None else q.shape[2] ** -0.5
-    launch_cache(q if q.stride(-1) == 1 else q.contiguous(), view.k, view.v, out, plan, scale, use_tma)
+    launch_cache(q if q.stride(-1) == 1 else q.contiguous(), view.k, view.v, out, plan, scale, use_tma, buffers)
     return out
 
 

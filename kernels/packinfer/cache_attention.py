@@ -1,37 +1,43 @@
-"""Decode/append attention over a KV cache (paged or grouped): split-KV partials, then an exact merge.
+"""Attention over a KV cache (paged or grouped) for any serving iteration, in one launch: every item of a
+CachePlan attends its query rows over one KV chunk; rows held by one item are written directly, rows split over
+several items are merged exactly by whichever of their items finishes last (a per-(row, head) arrival counter),
+so nothing waits for a second launch.
 
-Partial kernel tiling: BLOCK_M query slots x BLOCK_N keys per step, HEAD_DIM whole, online softmax in base 2
-with fp32 accumulators. A slot is one (query row, query head) pair of the item's row block:
+Tiling: BLOCK_M query slots x BLOCK_N keys per step, HEAD_DIM whole, online softmax in base 2 with fp32
+accumulators. A slot is one (query row, query head) pair of the item's row block:
   PACK_GQA on:  program id // NUM_KV_HEADS is the item, % NUM_KV_HEADS the KV head; slot m is plan row
                 row_first + m // GROUP of query head kv_head * GROUP + m % GROUP (all heads that read the KV
                 head share every K/V load).
   PACK_GQA off: program id // NUM_HEADS is the item, % NUM_HEADS the query head; slot m is plan row row_first + m.
-An item (a row of CachePlan.items, columns ITEM_FIELDS) reads positions [pos_start, pos_start + kv_len): at pool
-address kv_addr + j (grouped, contiguous: TMA loads on Hopper) or through the block table row table_row (paged).
-It writes, per slot, the normalised partial output and its base-2 log-sum-exp to partial row
-partial_base + m // GROUP (m with PACK_GQA off).
-Merge kernel: program id 0 is a plan row, id 1 a query head; it combines the row's partials MERGE_BLOCK_P at a
-time (only partials of items holding that row).
+Programs whose item is past header[0] (the plan's item count; a launch may cover a larger capacity, as CUDA
+graphs need) return at once. An item (a row of CachePlan.items, columns ITEM_FIELDS) reads positions
+[pos_start, pos_start + kv_len), up to its last row's causal limit: at pool address kv_addr + j (grouped,
+contiguous: optional TMA loads on Hopper) or through block table row table_row (paged).
+Split rows: the item writes the slot's normalised partial output and base-2 log-sum-exp to partial row
+partial_base + m // GROUP (m with PACK_GQA off), then adds one to the slot's counter; the program that brings a
+counter to the row's part_count merges that row's partials (listed in merge_idx) into Out and zeroes the counter.
+Ordering: a CTA barrier between the partial stores and the counter increments (acq_rel, GPU scope), and another
+before the merge, whose partial loads bypass L1 (.cg).
 Isolation: an item reads one request's positions (or a shared prefix all its rows see), pointer loads past the
 item are masked and TMA blocks past it have their V zeroed (unwritten pool space may hold NaN bits), so only
 positions past a row's causal limit can be masked in a block. As in the packed kernel, a program whose result
-holds a NaN/inf is computed again with the masked blocks cleaned (SAFE steps): a row's partial depends only on
+holds a NaN/inf is computed again with the masked blocks cleaned (SAFE steps): a row's result depends only on
 the positions it sees, and no other bit changes.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from packinfer.cache_plan import ITEM_FIELDS, CachePlan
+from packinfer.cache_plan import ITEM_FIELDS, ROW_FIELDS, CachePlan, PlanBuffers
 from packinfer.launch import Bound
 from packinfer.triton_common import (LOG2E, any_nonfinite, field_offset, interpreter_needs_f32_dot,
                                      online_softmax_step, program_slots)
 
-MERGE_BLOCK_P = 16
 ITEM_WIDTH = tl.constexpr(len(ITEM_FIELDS))
 ITEM_ROW_FIRST = field_offset(ITEM_FIELDS, "row_first")
 ITEM_NUM_ROWS = field_offset(ITEM_FIELDS, "num_rows")
@@ -40,6 +46,11 @@ ITEM_POS_START = field_offset(ITEM_FIELDS, "pos_start")
 ITEM_KV_LEN = field_offset(ITEM_FIELDS, "kv_len")
 ITEM_TABLE_ROW = field_offset(ITEM_FIELDS, "table_row")
 ITEM_PARTIAL_BASE = field_offset(ITEM_FIELDS, "partial_base")
+ROW_WIDTH = tl.constexpr(len(ROW_FIELDS))
+ROW_Q_ROW = field_offset(ROW_FIELDS, "q_row")
+ROW_LIMIT = field_offset(ROW_FIELDS, "limit")
+ROW_PART_FIRST = field_offset(ROW_FIELDS, "part_first")
+ROW_PART_COUNT = field_offset(ROW_FIELDS, "part_count")
 
 
 @triton.jit
@@ -53,13 +64,15 @@ def _addresses(table, kv_addr, pos_start, j, in_range, PAGED: tl.constexpr, PAGE
 
 
 @triton.jit
-def _attend(q, K, V, table, kv_head, kv_addr, pos_start, kv_len, limit, qk_scale, stride_kt, stride_kh, stride_vt,
-            stride_vh, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr,
-            PAGE_SIZE: tl.constexpr, DOT_F32: tl.constexpr, USE_TMA: tl.constexpr, SAFE: tl.constexpr):
-    """The item's slots over its kv_len positions (slot m sees j <= limit[m]). Returns (max, sum, acc)."""
+def _attend(q, K, V, table, kv_head, kv_addr, pos_start, kv_len, limit, row_ok, qk_scale, stride_kt, stride_kh,
+            stride_vt, stride_vh, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, DOT_F32: tl.constexpr, USE_TMA: tl.constexpr,
+            SAFE: tl.constexpr):
+    """The item's slots over its positions (slot m sees j <= limit[m]). Returns (max, sum, acc)."""
     dims = tl.arange(0, HEAD_DIM)
-    # keys [0, nomask_end) are visible to every slot: whole blocks, no mask
+    # keys [0, nomask_end) are visible to every slot: whole blocks, no mask; none past the last slot's limit
     nomask_end = tl.minimum(tl.maximum(tl.min(limit, 0) + 1, 0), kv_len) // BLOCK_N * BLOCK_N
+    end = tl.minimum(tl.max(tl.where(row_ok, limit, -1), 0) + 1, kv_len)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -78,7 +91,7 @@ def _attend(q, K, V, table, kv_head, kv_addr, pos_start, kv_len, limit, qk_scale
             k = tl.load(k_base + addr[:, None] * stride_kt)
             v = tl.load(v_base + addr[:, None] * stride_vt)
         m_i, l_i, acc = online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, 0, False, False, DOT_F32)
-    for start in range(nomask_end, kv_len, BLOCK_N):
+    for start in range(nomask_end, end, BLOCK_N):
         j = start + cols
         in_range = j < kv_len
         if USE_TMA:  # keys past the item are other data (or zeros past the pool), masked like the rest
@@ -95,14 +108,41 @@ def _attend(q, K, V, table, kv_head, kv_addr, pos_start, kv_len, limit, qk_scale
 
 
 @triton.jit
-def _cache_attention_partial(
-    Q, K, V, O_part, LSE_part, items, row_perm, row_limit, block_table, qk_scale,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_table,
+def _merge(O_part, LSE_part, merge_idx, part_first, part_count, heads, last, NUM_HEADS: tl.constexpr,
+           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The exact combination of the partials of the `last` slots (every other slot gives zeros)."""
+    dims = tl.arange(0, HEAD_DIM)
+    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    total = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    most = tl.max(tl.where(last, part_count, 0), 0)
+    for p in range(0, most):
+        take = last & (p < part_count)
+        idx = tl.load(merge_idx + part_first + p, mask=take, other=0).to(tl.int64) * NUM_HEADS + heads
+        lse = tl.load(LSE_part + idx, mask=take, other=float("-inf"), cache_modifier=".cg")
+        o = tl.load(O_part + idx[:, None] * HEAD_DIM + dims[None, :], mask=take[:, None], other=0.0,
+                    cache_modifier=".cg")
+        m_new = tl.maximum(m, lse)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m - m_safe)
+        w = tl.math.exp2(lse - m_safe)
+        total = total * alpha + w
+        acc = acc * alpha[:, None] + w[:, None] * o
+        m = m_new
+    return acc / tl.where(total > 0, total, 1.0)[:, None]
+
+
+@triton.jit
+def _cache_attention(
+    Q, K, V, Out, O_part, LSE_part, counters, header, items, rows, merge_idx, block_table, qk_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_table,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, PACK_GQA: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
     DOT_F32: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     item, kv_head, slot_row, heads = program_slots(tl.program_id(0), NUM_HEADS, GROUP, PACK_GQA, BLOCK_M)
+    if item >= tl.load(header):
+        return
     it = items + item * ITEM_WIDTH
     row_first = tl.load(it + ITEM_ROW_FIRST)
     num_rows = tl.load(it + ITEM_NUM_ROWS)
@@ -114,93 +154,110 @@ def _cache_attention_partial(
 
     row_ok = slot_row < num_rows
     plan_rows = row_first + slot_row
-    q_rows = tl.load(row_perm + plan_rows, mask=row_ok, other=0)
-    limit = tl.load(row_limit + plan_rows, mask=row_ok, other=2147483647) - pos_start  # last key j each slot sees
+    r = rows + plan_rows * ROW_WIDTH
+    q_rows = tl.load(r + ROW_Q_ROW, mask=row_ok, other=0)
+    limit = tl.load(r + ROW_LIMIT, mask=row_ok, other=2147483647) - pos_start  # last key j each slot sees
+    part_count = tl.load(r + ROW_PART_COUNT, mask=row_ok, other=1)
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(Q + (q_rows.to(tl.int64) * stride_qt + heads * stride_qh)[:, None] + dims[None, :],
                 mask=row_ok[:, None], other=0.0)
     if DOT_F32:
         q = q.to(tl.float32)
     table = block_table + table_row.to(tl.int64) * stride_table
-    m_i, l_i, acc = _attend(q, K, V, table, kv_head, kv_addr, pos_start, kv_len, limit, qk_scale, stride_kt,
-                            stride_kh, stride_vt, stride_vh, HEAD_DIM, BLOCK_M, BLOCK_N, PAGED, PAGE_SIZE, DOT_F32,
-                            USE_TMA, False)
+    m_i, l_i, acc = _attend(q, K, V, table, kv_head, kv_addr, pos_start, kv_len, limit, row_ok, qk_scale,
+                            stride_kt, stride_kh, stride_vt, stride_vh, HEAD_DIM, BLOCK_M, BLOCK_N, PAGED, PAGE_SIZE,
+                            DOT_F32, USE_TMA, False)
     if any_nonfinite(acc, l_i, row_ok):  # rare: the isolating re-run (see the module's docstring)
-        m_i, l_i, acc = _attend(q, K, V, table, kv_head, kv_addr, pos_start, kv_len, limit, qk_scale, stride_kt,
-                                stride_kh, stride_vt, stride_vh, HEAD_DIM, BLOCK_M, BLOCK_N, PAGED, PAGE_SIZE,
-                                DOT_F32, USE_TMA, True)
+        m_i, l_i, acc = _attend(q, K, V, table, kv_head, kv_addr, pos_start, kv_len, limit, row_ok, qk_scale,
+                                stride_kt, stride_kh, stride_vt, stride_vh, HEAD_DIM, BLOCK_M, BLOCK_N, PAGED,
+                                PAGE_SIZE, DOT_F32, USE_TMA, True)
 
     empty = l_i == 0  # a slot that saw no key (a NaN sum stays NaN, and so does its log-sum-exp)
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
-    part = (partial_base + slot_row).to(tl.int64) * NUM_HEADS + heads
-    tl.store(LSE_part + part, lse, mask=row_ok)
-    tl.store(O_part + part[:, None] * HEAD_DIM + dims[None, :], out, mask=row_ok[:, None])
+    o_offs = q_rows.to(tl.int64) * stride_ot + heads * stride_oh
+    direct = row_ok & (part_count == 1)
+    tl.store(Out + o_offs[:, None] + dims[None, :], out.to(Out.dtype.element_ty), mask=direct[:, None])
+    if partial_base >= 0:  # some rows of this item are split over several items
+        split = row_ok & (part_count > 1)
+        lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+        part = (partial_base + slot_row).to(tl.int64) * NUM_HEADS + heads
+        tl.store(LSE_part + part, lse, mask=split)
+        tl.store(O_part + part[:, None] * HEAD_DIM + dims[None, :], out, mask=split[:, None])
+        tl.debug_barrier()  # every thread's partial stores precede the counter increments below
+        counter = counters + plan_rows.to(tl.int64) * NUM_HEADS + heads
+        arrived = tl.atomic_add(counter, 1, mask=split, sem="acq_rel", scope="gpu")
+        last = split & (arrived == part_count - 1)
+        tl.debug_barrier()
+        if tl.max(last.to(tl.int32), 0) > 0:  # this program finished last for some rows: it merges them
+            part_first = tl.load(r + ROW_PART_FIRST, mask=last, other=0)
+            merged = _merge(O_part, LSE_part, merge_idx, part_first, part_count, heads, last, NUM_HEADS, HEAD_DIM,
+                            BLOCK_M)
+            tl.store(Out + o_offs[:, None] + dims[None, :], merged.to(Out.dtype.element_ty), mask=last[:, None])
+            tl.store(counter, 0, mask=last)  # ready for the next launch (the next layer)
 
 
-@triton.jit
-def _merge_partials(Out, O_part, LSE_part, merge_ptr, merge_idx, row_perm, stride_ot, stride_oh,
-                    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr):
-    row = tl.program_id(0)
-    head = tl.program_id(1)
-    dims = tl.arange(0, HEAD_DIM)
-    first = tl.load(merge_ptr + row)
-    last = tl.load(merge_ptr + row + 1)
-    m = tl.full([1], float("-inf"), dtype=tl.float32)
-    total = tl.zeros([1], dtype=tl.float32)
-    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
-    for start in range(first, last, BLOCK_P):  # BLOCK_P partials at once: their loads are independent
-        idx = start + tl.arange(0, BLOCK_P)
-        ok = idx < last
-        part = tl.load(merge_idx + idx, mask=ok, other=0).to(tl.int64) * NUM_HEADS + head
-        lse = tl.load(LSE_part + part, mask=ok, other=float("-inf"))
-        o = tl.load(O_part + part[:, None] * HEAD_DIM + dims[None, :], mask=ok[:, None], other=0.0)
-        m_new = tl.maximum(m, tl.max(lse, 0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m - m_safe)
-        w = tl.math.exp2(lse - m_safe)
-        total = total * alpha + tl.sum(w, 0)
-        acc = acc * alpha + tl.sum(w[:, None] * o, 0)
-        m = m_new
-    out = acc / tl.where(total > 0, total, 1.0)
-    q_row = tl.load(row_perm + row).to(tl.int64)
-    tl.store(Out + q_row * stride_ot + head * stride_oh + dims, out.to(Out.dtype.element_ty))
-
-
-def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, plan: CachePlan,
-           softmax_scale: float, use_tma: bool | None = None) -> None:
-    """Run the plan's items over q and the cache pools k/v [tokens, Hkv, D], then merge into out (like q).
-    The two launches are bound to the plan (launch.Bound): every layer of a step reuses them."""
-    paged = plan.layout == "paged"
+def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, plan: CachePlan | None,
+           softmax_scale: float, use_tma: bool | None = None, buffers: PlanBuffers | None = None) -> None:
+    """Run the plan's items over q and the cache pools k/v [tokens, Hkv, D] into out (like q), one launch.
+    Without `buffers` the launch covers exactly the plan's items, from arrays copied once per plan; with them
+    it covers their capacity and reads only them (whatever plan was last loaded, or none: every program returns),
+    so it can be captured in a CUDA graph and replayed with any later plan loaded (plan may then be None).
+    The launch is bound (launch.Bound): every layer reuses it."""
+    spec = plan if buffers is None else buffers
     # TMA loads were 0-40% slower than pointer loads on every decode mix of the H100 tuning sweep
     # (results/decode-kernel/h100-tune), so they are opt-in here, unlike prefill
-    use_tma = bool(use_tma) and not paged and k.is_contiguous() and v.is_contiguous()
+    use_tma = bool(use_tma) and spec.layout != "paged" and k.is_contiguous() and v.is_contiguous()
+    holder = plan._device_cache if buffers is None else buffers.launches
     key = ("launch", q.device, q.dtype, q.shape[1:], k.shape[1:], q.stride(), k.stride(), v.stride(), out.stride(),
            softmax_scale, use_tma)
-    bound = plan._device_cache.get(key)
+    bound = holder.get(key)
     if bound is None:
-        bound = plan._device_cache[key] = _bind(q, k, v, out, plan, softmax_scale, use_tma)
-    partial, merge = bound
+        bound = holder[key] = _bind(q, k, v, out, spec, softmax_scale, use_tma, buffers)
     if use_tma:
         dim = q.shape[2]
-        k, v = (TensorDescriptor.from_tensor(t.view(t.shape[0], -1), block_shape=[plan.block_n, dim]) for t in (k, v))
-    partial(q, k, v)
-    merge(out)
+        k, v = (TensorDescriptor.from_tensor(t.view(t.shape[0], -1), block_shape=[spec.block_n, dim])
+                for t in (k, v))
+    bound(q, k, v, out)
 
 
-def _bind(q, k, v, out, plan: CachePlan, softmax_scale: float, use_tma: bool) -> tuple[Bound, Bound]:
-    items, row_perm, row_limit, merge_ptr, merge_idx, table = plan.device_arrays(q.device)
+def plan_arrays(plan: CachePlan, device: torch.device, head_dim: int) -> dict[str, torch.Tensor]:
+    """The plan's device tensors for an exact-size launch (copied once per plan and device): header, items, rows,
+    merge_idx, block_table, partial outputs / log-sum-exps and counters."""
+    key = ("arrays", str(device), head_dim)
+    cache = plan._device_cache
+    if key not in cache:
+        def dev(a) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32)).to(device)
+
+        table = plan.block_table if plan.block_table is not None and plan.layout == "paged" else np.zeros((1, 1))
+        cache[key] = {
+            "header": dev(np.array([plan.num_items])), "items": dev(plan.items), "rows": dev(plan.rows),
+            "merge_idx": dev(plan.merge_idx if len(plan.merge_idx) else np.zeros(1)), "block_table": dev(table),
+            "o_part": torch.empty(max(plan.num_partials, 1), plan.num_heads, head_dim, dtype=torch.float32,
+                                  device=device),
+            "lse_part": torch.empty(max(plan.num_partials, 1), plan.num_heads, dtype=torch.float32, device=device),
+            "counters": torch.zeros(max(plan.num_rows, 1) * plan.num_heads, dtype=torch.int32, device=device)}
+    return cache[key]
+
+
+def _bind(q, k, v, out, spec: CachePlan | PlanBuffers, softmax_scale: float, use_tma: bool,
+          buffers: PlanBuffers | None) -> Bound:
     heads, kv_heads, dim = q.shape[1], k.shape[1], q.shape[2]
-    o_part, lse_part = plan.partial_buffers(q.device, heads, dim)
-    grid = (plan.num_items * (kv_heads if plan.pack_gqa else heads),)
-    partial = Bound(_cache_attention_partial, grid, (
-        o_part, lse_part, items, row_perm, row_limit, table, softmax_scale * LOG2E,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), table.stride(0)),
-        {"NUM_HEADS": heads, "GROUP": heads // kv_heads, "PACK_GQA": plan.pack_gqa, "HEAD_DIM": dim,
-         "BLOCK_M": plan.slots, "BLOCK_N": plan.block_n, "PAGED": plan.layout == "paged",
-         "PAGE_SIZE": max(plan.page_size, 1), "DOT_F32": interpreter_needs_f32_dot(q.dtype), "USE_TMA": use_tma},
-        {"num_warps": plan.num_warps, "num_stages": plan.num_stages})
-    merge = Bound(_merge_partials, (len(plan.row_perm), heads), (
-        o_part, lse_part, merge_ptr, merge_idx, row_perm, out.stride(0), out.stride(1)),
-        {"NUM_HEADS": heads, "HEAD_DIM": dim, "BLOCK_P": MERGE_BLOCK_P}, {"num_warps": 1})
-    return partial, merge
+    if buffers is None:
+        a = plan_arrays(spec, q.device, dim)
+        capacity = spec.num_items
+    else:
+        a = {name: getattr(buffers, name) for name in ("header", "items", "rows", "merge_idx", "block_table",
+                                                     "o_part", "lse_part", "counters")}
+        capacity = buffers.max_items
+    slots, block_n, pack_gqa, num_warps, num_stages = spec.tile
+    table = a["block_table"]
+    grid = (max(capacity, 1) * (kv_heads if pack_gqa else heads),)
+    return Bound(_cache_attention, grid, (
+        a["o_part"], a["lse_part"], a["counters"], a["header"], a["items"], a["rows"], a["merge_idx"], table,
+        softmax_scale * LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1), table.stride(0)),
+        {"NUM_HEADS": heads, "GROUP": heads // kv_heads, "PACK_GQA": pack_gqa, "HEAD_DIM": dim,
+         "BLOCK_M": slots, "BLOCK_N": block_n, "PAGED": spec.layout == "paged",
+         "PAGE_SIZE": max(spec.page_size, 1), "DOT_F32": interpreter_needs_f32_dot(q.dtype), "USE_TMA": use_tma},
+        {"num_warps": num_warps, "num_stages": num_stages})

@@ -42,7 +42,12 @@ class StepTime:
 
 @dataclass
 class ContinuousSpec:
-    """arrivals: 'trace' (the trace's timestamps times time_scale) or 'poisson' (at `rate` requests/s).
+    """arrivals: 'trace' (the trace's timestamps times time_scale) or 'poisson' (at `rate` requests/s; gaps
+      gamma-distributed with shape `burstiness`: 1.0 is Poisson, below 1 burstier, above 1 more regular, as
+      `vllm bench serve --burstiness`).
+    max_concurrency: at most this many requests in flight (sent and not finished), as a benchmark client with a
+      concurrency limit holds them: a request is sent at its arrival or when an earlier one finishes, whichever
+      is later (none: no limit, open loop). With a high rate this is the closed-loop mode throughput is quoted in.
     start, num_requests: which requests of the trace to replay.
     max_num_seqs, max_num_batched_tokens: vLLM's per-iteration limits.
     chunked_prefill: split prompts across iterations, decodes first (vLLM v1 / Sarathi); off: an iteration is
@@ -55,6 +60,8 @@ class ContinuousSpec:
 
     arrivals: str = "trace"
     rate: float | None = None
+    burstiness: float = 1.0
+    max_concurrency: int | None = None
     time_scale: float = 1.0
     start: int = 0
     num_requests: int | None = 256
@@ -74,6 +81,10 @@ class ContinuousSpec:
             raise KeyedConfigError("rate", "must be > 0 requests/s with poisson arrivals, got None")
         if self.rate is not None:
             check_float(self.rate, "rate", MIN_RATE, MAX_RATE, why="Poisson arrivals, requests/s")
+        check_float(self.burstiness, "burstiness", 0.0, 1000.0, lo_open=True, why="gamma shape of the gaps "
+                    "between arrivals: 1.0 is Poisson")
+        if self.max_concurrency is not None:
+            check_int(self.max_concurrency, "max_concurrency", 1, MAX_BATCH_SIZE, "requests in flight at once")
         check_float(self.time_scale, "time_scale", 0.0, 1e6, lo_open=True, why="factor on the trace's arrival times")
         check_int(self.start, "start", 0, MAX_TRACE_ROWS, "first trace row replayed")
         if self.num_requests is not None:
@@ -109,8 +120,8 @@ class _Request:
 
 def arrival_times(trace: Trace, spec: ContinuousSpec, n: int) -> np.ndarray:
     """Arrival time of each replayed request, seconds from the first."""
-    if spec.arrivals == "poisson":
-        gaps = np.random.default_rng(spec.seed).exponential(1.0 / spec.rate, size=n)
+    if spec.arrivals == "poisson":  # gamma gaps of mean 1 / rate (shape 1: exponential, i.e. Poisson arrivals)
+        gaps = np.random.default_rng(spec.seed).gamma(spec.burstiness, 1.0 / (spec.rate * spec.burstiness), size=n)
         return np.cumsum(gaps) - gaps[0]
     if not trace.has_arrivals:
         raise ConfigError(f"trace {trace.name!r} has no timestamps: use arrivals: poisson with a rate")
@@ -128,28 +139,40 @@ def replayed_requests(trace: Trace, spec: ContinuousSpec) -> tuple[pd.DataFrame,
     return df, arrival_times(trace, spec, len(df))
 
 
-def continuous_batches(trace: Trace, spec: ContinuousSpec) -> Iterator[Batch]:
+def continuous_batches(trace: Trace, spec: ContinuousSpec,
+                       sent_after: dict[int, int] | None = None) -> Iterator[Batch]:
     """Yield one Batch per scheduler iteration, with `iteration`, modelled start `time_s` and `sampled` (which
-    requests emit an output token: their last prompt chunk or a decode step)."""
+    requests emit an output token: their last prompt chunk or a decode step).
+
+    With max_concurrency, a request waits at the client until fewer than that many are in flight; `sent_after`
+    (if given) is filled with request -> the request whose finish let it be sent (absent: sent at its arrival),
+    so that a replay with measured iteration times can lay the same dependencies on its own clock."""
     df, arrivals = replayed_requests(trace, spec)
     _check_schedulable(trace, df, spec)
     pending = deque(_Request(int(r.request_id), float(t), int(r.prompt_len), int(r.output_len), int(r.prefix_id),
                              int(r.prefix_len)) for r, t in zip(df.itertuples(), arrivals))
     waiting: deque[_Request] = deque()
     running: list[_Request] = []
+    in_flight = 0
+    freed: deque[int] = deque()  # requests whose finish freed a slot of a full client, oldest first
+    limit = spec.max_concurrency or len(pending) + 1
     clock, iteration = 0.0, 0
     while pending or waiting or running:
         if spec.max_iterations is not None and iteration >= spec.max_iterations:
             return
         if not waiting and not running:
             clock = max(clock, pending[0].arrival)
-        while pending and pending[0].arrival <= clock:
+        while pending and pending[0].arrival <= clock and in_flight < limit:
             req = pending.popleft()
             if _fits_ever(req, spec):
                 waiting.append(req)
+                in_flight += 1
+                if freed and sent_after is not None:
+                    sent_after[req.rid] = freed.popleft()
+        freed.clear()
         scheduled = _schedule(waiting, running, spec)
         if not scheduled:
-            if not pending:
+            if not pending or in_flight >= limit:
                 return  # nothing can ever run (all left waiting are too large for the limits)
             clock = pending[0].arrival
             continue
@@ -165,7 +188,11 @@ def continuous_batches(trace: Trace, spec: ContinuousSpec) -> Iterator[Batch]:
             req.computed += n
             if req.todo == 0:
                 req.generated += 1
+        done = [r.rid for r in running if r.generated >= r.output]
         running[:] = [r for r in running if r.generated < r.output]
+        if in_flight >= limit:  # the client was full: the requests sent next wait for these finishes
+            freed.extend(done)
+        in_flight -= len(done)
         clock += spec.step_time.seconds(int(q.sum()), int(kv.sum()))
         iteration += 1
 
