@@ -135,12 +135,32 @@ E2E_BACKENDS = (REFERENCE, *(name for name, b in BACKENDS.items() if b.serving i
 
 
 @dataclass
+class SloConfig:
+    """A request meets the SLO when its TTFT and TPOT are within bounds (null: unbounded); a load point is
+    sustained when at least `attainment` of its finished requests meet it."""
+
+    ttft_ms: float | None = 1000.0
+    tpot_ms: float | None = 50.0
+    attainment: float = 0.9
+
+    def __post_init__(self) -> None:
+        for key in ("ttft_ms", "tpot_ms"):
+            if getattr(self, key) is not None:
+                check_float(getattr(self, key), key, 0.0, 1e9, lo_open=True, why="a latency bound in ms")
+        check_float(self.attainment, "attainment", 0.0, 1.0, lo_open=True, why="share of requests within the SLO")
+
+
+@dataclass
 class E2EConfig:
     """An end-to-end serving replay: a model preset (layers limited by num_layers), the traces it replays, the
-    continuous-batching schedule (its max_kv_tokens is the KV budget), Poisson `rates` (requests/s; each is one
-    replay; omitted: the schedule's own arrivals), the attention backends, how many first iterations are
-    checked against the float32 reference attention (verify_iterations), a warm-up pass that compiles every
-    kernel before the timed replay, and piecewise CUDA graphs for decode iterations (on a GPU)."""
+    continuous-batching schedule (its max_kv_tokens is the KV budget; burstiness and max_concurrency shape the
+    client), the load points - `rates` (requests/s, gamma arrivals), `concurrency` (closed loop: every request
+    ready at once, at most N in flight), or neither (the trace's own arrivals) - each replayed `repeats` times
+    with the backends interleaved (A B C A B C ...), the SLO that goodput and the sustained rate count against,
+    the latency percentiles reported, how many first iterations are checked against the float32 reference
+    (verify_iterations), a warm-up pass that compiles every kernel before the timed replays, CUDA graphs (full
+    for backends with a graph mode, else piecewise), and `calibrate`: measure the model's iteration time on this
+    GPU first and schedule with that step-time model (stored in the run folder) instead of continuous.step_time."""
 
     name: str
     model: str
@@ -148,11 +168,16 @@ class E2EConfig:
     num_layers: int | None = None
     traces: list[str] | None = None
     rates: list[float] | None = None
+    concurrency: list[int] | None = None
+    repeats: int = 3
     backends: list[str] = field(default_factory=lambda: ["fa2", "flashinfer", "packinfer"])
     dtype: Literal["bf16", "fp16"] = "bf16"
+    slo: SloConfig = field(default_factory=SloConfig)
+    percentiles: list[float] = field(default_factory=lambda: [50.0, 90.0, 99.0])
     verify_iterations: int = 4
     warmup: bool = True
     cuda_graphs: bool = True
+    calibrate: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -165,6 +190,9 @@ class E2EConfig:
         if not self.backends:
             raise KeyedConfigError("backends", f"needs at least one of {list(E2E_BACKENDS)}")
         check_unique(self.backends, "backends")
+        if self.rates is not None and self.concurrency is not None:
+            raise KeyedConfigError("concurrency", "give rates (open loop) or concurrency (closed loop), not both: "
+                                                  "make two entries")
         if self.rates is not None:
             if not self.rates:
                 raise KeyedConfigError("rates", "needs at least one rate (or null: the schedule's own arrivals)")
@@ -173,9 +201,31 @@ class E2EConfig:
             for i, rate in enumerate(self.rates):
                 check_float(rate, f"rates[{i}]", MIN_RATE, MAX_RATE, why="Poisson arrivals, requests/s")
             check_unique(self.rates, "rates")
+        if self.concurrency is not None:
+            if not self.concurrency:
+                raise KeyedConfigError("concurrency", "needs at least one request count (or leave it out)")
+            for i, n in enumerate(self.concurrency):
+                check_int(n, f"concurrency[{i}]", 1, 65536, "requests in flight at once")
+            check_unique(self.concurrency, "concurrency")
+        check_int(self.repeats, "repeats", 1, 1000, "replays of each load point per backend")
+        if not self.percentiles:
+            raise KeyedConfigError("percentiles", "needs at least one percentile, e.g. [50, 90, 99]")
+        for i, p in enumerate(self.percentiles):
+            check_float(p, f"percentiles[{i}]", 0.0, 100.0, why="a percentile")
+        check_unique(self.percentiles, "percentiles")
         check_int(self.verify_iterations, "verify_iterations", 0, MAX_COUNT, "first iterations checked against "
                                                                             "the reference (0: none)")
         check_seed(self.seed)
+
+    def load_points(self) -> list[tuple[str, dict]]:
+        """(label, changes to the continuous spec) of every load point: 'R' for R requests/s, 'cN' for N in
+        flight, 'trace' for the trace's own arrivals."""
+        if self.rates is not None:
+            return [(f"{r:g}", {"arrivals": "poisson", "rate": r}) for r in self.rates]
+        if self.concurrency is not None:  # everything ready at once: the client's limit is the only pacing
+            return [(f"c{n}", {"arrivals": "poisson", "rate": MAX_RATE, "max_concurrency": n})
+                    for n in self.concurrency]
+        return [("trace", {})]
 
 
 @dataclass

@@ -256,3 +256,20 @@ def test_grouped_make_room_copies_all_relocations_at_once_without_reusing_a_vaca
     cache.make_room({"c": 3})  # and a plain relocation still works afterwards
     for rid, (k, v) in data.items():
         assert torch.equal(cache.read(rid)[0], k)
+
+
+@pytest.mark.parametrize("layout", ["paged", "grouped"])
+def test_reset_empties_the_cache_and_keeps_its_pools(layout):
+    """A serving engine replays many schedules over one cache whose pools CUDA graphs point into."""
+    cache = make_cache(layout, 256, 2, 16, dtype=torch.float16, block_size=8, headroom=4, num_layers=2)
+    pools = cache.k_pools.data_ptr(), cache.v_pools.data_ptr()
+    cache.add_prefix("p", length=10)
+    cache.allocate(0, "p", reserve=20)
+    cache.extend(0, 12)
+    cache.allocate(1, reserve=30)
+    cache.extend(1, 30)
+    cache.reset()
+    assert cache.request_ids == [] and not cache.has_prefix("p") and cache.stats().reserved_bytes == 0
+    assert (cache.k_pools.data_ptr(), cache.v_pools.data_ptr()) == pools
+    cache.allocate(0, reserve=200)  # all the room is there again
+    assert len(cache.extend(0, 200)) == 200

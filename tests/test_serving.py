@@ -66,9 +66,10 @@ def test_latency_arithmetic_on_a_made_up_clock():
                 Batch("c", "t", "c", [1, 2], [5, 2], [1, 2], sampled=[True, True]),
                 Batch("d", "t", "c", [1, 1], [6, 3], [1, 2], sampled=[True, True])]
     arrivals = {1: 0.0, 2: 2.5}
-    ends = timeline(schedule, arrivals, [1.0, 1.0, 0.5, 0.25])
+    ends, sent = timeline(schedule, arrivals, [1.0, 1.0, 0.5, 0.25])
     assert ends.tolist() == [1.0, 2.0, 3.0, 3.25]  # iteration 3 waits for request 2 to arrive at 2.5
-    req = request_latencies(schedule, arrivals, ends).set_index("request_id")
+    assert sent == arrivals
+    req = request_latencies(schedule, sent, ends).set_index("request_id")
     assert req.loc[1, ["ttft_s", "e2e_s", "output_tokens"]].tolist() == [2.0, 3.25, 3]
     assert req.loc[1, "tpot_s"] == pytest.approx((3.25 - 2.0) / 2)
     assert req.loc[2, ["ttft_s", "tpot_s", "e2e_s"]].tolist() == [0.5, 0.25, 0.75]
@@ -105,6 +106,7 @@ e2e:
     continuous: {num_requests: null, max_num_seqs: 4, max_num_batched_tokens: 48, max_kv_tokens: BUDGET}
     backends: [fa2, packinfer]
     verify_iterations: 3
+    repeats: 1
 """
 
 

@@ -17,6 +17,19 @@ from packinfer_bench.workload import Batch
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 #: Tokens per block of the paged KV layout (vLLM's default), for FlashInfer and packinfer's paged variant.
 PAGE_SIZE = 16
+#: The serving cache's request id for the scratch slot that padded rows of a CUDA graph write their K/V to.
+SCRATCH = -(1 << 40)
+
+
+def add_scratch(cache) -> None:
+    """Allocate the scratch slot (one token) in a serving cache."""
+    cache.allocate(SCRATCH, reserve=1, exact=True)
+    cache.extend(SCRATCH, 1)
+
+
+def scratch_slot(cache) -> int:
+    """The scratch slot's token address now (a re-layout of a grouped cache may move it)."""
+    return int(cache.addresses(SCRATCH)[0])
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 
+import numpy as np
 import torch
 
 from packinfer_bench.backends.base import Backend, Inputs, ServingAttention, needs_cuda
@@ -43,7 +44,9 @@ def _prepare(x: Inputs, variant: str):
 
 
 class Fa2Attention(ServingAttention):
-    """FA2 over the serving cache: paged with flash-attn, else contiguous extents (see the module's docstring)."""
+    """FA2 over the serving cache: paged with flash-attn, else contiguous extents (see the module's docstring).
+    PyTorch's FA2 runs decode iterations inside CUDA graphs (fixed batch of padded size: padding requests read
+    no key; one query row each; max_seqlen_k the longest context the schedule can reach)."""
 
     name = "fa2"
 
@@ -54,21 +57,54 @@ class Fa2Attention(ServingAttention):
 
             self._paged_fn = flash_attn_varlen_func
             self.layout, self.page_size, self.kv_access = "paged", FA2_PAGE, "paged"
+            self.kernel = "flash-attn 2 varlen, paged"
         except ImportError:
             self._paged_fn = None
             self.layout, self.share_prefixes, self.kv_access = "grouped", False, "contiguous-slots"
+            self.kernel = "PyTorch FA2 (aten._flash_attention_forward), contiguous extents"
+            self.graph_kinds = frozenset({"decode"})
+        self.launches_per_layer = 3
+        self._static: dict[str, torch.Tensor] = {}
+        self._max_kv = 0
+
+    def configure(self, *, max_rows, max_seqs, max_kv_len, capacity_tokens, scratch_slot):
+        if self._paged_fn is None:
+            dev = self.device
+            self._static = {"cu_q": torch.arange(max_rows + 1, dtype=torch.int32, device=dev),
+                            "cu_k": torch.zeros(max_rows + 1, dtype=torch.int32, device=dev),
+                            "used": torch.zeros(max_rows, dtype=torch.int32, device=dev)}
+        self._max_kv = max_kv_len
 
     def begin(self, step):
         super().begin(step)
-        b, dev = step.batch, self.device
-        self._cu_q = torch.from_numpy(step.cu_q).to(dev)
-        self._max = int(b.q_lens.max()), int(b.kv_lens.max())
+        b = step.batch
         view = step.cache.view(self._request_order())
+        if step.padded is not None:  # decode inside a graph: the fixed buffers, padded with empty requests
+            n, p = len(b), step.padded
+            starts, used = np.zeros(p + 1, np.int32), np.zeros(p, np.int32)
+            starts[:n + 1], used[:n] = contiguous_extents(step.cache, view)
+            starts[p] = step.cache.capacity_tokens
+            self.staging.to_device(starts, self._static["cu_k"])
+            self.staging.to_device(used, self._static["used"])
+            self._graph_args(p)
+            return
+        self._cu_q = self.staging.to_device(step.cu_q)
+        self._max = int(b.q_lens.max()), int(b.kv_lens.max())
         if self._paged_fn is not None:
-            self._cu_k = torch.from_numpy(b.cu_seqlens()[1]).to(dev)
-            self._table = torch.from_numpy(view.block_table).to(dev)
+            self._cu_k = self.staging.to_device(b.cu_seqlens()[1])
+            self._table = self.staging.to_device(view.block_table)
         else:
-            self._cu_k, self._used = contiguous_extents(step.cache, view, dev)
+            starts, used = contiguous_extents(step.cache, view)
+            self._cu_k, self._used = self.staging.to_device(starts), self.staging.to_device(used)
+
+    def _graph_args(self, padded: int) -> None:
+        st = self._static
+        self._cu_q, self._cu_k, self._used = st["cu_q"][:padded + 1], st["cu_k"][:padded + 1], st["used"][:padded]
+        self._max = 1, self._max_kv
+
+    def capture_begin(self, padded, key, cache):
+        self._static["used"][:padded].zero_()
+        self._graph_args(padded)
 
     def attend(self, layer, q):
         c = self.step.cache

@@ -8,6 +8,7 @@ through cu_seqlens_k = its start and seqused_k = its length (as fa2 without flas
 from __future__ import annotations
 
 import importlib
+import inspect
 
 import torch
 
@@ -49,25 +50,43 @@ def _prepare(x: Inputs, variant: str):
 
 
 class Fa3Attention(ServingAttention):
-    """FA3 over the serving cache's contiguous extents (see the module's docstring)."""
+    """FA3 over the serving cache's contiguous extents (see the module's docstring), attention eager between the
+    model's graph pieces: fa3-fwd's varlen call takes no fixed scheduler buffers to capture. Where the installed
+    build offers get_scheduler_metadata and flash_attn_varlen_func takes it, the scheduler metadata is computed
+    once per iteration (begin) and reused by every layer."""
 
     name, layout, kv_access, share_prefixes = "fa3", "grouped", "contiguous-slots", False
+    kernel = "FlashAttention-3 varlen forward, contiguous extents"
 
     def __init__(self, *args):
         super().__init__(*args)
         self._fn = _varlen()
+        module = importlib.import_module(self._fn.__module__)
+        takes = "scheduler_metadata" in inspect.signature(self._fn).parameters
+        self._metadata_fn = getattr(module, "get_scheduler_metadata", None) if takes else None
+        self.launches_per_layer = 3
+        self._extra: dict = {}
 
     def begin(self, step):
         super().begin(step)
         b = step.batch
-        self._cu_q = torch.from_numpy(step.cu_q).to(self.device)
+        self._cu_q = self.staging.to_device(step.cu_q)
         self._max = int(b.q_lens.max()), int(b.kv_lens.max())
-        self._cu_k, self._used = contiguous_extents(step.cache, step.cache.view(self._request_order()), self.device)
+        starts, used = contiguous_extents(step.cache, step.cache.view(self._request_order()))
+        self._cu_k, self._used = self.staging.to_device(starts), self.staging.to_device(used)
+        self._extra = {}
+        if self._metadata_fn is not None:
+            try:
+                self._extra = {"scheduler_metadata": self._metadata_fn(
+                    len(b), self._max[0], self._max[1], self.num_heads, self.num_kv_heads, self.head_dim,
+                    self._used, step.cache.dtype, cu_seqlens_q=self._cu_q, cu_seqlens_k=self._cu_k, causal=True)}
+            except TypeError:  # another signature: run without precomputed metadata
+                self._metadata_fn = None
 
     def attend(self, layer, q):
         c = self.step.cache
         return _call(self._fn, q, c.k_pools[layer], c.v_pools[layer], self._cu_q, self._cu_k, *self._max,
-                     seqused_k=self._used)
+                     seqused_k=self._used, **self._extra)
 
 
 BACKEND = Backend("fa3", ("varlen",), _available, _prepare, serving=Fa3Attention)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from packinfer_bench.backends.base import PAGE_SIZE, Backend, Inputs, NotApplicable, ServingAttention, needs_cuda
+from packinfer_bench.backends.base import (PAGE_SIZE, Backend, Inputs, NotApplicable, ServingAttention, needs_cuda,
+                                           scratch_slot)
 from packinfer_bench.backends.kv_layouts import cache_for, page_table
 
 WORKSPACE_BYTES = 256 << 20
@@ -74,33 +75,107 @@ def _prepare(x: Inputs, variant: str):
 
 
 class FlashInferAttention(ServingAttention):
-    """Serving: a paged cache of PAGE_SIZE-token pages; batch decode (tensor cores) for all-decode iterations,
-    batch prefill over the paged cache for the rest, FlashInfer's plan once per iteration."""
+    """Serving: a paged cache of PAGE_SIZE-token pages. Decode iterations: batch decode with tensor cores, inside
+    CUDA graphs through FlashInfer's CUDA-graph wrappers (one per padded batch size, fixed buffers; padding
+    requests read one token of a scratch page); other iterations: batch prefill over the paged cache, with the fa3
+    backend on Hopper (fa2 where fa3 cannot plan this cache), eager between the model's graph pieces. FlashInfer's
+    plan runs once per iteration; one float workspace serves every wrapper (one call runs at a time)."""
 
     name = "flashinfer"
+    graph_kinds = frozenset({"decode"})
 
     def __init__(self, *args):
         super().__init__(*args)
         import flashinfer
 
-        def workspace() -> torch.Tensor:
-            return torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
+        self._fi = flashinfer
+        self._workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
+        self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self._workspace, "NHD", use_tensor_cores=True)
+        hopper = torch.cuda.get_device_capability(self.device)[0] == 9
+        self._prefill_backends = ["fa3", "fa2"] if hopper else ["fa2"]
+        self._prefills: dict[str, object] = {}
+        self._graph_wrappers: dict[int, object] = {}
+        self._max_pages = 1
+        self._planned = torch.cuda.Event()  # FlashInfer's plan reuses pinned host memory: one plan in flight
+        self._planned.record()
+        self.launches_per_layer = 3
+        self._set_kernel()
 
-        self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace(), "NHD", use_tensor_cores=True)
-        self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace(), "NHD", backend="fa2")
+    def _set_kernel(self) -> None:
+        self.kernel = (f"FlashInfer {self._fi.__version__}: decode (tensor cores, CUDA-graph wrappers), prefill over "
+                       f"the paged cache ({self._prefill_backends[0]} backend)")
+
+    def configure(self, *, max_rows, max_seqs, max_kv_len, capacity_tokens, scratch_slot):
+        self._max_pages = -(-capacity_tokens // self.page_size) + max_rows
+
+    def _table(self, step, padded: int | None):
+        """FlashInfer's page table of the step (host indptr / last_page_len, device indices), padded with
+        requests of one scratch token when `padded` is given."""
+        view = step.cache.view(self._request_order())
+        indptr, indices, last = (t.numpy() for t in page_table(view))
+        if padded is not None and padded > len(indptr) - 1:
+            extra = padded - (len(indptr) - 1)
+            scratch = scratch_slot(step.cache) // self.page_size
+            indptr = np.concatenate([indptr, indptr[-1] + 1 + np.arange(extra)]).astype(np.int32)
+            indices = np.concatenate([indices, np.full(extra, scratch)]).astype(np.int32)
+            last = np.concatenate([last, np.full(extra, scratch_slot(step.cache) % self.page_size + 1)])
+        host = [torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32)).pin_memory() for a in (indptr, last)]
+        return host[0], self.staging.to_device(indices.astype(np.int32)), host[1]
+
+    def _plan_args(self, dtype):
+        h, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        return (h, hkv, d, self.page_size), {"q_data_type": dtype, "kv_data_type": dtype}
 
     def begin(self, step):
         super().begin(step)
-        view = step.cache.view(self._request_order())
-        indptr, indices, last = page_table(view, device=self.device)
-        h, hkv, d, dt = self.num_heads, self.num_kv_heads, self.head_dim, step.cache.dtype
-        if int(step.batch.q_lens.max()) == 1:
+        self._planned.synchronize()
+        dt = step.cache.dtype
+        (h, hkv, d, ps), kw = self._plan_args(dt)
+        if step.padded is not None:  # decode inside a graph
+            indptr, indices, last = self._table(step, step.padded)
+            self._wrapper = self._graph_wrappers[step.padded]
+            self._wrapper.plan(indptr, indices, last, h, hkv, d, ps, **kw)
+        elif int(step.batch.q_lens.max()) == 1:
             self._wrapper = self._decode
-            self._decode.plan(indptr, indices, last, h, hkv, d, self.page_size, q_data_type=dt, kv_data_type=dt)
+            self._decode.plan(*self._table(step, None), h, hkv, d, ps, **kw)
         else:
-            self._wrapper = self._prefill
-            self._prefill.plan(torch.from_numpy(step.cu_q).to(self.device), indptr, indices, last, h, hkv, d,
-                               self.page_size, causal=True, q_data_type=dt, kv_data_type=dt)
+            qo = torch.from_numpy(step.cu_q.astype(np.int32)).pin_memory()
+            table = self._table(step, None)
+            while True:
+                backend = self._prefill_backends[0]
+                try:
+                    wrapper = self._prefill_wrapper(backend)
+                    wrapper.plan(qo, *table, h, hkv, d, ps, causal=True, **kw)
+                    break
+                except Exception:  # noqa: BLE001 -- fa3 cannot plan this cache: FlashInfer's fa2 backend from now on
+                    if len(self._prefill_backends) == 1:
+                        raise
+                    self._prefill_backends.pop(0)
+                    self._set_kernel()
+            self._wrapper = wrapper
+        self._planned.record()
+
+    def _prefill_wrapper(self, backend: str):
+        if backend not in self._prefills:
+            self._prefills[backend] = self._fi.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD",
+                                                                                    backend=backend)
+        return self._prefills[backend]
+
+    def capture_begin(self, padded, key, cache):
+        if padded not in self._graph_wrappers:
+            dev = self.device
+            self._graph_wrappers[padded] = self._fi.BatchDecodeWithPagedKVCacheWrapper(
+                self._workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
+                paged_kv_indptr_buffer=torch.zeros(padded + 1, dtype=torch.int32, device=dev),
+                paged_kv_indices_buffer=torch.zeros(self._max_pages, dtype=torch.int32, device=dev),
+                paged_kv_last_page_len_buffer=torch.ones(padded, dtype=torch.int32, device=dev))
+        scratch = scratch_slot(cache)
+        (h, hkv, d, ps), kw = self._plan_args(cache.dtype)
+        indptr = torch.arange(padded + 1, dtype=torch.int32)
+        last = torch.full((padded,), scratch % ps + 1, dtype=torch.int32)
+        indices = torch.full((padded,), scratch // ps, dtype=torch.int32, device=self.device)
+        self._wrapper = self._graph_wrappers[padded]
+        self._wrapper.plan(indptr, indices, last, h, hkv, d, ps, **kw)
 
     def attend(self, layer, q):
         c = self.step.cache

@@ -45,16 +45,16 @@ def page_table(view: packinfer.KVView, first_page: np.ndarray | None = None,
     ps = view.page_size
     pages = -(-view.kv_lens // ps)
     first = np.zeros(len(pages), np.int64) if first_page is None else first_page
-    counts = pages - first
-    indices = np.concatenate([view.block_table[i, first[i]:pages[i]] for i in range(len(pages))])
-    indptr = np.concatenate([[0], np.cumsum(counts)])
+    cols = np.arange(view.block_table.shape[1])
+    indices = view.block_table[(cols >= first[:, None]) & (cols < pages[:, None])]  # row by row, in order
+    indptr = np.concatenate([[0], np.cumsum(pages - first)])
     last = view.kv_lens - (pages - 1) * ps
     return tuple(torch.from_numpy(a.astype(np.int32)).to(device) for a in (indptr, indices, last))
 
 
-def contiguous_extents(cache, view: packinfer.KVView, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cu_seqlens_k, seqused_k), int32, that make FlashAttention's varlen call read each request of a grouped
-    cache in place: request i's keys start at cu_seqlens_k[i] (its extent's first address) and number
+def contiguous_extents(cache, view: packinfer.KVView) -> tuple[np.ndarray, np.ndarray]:
+    """(cu_seqlens_k, seqused_k), int32 host arrays, that make FlashAttention's varlen call read each request of
+    a grouped cache in place: request i's keys start at cu_seqlens_k[i] (its extent's first address) and number
     seqused_k[i]; the last entry is the pool's end."""
     starts = np.concatenate([view.own_addr, [cache.capacity_tokens]]).astype(np.int32)
-    return torch.from_numpy(starts).to(device), torch.from_numpy(view.kv_lens.astype(np.int32)).to(device)
+    return starts, view.kv_lens.astype(np.int32)

@@ -13,6 +13,7 @@ import os
 import numpy as np
 import packinfer
 import torch
+from packinfer.cache_attention import launch as launch_cache
 
 from packinfer_bench.backends.base import Backend, Inputs, NotApplicable, ServingAttention
 from packinfer_bench.backends.kv_layouts import cache_for
@@ -80,53 +81,97 @@ def prepare(x: Inputs, variant: str, use_tma: bool | None = None):
 
 
 class PackinferAttention(ServingAttention):
-    """Serving: the grouped (group-contiguous) cache; fresh prompts longer than DECODE_MAX_Q rows go through the
-    packed varlen kernel on their own new K/V, every other row (decode, prompt chunks over cached tokens, short
-    prompts) through cache attention, prefix groups read once. Both plans are made once per iteration."""
+    """Serving: the grouped (group-contiguous) cache; every iteration - decode rows, prompt chunks, fresh prompts
+    (their K/V written first), shared prefixes read once - is one cache-attention launch per layer over the cache
+    in place, planned once per iteration (the planner picks tile shape and splitting). In a CUDA graph (decode,
+    mixed and prefill iterations alike) the plan goes into fixed buffers of the tile shape the graph was captured
+    with, decided once per (padded size, iteration kind) by the planner on the first such iteration."""
 
     name, layout = "packinfer", "grouped"
+    graph_kinds = frozenset({"decode", "mixed", "prefill"})
+    kernel = "packinfer cache attention (1 launch: packed tiles + split-KV merged by the last program)"
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self._sms = packinfer.num_sms(self.device)
+        self._tiles: dict[tuple[int, str], int] = {}  # (padded, kind) -> slots of its graph
+        self._buffers: dict[tuple, packinfer.PlanBuffers] = {}
+        self._limits = {"max_rows": 8192, "max_seqs": 256, "max_pages": 1}
+        self._plan = self._bufs = None
+        self.launches_per_layer = 3  # K and V writes, one attention kernel
+
+    def configure(self, *, max_rows, max_seqs, max_kv_len, capacity_tokens, scratch_slot):
+        self._limits = {"max_rows": max_rows, "max_seqs": max_seqs,
+                        "max_pages": -(-max_kv_len // max(self.page_size, 1))}
+
+    def _capacity(self, slots: int) -> tuple[int, int]:
+        """(max_items, max_partials) of graph buffers for this tile: every row block of the largest iteration,
+        two segments per request, splits for WAVES programs per SM; partial rows for twice every row."""
+        group = self.num_heads // self.num_kv_heads
+        rows_per_item = max(slots // group, 1)
+        rows, seqs = self._limits["max_rows"], self._limits["max_seqs"]
+        items = -(-rows // rows_per_item) + 3 * seqs + 2 * packinfer.cache_plan.WAVES * self._sms
+        return items, 2 * rows + packinfer.cache_plan.WAVES * self._sms * rows_per_item
+
+    def _plan_step(self, view, q_lens, slots: int | None, capacity: tuple[int, int] | None):
+        return packinfer.plan_cache_attention(view, q_lens, self.num_heads, num_sms=self._sms, slots=slots,
+                                              max_items=capacity[0] if capacity else None,
+                                              max_partials=capacity[1] if capacity else None)
+
+    def graph_key(self, step):
+        key = (step.padded, step.kind)
+        if key not in self._tiles:  # the planner's own choice for the first iteration of this size and kind
+            self._tiles[key] = self._plan_step(_view_like(step.batch, self.num_kv_heads, self.head_dim),
+                                               step.batch.q_lens, None, None).slots
+        return self._tiles[key]
+
+    def _buffers_for(self, slots: int) -> packinfer.PlanBuffers:
+        group = self.num_heads // self.num_kv_heads
+        pack = group & (group - 1) == 0 and group <= 64
+        tile = (slots, packinfer.cache_plan.BLOCK_N, pack, 8 if slots >= 128 else 4, 3)
+        if tile not in self._buffers:
+            items, partials = self._capacity(slots)
+            share = max(self._buffers.values(), key=lambda b: b.max_partials, default=None)
+            self._buffers[tile] = packinfer.PlanBuffers(
+                self.device, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                tile=tile, max_items=items, max_rows=self._limits["max_rows"], max_partials=partials,
+                layout=self.layout, page_size=self.page_size, max_table_rows=self._limits["max_seqs"],
+                max_table_pages=self._limits["max_pages"] if self.layout == "paged" else 1, share=share)
+        return self._buffers[tile]
 
     def begin(self, step):
         super().begin(step)
-        b, dev = step.batch, self.device
-        h, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
-        fresh = (b.q_lens == b.kv_lens) & (b.q_lens > DECODE_MAX_Q)
-        self._parts = []  # (query rows, plan, cu_seqlens or view, max_q or None)
-        for mask, is_fresh in ((fresh, True), (~fresh, False)):
-            if not mask.any():
-                continue
-            q_lens = b.q_lens[mask]
-            idx = np.flatnonzero(np.repeat(mask, b.q_lens))
-            where = slice(int(idx[0]), int(idx[-1]) + 1) if idx[-1] - idx[0] + 1 == len(idx) else \
-                torch.from_numpy(idx).to(dev)
-            if is_fresh:
-                cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
-                plan = packinfer.plan_for(cu, cu, h, hkv, d)
-                self._parts.append((where, plan, torch.from_numpy(cu).to(dev), int(q_lens.max())))
-            else:
-                ids = b.request_ids[mask].tolist()
-                view = step.cache.view(ids)
-                plan = packinfer.plan_cache_attention(view, q_lens, h, num_sms=packinfer.num_sms(dev))
-                self._parts.append((where, plan, view, None))
+        view = step.cache.view(self._request_order())
+        if step.padded is None:
+            self._plan, self._bufs = self._plan_step(view, step.batch.q_lens, None, None), None
+            return
+        slots = self.graph_key(step)
+        plan = self._plan_step(view, step.batch.q_lens, slots, self._capacity(slots))
+        self._bufs = self._buffers_for(slots)
+        self._bufs.load(plan)
+        self._plan = plan
 
-    def __call__(self, layer, q, k, v):
-        self._k, self._v = k, v  # fresh prompts attend over this layer's new K/V directly
-        return super().__call__(layer, q, k, v)
+    def capture_begin(self, padded, key, cache):
+        self._bufs = self._buffers_for(key)
+        self._bufs.clear()
+        self._plan = None
 
     def attend(self, layer, q):
         c = self.step.cache
         out = torch.empty_like(q)
-        for where, plan, arg, max_q in self._parts:
-            dst = out[where] if isinstance(where, slice) else torch.empty_like(q[where])
-            if max_q is not None:  # arg: cu_seqlens of the fresh prompts
-                packinfer.varlen_attention(q[where], self._k[where], self._v[where], arg, arg, max_q, max_q,
-                                           plan=plan, out=dst, validate=False)
-            else:  # arg: the view of the cached requests (layer 0; the plan serves every layer)
-                view = dataclasses.replace(arg, k=c.k_pools[layer], v=c.v_pools[layer])
-                packinfer.cache_attention(q[where], view, plan, out=dst, validate=False)
-            if not isinstance(where, slice):
-                out[where] = dst
+        launch_cache(q, c.k_pools[layer], c.v_pools[layer], out, self._plan, self.head_dim ** -0.5,
+                     buffers=self._bufs)
         return out
+
+
+def _view_like(batch, num_kv_heads: int, head_dim: int) -> packinfer.KVView:
+    """A grouped-layout view with the batch's lengths and prefix groups (addresses made up): what the planner's
+    choices depend on, for deciding a graph's tile shape before the cache holds the batch."""
+    n = len(batch)
+    empty = torch.empty(0, num_kv_heads, head_dim, dtype=torch.bfloat16)
+    return packinfer.KVView("grouped", empty, empty, list(range(n)), batch.kv_lens.copy(), batch.prefix_ids.copy(),
+                            np.where(batch.prefix_ids >= 0, batch.prefix_lens, 0),
+                            prefix_addr=np.zeros(n, np.int64), own_addr=np.cumsum(batch.kv_lens) - batch.kv_lens)
 
 
 BACKEND = Backend("packinfer", PACKINFER_VARIANTS, _available, prepare, serving=PackinferAttention)

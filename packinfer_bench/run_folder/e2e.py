@@ -16,20 +16,26 @@ from pathlib import Path
 from packinfer_bench.run_folder.files import E2E_DIR, SUMMARY_FILE
 from packinfer_bench.run_folder.store import CsvRows
 
-KEY_FIELDS = ("e2e", "trace", "rate", "backend")
+KEY_FIELDS = ("e2e", "trace", "rate", "backend", "repeat")
+#: Key fields a file written before a field existed lacks, with the value they stand for.
+KEY_DEFAULTS = {"repeat": "0"}
 
 
 @dataclass
 class E2ERecord:
-    """One replay. rate: Poisson requests/s, or 'trace' (the trace's own arrivals, time-scaled). status: ok |
-    incorrect (sampled rows' final hidden states off the reference attention's) | skipped | error | refused
-    (the scheduler ran none of the requests: each is larger than its limits). Latencies in
-    ms over finished requests; throughput from first arrival to last token, busy_tok_s over summed iteration
-    time. prepare / launch: CPU time per iteration making the cache ready and planning / issuing the forward pass.
-attention_share: attention (cache writes + kernels) / iteration time. max_rel_err / token_match: the
-    first verify iterations against the float32 reference attention. schedule: open-loop (fixed by the
-    scheduler's step-time model, the same for every backend; only iteration times are measured). cuda_graphs:
-    'decode (piecewise)' when decode iterations replay the model between attention calls from CUDA graphs."""
+    """One replay of one load point by one backend (repeat: which of the entry's repeats; every repeat replays
+    the same schedule). rate: requests/s (gamma arrivals of shape `burstiness`), 'cN' (closed loop: N requests
+    in flight), or 'trace' (the trace's own arrivals, time-scaled). status: ok | incorrect (sampled rows' final
+    hidden states off the reference attention's) | skipped | error | refused (the scheduler ran none of the
+    requests: each is larger than its limits). Latencies in ms over finished requests (mean, median, std,
+    p50/p90/p99; other configured percentiles in `percentiles`), ITL over every gap between two tokens of a
+    request (itl_ms_quantiles: its 0, 5, ..., 100th percentiles), throughput from the first send to the last
+    token, busy_tok_s over summed iteration time (the schedule-free rate), goodput: requests/s within the SLO
+    (`slo`), slo_attainment: their share. iteration/gpu/host means in ms (replay.IterationResult);
+    launches_per_layer, attn_host_us_per_layer: means over iterations. attention_share: attention GPU time /
+    iteration time where observable (not inside full graphs). max_rel_err / token_match: the first verify
+    iterations against the float32 reference attention. schedule: how requests arrive (open or closed loop);
+    graphs: iterations per graph mode; kernel: what the backend ran; step_time: the scheduler's model."""
 
     e2e: str
     trace: str
@@ -39,6 +45,7 @@ attention_share: attention (cache writes + kernels) / iteration time. max_rel_er
     num_layers: int
     full_layers: int
     status: str
+    repeat: int = 0
     reason: str = ""
     kv_layout: str = ""
     kv_access: str = ""
@@ -50,38 +57,66 @@ attention_share: attention (cache writes + kernels) / iteration time. max_rel_er
     unfinished: int | None = None
     iterations: int | None = None
     ttft_ms_mean: float | None = None
+    ttft_ms_median: float | None = None
+    ttft_ms_std: float | None = None
     ttft_ms_p50: float | None = None
     ttft_ms_p90: float | None = None
     ttft_ms_p99: float | None = None
     tpot_ms_mean: float | None = None
+    tpot_ms_median: float | None = None
+    tpot_ms_std: float | None = None
     tpot_ms_p50: float | None = None
     tpot_ms_p90: float | None = None
     tpot_ms_p99: float | None = None
+    itl_ms_mean: float | None = None
+    itl_ms_median: float | None = None
+    itl_ms_std: float | None = None
+    itl_ms_p50: float | None = None
+    itl_ms_p90: float | None = None
+    itl_ms_p99: float | None = None
     e2e_ms_mean: float | None = None
+    e2e_ms_median: float | None = None
+    e2e_ms_std: float | None = None
     e2e_ms_p50: float | None = None
     e2e_ms_p90: float | None = None
     e2e_ms_p99: float | None = None
+    percentiles: str = ""
+    itl_ms_quantiles: str = ""
     output_tokens: int | None = None
     makespan_s: float | None = None
     throughput_tok_s: float | None = None
     throughput_req_s: float | None = None
     busy_tok_s: float | None = None
+    goodput_req_s: float | None = None
+    slo_attainment: float | None = None
+    slo: str = ""
     iteration_ms_mean: float | None = None
+    gpu_ms_mean: float | None = None
+    host_ms_mean: float | None = None
     prepare_ms_mean: float | None = None
     launch_ms_mean: float | None = None
+    launches_per_layer: float | None = None
+    attn_host_us_per_layer: float | None = None
     attention_share: float | None = None
     room_ms_total: float | None = None
     moved_gb: float | None = None
     max_rel_err: float | None = None
     token_match: float | None = None
     schedule: str = "open-loop"
+    burstiness: float | None = None
+    max_concurrency: int | None = None
     cuda_graphs: str = ""
+    graphs: str = ""
+    kernel: str = ""
+    step_time: str = ""
     timing: str = ""
+    commit: str = ""
+    measured_at: str = ""
     attempt: str = ""
 
     @property
-    def key(self) -> tuple[str, str, str, str]:
-        return (self.e2e, self.trace, self.rate, self.backend)
+    def key(self) -> tuple[str, str, str, str, str]:
+        return (self.e2e, self.trace, self.rate, self.backend, str(self.repeat))
 
 
 SUMMARY_FIELDS = [f.name for f in dataclasses.fields(E2ERecord)]
@@ -99,9 +134,9 @@ class E2EStore:
         self.dir = Path(out_dir) / E2E_DIR
         self.dir.mkdir(parents=True, exist_ok=True)
 
-    def done(self) -> set[tuple[str, str, str, str]]:
-        """Keys of complete replays."""
-        return {tuple(r[f] for f in KEY_FIELDS) for r in self.summaries()}
+    def done(self) -> set[tuple[str, ...]]:
+        """Keys of complete replays (KEY_FIELDS)."""
+        return {row_key(r) for r in self.summaries()}
 
     def summaries(self) -> list[dict[str, str]]:
         return CsvRows(self.dir / SUMMARY_FILE).read()[0]
@@ -118,7 +153,12 @@ class E2EStore:
         return complete_rows(CsvRows(self.dir / name).read()[0], self.summaries())
 
 
+def row_key(row: dict[str, str]) -> tuple[str, ...]:
+    """A row's replay key (KEY_FIELDS; a field an older file lacks takes its KEY_DEFAULTS value)."""
+    return tuple(row.get(f) or KEY_DEFAULTS.get(f, "") for f in KEY_FIELDS)
+
+
 def complete_rows(rows: list[dict[str, str]], summaries: list[dict[str, str]]) -> list[dict[str, str]]:
     """The rows whose replay has a summary row, from the attempt that summary row names."""
-    attempt = {tuple(s[f] for f in KEY_FIELDS): s.get("attempt", "") for s in summaries}
-    return [r for r in rows if attempt.get(tuple(r[f] for f in KEY_FIELDS), None) == r.get("attempt", "")]
+    attempt = {row_key(s): s.get("attempt", "") for s in summaries}
+    return [r for r in rows if attempt.get(row_key(r), None) == r.get("attempt", "")]

@@ -61,8 +61,9 @@ class CacheFollower:
     to token address slots[j], so a model's forward pass can write each layer's K/V there itself. A row at a
     prefix position whose shared copy is already stored has no slot; one that stores a new prefix may have two."""
 
-    def __init__(self, cache, batches: Sequence[Batch], share_prefixes: bool = True):
+    def __init__(self, cache, batches: Sequence[Batch], share_prefixes: bool = True, synchronize: bool = True):
         self.cache = cache
+        self.synchronize = synchronize  # time making room from synchronised starts (False: host time only)
         self.last_seen: dict[int, int] = {}
         self.prefix_len: dict[int, int] = {}  # empty when prefixes are not shared: every request stores its own
         for i, b in enumerate(batches):
@@ -96,13 +97,13 @@ class CacheFollower:
         if cache.layout == "grouped":
             needs = {rid: q for rid, q, kv in zip(batch.request_ids.tolist(), batch.q_lens.tolist(),
                                                   batch.kv_lens.tolist()) if cache.length(rid) < kv}
-            _sync(cache)  # earlier queued work is not this step's cost
+            self._sync()  # earlier queued work is not this step's cost
             t0 = time.perf_counter()
             before = cache.relayouts, cache.relocations
             cost.moved_bytes += cache.make_room(needs)
             cost.relayouts += cache.relayouts - before[0]
             cost.relocations += cache.relocations - before[1]
-            _sync(cache)
+            self._sync()
             cost.room_s += time.perf_counter() - t0
         rows, slots, keys, at = [], [], [], 0
         for rid, q, kv, pid in zip(batch.request_ids.tolist(), batch.q_lens.tolist(), batch.kv_lens.tolist(),
@@ -160,13 +161,17 @@ class CacheFollower:
         except KVCacheError:
             if cache.layout != "grouped":
                 raise
-            _sync(cache)
+            self._sync()
             t0 = time.perf_counter()
             cost.moved_bytes += cache.relayout()  # compaction makes one free range of the scattered gaps
             cost.relayouts += 1
-            _sync(cache)
+            self._sync()
             cost.room_s += time.perf_counter() - t0
             return op()
+
+    def _sync(self) -> None:
+        if self.synchronize and self.cache.k.device.type == "cuda":
+            torch.cuda.synchronize(self.cache.k.device)
 
     def _finish(self, rid: int) -> None:
         self.cache.finish(rid)
@@ -179,7 +184,3 @@ def peak_tokens(batches: Sequence[Batch]) -> int:
     """Most KV tokens any iteration holds (each request's own copy), to size a cache for the replay."""
     return max((int(b.kv_lens.sum()) for b in batches), default=0)
 
-
-def _sync(cache) -> None:
-    if cache.k.device.type == "cuda":
-        torch.cuda.synchronize(cache.k.device)

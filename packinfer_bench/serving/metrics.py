@@ -30,11 +30,13 @@ class Slo:
 
 
 def timeline(schedule: Sequence[Batch], arrivals: Mapping[int, float], durations: Sequence[float],
-             sent_after: Mapping[int, int] | None = None) -> tuple[np.ndarray, dict[int, float]]:
+             sent_after: Mapping[int, int] | None = None,
+             cold: Sequence[float] | None = None) -> tuple[np.ndarray, dict[int, float]]:
     """End time of each iteration, and when each request was sent. An iteration starts when the previous one
     ends, and not before its requests were sent; a request is sent at its arrival, or (with a client concurrency
     limit) when the request it waited for finished, whichever is later. The schedule is fixed; only how long
-    each iteration takes is measured."""
+    each iteration takes is measured: `durations` back to back, `cold[i]` when iteration i starts after the
+    engine sat idle (its host work could not overlap the previous iteration; default: the same)."""
     sent_after = sent_after or {}
     last = {}
     for i, batch in enumerate(schedule):
@@ -51,6 +53,8 @@ def timeline(schedule: Sequence[Batch], arrivals: Mapping[int, float], durations
                 before = sent_after.get(rid)
                 sent[rid] = max(arrivals[rid], finish.get(before, 0.0) if before is not None else 0.0)
             start = max(start, sent[rid])
+        if start > end and cold is not None:
+            took = cold[i]
         end = start + took
         ends[i] = end
         for rid in batch.request_ids.tolist():

@@ -1,9 +1,17 @@
 """One serving replay: a fixed continuous-batching schedule run through the model with one backend's attention,
-each iteration a real forward pass (cache bookkeeping and planning included in its time), the KV cache kept in
-step with the schedule by a CacheFollower in the backend's layout."""
+each iteration a real forward pass, the KV cache kept in step with the schedule by a CacheFollower in the
+backend's layout.
+
+Iterations run as a serving engine runs them: the host prepares iteration i+1 (cache bookkeeping, making room,
+token ids, the attention plan) while the GPU runs iteration i, and each iteration replays CUDA graphs where it
+can: the full forward pass for backends with a graph mode, else the pieces between attention calls, else eagerly.
+Times come from CUDA events: an iteration lasts from the end of the previous one to its own end on the GPU
+(so a host that falls behind shows as idle GPU time), its GPU time from its first to its last operation, its
+host time is what the CPU spent preparing and issuing it."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -13,7 +21,8 @@ import packinfer
 import torch
 
 from packinfer_bench.backends import ServingAttention, Step
-from packinfer_bench.serving.graphs import DecodeGraphs
+from packinfer_bench.backends.base import add_scratch, iteration_kind, scratch_slot
+from packinfer_bench.serving.graphs import GraphCaptureError, Graphs
 from packinfer_bench.serving.kv_follow import CacheFollower
 from packinfer_bench.serving.model import Decoder
 from packinfer_bench.workload import Batch
@@ -24,22 +33,31 @@ HEADROOM = 64
 
 @dataclass
 class IterationResult:
-    """One iteration: what ran and what it cost (ms): the whole iteration (bookkeeping, planning, forward,
-    synchronised), attention inside it (GPU time from the first to the last event around each layer's cache
-    write plus attention call, summed over layers), making room in the cache (inside prepare)."""
+    """One iteration: what ran and what it cost (ms). iteration: previous iteration's end to this one's end on
+    the GPU (idle time waiting for the host included); gpu: first to last operation of this iteration; host:
+    CPU time preparing (cache bookkeeping, making room, token ids, the attention plan) and issuing it;
+    attention: GPU time of the attention calls (K/V write + kernels; NaN inside a full graph, where it is not
+    observable); graph: how it ran (full, piecewise, eager)."""
 
     iteration: int
+    kind: str
     num_requests: int
     num_prefill: int
     num_decode: int
     q_tokens: int
     kv_tokens: int
+    graph: str
+    padded_rows: int
     iteration_ms: float
+    gpu_ms: float
+    host_ms: float
+    prepare_ms: float
+    launch_ms: float
     attention_ms: float
+    attn_host_us_per_layer: float
+    launches_per_layer: int
     room_ms: float
     moved_bytes: int
-    prepare_ms: float  # CPU: cache bookkeeping, making room, token ids, the attention plan
-    launch_ms: float  # CPU: issuing the forward pass (near iteration_ms - prepare_ms: the host is the bottleneck)
 
 
 @dataclass
@@ -47,22 +65,26 @@ class ReplayResult:
     iterations: list[IterationResult] = field(default_factory=list)
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # iteration -> sampled rows' final hidden (fp32)
     tokens: dict[int, torch.Tensor] = field(default_factory=dict)  # iteration -> greedy tokens of those rows
+    full_graph_failure: str = ""  # why the backend's full graphs could not be captured (it ran piecewise)
 
 
 def cache_capacity(attention: ServingAttention, budget_tokens: int, max_seqs: int) -> int:
     """Tokens a backend's cache holds for a schedule whose live KV stays within budget_tokens with at most
     max_seqs requests at once: the budget plus the layout's slack (a partly filled last page per request; grouped
-    room to grow into, a quarter of a request's size at most)."""
+    room to grow into, a quarter of a request's size at most), plus one page for the scratch slot."""
     if attention.layout == "paged":
-        return budget_tokens + attention.page_size * (max_seqs + 1)
-    return budget_tokens + budget_tokens // 4 + 2 * HEADROOM * max_seqs
+        return budget_tokens + attention.page_size * (max_seqs + 2)
+    return budget_tokens + budget_tokens // 4 + 2 * HEADROOM * max_seqs + 1
 
 
 def make_cache(attention: ServingAttention, model: Decoder, capacity_tokens: int):
+    """The backend's KV cache for the model, with its scratch slot (for padded graph rows) allocated first."""
     cfg = model.cfg
-    return packinfer.make_cache(attention.layout, capacity_tokens, cfg.num_kv_heads, cfg.head_dim, dtype=model.dtype,
-                                device=model.device, block_size=attention.page_size, headroom=HEADROOM,
-                                num_layers=cfg.num_layers)
+    cache = packinfer.make_cache(attention.layout, capacity_tokens, cfg.num_kv_heads, cfg.head_dim,
+                                 dtype=model.dtype, device=model.device, block_size=attention.page_size,
+                                 headroom=HEADROOM, num_layers=cfg.num_layers)
+    add_scratch(cache)
+    return cache
 
 
 def token_ids(batch: Batch, vocab: int) -> tuple[np.ndarray, np.ndarray]:
@@ -75,20 +97,46 @@ def token_ids(batch: Batch, vocab: int) -> tuple[np.ndarray, np.ndarray]:
     return (key * 2654435761 + pos * 40503 + 977) % vocab, pos
 
 
+def prepare_graphs(graphs: Graphs, schedule: Sequence[Batch], attention: ServingAttention, cache) -> str:
+    """Capture every graph the schedule's iterations need, for this backend: its full graphs where it has a
+    graph mode (GraphCaptureError: it then runs piecewise; returns why), the pieces otherwise."""
+    failure = graphs.failed.get(attention.name, "")
+    scratch = scratch_slot(cache)
+    needs: dict[tuple, Batch] = {}
+    for batch in schedule:
+        padded = graphs.padded(int(batch.q_lens.sum()))
+        if padded is not None:
+            needs.setdefault((padded, iteration_kind(batch)), batch)
+    for (padded, kind), batch in sorted(needs.items(), key=lambda kv: -kv[0][0]):
+        if kind in attention.graph_kinds and not failure:
+            key = attention.graph_key(Step(batch, cache, None, None, batch.cu_seqlens()[0], padded))
+            try:
+                graphs.capture_full(attention, padded, key, cache, scratch)
+                continue
+            except GraphCaptureError as e:
+                failure = graphs.failed[attention.name] = str(e)
+        graphs.capture_piecewise(padded)
+    return failure
+
+
 def replay(model: Decoder, schedule: Sequence[Batch], attention: ServingAttention, cache, *,
-           graphs: DecodeGraphs | None = None, keep_outputs: int = 0,
+           graphs: Graphs | None = None, keep_outputs: int = 0,
            on_iteration: Callable[[IterationResult], None] | None = None,
            clock: Callable[[], float] = time.perf_counter) -> ReplayResult:
-    """Run every iteration of the schedule (decode iterations through `graphs` where it has their size); keep the
-    sampled rows' hidden states and tokens of the first `keep_outputs` iterations (for comparison with a
-    reference). A KVCacheError (cache full) propagates after the iterations done so far went to on_iteration."""
+    """Run every iteration of the schedule (through `graphs` where they hold its size); keep the sampled rows'
+    hidden states and tokens of the first `keep_outputs` iterations (for comparison with a reference). A
+    KVCacheError (cache full) propagates after the iterations done so far went to on_iteration."""
     dev = model.device
     cuda = dev.type == "cuda"
-    follower = CacheFollower(cache, schedule, share_prefixes=attention.share_prefixes)
-    result = ReplayResult()
+    follower = CacheFollower(cache, schedule, share_prefixes=attention.share_prefixes, synchronize=False)
+    result = ReplayResult(full_graph_failure=graphs.failed.get(attention.name, "") if graphs else "")
+    staging = attention.staging
     layer_times: list = []
+    attn_host = [0.0]
+    pending: list[tuple[dict, object, object, list]] = []
 
     def timed(layer, q, k, v):
+        h0 = clock()
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -96,38 +144,88 @@ def replay(model: Decoder, schedule: Sequence[Batch], attention: ServingAttentio
             end.record()
             layer_times.append((start, end))
         else:
-            t0 = clock()
             out = attention(layer, q, k, v)
-            layer_times.append(clock() - t0)
+            layer_times.append(clock() - h0)
+        attn_host[0] += clock() - h0
         return out
 
-    for i, batch in enumerate(schedule):
-        layer_times.clear()
-        t0 = clock()
-        cost = follower.step(i, batch, write=False)
-        ids, pos = token_ids(batch, model.cfg.vocab)
-        cu_q = batch.cu_seqlens()[0]
-        all_rows = len(follower.rows) == len(ids) and (follower.rows == np.arange(len(ids))).all()
-        rows = None if all_rows else torch.from_numpy(follower.rows).to(dev)
-        attention.begin(Step(batch, cache, rows, torch.from_numpy(follower.slots).to(dev), cu_q))
-        sample = torch.from_numpy((cu_q[1:] - 1)[batch.sampled]).to(dev)
-        t1 = clock()
-        graphed = graphs is not None and int(batch.q_lens.max()) == 1 and graphs.covers(len(ids))
-        forward = graphs.forward if graphed else model.forward
-        tokens, hidden = forward(torch.from_numpy(ids).to(dev), torch.from_numpy(pos).to(dev), timed, sample)
-        t2 = clock()
+    def finish() -> None:
+        """Resolve the queued iterations' event times (one synchronisation) and hand them on."""
         if cuda:
             torch.cuda.synchronize(dev)
-        follower.retire(i, batch)
-        took = clock() - t0
-        if i < keep_outputs:
-            result.hidden[i], result.tokens[i] = hidden.float().cpu(), tokens.cpu()
-        attn = sum(s.elapsed_time(e) for s, e in layer_times) if cuda else 1e3 * sum(layer_times)
-        phases = batch.request_phases
-        it = IterationResult(i, len(batch), int((phases != "decode").sum()), int((phases == "decode").sum()),
-                             int(batch.q_lens.sum()), int(batch.kv_lens.sum()), took * 1e3, attn,
-                             cost.room_s * 1e3, cost.moved_bytes, (t1 - t0) * 1e3, (t2 - t1) * 1e3)
-        result.iterations.append(it)
-        if on_iteration is not None:
-            on_iteration(it)
+        for row, (start, end), prev, times in pending:
+            if cuda:
+                row["gpu_ms"] = start.elapsed_time(end)
+                row["iteration_ms"] = prev.elapsed_time(end) if prev is not None else row["gpu_ms"]
+                row["attention_ms"] = sum(s.elapsed_time(e) for s, e in times) if times else math.nan
+            else:
+                row["attention_ms"] = 1e3 * sum(times) if times else math.nan
+            it = IterationResult(**row)
+            result.iterations.append(it)
+            if on_iteration is not None:
+                on_iteration(it)
+        pending.clear()
+
+    prev_end = None
+    try:
+        for i, batch in enumerate(schedule):
+            t0 = clock()
+            cost = follower.step(i, batch, write=False)
+            ids, pos = token_ids(batch, model.cfg.vocab)
+            cu_q = batch.cu_seqlens()[0]
+            sample = (cu_q[1:] - 1)[batch.sampled]
+            kind, n = iteration_kind(batch), len(ids)
+            padded = graphs.padded(n) if graphs is not None else None
+            mode, key = "eager", None
+            if padded is not None:
+                if kind in attention.graph_kinds and not result.full_graph_failure:
+                    key = attention.graph_key(Step(batch, cache, None, None, cu_q, padded))
+                    mode = "full" if graphs.has_full(attention, padded, key) else mode
+                if mode == "eager" and graphs.has_piecewise(padded):
+                    mode = "piecewise"
+            layer_times.clear()
+            attn_host[0] = 0.0
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+            t1 = clock()
+            if mode == "full":  # (a re-layout may have moved the scratch slot: asked every iteration)
+                rows, slots = graphs.stage_writes(follower.rows, follower.slots, padded, scratch_slot(cache))
+                attention.begin(Step(batch, cache, rows, slots, cu_q, padded))
+                graphs.stage_inputs(ids, pos, sample, padded)
+                tokens, hidden = graphs.run_full(attention, padded, key)
+                tokens, hidden = tokens[:len(sample)], hidden[:len(sample)]
+            else:
+                all_rows = len(follower.rows) == n and (follower.rows == np.arange(n)).all()
+                rows = None if all_rows else staging.to_device(follower.rows)
+                attention.begin(Step(batch, cache, rows, staging.to_device(follower.slots), cu_q))
+                if mode == "piecewise":
+                    graphs.stage_inputs(ids, pos, sample, padded)
+                    tokens, hidden = graphs.run_piecewise(padded, n, timed)
+                    tokens, hidden = tokens[:len(sample)], hidden[:len(sample)]
+                else:
+                    tokens, hidden = model.forward(staging.to_device(ids), staging.to_device(pos), timed,
+                                                   staging.to_device(sample))
+            t2 = clock()
+            if cuda:
+                end.record()
+            if i < keep_outputs:
+                result.hidden[i], result.tokens[i] = hidden.float().cpu(), tokens.cpu()
+            follower.retire(i, batch)
+            t3 = clock()
+            phases = batch.request_phases
+            row = dict(iteration=i, kind=kind, num_requests=len(batch), num_prefill=int((phases != "decode").sum()),
+                       num_decode=int((phases == "decode").sum()), q_tokens=n, kv_tokens=int(batch.kv_lens.sum()),
+                       graph=mode, padded_rows=padded if mode != "eager" else n, iteration_ms=(t3 - t0) * 1e3,
+                       gpu_ms=(t3 - t0) * 1e3, host_ms=(t3 - t0) * 1e3, prepare_ms=(t1 - t0) * 1e3,
+                       launch_ms=(t2 - t1) * 1e3, attention_ms=math.nan,
+                       attn_host_us_per_layer=1e6 * attn_host[0] / model.cfg.num_layers if mode != "full" else 0.0,
+                       launches_per_layer=attention.launches_per_layer, room_ms=cost.room_s * 1e3,
+                       moved_bytes=cost.moved_bytes)
+            pending.append((row, (start, end) if cuda else (None, None), prev_end, list(layer_times)))
+            prev_end = end if cuda else None
+            if len(pending) >= 256:  # keep the event queue short (one synchronisation per 256 iterations)
+                finish()
+    finally:
+        finish()
     return result

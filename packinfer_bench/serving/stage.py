@@ -1,11 +1,15 @@
-"""The end-to-end stage of an experiment: for every e2e entry, trace and rate, build the continuous-batching
-schedule once, then replay it through the model with each backend's attention (fresh KV cache each), check the
-first iterations against the float32 reference attention, and store per-iteration, per-request and summary rows
-(e2e/ in the run folder) as they are made."""
+"""The end-to-end stage of an experiment. For every e2e entry: measure the model's iteration time on this GPU
+(calibration: the scheduler's step-time model, stored in the run folder), build each load point's
+continuous-batching schedule once (trace x rate or concurrency), then replay it `repeats` times with the
+backends interleaved (A B C A B C ...: slow drifts of the machine touch every backend alike), each backend
+keeping one server (KV cache, graphs) for the whole entry. The first iterations are checked against the float32
+reference attention; per-iteration, per-request and summary rows go to e2e/ in the run folder as they are made.
+A load point or replay that fails (out of memory included) leaves error rows and the run goes on."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 import traceback
 from collections.abc import Callable
@@ -14,122 +18,361 @@ import numpy as np
 import torch
 from packinfer import KVCacheError
 
-from packinfer_bench.backends import BACKENDS, DTYPES
+from packinfer_bench import envinfo
+from packinfer_bench.backends import BACKENDS, DTYPES, ServingAttention
+from packinfer_bench.backends.base import add_scratch
 from packinfer_bench.config import REFERENCE, E2EConfig, ExperimentConfig
 from packinfer_bench.errors import ConfigError, first_line
+from packinfer_bench.models import ModelConfig, preset
 from packinfer_bench.reference import ReferenceAttention
-from packinfer_bench.run_folder import ITERATIONS_FILE, REQUESTS_FILE
+from packinfer_bench.run_folder import ITERATIONS_FILE, REQUESTS_FILE, write_atomic
 from packinfer_bench.run_folder.e2e import E2ERecord, E2EStore, new_attempt
-from packinfer_bench.serving.graphs import DecodeGraphs
+from packinfer_bench.serving.graphs import Graphs
 from packinfer_bench.serving.kv_follow import peak_tokens
-from packinfer_bench.serving.metrics import request_latencies, summarize, timeline
-from packinfer_bench.models import preset
+from packinfer_bench.serving.metrics import Slo, inter_token_gaps, request_latencies, summarize, timeline
 from packinfer_bench.serving.model import Decoder
-from packinfer_bench.serving.replay import cache_capacity, make_cache, replay
+from packinfer_bench.serving.replay import ReplayResult, cache_capacity, make_cache, prepare_graphs, replay
 from packinfer_bench.traces import Trace
-from packinfer_bench.workload import Batch, continuous_batches
+from packinfer_bench.workload import Batch, StepTime, continuous_batches
 from packinfer_bench.workload.continuous import ContinuousSpec, replayed_requests
 
 #: Sampled rows whose final hidden state is further than this (relative L2) from the reference's: `incorrect`.
 #: Looser than the kernel check: bf16 differences in attention compound through every layer.
 E2E_MAX_REL_ERR = 5e-2
+#: The calibration's file in e2e/ (one step-time model per entry).
+STEP_TIME_FILE = "step_time.json"
 
 
 @dataclasses.dataclass
 class Scenario:
-    """One schedule to replay: which requests, when they arrive, how many tokens each must produce."""
+    """One schedule to replay: which requests, when they arrive (and, with a client concurrency limit, which
+    finish each waited for), how many tokens each must produce."""
 
     spec: ContinuousSpec
     schedule: list[Batch]
     arrivals: dict[int, float]
     expected: dict[int, int]  # request -> output tokens
     refused: int  # requests the scheduler never ran (too large for its limits)
+    sent_after: dict[int, int] = dataclasses.field(default_factory=dict)
 
 
 def scenario(trace: Trace, spec: ContinuousSpec) -> Scenario:
-    schedule = list(continuous_batches(trace, spec))
+    sent_after: dict[int, int] = {}
+    schedule = list(continuous_batches(trace, spec, sent_after))
     df, times = replayed_requests(trace, spec)
     arrivals = {int(r): float(t) for r, t in zip(df["request_id"], times)}
     expected = {int(r): int(o) for r, o in zip(df["request_id"], df["output_len"])}
     seen = {r for b in schedule for r in b.request_ids.tolist()}
     return Scenario(spec, schedule, {r: t for r, t in arrivals.items() if r in seen},
-                    {r: n for r, n in expected.items() if r in seen}, len(expected) - len(seen))
+                    {r: n for r, n in expected.items() if r in seen}, len(expected) - len(seen), sent_after)
+
+
+class Server:
+    """One backend serving the model for a whole e2e entry: its attention, one KV cache (reset between replays,
+    so that captured graphs keep pointing at its pools) and the graphs it needs."""
+
+    def __init__(self, backend: str, model: Decoder, graphs: Graphs | None, capacity: int, max_rows: int,
+                 max_seqs: int, max_kv_len: int):
+        serving = ReferenceAttention if backend == REFERENCE else BACKENDS[backend].serving
+        cfg = model.cfg
+        self.model, self.graphs = model, graphs
+        self.attention: ServingAttention = serving(model.device, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        self.capacity = cache_capacity(self.attention, capacity, max_seqs)
+        _check_memory(self.capacity, cfg, model.dtype, model.device)
+        self.cache = make_cache(self.attention, model, self.capacity)
+        self.attention.configure(max_rows=max_rows, max_seqs=max_seqs, max_kv_len=max_kv_len,
+                                 capacity_tokens=self.cache.capacity_tokens, scratch_slot=0)
+        self.warm: set[int] = set()  # scenarios whose kernels this server compiled
+
+    def fresh_cache(self):
+        """The cache emptied for a new replay (same pools), its scratch slot allocated again."""
+        self.cache.reset()
+        add_scratch(self.cache)
+        return self.cache
+
+    def prepare(self, scen_id: int, schedule: list[Batch], warmup: bool) -> str:
+        """Compile what the schedule needs (a one-layer pass over it, once per scenario) and capture its graphs;
+        returns why full graphs are not used ('' when they are or the backend has none)."""
+        if warmup and scen_id not in self.warm and self.model.device.type == "cuda":
+            shallow = self.model.truncated(1)
+            cache = make_cache(self.attention, shallow, self.capacity)
+            replay(shallow, schedule, self.attention, cache)
+            del cache
+            self.warm.add(scen_id)
+        if self.graphs is None:
+            return ""
+        return prepare_graphs(self.graphs, schedule, self.attention, self.fresh_cache())
+
+    def replay(self, schedule: list[Batch], keep_outputs: int, on_iteration) -> ReplayResult:
+        return replay(self.model, schedule, self.attention, self.fresh_cache(), graphs=self.graphs,
+                      keep_outputs=keep_outputs, on_iteration=on_iteration)
 
 
 def run_e2e(config: ExperimentConfig, out_dir, traces: dict[str, Trace], device: torch.device,
             log: Callable[[str], None] = print) -> dict[str, int]:
     """Run every end-to-end replay of the config not already stored; returns counts per status."""
     store = E2EStore(out_dir)
-    done = store.done()
     counts: dict[str, int] = {}
     for entry in config.e2e:
-        cfg = preset(entry.model, entry.num_layers)
-        model = graphs = None
-        for tcfg in config.traces_of(entry):
-            for rate in entry.rates or [None]:
-                spec = entry.continuous if rate is None else dataclasses.replace(
-                    entry.continuous, arrivals="poisson", rate=rate)
-                label = "trace" if rate is None else f"{rate:g}"
-                todo = [b for b in entry.backends if (entry.name, tcfg.name, label, b) not in done]
-                if not todo:
-                    continue
-                def base(backend: str) -> E2ERecord:
-                    return E2ERecord(entry.name, tcfg.name, label, backend, cfg.name, cfg.num_layers,
-                                     cfg.full_layers or cfg.num_layers, status="ok", attempt=new_attempt())
-
-                def store_all(status: str, reason: str) -> None:  # every backend of this replay alike
-                    log(f"  {status}: {reason}")
-                    for backend in todo:
-                        store.add_summary(dataclasses.replace(base(backend), status=status, reason=reason))
-                        counts[status] = counts.get(status, 0) + 1
-
-                try:
-                    scen = scenario(traces[tcfg.name], spec)
-                except Exception as e:  # noqa: BLE001 -- one replay's failure must not end the run
-                    store_all("error", f"building the schedule: {type(e).__name__}: {first_line(e)}")
-                    continue
-                log(f"e2e {entry.name} {tcfg.name} rate {label}: {len(scen.arrivals)} requests "
-                    f"({scen.refused} refused), {len(scen.schedule)} iterations, model {cfg.name} "
-                    f"x {cfg.num_layers} layers")
-                if not scen.arrivals:
-                    store_all("refused", f"the scheduler refused all {scen.refused} requests (each needs more than "
-                                         "max_kv_tokens / max_num_batched_tokens allow)")
-                    continue
-                reference = None
-                for backend in todo:
-                    record = base(backend)
-                    why = None if backend == REFERENCE else BACKENDS[backend].available(device)
-                    if why:
-                        record = dataclasses.replace(record, status="skipped", reason=why)
-                        log(f"  {backend}: skipped ({why})")
-                    else:
-                        try:
-                            if model is None:
-                                model = Decoder(cfg, device, DTYPES[entry.dtype], seed=entry.seed)
-                                if entry.cuda_graphs and device.type == "cuda":
-                                    graphs = DecodeGraphs(model)
-                            if reference is None and entry.verify_iterations:
-                                reference = _reference_outputs(model, scen, entry.verify_iterations)
-                            if graphs is not None:  # captured outside the timed replays
-                                graphs.ensure(len(b) for b in scen.schedule if int(b.q_lens.max()) == 1)
-                        except Exception as e:  # noqa: BLE001 -- e.g. out of memory: this replay only
-                            reason = f"model, reference or graphs: {type(e).__name__}: {first_line(e)}"
-                            log(f"  {backend}: error ({reason})")
-                            record = dataclasses.replace(record, status="error", reason=reason)
-                            if device.type == "cuda":
-                                torch.cuda.empty_cache()
-                        else:
-                            record = _replay_one(model, graphs, scen, entry, backend, record, reference, store,
-                                                 device, log)
-                    store.add_summary(record)
-                    counts[record.status] = counts.get(record.status, 0) + 1
-        del model, graphs
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        _Entry(config, entry, store, traces, device, log, counts).run()
     return counts
 
 
-def _reference_outputs(model: Decoder, scen: Scenario, n: int):
+class _Entry:
+    """The replays of one e2e entry, in order: load points, repeats, backends interleaved."""
+
+    def __init__(self, config, entry: E2EConfig, store: E2EStore, traces, device, log, counts):
+        self.config, self.entry, self.store, self.traces, self.device = config, entry, store, traces, device
+        self.log, self.counts = log, counts
+        self.cfg: ModelConfig = preset(entry.model, entry.num_layers)
+        self.model: Decoder | None = None
+        self.graphs: Graphs | None = None
+        self.servers: dict[str, Server | Exception] = {}
+        self.commit = envinfo.git_sha() or ""
+        self.slo = Slo(entry.slo.ttft_ms, entry.slo.tpot_ms, entry.slo.attainment)
+
+    def run(self) -> None:
+        entry, done = self.entry, self.store.done()
+        points = [(tcfg, label, changes) for tcfg in self.config.traces_of(entry)
+                  for label, changes in entry.load_points()]
+        todo = {(t.name, label): [(b, r) for r in range(entry.repeats) for b in entry.backends
+                                  if (entry.name, t.name, label, b, str(r)) not in done] for t, label, _ in points}
+        if not any(todo.values()):
+            return
+        step_time = self._step_time()
+        scenarios = {}
+        for tcfg, label, changes in points:
+            if not todo[(tcfg.name, label)]:
+                continue
+            spec = dataclasses.replace(entry.continuous, **changes, step_time=step_time)
+            try:
+                scenarios[(tcfg.name, label)] = scenario(self.traces[tcfg.name], spec)
+            except Exception as e:  # noqa: BLE001 -- one load point's failure must not end the run
+                self._store_all(tcfg.name, label, todo[(tcfg.name, label)], "error",
+                                f"building the schedule: {type(e).__name__}: {first_line(e)}")
+        for i, ((trace, label), scen) in enumerate(scenarios.items()):
+            self._load_point(i, trace, label, scen, todo[(trace, label)], scenarios)
+        self._close()
+
+    # --- set-up -------------------------------------------------------------------------------------------------
+    def _ensure_model(self) -> Decoder:
+        if self.model is None:
+            e = self.entry
+            self.model = Decoder(self.cfg, self.device, DTYPES[e.dtype], seed=e.seed)
+            if e.cuda_graphs and self.device.type == "cuda":
+                c = e.continuous
+                self.graphs = Graphs(self.model, c.max_num_batched_tokens, c.max_num_seqs)
+        return self.model
+
+    def _server(self, backend: str, scenarios: dict) -> Server:
+        """The backend's server, made on first use and sized for every load point of the entry."""
+        if backend not in self.servers:
+            try:
+                model = self._ensure_model()
+                c = self.entry.continuous
+                schedules = [s.schedule for s in scenarios.values()]
+                budget = c.max_kv_tokens or max(peak_tokens(s) for s in schedules)
+                max_seqs = min(c.max_num_seqs, max(len(s.arrivals) for s in scenarios.values()))
+                max_kv = max(int(b.kv_lens.max()) for s in schedules for b in s)
+                self.servers[backend] = Server(backend, model, self.graphs, budget, c.max_num_batched_tokens,
+                                               max_seqs, max_kv)
+            except Exception as e:  # noqa: BLE001 -- e.g. out of memory: this backend's replays become errors
+                self.servers[backend] = e
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+        return self.servers[backend]
+
+    def _step_time(self) -> StepTime:
+        """The scheduler's step-time model: calibrated on this GPU once per entry (stored, so a resumed run
+        schedules exactly as before), or the config's."""
+        e = self.entry
+        path = self.store.dir / STEP_TIME_FILE
+        stored = json.loads(path.read_text()) if path.exists() else {}
+        if e.name in stored:
+            return StepTime(**stored[e.name]["step_time"])
+        if not (e.calibrate and self.device.type == "cuda"):
+            return e.continuous.step_time
+        backend = next((b for b in ("fa2", *e.backends) if b != REFERENCE and b in BACKENDS
+                        and BACKENDS[b].serving is not None and not BACKENDS[b].available(self.device)), None)
+        if backend is None:
+            return e.continuous.step_time
+        self.log(f"e2e {e.name}: calibrating the step-time model with {backend} ...")
+        try:
+            fitted, points = calibrate(self._ensure_model(), self.graphs, backend, e.continuous)
+        except Exception as ex:  # noqa: BLE001 -- fall back to the config's model, and say so
+            self.log(f"  calibration failed ({type(ex).__name__}: {first_line(ex)}); using continuous.step_time")
+            return e.continuous.step_time
+        stored[e.name] = {"step_time": dataclasses.asdict(fitted), "backend": backend, "points": points,
+                          "model": self.cfg.name, "num_layers": self.cfg.num_layers}
+        write_atomic(path, json.dumps(stored, indent=2) + "\n")
+        self.log(f"  step time = {fitted.base_ms:.2f} ms + {fitted.per_token_us:.2f} us/token + "
+                 f"{fitted.per_kv_token_ns:.2f} ns/KV token -> {path}")
+        return fitted
+
+    # --- replays ------------------------------------------------------------------------------------------------
+    def _load_point(self, index: int, trace: str, label: str, scen: Scenario, todo, scenarios) -> None:
+        e = self.entry
+        self.log(f"e2e {e.name} {trace} load {label}: {len(scen.arrivals)} requests ({scen.refused} refused), "
+                 f"{len(scen.schedule)} iterations, model {self.cfg.name} x {self.cfg.num_layers} layers, "
+                 f"{e.repeats} repeat(s)")
+        if not scen.arrivals:
+            self._store_all(trace, label, todo, "refused", f"the scheduler refused all {scen.refused} requests "
+                            "(each needs more than max_kv_tokens / max_num_batched_tokens allow)")
+            return
+        reference = None
+        if e.verify_iterations and any(b != REFERENCE for b, _ in todo):
+            try:
+                reference = _reference_outputs(self._ensure_model(), scen, e.verify_iterations)
+            except Exception as ex:  # noqa: BLE001 -- out of memory and the like: this load point only
+                self._store_all(trace, label, todo, "error", f"reference: {type(ex).__name__}: {first_line(ex)}")
+                return
+        prepared: dict[str, str] = {}
+        for backend, rep in todo:  # repeat-major: A B C A B C
+            record = self._base(trace, label, backend, rep, scen)
+            why = None if backend == REFERENCE else BACKENDS[backend].available(self.device)
+            if why:
+                record = dataclasses.replace(record, status="skipped", reason=why)
+                self.log(f"  {backend}: skipped ({why})")
+            else:
+                server = self._server(backend, scenarios)
+                if isinstance(server, Exception):
+                    record = dataclasses.replace(record, status="error",
+                                                 reason=f"server: {type(server).__name__}: {first_line(server)}")
+                else:
+                    try:
+                        if backend not in prepared:
+                            prepared[backend] = server.prepare(index, scen.schedule, e.warmup)
+                    except Exception as ex:  # noqa: BLE001 -- compilation or capture failed: this backend only
+                        record = dataclasses.replace(record, status="error", reason=f"warm-up / graphs: "
+                                                     f"{type(ex).__name__}: {first_line(ex)}")
+                    else:
+                        record = self._replay(server, scen, record, reference, prepared[backend])
+            if record.status != "ok":
+                self.log(f"  {backend} #{rep}: {record.status} ({record.reason})")
+            self.store.add_summary(record)
+            self.counts[record.status] = self.counts.get(record.status, 0) + 1
+
+    def _replay(self, server: Server, scen: Scenario, base: E2ERecord, reference, graph_failure: str) -> E2ERecord:
+        e = self.entry
+        labels = {**dict(zip(("e2e", "trace", "rate", "backend", "repeat"), base.key)), "attempt": base.attempt}
+        rows: list[dict] = []
+        done_iterations = 0
+
+        def keep(it) -> None:
+            nonlocal done_iterations
+            done_iterations += 1
+            rows.append({**labels, **dataclasses.asdict(it)})
+            if len(rows) >= 256:
+                self.store.append(ITERATIONS_FILE, rows)
+                rows.clear()
+
+        attn = server.attention
+        base = dataclasses.replace(base, kv_layout=attn.layout, kv_access=attn.kv_access, kernel=attn.kernel,
+                                   kv_capacity_tokens=server.capacity)
+        t0 = time.perf_counter()
+        try:
+            result = server.replay(scen.schedule, e.verify_iterations, keep)
+        except KVCacheError as ex:
+            self.store.append(ITERATIONS_FILE, rows)
+            return dataclasses.replace(base, status="error", iterations=done_iterations, reason=(
+                f"KV cache full at iteration {done_iterations} (budget {base.kv_budget_tokens} tokens): "
+                f"{first_line(ex)}"))
+        except Exception as ex:  # noqa: BLE001 -- a backend failing must not lose the other replays
+            self.store.append(ITERATIONS_FILE, rows)
+            self.log(f"  {base.backend}: error {type(ex).__name__}: {first_line(ex)}\n"
+                     f"{traceback.format_exc(limit=4)}")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return dataclasses.replace(base, status="error", reason=f"iteration {done_iterations}: "
+                                       f"{type(ex).__name__}: {first_line(ex)}", iterations=done_iterations)
+        self.store.append(ITERATIONS_FILE, rows)
+        record = _summary(base, scen, result, reference, self.slo, e.percentiles, graph_failure)
+        self.store.append(REQUESTS_FILE, [{**labels, **r} for r in record.requests])
+        self.log(f"  {base.backend} #{base.repeat}: {record.record.status}, mean e2e {record.record.e2e_ms_mean:.1f} "
+                 f"ms, TTFT {record.record.ttft_ms_mean:.1f}, TPOT {record.record.tpot_ms_mean:.2f}, "
+                 f"{record.record.throughput_tok_s:.0f} tok/s, iteration {record.record.iteration_ms_mean:.2f} ms "
+                 f"({record.record.graphs}) [{time.perf_counter() - t0:.0f} s]")
+        return record.record
+
+    def _base(self, trace: str, label: str, backend: str, rep: int, scen: Scenario | None) -> E2ERecord:
+        cfg, e = self.cfg, self.entry
+        spec = scen.spec if scen is not None else e.continuous
+        closed = spec.max_concurrency is not None
+        return E2ERecord(
+            e.name, trace, label, backend, cfg.name, cfg.num_layers, cfg.full_layers or cfg.num_layers, status="ok",
+            repeat=rep, attempt=new_attempt(), commit=self.commit, measured_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            schedule=(f"closed-loop (max {spec.max_concurrency} in flight)" if closed else "open-loop"),
+            burstiness=spec.burstiness if spec.arrivals == "poisson" else None, max_concurrency=spec.max_concurrency,
+            kv_budget_tokens=spec.max_kv_tokens or (peak_tokens(scen.schedule) if scen is not None else None),
+            slo=f"ttft<={self.slo.ttft_ms}ms tpot<={self.slo.tpot_ms}ms attainment>={self.slo.attainment}",
+            step_time=(f"{spec.step_time.base_ms:.3g} ms + {spec.step_time.per_token_us:.3g} us/token + "
+                       f"{spec.step_time.per_kv_token_ns:.3g} ns/kv"),
+            timing="CUDA events (pipelined iterations)" if self.device.type == "cuda" else "wall-clock-cpu",
+            cuda_graphs="on" if self.graphs is not None else "off")
+
+    def _store_all(self, trace: str, label: str, todo, status: str, reason: str) -> None:
+        self.log(f"  {status}: {reason}")
+        for backend, rep in todo:
+            self.store.add_summary(dataclasses.replace(self._base(trace, label, backend, rep, None), status=status,
+                                                       reason=reason))
+            self.counts[status] = self.counts.get(status, 0) + 1
+
+    def _close(self) -> None:
+        self.servers.clear()
+        self.model = self.graphs = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+@dataclasses.dataclass
+class _Summary:
+    record: E2ERecord
+    requests: list[dict]
+
+
+def _summary(base: E2ERecord, scen: Scenario, result: ReplayResult, reference, slo: Slo, percentiles,
+             graph_failure: str) -> _Summary:
+    its = result.iterations
+    # an iteration that starts after the engine sat idle could not overlap its host work with the previous one
+    durations = np.array([it.iteration_ms for it in its]) * 1e-3
+    cold = np.array([it.host_ms + it.gpu_ms for it in its]) * 1e-3
+    ends, sent = timeline(scen.schedule, scen.arrivals, durations, scen.sent_after, cold=cold)
+    requests = request_latencies(scen.schedule, sent, ends)
+    finished = {int(r) for r, n in zip(requests["request_id"], requests["output_tokens"])
+                if scen.expected.get(int(r)) == n}
+    main = [p for p in percentiles if p in (50, 90, 99)]
+    metrics = summarize(requests, durations, scen.expected, itl_s=inter_token_gaps(scen.schedule, ends, finished),
+                        slo=slo, percentiles=sorted({*main, *percentiles}))
+    extra = {k: v for k, v in metrics.items() if k.split("_p")[-1].replace(".", "").isdigit()
+             and k not in E2ERecord.__dataclass_fields__}
+    err, match = _compare(result, reference)
+    status = "incorrect" if err is not None and err > E2E_MAX_REL_ERR else "ok"
+    total = sum(it.iteration_ms for it in its)
+    attention = [it.attention_ms for it in its if np.isfinite(it.attention_ms)]
+    seen = [it.iteration_ms for it in its if np.isfinite(it.attention_ms)]
+    modes: dict[str, int] = {}
+    for it in its:
+        modes[it.graph] = modes.get(it.graph, 0) + 1
+    record = dataclasses.replace(
+        base, status=status, reason="" if status == "ok" else f"final hidden states {err:.3g} from the reference",
+        num_requests=len(scen.arrivals) + scen.refused, refused=scen.refused, iterations=len(its),
+        **{k: v for k, v in metrics.items() if k in E2ERecord.__dataclass_fields__},
+        percentiles=json.dumps(extra) if extra else "",
+        iteration_ms_mean=total / max(len(its), 1),
+        gpu_ms_mean=float(np.mean([it.gpu_ms for it in its])) if its else None,
+        host_ms_mean=float(np.mean([it.host_ms for it in its])) if its else None,
+        prepare_ms_mean=float(np.mean([it.prepare_ms for it in its])) if its else None,
+        launch_ms_mean=float(np.mean([it.launch_ms for it in its])) if its else None,
+        launches_per_layer=float(np.mean([it.launches_per_layer for it in its])) if its else None,
+        attn_host_us_per_layer=float(np.mean([it.attn_host_us_per_layer for it in its])) if its else None,
+        attention_share=sum(attention) / sum(seen) if seen and sum(seen) else None,
+        room_ms_total=sum(it.room_ms for it in its), moved_gb=sum(it.moved_bytes for it in its) / 1e9,
+        max_rel_err=err, token_match=match, graphs=" ".join(f"{k}:{v}" for k, v in sorted(modes.items())) + (
+            f" (full graphs failed: {graph_failure})" if graph_failure else ""))
+    return _Summary(record, requests.to_dict("records"))
+
+
+def _reference_outputs(model: Decoder, scen: Scenario, n: int) -> ReplayResult:
     head = scen.schedule[:n]
     attn = ReferenceAttention(model.device, model.cfg.num_heads, model.cfg.num_kv_heads, model.cfg.head_dim)
     cache = make_cache(attn, model, cache_capacity(attn, peak_tokens(head), min(scen.spec.max_num_seqs,
@@ -137,79 +380,7 @@ def _reference_outputs(model: Decoder, scen: Scenario, n: int):
     return replay(model, head, attn, cache, keep_outputs=n)
 
 
-def _replay_one(model: Decoder, graphs: DecodeGraphs | None, scen: Scenario, entry: E2EConfig, backend: str,
-                base: E2ERecord, reference, store: E2EStore, device: torch.device, log) -> E2ERecord:
-    cfg = model.cfg
-    budget = scen.spec.max_kv_tokens or peak_tokens(scen.schedule)
-    labels = {**dict(zip(("e2e", "trace", "rate", "backend"), base.key)), "attempt": base.attempt}
-    done_iterations = 0
-
-    def keep(it) -> None:
-        nonlocal done_iterations
-        done_iterations += 1
-        rows.append({**labels, **dataclasses.asdict(it)})
-        if len(rows) >= 64:
-            store.append(ITERATIONS_FILE, rows)
-            rows.clear()
-
-    rows: list[dict] = []
-    cache = None
-    try:
-        serving = ReferenceAttention if backend == REFERENCE else BACKENDS[backend].serving
-        attn = serving(device, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
-        capacity = cache_capacity(attn, budget, min(scen.spec.max_num_seqs, len(scen.arrivals)))
-        base = dataclasses.replace(base, kv_layout=attn.layout, kv_access=attn.kv_access, kv_budget_tokens=budget,
-                                   kv_capacity_tokens=capacity)
-        _check_memory(capacity, cfg, model.dtype, device)
-        if entry.warmup and device.type == "cuda":  # compile every kernel specialisation outside the timed replay
-            shallow = model.truncated(1)
-            replay(shallow, scen.schedule, attn, make_cache(attn, shallow, capacity))
-        cache = make_cache(attn, model, capacity)
-        t0 = time.perf_counter()
-        result = replay(model, scen.schedule, attn, cache, graphs=graphs, keep_outputs=entry.verify_iterations,
-                        on_iteration=keep)
-        store.append(ITERATIONS_FILE, rows)
-    except KVCacheError as e:
-        store.append(ITERATIONS_FILE, rows)
-        reason = f"KV cache full at iteration {done_iterations} (budget {budget} tokens): {first_line(e)}"
-        log(f"  {backend}: error ({reason})")
-        return dataclasses.replace(base, status="error", reason=reason, iterations=done_iterations)
-    except Exception as e:  # noqa: BLE001 -- a backend failing must not lose the other replays
-        store.append(ITERATIONS_FILE, rows)
-        log(f"  {backend}: error {type(e).__name__}: {first_line(e)}\n{traceback.format_exc(limit=4)}")
-        return dataclasses.replace(base, status="error", reason=f"{type(e).__name__}: {first_line(e)}",
-                                   iterations=done_iterations)
-    finally:
-        del cache
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    its = result.iterations
-    durations = np.array([it.iteration_ms for it in its]) * 1e-3
-    ends = timeline(scen.schedule, scen.arrivals, durations)
-    requests = request_latencies(scen.schedule, scen.arrivals, ends)
-    store.append(REQUESTS_FILE, [{**labels, **r} for r in requests.to_dict("records")])
-    metrics = summarize(requests, durations, scen.expected)
-    err, match = _compare(result, reference)
-    status = "incorrect" if err is not None and err > E2E_MAX_REL_ERR else "ok"
-    iteration_ms = sum(it.iteration_ms for it in its)
-    record = dataclasses.replace(
-        base, status=status, reason="" if status == "ok" else f"final hidden states {err:.3g} from the reference",
-        num_requests=len(scen.arrivals) + scen.refused, refused=scen.refused, iterations=len(its),
-        **{k: v for k, v in metrics.items() if k in E2ERecord.__dataclass_fields__},
-        iteration_ms_mean=iteration_ms / max(len(its), 1),
-        prepare_ms_mean=float(np.mean([it.prepare_ms for it in its])) if its else None,
-        launch_ms_mean=float(np.mean([it.launch_ms for it in its])) if its else None,
-        attention_share=sum(it.attention_ms for it in its) / iteration_ms if iteration_ms else None,
-        room_ms_total=sum(it.room_ms for it in its), moved_gb=sum(it.moved_bytes for it in its) / 1e9,
-        max_rel_err=err, token_match=match, cuda_graphs="decode (piecewise)" if graphs is not None else "off",
-        timing="cuda-synchronised wall clock" if device.type == "cuda" else "wall-clock-cpu")
-    log(f"  {backend}: {status}, mean e2e {metrics['e2e_ms_mean']:.1f} ms, TTFT {metrics['ttft_ms_mean']:.1f} ms, "
-        f"TPOT {metrics['tpot_ms_mean']:.2f} ms, {metrics['throughput_tok_s']:.0f} tok/s, attention "
-        f"{100 * (record.attention_share or 0):.0f}% ({time.perf_counter() - t0:.0f} s)")
-    return record
-
-
-def _compare(result, reference) -> tuple[float | None, float | None]:
+def _compare(result: ReplayResult, reference) -> tuple[float | None, float | None]:
     """Largest relative L2 error of the sampled rows' final hidden states against the reference's over the
     verified iterations, and the share of greedy tokens that agree."""
     if reference is None:
@@ -223,7 +394,7 @@ def _compare(result, reference) -> tuple[float | None, float | None]:
     return (max(errs) if errs else None), (same / total if total else None)
 
 
-def _check_memory(capacity: int, cfg, dtype: torch.dtype, device: torch.device) -> None:
+def _check_memory(capacity: int, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
     if device.type != "cuda":
         return
     need = 2 * capacity * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
@@ -232,3 +403,51 @@ def _check_memory(capacity: int, cfg, dtype: torch.dtype, device: torch.device) 
         raise ConfigError(f"a KV cache of {capacity} tokens x {cfg.num_layers} layers needs {need / 2**30:.1f} GiB, "
                            f"{free / 2**30:.1f} GiB free: lower continuous.max_kv_tokens or num_layers")
 
+
+def calibrate(model: Decoder, graphs: Graphs | None, backend: str, spec: ContinuousSpec,
+              ) -> tuple[StepTime, list[dict]]:
+    """Fit the scheduler's step-time model (base + per new token + per KV token read) to this GPU: replay a
+    synthetic schedule (prefills of a few sizes, then decode steps of a few batch sizes and contexts) through
+    the model with `backend`'s attention and least-squares fit its measured iteration times."""
+    schedule = _calibration_schedule(spec)
+    server = Server(backend, model, graphs, peak_tokens(schedule), spec.max_num_batched_tokens,
+                    max(len(b) for b in schedule), max(int(b.kv_lens.max()) for b in schedule))
+    server.prepare(-1, schedule, warmup=True)
+    times = [it.iteration_ms for it in server.replay(schedule, 0, None).iterations]
+    x = np.array([[1.0, b.q_lens.sum(), b.kv_lens.sum()] for b in schedule])
+    coef, *_ = np.linalg.lstsq(x, np.array(times), rcond=None)
+    coef = np.maximum(coef, 0.0)
+    points = [{"q_tokens": int(b.q_lens.sum()), "kv_tokens": int(b.kv_lens.sum()), "ms": t}
+              for b, t in zip(schedule, times)]
+    del server
+    return StepTime(base_ms=float(coef[0]), per_token_us=float(coef[1] * 1e3), per_kv_token_ns=float(coef[2] * 1e6)), \
+        points
+
+
+def _calibration_schedule(spec: ContinuousSpec) -> list[Batch]:
+    """Prefill chunks of 256 to max_num_batched_tokens tokens, then decode steps of 8 to 64 requests at 1k and
+    4k context (within the KV budget), each measured several times."""
+    batches, rid = [], 0
+    tokens = [t for t in (256, 1024, 4096, 8192) if t <= spec.max_num_batched_tokens] or [
+        spec.max_num_batched_tokens]
+    for t in tokens:
+        for _ in range(3):
+            batches.append(Batch(f"cal/p{rid}", "calibration", "calibration", [t], [t], [rid], sampled=[True]))
+            rid += 1
+    budget = spec.max_kv_tokens or 1 << 30
+    for n, ctx in ((8, 1024), (32, 1024), (64, 1024), (8, 4096), (32, 4096)):
+        if n * (ctx + 8) > budget or n > spec.max_num_seqs:
+            continue
+        ids = list(range(rid, rid + n))
+        rid += n
+        for lo in range(0, n * ctx, spec.max_num_batched_tokens):  # the prompts, in chunks the scheduler allows
+            rows = np.arange(lo, min(lo + spec.max_num_batched_tokens, n * ctx))
+            reqs = np.unique(rows // ctx)
+            q = np.array([np.sum(rows // ctx == r) for r in reqs])
+            kv = np.array([int(rows[rows // ctx == r].max()) % ctx + 1 for r in reqs])
+            batches.append(Batch(f"cal/f{rid}-{lo}", "calibration", "calibration", q, kv, [ids[r] for r in reqs],
+                                 sampled=kv == ctx))
+        for step in range(6):
+            batches.append(Batch(f"cal/d{rid}-{step}", "calibration", "calibration", np.ones(n, int),
+                                 np.full(n, ctx + 1 + step), ids, sampled=np.ones(n, bool)))
+    return batches

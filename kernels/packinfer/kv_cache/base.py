@@ -190,9 +190,10 @@ class KVCacheBase:
             raise KVCacheError(f"prefix {prefix_id!r} is still used by {self._prefixes[prefix_id].users} request(s)")
         self._free_prefix(self._prefixes.pop(prefix_id))
 
-    def allocate(self, request_id: Hashable, prefix_id: Hashable | None = None, reserve: int = 0) -> None:
+    def allocate(self, request_id: Hashable, prefix_id: Hashable | None = None, reserve: int = 0, *,
+                 exact: bool = False) -> None:
         """Register a request, starting with a stored prefix's tokens if given; `reserve` tokens of room are
-        set aside for its own tokens where the layout reserves (grouped)."""
+        set aside for its own tokens where the layout reserves (grouped: at least its headroom, unless exact)."""
         if request_id in self._requests:
             raise KVCacheError(f"request {request_id!r} is already allocated")
         if prefix_id is not None and prefix_id not in self._prefixes:
@@ -201,7 +202,7 @@ class KVCacheBase:
             raise KVCacheError(f"request {request_id!r}: reserve must be >= 0, got {reserve}")
         prefix = self._prefixes.get(prefix_id)
         req = Request(prefix_id, prefix.length if prefix else 0, prefix.length if prefix else 0)
-        self._place(request_id, req, reserve)
+        self._place(request_id, req, reserve, exact)
         self._requests[request_id] = req
         if prefix:
             prefix.users += 1
@@ -274,6 +275,19 @@ class KVCacheBase:
         self._serials += 1
         return self._serials
 
+    def reset(self) -> None:
+        """Empty the cache (every request and prefix dropped, move counters zeroed) and keep its pools, so that
+        anything pointing into them (a captured CUDA graph) stays valid for the next use."""
+        for rid in list(self._requests):
+            self.finish(rid)
+        for pid in list(self._prefixes):
+            self.release_prefix(pid)
+        self.moved_bytes = self.relayouts = self.relocations = 0
+        self._reset_layout()
+
+    def _reset_layout(self) -> None:
+        """Layout state beyond requests and prefixes, back to empty."""
+
     def stats(self) -> CacheStats:
         live = sum(p.length for p in self._prefixes.values())
         live += sum(r.length - r.prefix_len for r in self._requests.values())
@@ -304,7 +318,7 @@ class KVCacheBase:
     def _free_prefix(self, prefix: Prefix) -> None:
         raise NotImplementedError
 
-    def _place(self, request_id: Hashable, req: Request, reserve: int) -> None:
+    def _place(self, request_id: Hashable, req: Request, reserve: int, exact: bool) -> None:
         raise NotImplementedError
 
     def _extend(self, request_id: Hashable, req: Request, n: int) -> np.ndarray:

@@ -31,6 +31,9 @@ class GroupedKVCache(KVCacheBase):
         self.headroom = headroom
         self._held: list[tuple[int, int]] = []  # ranges vacated by relocations whose copy is not issued yet
 
+    def _reset_layout(self) -> None:
+        self._held = []
+
     # free-space search over the sorted extents and held ranges (first fit, or right after a given address)
     def _gaps(self) -> list[tuple[int, int]]:
         gaps, cursor = [], 0
@@ -64,8 +67,8 @@ class GroupedKVCache(KVCacheBase):
     def _free_prefix(self, prefix):
         pass  # its extent disappears with it
 
-    def _place(self, request_id, req, reserve):
-        room = max(reserve, self.headroom)
+    def _place(self, request_id, req, reserve, exact):
+        room = reserve if exact else max(reserve, self.headroom)
         if room:
             near = None
             if req.prefix_id is not None:

@@ -55,7 +55,7 @@ class PagedKVCache(KVCacheBase):
     def _free_prefix(self, prefix):
         self._release(prefix.blocks)
 
-    def _place(self, request_id, req, reserve):
+    def _place(self, request_id, req, reserve, exact):
         if req.prefix_id is None:
             return
         prefix = self._prefixes[req.prefix_id]
