@@ -77,3 +77,26 @@ def _driver_version() -> str | None:
         return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
     except (OSError, subprocess.TimeoutExpired):
         return None
+
+
+def gpu_clocks() -> dict[str, str] | None:
+    """The GPU's current and maximum SM / memory clocks, power and temperature as nvidia-smi reports them."""
+    fields = ("clocks.sm", "clocks.mem", "clocks.max.sm", "clocks.max.mem", "power.draw", "temperature.gpu")
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0 or not out.stdout.strip():
+        return None
+    return dict(zip(fields, (v.strip() for v in out.stdout.strip().splitlines()[0].split(","))))
+
+
+def torch_environment() -> str:
+    """torch.utils.collect_env's report (versions of torch, CUDA, cuDNN, drivers, GPUs, libraries)."""
+    try:
+        from torch.utils import collect_env
+
+        return collect_env.get_pretty_env_info()
+    except Exception as e:  # noqa: BLE001 -- it shells out to several tools; a missing one must not stop a run
+        return f"torch.utils.collect_env failed: {type(e).__name__}: {e}"

@@ -3,6 +3,7 @@ same way, checked against a float32 reference, each result appended to the run's
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import traceback
@@ -14,7 +15,9 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+from packinfer_bench import envinfo
 from packinfer_bench.backends import BACKENDS, DTYPES, AttentionShape, Backend, Inputs, NotApplicable
+from packinfer_bench.backends.serving_call import serving_call
 from packinfer_bench.config import ExperimentConfig, ShapeConfig
 from packinfer_bench.errors import ConfigError, first_line
 from packinfer_bench.run_folder.records import Record, RecordStore
@@ -51,20 +54,45 @@ def make_inputs(batch: Batch, shape: ShapeConfig, device: torch.device, seed: in
                   q=q, k=k, v=v, cu_q=cu_q.to(device), cu_k=cu_k.to(device), cu_q_cpu=cu_q, cu_k_cpu=cu_k)
 
 
+def is_serving(batch: Batch) -> bool:
+    """A batch the continuous-batching scheduler made: measured through each backend's serving call."""
+    return batch.workload == "continuous"
+
+
+def variants_of(backend: Backend, batch: Batch) -> list[str]:
+    """What a backend runs on a batch: its serving call's variants on scheduler batches, else its kernel ones."""
+    if is_serving(batch):
+        return list(backend.serving_variants) if backend.serving is not None else ["serving"]
+    return list(backend.variants)
+
+
 def record_base(batch: Batch, shape: ShapeConfig) -> dict:
-    """The batch and shape columns of a record."""
-    return {"trace": batch.trace, "workload": batch.batch_id.split("/")[0], "phase": batch.phase,
+    """The batch and shape columns of a record (phase 'serving' for scheduler batches: the serving call)."""
+    return {"trace": batch.trace, "workload": batch.batch_id.split("/")[0],
+            "phase": "serving" if is_serving(batch) else batch.phase,
             "batch_id": batch.batch_id, "batch_size": len(batch), "num_tokens": int(batch.q_lens.sum()),
             "num_kv_tokens": int(batch.kv_lens.sum()), "shape": shape.name}
+
+
+@functools.cache
+def _commit() -> str:
+    return envinfo.git_sha() or ""
+
+
+def stamp() -> dict[str, str]:
+    """The commit and time a record is measured at."""
+    return {"commit": _commit(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
 def measure_one(backend: Backend, variant: str, x: Inputs, ref: torch.Tensor, timer: Timer,
                 base: dict) -> Record:
     """Prepare and check against the reference, prepare again (timed as plan cost), then time the call."""
-    rec = Record(**base, backend=backend.name, variant=variant, status="ok", timing=timer.method)
+    rec = Record(**base, backend=backend.name, variant=variant, status="ok", timing=timer.method, **stamp())
     sync = torch.cuda.synchronize if x.q.device.type == "cuda" else (lambda: None)
+    prepare = (lambda: serving_call(backend, x, variant)) if is_serving(x.batch) else (
+        lambda: backend.prepare(x, variant))
     try:
-        fn = backend.prepare(x, variant)
+        fn = prepare()
         out = fn()
         sync()
         diff = out.float() - ref
@@ -75,7 +103,7 @@ def measure_one(backend: Backend, variant: str, x: Inputs, ref: torch.Tensor, ti
             rec.status, rec.reason = "incorrect", f"relative error {rec.rel_err:.3g} > {MAX_REL_ERR}"
         # prepare again, timed: the steady-state plan cost, with one-time compilation (JIT, autotuning) done
         t0 = time.perf_counter()
-        fn = backend.prepare(x, variant)
+        fn = prepare()
         sync()
         rec.plan_ms = round((time.perf_counter() - t0) * 1e3, 4)
         times = timer(fn)
@@ -117,16 +145,17 @@ def measure(config: ExperimentConfig, out_dir: Path, batches: Iterable[Batch],
             + ("; timing.cuda_graphs ignored" if config.timing.cuda_graphs else ""))
     batches = list(batches)
     todo = [(b, s) for b in batches for s in config.shapes
-            if any((b.batch_id, s.name, be.name, v) not in done for be in backends for v in be.variants)]
+            if any((b.batch_id, s.name, be.name, v) not in done for be in backends for v in variants_of(be, b))]
     counts = {"ok": 0, "incorrect": 0, "skipped": 0, "error": 0}
     with Progress(TextColumn("{task.description:<28}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeRemainingColumn()) as progress:
-        tasks = {b.name: progress.add_task(b.name, total=len(todo) * len(b.variants)) for b in backends}
+        tasks = {b.name: progress.add_task(b.name, total=sum(len(variants_of(b, batch)) for batch, _ in todo))
+                 for b in backends}
         for batch, shape in todo:
             base = record_base(batch, shape)
             x = ref = setup_error = None
             for backend in backends:
-                for variant in backend.variants:
+                for variant in variants_of(backend, batch):
                     if (batch.batch_id, shape.name, backend.name, variant) in done:
                         progress.advance(tasks[backend.name])
                         continue
@@ -139,10 +168,10 @@ def measure(config: ExperimentConfig, out_dir: Path, batches: Iterable[Batch],
                             setup_error = f"inputs or reference: {type(e).__name__}: {first_line(e)}"
                     if unavailable[backend.name]:
                         rec = Record(**base, backend=backend.name, variant=variant, status="skipped",
-                                     reason=unavailable[backend.name], timing=timer.method)
+                                     reason=unavailable[backend.name], timing=timer.method, **stamp())
                     elif setup_error:
                         rec = Record(**base, backend=backend.name, variant=variant, status="error",
-                                     reason=setup_error, timing=timer.method)
+                                     reason=setup_error, timing=timer.method, **stamp())
                     else:
                         rec = measure_one(backend, variant, x, ref, timer, base)
                     store.append(rec)

@@ -41,20 +41,25 @@ def bootstrap(samples: np.ndarray, statistic: Callable[[np.ndarray], float] = np
     return Interval(float(statistic(x)), float(lo), float(hi))
 
 
-def paired_ratio(ours: np.ndarray, theirs: np.ndarray, *, confidence: float = CONFIDENCE,
+def paired_ratio(ours: np.ndarray, theirs: np.ndarray, *, statistic: str = "mean", confidence: float = CONFIDENCE,
                  resamples: int = RESAMPLES, seed: int = 0) -> Interval:
-    """Interval of mean(ours) / mean(theirs) over paired units (the same resampled indices for both)."""
+    """Interval of statistic(ours) / statistic(theirs) over paired units (the same resampled indices for both);
+    statistic: 'mean' or 'median'."""
+    if statistic not in ("mean", "median"):
+        raise ValueError(f"statistic must be 'mean' or 'median', got {statistic!r}")
+    stat = np.mean if statistic == "mean" else np.median
     a, b = np.asarray(ours, dtype=np.float64), np.asarray(theirs, dtype=np.float64)
     if a.shape != b.shape:
         raise ValueError(f"paired samples differ in length: {a.shape} vs {b.shape}")
     keep = np.isfinite(a) & np.isfinite(b)
     a, b = a[keep], b[keep]
-    if len(a) == 0 or b.sum() == 0:
+    if len(a) == 0 or stat(b) == 0:
         return Interval(float("nan"), float("nan"), float("nan"))
     idx = np.random.default_rng(seed).integers(0, len(a), size=(resamples, len(a)))
-    ratios = a[idx].mean(axis=1) / b[idx].mean(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = stat(a[idx], axis=1) / stat(b[idx], axis=1)
     lo, hi = np.quantile(ratios, [(1 - confidence) / 2, (1 + confidence) / 2])
-    return Interval(float(a.mean() / b.mean()), float(lo), float(hi))
+    return Interval(float(stat(a) / stat(b)), float(lo), float(hi))
 
 
 def verdict(ratio: Interval, lower_is_better: bool = True) -> str:

@@ -153,8 +153,9 @@ class ServingAttention:
     graph_kinds: frozenset[str] = frozenset()
     kernel = ""
 
-    def __init__(self, device: torch.device, num_heads: int, num_kv_heads: int, head_dim: int):
+    def __init__(self, device: torch.device, num_heads: int, num_kv_heads: int, head_dim: int, **options):
         self.device, self.num_heads, self.num_kv_heads, self.head_dim = device, num_heads, num_kv_heads, head_dim
+        self.options = options  # a serving variant's switches (Backend.serving_variants)
         self.step: Step | None = None
         self.staging = Staging(device)
         self.launches_per_layer = 0
@@ -191,13 +192,16 @@ class Backend:
     """Everything the harness knows about one attention implementation. name and variants as they appear in
     records; available(device) returns None or the reason it cannot run; prepare(inputs, variant) returns the
     kernel-level timed callable, which returns out like q (causal attention); serving: its attention inside a
-    serving forward pass (None: the backend takes no part in end-to-end replays)."""
+    serving forward pass (None: the backend takes no part in end-to-end replays); serving_variants: the
+    variants of that serving call the kernel sweep measures on scheduler batches (name -> options given to the
+    ServingAttention; the first is the one end-to-end replays run)."""
 
     name: str
     variants: tuple[str, ...]
     available: Callable[[torch.device], str | None]
     prepare: Callable[[Inputs, str], Callable[[], torch.Tensor]]
     serving: type[ServingAttention] | None = None
+    serving_variants: dict[str, dict] = field(default_factory=lambda: {"serving": {}})
 
 
 def needs_cuda(device: torch.device, *modules: str, missing: str = "") -> str | None:

@@ -50,8 +50,8 @@ class Fa2Attention(ServingAttention):
 
     name = "fa2"
 
-    def __init__(self, *args):
-        super().__init__(*args)
+    def __init__(self, *args, **options):
+        super().__init__(*args, **options)
         try:
             from flash_attn import flash_attn_varlen_func
 

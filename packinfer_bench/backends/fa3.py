@@ -58,8 +58,8 @@ class Fa3Attention(ServingAttention):
     name, layout, kv_access, share_prefixes = "fa3", "grouped", "contiguous-slots", False
     kernel = "FlashAttention-3 varlen forward, contiguous extents"
 
-    def __init__(self, *args):
-        super().__init__(*args)
+    def __init__(self, *args, **options):
+        super().__init__(*args, **options)
         self._fn = _varlen()
         module = importlib.import_module(self._fn.__module__)
         takes = "scheduler_metadata" in inspect.signature(self._fn).parameters

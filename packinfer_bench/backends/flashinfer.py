@@ -84,8 +84,8 @@ class FlashInferAttention(ServingAttention):
     name = "flashinfer"
     graph_kinds = frozenset({"decode"})
 
-    def __init__(self, *args):
-        super().__init__(*args)
+    def __init__(self, *args, **options):
+        super().__init__(*args, **options)
         import flashinfer
 
         self._fi = flashinfer
@@ -93,6 +93,8 @@ class FlashInferAttention(ServingAttention):
         self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self._workspace, "NHD", use_tensor_cores=True)
         hopper = torch.cuda.get_device_capability(self.device)[0] == 9
         self._prefill_backends = ["fa3", "fa2"] if hopper else ["fa2"]
+        if options.get("prefill"):  # a serving variant fixes the prefill backend
+            self._prefill_backends = [options["prefill"]]
         self._prefills: dict[str, object] = {}
         self._graph_wrappers: dict[int, object] = {}
         self._max_pages = 1
@@ -184,4 +186,4 @@ class FlashInferAttention(ServingAttention):
 
 
 BACKEND = Backend("flashinfer", ("fa2", "fa3", "decode", "cascade"), _available, _prepare,
-                  serving=FlashInferAttention)
+                  serving=FlashInferAttention, serving_variants={"serving": {}, "serving-fa2": {"prefill": "fa2"}})

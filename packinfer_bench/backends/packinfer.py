@@ -91,8 +91,13 @@ class PackinferAttention(ServingAttention):
     graph_kinds = frozenset({"decode", "mixed", "prefill"})
     kernel = "packinfer cache attention (1 launch: packed tiles + split-KV merged by the last program)"
 
-    def __init__(self, *args):
-        super().__init__(*args)
+    def __init__(self, *args, **options):
+        super().__init__(*args, **options)
+        self.layout = options.get("layout", "grouped")  # variant "paged": vLLM's layout instead
+        self._use_tma = options.get("use_tma")
+        self._planner = {k: options[k] for k in ("split", "prefix_grouping", "balancing", "pack_gqa")
+                         if k in options}
+        self._fixed_slots = options.get("slots")
         self._sms = packinfer.num_sms(self.device)
         self._tiles: dict[tuple[int, str], int] = {}  # (padded, kind) -> slots of its graph
         self._buffers: dict[tuple, packinfer.PlanBuffers] = {}
@@ -114,9 +119,10 @@ class PackinferAttention(ServingAttention):
         return items, 2 * rows + packinfer.cache_plan.WAVES * self._sms * rows_per_item
 
     def _plan_step(self, view, q_lens, slots: int | None, capacity: tuple[int, int] | None):
-        return packinfer.plan_cache_attention(view, q_lens, self.num_heads, num_sms=self._sms, slots=slots,
+        return packinfer.plan_cache_attention(view, q_lens, self.num_heads, num_sms=self._sms,
+                                              slots=slots or self._fixed_slots,
                                               max_items=capacity[0] if capacity else None,
-                                              max_partials=capacity[1] if capacity else None)
+                                              max_partials=capacity[1] if capacity else None, **self._planner)
 
     def graph_key(self, step):
         key = (step.padded, step.kind)
@@ -127,7 +133,7 @@ class PackinferAttention(ServingAttention):
 
     def _buffers_for(self, slots: int) -> packinfer.PlanBuffers:
         group = self.num_heads // self.num_kv_heads
-        pack = group & (group - 1) == 0 and group <= 64
+        pack = self._planner.get("pack_gqa", group & (group - 1) == 0 and group <= 64)
         tile = (slots, packinfer.cache_plan.BLOCK_N, pack, 8 if slots >= 128 else 4, 3)
         if tile not in self._buffers:
             items, partials = self._capacity(slots)
@@ -160,7 +166,7 @@ class PackinferAttention(ServingAttention):
         c = self.step.cache
         out = torch.empty_like(q)
         launch_cache(q, c.k_pools[layer], c.v_pools[layer], out, self._plan, self.head_dim ** -0.5,
-                     buffers=self._bufs)
+                     use_tma=self._use_tma, buffers=self._bufs)
         return out
 
 
@@ -174,5 +180,12 @@ def _view_like(batch, num_kv_heads: int, head_dim: int) -> packinfer.KVView:
                             prefix_addr=np.zeros(n, np.int64), own_addr=np.cumsum(batch.kv_lens) - batch.kv_lens)
 
 
-BACKEND = Backend("packinfer", PACKINFER_VARIANTS, _available, prepare, serving=PackinferAttention)
+#: The serving call's variants (kernel sweep, scheduler batches): the full planner, one switch off each, the tile
+#: shape fixed (16 or 128 slots: what the cost model chooses between), TMA loads on.
+SERVING_VARIANTS = {"full": {}, "no-split": {"split": False}, "no-prefix-grouping": {"prefix_grouping": False},
+                    "no-balancing": {"balancing": False}, "no-gqa-packing": {"pack_gqa": False},
+                    "paged": {"layout": "paged"}, "tiles-16": {"slots": 16}, "tiles-128": {"slots": 128},
+                    "tma": {"use_tma": True}}
+BACKEND = Backend("packinfer", PACKINFER_VARIANTS, _available, prepare, serving=PackinferAttention,
+                  serving_variants=SERVING_VARIANTS)
 UNPACKED = Backend("triton_unpacked", ("fa2-grid",), _available, prepare)

@@ -1,7 +1,7 @@
 """The report's figures. Kernel level (from the records, report.tables.load_records): speed-up against length
 heterogeneity, per-batch time CDFs, achieved throughput against the GPU's ceilings, ablation bars and plan cost
-against batch size. End to end (from report.tables.load_e2e): the latency CDF and TTFT / TPOT against request
-rate. Each function returns a matplotlib Figure; save_figures writes them. The same functions serve the report
+against batch size. End to end (report.e2e_tables): the latency CDF, latency and goodput against request rate with
+confidence bands, TTFT and inter-token latency CDFs, and per-iteration-kind GPU / host time bars. Each function returns a matplotlib Figure; save_figures writes them. The same functions serve the report
 command and notebooks/paper_figures.ipynb.
 
 A backend has one colour in every figure and panel (COLOURS); the variants of one backend drawn side by side
@@ -23,6 +23,7 @@ from matplotlib.colors import to_rgba
 from packinfer_bench.report.tables import (OURS_BACKEND, OURS_SYSTEM, WORKLOAD_COLUMNS, ablation_table,
                                            load_workload, paired_speedups)
 from packinfer_bench.run_folder import CONFIG_FILE
+from packinfer_bench.stats import bootstrap
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -200,19 +201,14 @@ def all_figures(df: pd.DataFrame, run: Path) -> dict[str, Figure]:
 def e2e_latency_cdf(requests: pd.DataFrame) -> Figure:
     """Per trace and rate: the CDF of end-to-end request latency, one line per backend."""
     plt = _pyplot()
-
-    def order(panel):
-        trace, rate = panel
-        return trace, float(rate) if rate != "trace" else float("inf")
-
-    panels = sorted(requests.groupby(["trace", "rate"]).groups, key=order) if len(requests) else []
+    panels = sorted(requests.groupby(["trace", "rate"]).groups, key=_panel_order) if len(requests) else []
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(3.2 * max(len(panels), 1), 2.8), squeeze=False)
     for ax, (trace, rate) in zip(axes[0], panels):
         sub = requests[(requests["trace"] == trace) & (requests["rate"] == rate)]
         for backend, part in sub.groupby("backend"):
             x = np.sort(part["e2e_s"].to_numpy())
             ax.plot(x, np.arange(1, len(x) + 1) / len(x), label=backend, color=colour(backend))
-        ax.set_title(f"{trace}, {rate} req/s" if rate != "trace" else f"{trace}, trace arrivals")
+        ax.set_title(_panel_title(trace, rate))
         ax.set_xlabel("end-to-end latency (s)")
     axes[0][0].set_ylabel("fraction of requests")
     axes[0][0].legend(fontsize=7)
@@ -220,35 +216,144 @@ def e2e_latency_cdf(requests: pd.DataFrame) -> Figure:
     return fig
 
 
-def e2e_latency_vs_rate(summary: pd.DataFrame) -> Figure:
-    """Mean TTFT and TPOT against the request rate, per trace, one line per backend (ok replays at Poisson
-    rates)."""
-    plt = _pyplot()
-    ok = summary[(summary["status"] == "ok") & (summary["rate"] != "trace")].copy()
+def _rate_panels(summary: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    ok = summary[(summary["status"] == "ok") & pd.to_numeric(summary["rate"], errors="coerce").notna()].copy()
     ok["rate_rps"] = ok["rate"].astype(float)
-    traces = sorted(ok["trace"].unique())
-    fig, axes = plt.subplots(2, max(len(traces), 1), figsize=(3.2 * max(len(traces), 1), 5.0), squeeze=False)
+    return ok, sorted(ok["trace"].unique())
+
+
+def e2e_latency_vs_rate(summary: pd.DataFrame, requests: pd.DataFrame | None = None) -> Figure:
+    """Per trace against the request rate: mean end-to-end latency with its 95% bootstrap band (over requests,
+    repeats pooled), mean TTFT and TPOT, and goodput (requests/s within the SLO; band over repeats); one colour
+    per backend."""
+    plt = _pyplot()
+    ok, traces = _rate_panels(summary)
+    rows = ("e2e_ms_mean", "ttft_ms_mean", "tpot_ms_mean", "goodput_req_s")
+    labels = ("mean e2e latency (ms)", "mean TTFT (ms)", "mean TPOT (ms)", "goodput (req/s)")
+    fig, axes = plt.subplots(len(rows), max(len(traces), 1), figsize=(3.2 * max(len(traces), 1), 9.0),
+                             squeeze=False, sharex="col")
     for col, trace in enumerate(traces):
-        for backend, part in ok[ok["trace"] == trace].sort_values("rate_rps").groupby("backend"):
-            axes[0][col].plot(part["rate_rps"], part["ttft_ms_mean"], marker="o", label=backend,
-                              color=colour(backend))
-            axes[1][col].plot(part["rate_rps"], part["tpot_ms_mean"], marker="o", label=backend,
-                              color=colour(backend))
+        for backend, part in ok[ok["trace"] == trace].groupby("backend"):
+            for row, metric in enumerate(rows):
+                if metric not in part or part[metric].isna().all():
+                    continue
+                band = [_band(part, requests, metric, rate) for rate in sorted(part["rate_rps"].unique())]
+                x = [b[0] for b in band]
+                axes[row][col].plot(x, [b[1] for b in band], marker="o", ms=3, label=backend, color=colour(backend))
+                axes[row][col].fill_between(x, [b[2] for b in band], [b[3] for b in band], color=colour(backend),
+                                            alpha=0.2, lw=0)
         axes[0][col].set_title(trace)
-        axes[1][col].set_xlabel("request rate (req/s)")
-    axes[0][0].set_ylabel("mean TTFT (ms)")
-    axes[1][0].set_ylabel("mean TPOT (ms)")
+        axes[-1][col].set_xlabel("request rate (req/s)")
+    for row, label in enumerate(labels):
+        axes[row][0].set_ylabel(label)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     return fig
 
 
-def e2e_figures(summary: pd.DataFrame, requests: pd.DataFrame) -> dict[str, Figure]:
-    """Both end-to-end figures by name (the latency CDF over the requests of ok replays only)."""
-    ok = summary[summary["status"] == "ok"][["e2e", "trace", "rate", "backend"]]
+def _band(part: pd.DataFrame, requests: pd.DataFrame | None, metric: str, rate: float):
+    """(rate, mean, low, high) of a metric at one rate: the latency mean over the requests of every repeat when
+    they are at hand, else the metric's mean over repeats."""
+    at = part[part["rate_rps"] == rate]
+    column = {"e2e_ms_mean": "e2e_s", "ttft_ms_mean": "ttft_s", "tpot_ms_mean": "tpot_s"}.get(metric)
+    if column and requests is not None and len(requests) and column in requests:
+        sub = requests[(requests["trace"] == at["trace"].iloc[0]) & (requests["backend"] == at["backend"].iloc[0])
+                       & (pd.to_numeric(requests["rate"], errors="coerce") == rate)]
+        if len(sub):
+            ci = bootstrap(sub[column].to_numpy(float) * 1e3)
+            return rate, ci.value, ci.low, ci.high
+    ci = bootstrap(at[metric].to_numpy(float))
+    return rate, ci.value, ci.low, ci.high
+
+
+def e2e_ttft_itl_cdf(summary: pd.DataFrame, requests: pd.DataFrame) -> Figure:
+    """Per trace and load point: the CDF of TTFT over requests (repeats pooled) and of the inter-token latency
+    (every gap between two tokens; from each replay's stored ITL quantiles, repeats averaged); one colour per
+    backend."""
+    plt = _pyplot()
+    points = sorted(summary[summary["status"] == "ok"].groupby(["trace", "rate"]).groups, key=_panel_order)
+    n = max(len(points), 1)
+    fig, axes = plt.subplots(2, n, figsize=(3.2 * n, 5.2), squeeze=False)
+    for col, (trace, rate) in enumerate(points):
+        sub = requests[(requests["trace"] == trace) & (requests["rate"] == rate)] if len(requests) else requests
+        for backend, part in sub.groupby("backend") if len(sub) else ():
+            x = np.sort(part["ttft_s"].to_numpy(float) * 1e3)
+            axes[0][col].plot(x, np.arange(1, len(x) + 1) / len(x), label=backend, color=colour(backend))
+        rows = summary[(summary["status"] == "ok") & (summary["trace"] == trace) & (summary["rate"] == rate)]
+        for backend, part in rows.groupby("backend"):
+            q = [np.array(v.split(), float) for v in part.get("itl_ms_quantiles", pd.Series(dtype=str)).dropna()
+                 if isinstance(v, str) and v.strip()]
+            if q:
+                values = np.mean(q, axis=0)
+                axes[1][col].plot(values, np.linspace(0, 1, len(values)), label=backend, color=colour(backend))
+        axes[0][col].set_title(_panel_title(trace, rate))
+        axes[0][col].set_xlabel("TTFT (ms)")
+        axes[1][col].set_xlabel("inter-token latency (ms)")
+        axes[1][col].set_xscale("log")
+    axes[0][0].set_ylabel("fraction of requests")
+    axes[1][0].set_ylabel("fraction of token gaps")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def e2e_iteration_kinds(iterations: pd.DataFrame) -> Figure:
+    """Per trace and load point, per iteration kind: median GPU time and host time of an iteration per backend
+    (bars: GPU solid, host hatched); one colour per backend."""
+    plt = _pyplot()
+    if iterations is None or iterations.empty:
+        fig, ax = plt.subplots(figsize=(3.2, 2.8))
+        ax.set_title("no iterations recorded")
+        return fig
+    points = sorted(iterations.groupby(["trace", "rate"]).groups, key=_panel_order)
+    fig, axes = plt.subplots(1, len(points), figsize=(3.6 * len(points), 3.0), squeeze=False)
+    for ax, (trace, rate) in zip(axes[0], points):
+        sub = iterations[(iterations["trace"] == trace) & (iterations["rate"] == rate)]
+        kinds = [k for k in ("decode", "mixed", "prefill") if k in set(sub["kind"])]
+        backends = sorted(sub["backend"].unique(), key=lambda b: (b != OURS_BACKEND, b))
+        width = 0.8 / max(len(backends), 1)
+        for j, backend in enumerate(backends):
+            part = sub[sub["backend"] == backend].groupby("kind")
+            gpu = [part["gpu_ms"].median().get(k, np.nan) for k in kinds]
+            host = [part["host_ms"].median().get(k, np.nan) for k in kinds]
+            x = np.arange(len(kinds)) + j * width
+            ax.bar(x, gpu, width, color=colour(backend), label=backend)
+            ax.bar(x, host, width * 0.45, color="none", edgecolor=colour(backend), hatch="//")
+        ax.set_xticks(np.arange(len(kinds)) + 0.4 - width / 2, kinds)
+        ax.set_title(_panel_title(trace, rate))
+        ax.set_ylabel("median ms per iteration")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _panel_order(panel):
+    trace, rate = panel
+    try:
+        return trace, float(rate)
+    except ValueError:
+        return trace, float("inf")
+
+
+def _panel_title(trace: str, rate: str) -> str:
+    if rate == "trace":
+        return f"{trace}, trace arrivals"
+    if str(rate).startswith("c"):
+        return f"{trace}, {rate[1:]} in flight"
+    return f"{trace}, {rate} req/s"
+
+
+def e2e_figures(summary: pd.DataFrame, requests: pd.DataFrame,
+                iterations: pd.DataFrame | None = None) -> dict[str, Figure]:
+    """The end-to-end figures by name (request CDFs over the requests of ok replays only)."""
+    ok = summary[summary["status"] == "ok"][["e2e", "trace", "rate", "backend"]].drop_duplicates()
     finished = requests.merge(ok.astype({"rate": str}), on=["e2e", "trace", "rate", "backend"]) if len(requests) \
         else requests
-    return {"e2e_latency_cdf": e2e_latency_cdf(finished), "e2e_latency_vs_rate": e2e_latency_vs_rate(summary)}
+    figs = {"e2e_latency_cdf": e2e_latency_cdf(finished), "e2e_latency_vs_rate": e2e_latency_vs_rate(summary, finished),
+            "e2e_ttft_itl_cdf": e2e_ttft_itl_cdf(summary, finished)}
+    if iterations is not None:
+        figs["e2e_iteration_kinds"] = e2e_iteration_kinds(iterations)
+    return figs
 
 
 # -- files --------------------------------------------------------------------------------------------------------

@@ -11,9 +11,12 @@ import pandas as pd
 from packinfer_bench.errors import PackinferBenchError
 from packinfer_bench.report.figures import FIGURE_FORMATS, e2e_figures, save_figures, write_figures
 from packinfer_bench.report.formats import FORMATS, check_formats, markdown_table, write_tables
-from packinfer_bench.report.tables import (OURS_BACKEND, OURS_SYSTEM, ablation_table, compare_table,
-                                           correctness_table, e2e_gains_table, e2e_summary_table, has_e2e, load_e2e,
-                                           load_records, plan_cost_table, speedup_table)
+from packinfer_bench.report.e2e_tables import (e2e_compare_table, e2e_gains_table, e2e_iteration_kinds_table,
+                                               e2e_slo_table, e2e_summary_table, has_e2e, load_e2e,
+                                               load_e2e_iterations)
+from packinfer_bench.report.tables import (OURS_BACKEND, OURS_SYSTEM, ablation_table, best_variant_wins_table,
+                                           compare_table, correctness_table, load_records, plan_cost_table,
+                                           speedup_table)
 from packinfer_bench.run_folder import E2E_DIR, ENV_FILE, ITERATIONS_FILE, RECORDS_FILE, REQUESTS_FILE, SUMMARY_FILE
 
 SUMMARY_MD = "summary.md"
@@ -36,16 +39,22 @@ def write_report(run: Path, out: Path | None = None, formats: tuple[str, ...] = 
     tables = {}
     if e2e:
         e2e_summary, e2e_requests = load_e2e(run)
-        tables.update({"e2e_gains": e2e_gains_table(e2e_summary), "e2e_summary": e2e_summary_table(e2e_summary)})
+        e2e_iterations = load_e2e_iterations(run)
+        tables.update({"e2e_compare": e2e_compare_table(e2e_summary, e2e_requests, e2e_iterations),
+                       "e2e_iteration_kinds": e2e_iteration_kinds_table(e2e_iterations),
+                       "e2e_slo": e2e_slo_table(e2e_summary),
+                       "e2e_gains": e2e_gains_table(e2e_summary), "e2e_summary": e2e_summary_table(e2e_summary)})
     if kernel:
         tables.update({"speedups": speedup_table(df), "ablation": ablation_table(df),
                        "plan_cost": plan_cost_table(df), "correctness": correctness_table(df)})
+        if (df["phase"] == "serving").any():
+            tables["serving_wins"] = best_variant_wins_table(df[df["phase"] == "serving"])
     if compare and kernel:
         tables["compare"] = compare_table({run.name: df, **{k: load_records(p) for k, p in compare.items()}})
     write_tables(tables, out, formats)
     figure_paths = write_figures(df, run, out, figures) if figures and kernel else []
     if figures and e2e:
-        figure_paths += save_figures(e2e_figures(e2e_summary, e2e_requests), out, figures)
+        figure_paths += save_figures(e2e_figures(e2e_summary, e2e_requests, e2e_iterations), out, figures)
     summary = out / SUMMARY_MD
     summary.write_text("\n".join(summary_lines(run, df, e2e, tables, figure_paths, compare)), encoding="utf-8")
     return summary
@@ -65,17 +74,22 @@ def summary_lines(run: Path, df: pd.DataFrame | None, e2e: bool, tables: dict[st
              ""]
     if e2e:
         lines += [f"End-to-end numbers: {run / E2E_DIR} ({SUMMARY_FILE}, {REQUESTS_FILE}, {ITERATIONS_FILE}). A gain "
-                  "compares two `ok` replays of the same schedule (open loop: the scheduler's decisions do not depend "
-                  "on the backend); latency = measured iteration times laid on the schedule; every other replay is "
-                  "listed in e2e_summary.", ""]
+                  "compares two `ok` replays of the same schedule (the scheduler's decisions do not depend on the "
+                  "backend); latency = measured iteration times laid on the schedule; every other replay is listed "
+                  "in e2e_summary. Intervals: 95% percentile bootstrap (2000 resamples, seeded) over requests, "
+                  "repeats or iterations, paired for ratios; an interval that spans 1.0 reads 'no difference'.", ""]
     if df is not None:
         lines += [f"Kernel numbers: {run / RECORDS_FILE} ({len(df)} records). Speed-ups compare two `ok` records "
                   "of the same batch and shape (median kernel times); other records are counted below.", ""]
-    titles = {"e2e_gains": f"End to end: {OURS_BACKEND} against each baseline (latency reduction, throughput gain, %)",
+    titles = {"e2e_compare": f"End to end: {OURS_BACKEND} against each peer, 95% intervals (ratio = ours / peer)",
+              "e2e_iteration_kinds": "Per iteration kind: median iteration, GPU and host time (ms), launches per layer",
+              "e2e_slo": "Highest swept request rate sustained within the SLO",
+              "e2e_gains": f"End to end: {OURS_BACKEND} against each baseline (latency reduction, throughput gain, %)",
               "e2e_summary": "End-to-end replays (latencies in ms, throughput in output tokens/s)",
               "speedups": f"Speed-up of {OURS_SYSTEM} (other time / ours)",
               "ablation": "Ablation: slow-down with one feature off (variant time / full time)",
               "plan_cost": "Plan cost (CPU, once per batch)",
+              "serving_wins": f"Serving call on scheduler batches: {OURS_SYSTEM} against each peer's best variant",
               "correctness": "Records by status, largest relative error against the float32 reference",
               "compare": f"Speed-ups of {OURS_SYSTEM} across runs ({', '.join([run.name, *(compare or {})])})"}
     for name, table in tables.items():

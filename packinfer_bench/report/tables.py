@@ -1,9 +1,8 @@
 """A run folder's files read into DataFrames, and the report's tables computed from them.
 
 Kernel level (records.csv): speed-ups of ours per trace and phase, ablation, plan cost, correctness, and several
-runs side by side. End to end (e2e/summary.csv, e2e/requests.csv): the headline gains of ours over each baseline
-per model, trace and rate, and the replays' summary. A speed-up or gain only ever compares two `ok` rows of the
-same batch and shape (or the same schedule); incorrect, skipped and failed rows are counted, never folded in.
+runs side by side (the end-to-end tables are in e2e_tables.py). A speed-up only ever compares two `ok` rows of
+the same batch and shape; incorrect, skipped and failed rows are counted, never folded in.
 
 Files are read one row per line (run_folder.store): a row that cannot be read (an unbalanced quote, a NUL byte, a
 wrong number of fields, a non-number where a number belongs) is skipped with a warning naming the file and line;
@@ -21,8 +20,7 @@ import numpy as np
 import pandas as pd
 
 from packinfer_bench.errors import PackinferBenchError
-from packinfer_bench.run_folder import E2E_DIR, RECORDS_FILE, REQUESTS_FILE, SUMMARY_FILE, WORKLOAD_FILE
-from packinfer_bench.run_folder.e2e import complete_rows
+from packinfer_bench.run_folder import RECORDS_FILE, WORKLOAD_FILE
 from packinfer_bench.run_folder.store import CsvRows
 
 #: "Ours": the backend every other one is compared with. End to end it is the backend; at kernel level its full
@@ -36,11 +34,6 @@ RECORD_NUMBERS = ("plan_ms", "kernel_ms", "kernel_ms_p10", "kernel_ms_p90", "tfl
                   "rel_err")
 RECORD_COLUMNS = ("trace", "phase", "batch_id", "shape", "backend", "variant", "status", "plan_ms", "kernel_ms",
                   "rel_err")
-#: An end-to-end replay's key, and the columns of e2e/summary.csv and e2e/requests.csv the report reads.
-E2E_KEY = ["e2e", "model", "num_layers", "trace", "rate"]
-E2E_GAIN_METRICS = ("e2e_ms_mean", "ttft_ms_mean", "tpot_ms_mean", "throughput_tok_s", "busy_tok_s")
-E2E_SUMMARY_COLUMNS = (*E2E_KEY, "backend", "status", *E2E_GAIN_METRICS)
-E2E_REQUEST_COLUMNS = ("e2e", "trace", "rate", "backend", "e2e_s")
 #: workload.csv: what the speed-up-against-heterogeneity figure reads.
 WORKLOAD_COLUMNS = ("batch_id", "kv_len_cv")
 
@@ -73,7 +66,7 @@ def _numbers_check(columns: Iterable[str]) -> Callable[[dict[str, str]], str | N
     return check
 
 
-def _read_rows(path: Path, required: Iterable[str],
+def read_rows(path: Path, required: Iterable[str],
                numbers: Iterable[str] = ()) -> tuple[list[str], list[dict[str, str]]]:
     """(header, readable rows) of a CSV file; unreadable rows are skipped, with a warning naming file and lines."""
     rows_file = CsvRows(path, check=_numbers_check(numbers))
@@ -85,7 +78,7 @@ def _read_rows(path: Path, required: Iterable[str],
     return header, rows
 
 
-def _frame(header: list[str], rows: list[dict[str, str]], **read_csv: object) -> pd.DataFrame:
+def frame(header: list[str], rows: list[dict[str, str]], **read_csv: object) -> pd.DataFrame:
     """The rows as a DataFrame, parsed by pandas exactly as the file itself would be (types, empty cells)."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -100,8 +93,8 @@ def load_records(run: Path) -> pd.DataFrame:
     path = run / RECORDS_FILE
     if not path.is_file():
         raise PackinferBenchError(f"{run}: no {RECORDS_FILE} (is it a run folder?)")
-    header, rows = _read_rows(path, RECORD_COLUMNS, (*RECORD_NUMBERS, "batch_size"))
-    df = _frame(header, rows, keep_default_na=False, na_values={c: [""] for c in RECORD_NUMBERS})
+    header, rows = read_rows(path, RECORD_COLUMNS, (*RECORD_NUMBERS, "batch_size"))
+    df = frame(header, rows, keep_default_na=False, na_values={c: [""] for c in RECORD_NUMBERS})
     df["system"] = df["backend"] + ":" + df["variant"]
     return df
 
@@ -111,26 +104,7 @@ def load_workload(run: Path) -> pd.DataFrame | None:
     path = run / WORKLOAD_FILE
     if not path.is_file():
         return None
-    return _frame(*_read_rows(path, WORKLOAD_COLUMNS))
-
-
-def has_e2e(run: Path) -> bool:
-    return (run / E2E_DIR / SUMMARY_FILE).is_file()
-
-
-def load_e2e(run: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(summary, requests) of a run's end-to-end replays; requests are those of the attempt each summary row
-    names (empty when none finished)."""
-    path = run / E2E_DIR / SUMMARY_FILE
-    header, summary_rows = _read_rows(path, E2E_SUMMARY_COLUMNS, E2E_GAIN_METRICS)
-    summary = _frame(header, summary_rows, keep_default_na=False, na_values=[""], dtype={"rate": str, "reason": str})
-    path = run / E2E_DIR / REQUESTS_FILE
-    if path.is_file():
-        header, rows = _read_rows(path, E2E_REQUEST_COLUMNS, ("e2e_s", "ttft_s", "tpot_s"))
-        requests = _frame(header, complete_rows(rows, summary_rows), dtype={"rate": str})
-    else:
-        requests = pd.DataFrame(columns=["e2e", "trace", "rate", "backend", "e2e_s", "ttft_s", "tpot_s"])
-    return summary, requests
+    return frame(*read_rows(path, WORKLOAD_COLUMNS))
 
 
 # -- kernel-level tables ------------------------------------------------------------------------------------------
@@ -195,26 +169,17 @@ def compare_table(runs: dict[str, pd.DataFrame], ours: tuple[str, str] = OURS) -
     return merged.sort_values(["trace", "phase", "system"]).reset_index(drop=True)
 
 
-# -- end-to-end tables --------------------------------------------------------------------------------------------
-
-def e2e_summary_table(summary: pd.DataFrame) -> pd.DataFrame:
-    """Every replay: status, latency (mean, p50, p99 end to end; mean TTFT and TPOT), throughput, attention share."""
-    cols = E2E_KEY + ["backend", "status", "finished", "e2e_ms_mean", "e2e_ms_p50", "e2e_ms_p99", "ttft_ms_mean",
-                      "tpot_ms_mean", "throughput_tok_s", "busy_tok_s", "attention_share", "max_rel_err", "reason"]
-    return summary[[c for c in cols if c in summary]].sort_values(E2E_KEY + ["backend"]).reset_index(drop=True)
-
-
-def e2e_gains_table(summary: pd.DataFrame, ours: str = OURS_BACKEND) -> pd.DataFrame:
-    """Per model, trace, rate and baseline (both replays ok): reduction of mean end-to-end latency, TTFT and TPOT
-    (%, > 0: ours is faster) and gain in throughput and busy throughput (%, > 0: ours serves more)."""
-    ok = summary[summary["status"] == "ok"]
-    mine = ok[ok["backend"] == ours]
-    others = ok[ok["backend"] != ours]
-    pairs = mine.merge(others, on=E2E_KEY, suffixes=("_ours", "_base"))
-    out = pairs[E2E_KEY].copy()
-    out["baseline"] = pairs["backend_base"]
-    for name in ("e2e_ms_mean", "ttft_ms_mean", "tpot_ms_mean"):
-        out[name.replace("_ms_mean", "_reduction_pct")] = 100 * (1 - pairs[f"{name}_ours"] / pairs[f"{name}_base"])
-    for name in ("throughput_tok_s", "busy_tok_s"):
-        out[name.replace("_tok_s", "_gain_pct")] = 100 * (pairs[f"{name}_ours"] / pairs[f"{name}_base"] - 1)
-    return out.sort_values(E2E_KEY + ["baseline"]).reset_index(drop=True)
+def best_variant_wins_table(df: pd.DataFrame, ours: tuple[str, str] = OURS) -> pd.DataFrame:
+    """Per trace and phase and peer backend: on how many batches `ours` is faster than the peer's best variant
+    on that batch (its fastest ok variant), and the geomean / min of that speed-up (batches where both ran)."""
+    ok = df[df["status"] == "ok"]
+    mine = ok[ok["system"] == ":".join(ours)][["trace", "phase", "batch_id", "shape", "kernel_ms"]]
+    peers = ok[ok["backend"] != ours[0]]
+    best = peers.groupby(["trace", "phase", "batch_id", "shape", "backend"], as_index=False)["kernel_ms"].min()
+    pairs = mine.merge(best, on=["trace", "phase", "batch_id", "shape"], suffixes=("_ours", "_peer"))
+    pairs["speedup"] = pairs["kernel_ms_peer"] / pairs["kernel_ms_ours"]
+    g = pairs.groupby(["trace", "phase", "backend"])["speedup"]
+    table = pd.DataFrame({"batches": g.size(), "wins": g.apply(lambda s: int((s > 1.0).sum())),
+                          "geomean": g.apply(lambda s: float(np.exp(np.log(s).mean()))), "min": g.min()})
+    table["win_share"] = table["wins"] / table["batches"]
+    return table.reset_index().rename(columns={"backend": "peer"})

@@ -20,7 +20,9 @@ class Record:
     reference) | skipped (cannot run here: reason) | error (it raised: reason); plan_ms: CPU/prepare time, once;
     kernel_ms(_p10/_p90): median (10th/90th percentile) of the timed call; tflops: causal-area FLOPs / median;
     kv_tbps: K and V bytes read once / median; max_abs_err, rel_err (L2): against the reference; timing:
-    cuda-events, cuda-graph (replays of a captured graph), or wall-clock-cpu (not representative)."""
+    cuda-events, cuda-graph (replays of a captured graph), or wall-clock-cpu (not representative); commit and
+    measured_at: the code and the time of the measurement. Phase 'serving': a scheduler batch measured through
+    the backend's serving call (write the new K/V into its cache, attend)."""
 
     trace: str
     workload: str
@@ -43,6 +45,8 @@ class Record:
     max_abs_err: float | None = None
     rel_err: float | None = None
     timing: str = ""
+    commit: str = ""
+    measured_at: str = ""
 
     @property
     def key(self) -> tuple[str, str, str, str]:

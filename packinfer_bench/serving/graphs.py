@@ -46,7 +46,7 @@ class Graphs:
     largest iteration (max_num_batched_tokens); max_samples: the most rows that sample a token (max_num_seqs)."""
 
     def __init__(self, model: Decoder, max_rows: int, max_samples: int) -> None:
-        if model.device.type != "cuda":
+        if model.device.type != "cuda" and type(self)._capture is Graphs._capture:
             raise ValueError("CUDA graphs need the model on a CUDA device")
         self.model = model
         cfg, dev = model.cfg, model.device
@@ -67,9 +67,9 @@ class Graphs:
         self.v = torch.zeros_like(self.k)
         self.attn = torch.zeros_like(self.q)
         self.staging = Staging(dev)
-        self._pool = torch.cuda.graph_pool_handle()
-        self._piecewise: dict[int, tuple[list[torch.cuda.CUDAGraph], tuple[torch.Tensor, torch.Tensor]]] = {}
-        self._full: dict[tuple, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._pool = torch.cuda.graph_pool_handle() if dev.type == "cuda" else None
+        self._piecewise: dict[int, tuple[list[Callable], tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._full: dict[tuple, tuple[Callable, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.failed: dict[str, str] = {}  # backend -> why its full capture failed
 
     def padded(self, n: int) -> int | None:
@@ -115,19 +115,17 @@ class Graphs:
         self._warm_up(lambda: [piece() for piece in pieces])
         graphs, out = [], None
         for piece in pieces:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                out = piece()
-            graphs.append(graph)
+            replay, out = self._capture(piece)
+            graphs.append(replay)
         self._piecewise[padded] = (graphs, out)
 
     def run_piecewise(self, padded: int, n: int, attention: Attention) -> tuple[torch.Tensor, torch.Tensor]:
         """Replay the pieces of size `padded`, attention(i, q, k, v) on the first n rows between them."""
         graphs, (tokens, hidden) = self._piecewise[padded]
-        for i, graph in enumerate(graphs[:-1]):
-            graph.replay()
+        for i, replay in enumerate(graphs[:-1]):
+            replay()
             self.attn[:n].copy_(attention(i, self.q[:n], self.k[:n], self.v[:n]))
-        graphs[-1].replay()
+        graphs[-1]()
         return tokens, hidden
 
     def _pieces(self, padded: int) -> list[Callable]:
@@ -176,18 +174,23 @@ class Graphs:
 
         try:
             self._warm_up(forward)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                out = forward()
+            self._full[ident] = self._capture(forward)
         except Exception as e:  # noqa: BLE001 -- any capture failure: the backend runs piecewise instead
-            torch.cuda.synchronize()
+            if self.model.device.type == "cuda":
+                torch.cuda.synchronize()
             raise GraphCaptureError(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-        self._full[ident] = (graph, out)
 
     def run_full(self, attention: ServingAttention, padded: int, key: object) -> tuple[torch.Tensor, torch.Tensor]:
-        graph, out = self._full[(attention.name, padded, key)]
-        graph.replay()
+        replay, out = self._full[(attention.name, padded, key)]
+        replay()
         return out
+
+    def _capture(self, fn: Callable) -> tuple[Callable, object]:
+        """Capture fn() as a CUDA graph in the shared pool: (replay, its outputs, rewritten by every replay)."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = fn()
+        return graph.replay, out
 
     def _warm_up(self, fn: Callable) -> None:
         """One run off the capture stream (lazy initialisation, workspace allocation, kernel compilation)."""

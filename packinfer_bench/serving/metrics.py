@@ -35,8 +35,8 @@ def timeline(schedule: Sequence[Batch], arrivals: Mapping[int, float], durations
     """End time of each iteration, and when each request was sent. An iteration starts when the previous one
     ends, and not before its requests were sent; a request is sent at its arrival, or (with a client concurrency
     limit) when the request it waited for finished, whichever is later. The schedule is fixed; only how long
-    each iteration takes is measured: `durations` back to back, `cold[i]` when iteration i starts after the
-    engine sat idle (its host work could not overlap the previous iteration; default: the same)."""
+    each iteration takes is measured: `durations` back to back, `cold[i]` for the first iteration and one that
+    starts after the engine sat idle (its host work could not overlap a previous iteration; default: the same)."""
     sent_after = sent_after or {}
     last = {}
     for i, batch in enumerate(schedule):
@@ -53,7 +53,7 @@ def timeline(schedule: Sequence[Batch], arrivals: Mapping[int, float], durations
                 before = sent_after.get(rid)
                 sent[rid] = max(arrivals[rid], finish.get(before, 0.0) if before is not None else 0.0)
             start = max(start, sent[rid])
-        if start > end and cold is not None:
+        if cold is not None and (i == 0 or start > end):
             took = cold[i]
         end = start + took
         ends[i] = end

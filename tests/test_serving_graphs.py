@@ -1,0 +1,81 @@
+"""The serving graphs' bookkeeping, on the CPU: a stand-in for CUDA graph capture that replays by running the
+captured function again into the same output tensors exercises everything but the capture itself - padded
+sizes, static inputs, K/V writes of padding rows to the scratch slot, packinfer's plans in fixed buffers (the
+capture sees an empty plan), piecewise pieces with attention between them - and must give the eager outputs.
+On a GPU (PACKINFER_TEST_GPU=1) the same replays run through real CUDA graphs and must equal eager ones."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from test_serving import _trace
+
+from packinfer_bench.backends.packinfer import PackinferAttention
+from packinfer_bench.models import preset
+from packinfer_bench.serving.graphs import Graphs, bucket
+from packinfer_bench.serving.kv_follow import peak_tokens
+from packinfer_bench.serving.model import Decoder
+from packinfer_bench.serving.replay import cache_capacity, make_cache, prepare_graphs, replay
+from packinfer_bench.serving.stage import _compare, scenario
+from packinfer_bench.workload.continuous import ContinuousSpec
+
+GPU = os.environ.get("PACKINFER_TEST_GPU") == "1"
+
+
+class ReplayedByRunning(Graphs):
+    """Graphs whose 'capture' keeps the function and whose replay runs it again into the captured outputs."""
+
+    def _capture(self, fn):
+        out = fn()
+
+        def replay():
+            new = fn()
+            if out is not None:
+                for a, b in zip(out, new):
+                    a.copy_(b)
+        return replay, out
+
+    def _warm_up(self, fn):
+        fn()
+
+
+def _replays(device, graphs_cls):
+    spec = ContinuousSpec(num_requests=None, max_num_batched_tokens=64, max_num_seqs=6, max_kv_tokens=260)
+    scen = scenario(_trace(8), spec)
+    model = Decoder(preset("tiny"), device, torch.float16)
+
+    def run(graphs):
+        attn = PackinferAttention(model.device, model.cfg.num_heads, model.cfg.num_kv_heads, model.cfg.head_dim)
+        if device == "cpu":
+            attn._sms = 8  # the planner's SM count: a small capacity grid keeps the interpreter quick
+        cache = make_cache(attn, model, cache_capacity(attn, peak_tokens(scen.schedule), spec.max_num_seqs))
+        attn.configure(max_rows=64, max_seqs=6, max_kv_len=200, capacity_tokens=cache.capacity_tokens,
+                       scratch_slot=0)
+        if graphs is not None:
+            assert prepare_graphs(graphs, scen.schedule, attn, cache) == ""
+        cache = make_cache(attn, model, cache.capacity_tokens)
+        return replay(model, scen.schedule, attn, cache, graphs=graphs, keep_outputs=len(scen.schedule))
+
+    eager = run(None)
+    graphs = graphs_cls(model, 64, 6)
+    return scen, eager, run(graphs)
+
+
+@pytest.mark.skipif(GPU, reason="the CPU stand-in for capture; on a GPU the real graphs are tested below")
+def test_full_graph_bookkeeping_gives_the_eager_outputs_on_the_cpu():
+    scen, eager, graphed = _replays("cpu", ReplayedByRunning)
+    assert {it.graph for it in graphed.iterations} == {"full"}, "every iteration fits a captured size"
+    assert {it.padded_rows for it in graphed.iterations} <= {bucket(n) for n in range(1, 65)}
+    assert any(it.padded_rows > it.q_tokens for it in graphed.iterations), "some iterations are padded"
+    err, match = _compare(graphed, eager)
+    assert err < 2e-3 and match == 1.0
+
+
+@pytest.mark.skipif(not GPU, reason="needs a GPU (PACKINFER_TEST_GPU=1)")
+def test_cuda_graph_replays_equal_eager_replays():
+    scen, eager, graphed = _replays("cuda", Graphs)
+    assert {it.graph for it in graphed.iterations} == {"full"}
+    err, match = _compare(graphed, eager)
+    assert err < 2e-3 and match == 1.0
+    assert np.isfinite([it.gpu_ms for it in graphed.iterations]).all()
