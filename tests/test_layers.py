@@ -23,7 +23,8 @@ LAYERS = [
     ["packinfer_bench.runner", "packinfer_bench.serving", "packinfer_bench.analytic"],
     ["packinfer_bench.experiment"],
     ["packinfer_bench.report"],
-    ["packinfer_bench.cli", "packinfer_bench.__main__"],
+    ["packinfer_bench.cli"],
+    ["packinfer_bench.__main__"],
 ]
 
 

@@ -162,13 +162,19 @@ def test_bad_e2e_sections_name_the_key(write, old, new, message):
         load_config(write("e.yaml", text.replace(old.replace("RATE", "4.0"), new)))
 
 
-def test_the_shipped_h100_experiment_has_the_end_to_end_section():
-    cfg = load_config(REPO / "experiments" / "h100.yaml")
-    entry = cfg.e2e[0]
-    assert entry.model == "llama-3.1-8b" and set(entry.backends) == {"fa2", "flashinfer", "packinfer"}
-    assert {t.name for t in cfg.traces_of(entry)} == {"sharegpt", "azure-conv"} and len(entry.rates) >= 2
-    assert not math.isnan(float(entry.continuous.max_kv_tokens))
-    assert np.isfinite(entry.rates).all()
+@pytest.mark.parametrize("name", ["h100.yaml", "e2e-h200.yaml"])
+def test_the_shipped_end_to_end_matrix(name):
+    """The standard matrix: three traces at a moderate rate and one near saturation, a sweep of five rates,
+    every peer, repeats, 256 requests (64 for Mooncake's 12k-token prompts)."""
+    cfg = load_config(REPO / "experiments" / name)
+    by_trace = {cfg.traces_of(e)[0].name: e for e in cfg.e2e}
+    assert set(by_trace) == {"sharegpt", "azure-conv", "mooncake-conv"}
+    for trace, entry in by_trace.items():
+        assert entry.model == "llama-3.1-8b" and set(entry.backends) == {"fa2", "fa3", "flashinfer", "packinfer"}
+        assert entry.repeats >= 2 and len(entry.rates) >= 2 and np.isfinite(entry.rates).all()
+        assert entry.continuous.num_requests == (64 if trace == "mooncake-conv" else 256)
+        assert not math.isnan(float(entry.continuous.max_kv_tokens))
+    assert len(by_trace["azure-conv"].rates) >= 5
 
 
 def test_a_replay_that_fails_or_refuses_everything_leaves_its_rows_and_the_next_replay_runs(write, tmp_path,

@@ -180,6 +180,11 @@ class Graphs:
                 torch.cuda.synchronize()
             raise GraphCaptureError(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
 
+    def drop(self, backend: str) -> None:
+        """Forget a backend's full graphs (its cache is about to go)."""
+        self._full = {k: v for k, v in self._full.items() if k[0] != backend}
+        self.failed.pop(backend, None)
+
     def run_full(self, attention: ServingAttention, padded: int, key: object) -> tuple[torch.Tensor, torch.Tensor]:
         replay, out = self._full[(attention.name, padded, key)]
         replay()

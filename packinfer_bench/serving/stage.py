@@ -76,13 +76,14 @@ class Server:
         serving = ReferenceAttention if backend == REFERENCE else BACKENDS[backend].serving
         cfg = model.cfg
         self.model, self.graphs = model, graphs
+        self.budget, self.max_seqs, self.max_kv = capacity, max_seqs, max_kv_len
         self.attention: ServingAttention = serving(model.device, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
         self.capacity = cache_capacity(self.attention, capacity, max_seqs)
         _check_memory(self.capacity, cfg, model.dtype, model.device)
         self.cache = make_cache(self.attention, model, self.capacity)
         self.attention.configure(max_rows=max_rows, max_seqs=max_seqs, max_kv_len=max_kv_len,
                                  capacity_tokens=self.cache.capacity_tokens, scratch_slot=0)
-        self.warm: set[int] = set()  # scenarios whose kernels this server compiled
+        self.warm = False  # kernels compiled (JIT modules built) by a one-layer pass over a schedule
 
     def fresh_cache(self):
         """The cache emptied for a new replay (same pools), its scratch slot allocated again."""
@@ -90,15 +91,16 @@ class Server:
         add_scratch(self.cache)
         return self.cache
 
-    def prepare(self, scen_id: int, schedule: list[Batch], warmup: bool) -> str:
-        """Compile what the schedule needs (a one-layer pass over it, once per scenario) and capture its graphs;
+    def prepare(self, schedule: list[Batch], warmup: bool) -> str:
+        """Compile what the schedule needs (a one-layer pass over the first schedule: kernels and JIT modules are
+        per configuration, not per batch) and capture its graphs (whose warm-up compiles what they hold);
         returns why full graphs are not used ('' when they are or the backend has none)."""
-        if warmup and scen_id not in self.warm and self.model.device.type == "cuda":
+        if warmup and not self.warm and self.model.device.type == "cuda":
             shallow = self.model.truncated(1)
             cache = make_cache(self.attention, shallow, self.capacity)
             replay(shallow, schedule, self.attention, cache)
             del cache
-            self.warm.add(scen_id)
+            self.warm = True
         if self.graphs is None:
             return ""
         return prepare_graphs(self.graphs, schedule, self.attention, self.fresh_cache())
@@ -110,26 +112,93 @@ class Server:
 
 def run_e2e(config: ExperimentConfig, out_dir, traces: dict[str, Trace], device: torch.device,
             log: Callable[[str], None] = print) -> dict[str, int]:
-    """Run every end-to-end replay of the config not already stored; returns counts per status."""
+    """Run every end-to-end replay of the config not already stored; returns counts per status. Entries of the
+    same model share it, its graphs, its calibration and the backends' servers."""
     store = E2EStore(out_dir)
     counts: dict[str, int] = {}
+    shared: dict[tuple, _Model] = {}
     for entry in config.e2e:
-        _Entry(config, entry, store, traces, device, log, counts).run()
+        key = (entry.model, entry.num_layers, entry.dtype, entry.seed, entry.cuda_graphs,
+               entry.continuous.max_num_batched_tokens, entry.continuous.max_num_seqs)
+        if key not in shared:
+            for old in shared.values():  # one model on the GPU at a time
+                old.close()
+            shared.clear()
+            shared[key] = _Model(entry, device)
+        _Entry(config, entry, store, traces, device, log, counts, shared[key]).run()
+    for model in shared.values():
+        model.close()
     return counts
+
+
+class _Model:
+    """A model with random weights on the device, its graphs, its calibrated step time and the backends'
+    servers, made on first use and shared by the entries that serve it. Servers that do not fit in memory
+    together are made one at a time (the others dropped with their graphs)."""
+
+    def __init__(self, entry: E2EConfig, device: torch.device):
+        self.entry, self.device = entry, device
+        self.cfg: ModelConfig = preset(entry.model, entry.num_layers)
+        self.decoder: Decoder | None = None
+        self.graphs: Graphs | None = None
+        self.servers: dict[str, Server] = {}
+        self.step_time: tuple[StepTime, dict] | None = None
+
+    def model(self) -> Decoder:
+        if self.decoder is None:
+            e = self.entry
+            self.decoder = Decoder(self.cfg, self.device, DTYPES[e.dtype], seed=e.seed)
+            if e.cuda_graphs and self.device.type == "cuda":
+                c = e.continuous
+                self.graphs = Graphs(self.decoder, c.max_num_batched_tokens, c.max_num_seqs)
+        return self.decoder
+
+    def server(self, backend: str, capacity: int, max_rows: int, max_seqs: int, max_kv: int) -> Server:
+        """The backend's server holding at least `capacity` tokens (made anew when a larger one is needed)."""
+        have = self.servers.get(backend)
+        if have is not None and have.budget >= capacity and have.max_seqs >= max_seqs and have.max_kv >= max_kv:
+            return have
+        self.drop(backend)
+        try:
+            server = Server(backend, self.model(), self.graphs, capacity, max_rows, max_seqs, max_kv)
+        except (torch.cuda.OutOfMemoryError, ConfigError):
+            for other in list(self.servers):  # make room: the other backends' servers go (and come back later)
+                self.drop(other)
+            server = Server(backend, self.model(), self.graphs, capacity, max_rows, max_seqs, max_kv)
+        self.servers[backend] = server
+        return server
+
+    def drop(self, backend: str) -> None:
+        server = self.servers.pop(backend, None)
+        if server is not None:
+            if self.graphs is not None:
+                self.graphs.drop(server.attention.name)  # its full graphs point into the cache being freed
+            del server
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def close(self) -> None:
+        for backend in list(self.servers):
+            self.drop(backend)
+        self.decoder = self.graphs = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 class _Entry:
     """The replays of one e2e entry, in order: load points, repeats, backends interleaved."""
 
-    def __init__(self, config, entry: E2EConfig, store: E2EStore, traces, device, log, counts):
+    def __init__(self, config, entry: E2EConfig, store: E2EStore, traces, device, log, counts, shared: _Model):
         self.config, self.entry, self.store, self.traces, self.device = config, entry, store, traces, device
-        self.log, self.counts = log, counts
-        self.cfg: ModelConfig = preset(entry.model, entry.num_layers)
-        self.model: Decoder | None = None
-        self.graphs: Graphs | None = None
-        self.servers: dict[str, Server | Exception] = {}
+        self.log, self.counts, self.shared = log, counts, shared
+        self.cfg: ModelConfig = shared.cfg
+        self.server_errors: dict[str, Exception] = {}
         self.commit = envinfo.git_sha() or ""
         self.slo = Slo(entry.slo.ttft_ms, entry.slo.tpot_ms, entry.slo.attainment)
+
+    @property
+    def graphs(self) -> Graphs | None:
+        return self.shared.graphs
 
     def run(self) -> None:
         entry, done = self.entry, self.store.done()
@@ -150,37 +219,29 @@ class _Entry:
             except Exception as e:  # noqa: BLE001 -- one load point's failure must not end the run
                 self._store_all(tcfg.name, label, todo[(tcfg.name, label)], "error",
                                 f"building the schedule: {type(e).__name__}: {first_line(e)}")
-        for i, ((trace, label), scen) in enumerate(scenarios.items()):
-            self._load_point(i, trace, label, scen, todo[(trace, label)], scenarios)
-        self._close()
+        for (trace, label), scen in scenarios.items():
+            self._load_point(trace, label, scen, todo[(trace, label)], scenarios)
 
     # --- set-up -------------------------------------------------------------------------------------------------
     def _ensure_model(self) -> Decoder:
-        if self.model is None:
-            e = self.entry
-            self.model = Decoder(self.cfg, self.device, DTYPES[e.dtype], seed=e.seed)
-            if e.cuda_graphs and self.device.type == "cuda":
-                c = e.continuous
-                self.graphs = Graphs(self.model, c.max_num_batched_tokens, c.max_num_seqs)
-        return self.model
+        return self.shared.model()
 
-    def _server(self, backend: str, scenarios: dict) -> Server:
-        """The backend's server, made on first use and sized for every load point of the entry."""
-        if backend not in self.servers:
-            try:
-                model = self._ensure_model()
-                c = self.entry.continuous
-                schedules = [s.schedule for s in scenarios.values()]
-                budget = c.max_kv_tokens or max(peak_tokens(s) for s in schedules)
-                max_seqs = min(c.max_num_seqs, max(len(s.arrivals) for s in scenarios.values()))
-                max_kv = max(int(b.kv_lens.max()) for s in schedules for b in s)
-                self.servers[backend] = Server(backend, model, self.graphs, budget, c.max_num_batched_tokens,
-                                               max_seqs, max_kv)
-            except Exception as e:  # noqa: BLE001 -- e.g. out of memory: this backend's replays become errors
-                self.servers[backend] = e
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-        return self.servers[backend]
+    def _server(self, backend: str, scenarios: dict) -> Server | Exception:
+        """The backend's server, sized for every load point of the entry (an exception: why it cannot be made)."""
+        if backend in self.server_errors:
+            return self.server_errors[backend]
+        try:
+            c = self.entry.continuous
+            schedules = [s.schedule for s in scenarios.values()]
+            budget = c.max_kv_tokens or max(peak_tokens(s) for s in schedules)
+            max_seqs = min(c.max_num_seqs, max(len(s.arrivals) for s in scenarios.values()))
+            max_kv = max(int(b.kv_lens.max()) for s in schedules for b in s)
+            return self.shared.server(backend, budget, c.max_num_batched_tokens, max_seqs, max_kv)
+        except Exception as e:  # noqa: BLE001 -- e.g. out of memory: this backend's replays become errors
+            self.server_errors[backend] = e
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return e
 
     def _step_time(self) -> StepTime:
         """The scheduler's step-time model: calibrated on this GPU once per entry (stored, so a resumed run
@@ -192,6 +253,11 @@ class _Entry:
             return StepTime(**stored[e.name]["step_time"])
         if not (e.calibrate and self.device.type == "cuda"):
             return e.continuous.step_time
+        if self.shared.step_time is not None:  # measured for an earlier entry of the same model
+            fitted, record = self.shared.step_time
+            stored[e.name] = record
+            write_atomic(path, json.dumps(stored, indent=2) + "\n")
+            return fitted
         backend = next((b for b in ("fa2", *e.backends) if b != REFERENCE and b in BACKENDS
                         and BACKENDS[b].serving is not None and not BACKENDS[b].available(self.device)), None)
         if backend is None:
@@ -204,13 +270,14 @@ class _Entry:
             return e.continuous.step_time
         stored[e.name] = {"step_time": dataclasses.asdict(fitted), "backend": backend, "points": points,
                           "model": self.cfg.name, "num_layers": self.cfg.num_layers}
+        self.shared.step_time = (fitted, stored[e.name])
         write_atomic(path, json.dumps(stored, indent=2) + "\n")
         self.log(f"  step time = {fitted.base_ms:.2f} ms + {fitted.per_token_us:.2f} us/token + "
                  f"{fitted.per_kv_token_ns:.2f} ns/KV token -> {path}")
         return fitted
 
     # --- replays ------------------------------------------------------------------------------------------------
-    def _load_point(self, index: int, trace: str, label: str, scen: Scenario, todo, scenarios) -> None:
+    def _load_point(self, trace: str, label: str, scen: Scenario, todo, scenarios) -> None:
         e = self.entry
         self.log(f"e2e {e.name} {trace} load {label}: {len(scen.arrivals)} requests ({scen.refused} refused), "
                  f"{len(scen.schedule)} iterations, model {self.cfg.name} x {self.cfg.num_layers} layers, "
@@ -241,7 +308,7 @@ class _Entry:
                 else:
                     try:
                         if backend not in prepared:
-                            prepared[backend] = server.prepare(index, scen.schedule, e.warmup)
+                            prepared[backend] = server.prepare(scen.schedule, e.warmup)
                     except Exception as ex:  # noqa: BLE001 -- compilation or capture failed: this backend only
                         record = dataclasses.replace(record, status="error", reason=f"warm-up / graphs: "
                                                      f"{type(ex).__name__}: {first_line(ex)}")
@@ -316,12 +383,6 @@ class _Entry:
             self.store.add_summary(dataclasses.replace(self._base(trace, label, backend, rep, None), status=status,
                                                        reason=reason))
             self.counts[status] = self.counts.get(status, 0) + 1
-
-    def _close(self) -> None:
-        self.servers.clear()
-        self.model = self.graphs = None
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
 
 
 @dataclasses.dataclass
@@ -412,13 +473,15 @@ def calibrate(model: Decoder, graphs: Graphs | None, backend: str, spec: Continu
     schedule = _calibration_schedule(spec)
     server = Server(backend, model, graphs, peak_tokens(schedule), spec.max_num_batched_tokens,
                     max(len(b) for b in schedule), max(int(b.kv_lens.max()) for b in schedule))
-    server.prepare(-1, schedule, warmup=True)
+    server.prepare(schedule, warmup=True)
     times = [it.iteration_ms for it in server.replay(schedule, 0, None).iterations]
     x = np.array([[1.0, b.q_lens.sum(), b.kv_lens.sum()] for b in schedule])
     coef, *_ = np.linalg.lstsq(x, np.array(times), rcond=None)
     coef = np.maximum(coef, 0.0)
     points = [{"q_tokens": int(b.q_lens.sum()), "kv_tokens": int(b.kv_lens.sum()), "ms": t}
               for b, t in zip(schedule, times)]
+    if graphs is not None:
+        graphs.drop(server.attention.name)  # they point into this server's cache, which goes now
     del server
     return StepTime(base_ms=float(coef[0]), per_token_us=float(coef[1] * 1e3), per_kv_token_ns=float(coef[2] * 1e6)), \
         points
