@@ -18,7 +18,7 @@ from packinfer_bench.config import load_config
 from packinfer_bench.errors import PackinferBenchError
 from packinfer_bench.experiment import run_experiment
 from packinfer_bench.report import write_report
-from packinfer_bench.report.result import session, write_result
+from packinfer_bench.report.result import write_result
 from packinfer_bench.traces import KINDS, SHIPPED, load_trace, shipped_dir
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
@@ -58,10 +58,9 @@ def run(config: Path | None, out: Path | None, dry_run: bool, resume: bool, cuda
         if cuda_graphs:
             cfg.timing.cuda_graphs = True
         click.echo(f"experiment {cfg.name} ({config})")
-        started = time.time()
         summary = run_experiment(cfg, out, dry_run=dry_run, resume=resume, only=only, log=click.echo)
         if summary.measured:
-            click.echo(f"result: {write_result(summary.out_dir, session(started, time.time()))}")
+            click.echo(f"result: {write_result(summary.out_dir, time.time())}")
     except PackinferBenchError as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"run folder: {summary.out_dir}")

@@ -37,8 +37,9 @@ def git_sha(repo: Path | None = None) -> str | None:
         return None
 
 
-def collect() -> dict[str, object]:
-    """Environment facts for env.json."""
+def collect(full: bool = False) -> dict[str, object]:
+    """Environment facts for env.json (full: also torch.utils.collect_env's report and the GPU's clocks, as
+    each measuring session records them)."""
     import torch
 
     info: dict[str, object] = {
@@ -67,6 +68,9 @@ def collect() -> dict[str, object]:
             "count": torch.cuda.device_count(),
             "driver": _driver_version(),
         }
+    if full:
+        info["gpu_clocks"] = gpu_clocks()
+        info["collect_env"] = torch_environment()
     return info
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from packinfer_bench import envinfo
 from packinfer_bench.analytic import write_predictions
@@ -75,7 +76,7 @@ def run_experiment(config: ExperimentConfig, out: str | Path | None = None, *, d
     """Replay the experiment's workloads into its run folder and measure them (with dry_run, stop there), then
     run its end-to-end replays; only='kernel' or 'e2e' runs one of the two stages."""
     traces = load_traces(config.traces)  # bad traces fail before anything is written
-    with open_run_folder(run_dir(config, out, resume), config.to_dict(), envinfo.collect(), resume=resume,
+    with open_run_folder(run_dir(config, out, resume), config.to_dict(), envinfo.collect(full=not dry_run and config.device != "cpu" and torch.cuda.is_available()), resume=resume,
                          log=log) as folder:
         out_dir = folder.path
         write_atomic(out_dir / TRACES_FILE, json.dumps({n: {**t.describe(), "notes": t.notes} for n, t in

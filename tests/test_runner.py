@@ -186,3 +186,37 @@ def test_cuda_graph_timing_is_a_gpu_method_and_the_cpu_keeps_its_wall_clock(writ
     run_experiment(cfg, tmp_path / "run", log=logs.append)
     assert any("cuda_graphs ignored" in line for line in logs)
     assert {r["timing"] for r in _rows(tmp_path / "run") if r["status"] == "ok"} == {"wall-clock-cpu"}
+
+
+def test_scheduler_batches_run_through_each_backends_serving_call(write, tmp_path):
+    """A continuous workload's batches (decode rows, chunks, fresh prompts of requests with any ids) are measured
+    through the serving call - the backend's own cache holding the batch, the new K/V written, attention - for
+    every serving variant, against the same float32 reference."""
+    from packinfer_bench.backends.packinfer import SERVING_VARIANTS
+
+    config = """
+name: s
+device: cpu
+traces:
+  - {name: t, kind: synthetic, options: {num_requests: 10, rate: 80.0, seed: 3,
+     prompt: {dist: uniform, low: 5, high: 70}, output: {dist: uniform, low: 2, high: 9}, prefix: {groups: 2, length: 12}}}
+workloads:
+  - name: serving
+    continuous: {num_requests: null, max_num_seqs: 6, max_num_batched_tokens: 48, every: 4}
+shapes:
+  - {name: small, num_heads: 4, num_kv_heads: 2, head_dim: 64, dtype: fp16}
+backends: [fa2, packinfer]
+timing: {warmup: 0, repeats: 1, flush_l2: false}
+"""
+    cfg = load_config(write("s.yaml", config))
+    run_experiment(cfg, tmp_path / "run", log=lambda _: None)
+    rows = _rows(tmp_path / "run")
+    batches = {b.batch_id: b for b in read_batches(tmp_path / "run")}
+    assert any(min(b.request_ids) > 0 for b in batches.values()), "some batches hold later requests only"
+    assert {r["phase"] for r in rows} == {"serving"}
+    ours = [r for r in rows if r["backend"] == "packinfer"]
+    assert {r["variant"] for r in ours} == set(SERVING_VARIANTS)
+    assert len(ours) == len(batches) * len(SERVING_VARIANTS)
+    for r in ours:
+        assert r["status"] == "ok" and float(r["rel_err"]) < 1e-2, r
+    assert {r["status"] for r in rows if r["backend"] == "fa2"} == {"skipped"}

@@ -197,22 +197,27 @@ def _cache_attention(
 
 
 def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, plan: CachePlan | None,
-           softmax_scale: float, use_tma: bool | None = None, buffers: PlanBuffers | None = None) -> None:
+           softmax_scale: float, use_tma: bool | None = None, buffers: PlanBuffers | None = None,
+           grid_items: int | None = None) -> None:
     """Run the plan's items over q and the cache pools k/v [tokens, Hkv, D] into out (like q), one launch.
     Without `buffers` the launch covers exactly the plan's items, from arrays copied once per plan; with them
-    it covers their capacity and reads only them (whatever plan was last loaded, or none: every program returns),
-    so it can be captured in a CUDA graph and replayed with any later plan loaded (plan may then be None).
+    it covers `grid_items` items (default: their capacity; every plan loaded must have at most that many) and
+    reads only them (whatever plan was last loaded, or none: every program returns), so it can be captured in a
+    CUDA graph and replayed with any later plan loaded (plan may then be None). Programs past the loaded plan's
+    items return at once, but are launched: size grid_items to the iterations the graph serves.
     The launch is bound (launch.Bound): every layer reuses it."""
     spec = plan if buffers is None else buffers
     # TMA loads were 0-40% slower than pointer loads on every decode mix of the H100 tuning sweep
     # (results/decode-kernel/h100-tune), so they are opt-in here, unlike prefill
     use_tma = bool(use_tma) and spec.layout != "paged" and k.is_contiguous() and v.is_contiguous()
     holder = plan._device_cache if buffers is None else buffers.launches
+    if buffers is not None:
+        grid_items = min(grid_items or buffers.max_items, buffers.max_items)
     key = ("launch", q.device, q.dtype, q.shape[1:], k.shape[1:], q.stride(), k.stride(), v.stride(), out.stride(),
-           softmax_scale, use_tma)
+           softmax_scale, use_tma, grid_items)
     bound = holder.get(key)
     if bound is None:
-        bound = holder[key] = _bind(q, k, v, out, spec, softmax_scale, use_tma, buffers)
+        bound = holder[key] = _bind(q, k, v, out, spec, softmax_scale, use_tma, buffers, grid_items)
     if use_tma:
         dim = q.shape[2]
         k, v = (TensorDescriptor.from_tensor(t.view(t.shape[0], -1), block_shape=[spec.block_n, dim])
@@ -241,7 +246,7 @@ def plan_arrays(plan: CachePlan, device: torch.device, head_dim: int) -> dict[st
 
 
 def _bind(q, k, v, out, spec: CachePlan | PlanBuffers, softmax_scale: float, use_tma: bool,
-          buffers: PlanBuffers | None) -> Bound:
+          buffers: PlanBuffers | None, grid_items: int | None) -> Bound:
     heads, kv_heads, dim = q.shape[1], k.shape[1], q.shape[2]
     if buffers is None:
         a = plan_arrays(spec, q.device, dim)
@@ -249,7 +254,7 @@ def _bind(q, k, v, out, spec: CachePlan | PlanBuffers, softmax_scale: float, use
     else:
         a = {name: getattr(buffers, name) for name in ("header", "items", "rows", "merge_idx", "block_table",
                                                      "o_part", "lse_part", "counters")}
-        capacity = buffers.max_items
+        capacity = grid_items
     slots, block_n, pack_gqa, num_warps, num_stages = spec.tile
     table = a["block_table"]
     grid = (max(capacity, 1) * (kv_heads if pack_gqa else heads),)

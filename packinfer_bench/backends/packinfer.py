@@ -102,21 +102,27 @@ class PackinferAttention(ServingAttention):
         self._tiles: dict[tuple[int, str], int] = {}  # (padded, kind) -> slots of its graph
         self._buffers: dict[tuple, packinfer.PlanBuffers] = {}
         self._limits = {"max_rows": 8192, "max_seqs": 256, "max_pages": 1}
-        self._plan = self._bufs = None
+        self._plan = self._bufs = self._grid_items = None
         self.launches_per_layer = 3  # K and V writes, one attention kernel
 
     def configure(self, *, max_rows, max_seqs, max_kv_len, capacity_tokens, scratch_slot):
         self._limits = {"max_rows": max_rows, "max_seqs": max_seqs,
                         "max_pages": -(-max_kv_len // max(self.page_size, 1))}
 
-    def _capacity(self, slots: int) -> tuple[int, int]:
-        """(max_items, max_partials) of graph buffers for this tile: every row block of the largest iteration,
-        two segments per request, splits for WAVES programs per SM; partial rows for twice every row."""
+    def _capacity(self, slots: int, padded: int | None = None) -> tuple[int, int]:
+        """(max_items, max_partials) of an iteration of `padded` rows (default: the largest) with this tile:
+        every row block, three segments per request (prefix, unshared prefix, own tokens), splits for twice
+        the WAVES-per-SM target; partial rows for twice every row plus the splits'. The launch grid of a graph
+        covers its size's item capacity: a decode graph of 16 rows launches ~200 items' programs, not the
+        largest iteration's thousands (each launched program costs time even when it returns at once)."""
         group = self.num_heads // self.num_kv_heads
-        rows_per_item = max(slots // group, 1)
-        rows, seqs = self._limits["max_rows"], self._limits["max_seqs"]
-        items = -(-rows // rows_per_item) + 3 * seqs + 2 * packinfer.cache_plan.WAVES * self._sms
-        return items, 2 * rows + packinfer.cache_plan.WAVES * self._sms * rows_per_item
+        pack = self._planner.get("pack_gqa", group & (group - 1) == 0 and group <= 64)
+        rows_per_item = max(slots // group, 1) if pack else slots
+        rows = padded or self._limits["max_rows"]
+        seqs = min(rows, self._limits["max_seqs"])
+        splits = 2 * -(-packinfer.cache_plan.WAVES * self._sms // (self.num_kv_heads if pack else self.num_heads))
+        items = -(-rows // rows_per_item) + 3 * seqs + splits
+        return items, 2 * rows + splits * rows_per_item
 
     def _plan_step(self, view, q_lens, slots: int | None, capacity: tuple[int, int] | None):
         return packinfer.plan_cache_attention(view, q_lens, self.num_heads, num_sms=self._sms,
@@ -152,13 +158,14 @@ class PackinferAttention(ServingAttention):
             self._plan, self._bufs = self._plan_step(view, step.batch.q_lens, None, None), None
             return
         slots = self.graph_key(step)
-        plan = self._plan_step(view, step.batch.q_lens, slots, self._capacity(slots))
-        self._bufs = self._buffers_for(slots)
+        capacity = self._capacity(slots, step.padded)
+        plan = self._plan_step(view, step.batch.q_lens, slots, capacity)
+        self._bufs, self._grid_items = self._buffers_for(slots), capacity[0]
         self._bufs.load(plan)
         self._plan = plan
 
     def capture_begin(self, padded, key, cache):
-        self._bufs = self._buffers_for(key)
+        self._bufs, self._grid_items = self._buffers_for(key), self._capacity(key, padded)[0]
         self._bufs.clear()
         self._plan = None
 
@@ -166,7 +173,7 @@ class PackinferAttention(ServingAttention):
         c = self.step.cache
         out = torch.empty_like(q)
         launch_cache(q, c.k_pools[layer], c.v_pools[layer], out, self._plan, self.head_dim ** -0.5,
-                     use_tma=self._use_tma, buffers=self._bufs)
+                     use_tma=self._use_tma, buffers=self._bufs, grid_items=self._grid_items)
         return out
 
 

@@ -54,13 +54,13 @@ def _cached(x: Inputs, attention):
     for first, length in set(shared.values()):
         cache.add_prefix(first, x.k[cu[first]:cu[first] + length], x.v[cu[first]:cu[first] + length])
     slots, new = [], []
-    for i in range(len(b)):
+    for i, rid in enumerate(b.request_ids.tolist()):  # the serving call views the cache by request id
         pid, length = shared.get(i, (None, 0))
-        cache.allocate(i, pid, reserve=int(b.kv_lens[i]) - length)
+        cache.allocate(rid, pid, reserve=int(b.kv_lens[i]) - length)
         lo, mid = cu[i] + length, cu[i] + cached[i]
         if mid > lo:
-            cache.append(i, x.k[lo:mid], x.v[lo:mid])
-        slots.append(cache.extend(i, int(b.q_lens[i])))
+            cache.append(rid, x.k[lo:mid], x.v[lo:mid])
+        slots.append(cache.extend(rid, int(b.q_lens[i])))
         new.append(np.arange(mid, cu[i + 1]))
     result = (cache, torch.from_numpy(np.concatenate(slots)).to(x.q.device),
               torch.from_numpy(np.concatenate(new)).to(x.q.device))

@@ -150,9 +150,16 @@ def _row(base: dict, metric: str, unit: str, lower: bool, a: np.ndarray, b: np.n
             "ratio_high": ratio.high, "verdict": verdict(ratio, lower_is_better=lower)}
 
 
+def _at(df: pd.DataFrame, point: tuple) -> pd.Series:
+    """Rows of one load point (e2e, trace, rate)."""
+    mask = pd.Series(True, index=df.index)
+    for column, value in zip(_POINT, point):
+        mask &= df[column].astype(str) == str(value)
+    return mask
+
+
 def _request_rows(requests, point, ours, peer, repeats, base) -> list[dict]:
-    sub = requests[(requests[_POINT].astype(str).agg("/".join, axis=1) == "/".join(map(str, point)))
-                   & requests["repeat"].isin(repeats)]
+    sub = requests[_at(requests, point) & requests["repeat"].isin(repeats)]
     pair = sub[sub["backend"] == ours].merge(sub[sub["backend"] == peer], on=["repeat", "request_id"],
                                              suffixes=("_a", "_b"))
     rows = []
@@ -175,8 +182,7 @@ def _repeat_rows(runs, ours, peer, repeats, base) -> list[dict]:
 def _iteration_rows(iterations, point, ours, peer, repeats, base) -> list[dict]:
     if iterations is None or iterations.empty:
         return []
-    sub = iterations[(iterations[_POINT].astype(str).agg("/".join, axis=1) == "/".join(map(str, point)))
-                     & iterations["repeat"].isin(repeats)]
+    sub = iterations[_at(iterations, point) & iterations["repeat"].isin(repeats)]
     pair = sub[sub["backend"] == ours].merge(sub[sub["backend"] == peer], on=["repeat", "iteration"],
                                              suffixes=("_a", "_b"))
     rows = []

@@ -1,7 +1,8 @@
 """result.json: one self-describing file per run folder - schema version, experiment and resolved config, every
-session that measured into the folder (start and end time, commit, torch.utils.collect_env's report, GPU clocks),
+session that measured into the folder (its start, and end where it finished; commit, torch.utils.collect_env's
+report and GPU clocks, as sessions.jsonl recorded them when it began, so a killed session keeps its environment),
 and every headline metric the report computes (kernel speed-ups, ablation, serving-call wins; end-to-end
-comparisons with intervals, iteration kinds, sustained rates). Sessions accumulate: a resumed run adds its own."""
+comparisons with intervals, iteration kinds, sustained rates)."""
 
 from __future__ import annotations
 
@@ -13,28 +14,26 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from packinfer_bench import envinfo
 from packinfer_bench.report.e2e_tables import (e2e_compare_table, e2e_iteration_kinds_table, e2e_slo_table, has_e2e,
                                                load_e2e, load_e2e_iterations)
 from packinfer_bench.report.tables import ablation_table, best_variant_wins_table, load_records, speedup_table
-from packinfer_bench.run_folder import CONFIG_FILE, RECORDS_FILE, write_atomic
+from packinfer_bench.run_folder import CONFIG_FILE, RECORDS_FILE, JsonLines, write_atomic
+from packinfer_bench.run_folder.files import SESSIONS_FILE
 
 RESULT_FILE = "result.json"
 SCHEMA_VERSION = 1
 
 
-def session(started: float, finished: float) -> dict:
-    """This process's measuring session: when, which commit, and on what (collect_env, GPU clocks)."""
-    return {"started_at": _iso(started), "finished_at": _iso(finished), "commit": envinfo.git_sha(),
-            "gpu_clocks": envinfo.gpu_clocks(), "collect_env": envinfo.torch_environment()}
-
-
-def write_result(run: Path, new_session: dict | None = None) -> Path:
-    """Write (or refresh) run/result.json: the sessions so far (plus new_session) and the metrics now."""
+def write_result(run: Path, finished: float | None = None) -> Path:
+    """Write (or refresh) run/result.json: every session of sessions.jsonl (the last one finished at `finished`
+    when given; ends already recorded are kept) and the metrics now."""
     path = run / RESULT_FILE
     old = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     config = yaml.safe_load((run / CONFIG_FILE).read_text(encoding="utf-8")) if (run / CONFIG_FILE).is_file() else {}
-    sessions = [*old.get("sessions", []), *([new_session] if new_session else [])]
+    ends = {s.get("started"): s.get("finished_at") for s in old.get("sessions", [])}
+    sessions = [{**s, "finished_at": ends.get(s.get("started"))} for s in JsonLines(run / SESSIONS_FILE).read()[0]]
+    if finished is not None and sessions:
+        sessions[-1]["finished_at"] = _iso(finished)
     result = {"schema_version": SCHEMA_VERSION, "experiment": (config or {}).get("name"), "config": config,
               "sessions": sessions, "metrics": metrics(run)}
     write_atomic(path, json.dumps(_clean(result), indent=1, default=str) + "\n")

@@ -9,3 +9,5 @@ RECORDS_FILE = "records.csv"
 ANALYTIC_FILE = "analytic.csv"
 E2E_DIR = "e2e"
 SUMMARY_FILE, REQUESTS_FILE, ITERATIONS_FILE = "summary.csv", "requests.csv", "iterations.csv"
+#: One JSON line per session that opened the run folder: when, with which config hash, on what environment.
+SESSIONS_FILE = "sessions.jsonl"

@@ -15,11 +15,10 @@ from pathlib import Path
 import yaml
 
 from packinfer_bench.errors import PackinferBenchError
-from packinfer_bench.run_folder.files import CONFIG_FILE, ENV_FILE
+from packinfer_bench.run_folder.files import SESSIONS_FILE, CONFIG_FILE, ENV_FILE
 from packinfer_bench.run_folder.store import JsonLines, write_atomic
 
 LOCK_FILE = "run.lock"
-SESSIONS_FILE = "sessions.jsonl"
 
 
 def config_hash(config: dict) -> str:
