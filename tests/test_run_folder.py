@@ -194,3 +194,18 @@ def test_two_concurrent_resumes_never_store_a_record_twice(tmp_path):
         assert p.returncode == 0 or "in use by another run" in text, text
     keys = _keys(out)
     assert len(keys) == len(set(keys)) == 1000 + 18
+
+
+def test_an_archived_file_reads_as_the_file_and_refuses_appends(tmp_path):
+    """Committed reference runs may keep a large finished file gzip-compressed beside its name."""
+    import gzip
+
+    rows = CsvRows(tmp_path / "iterations.csv")
+    rows.append([{"a": "1", "b": "x"}, {"a": "2", "b": "y"}])
+    plain = rows.read()[0]
+    data = (tmp_path / "iterations.csv").read_bytes()
+    (tmp_path / "iterations.csv").unlink()
+    (tmp_path / "iterations.csv.gz").write_bytes(gzip.compress(data))
+    assert rows.exists() and rows.header() == ["a", "b"] and rows.read()[0] == plain
+    with pytest.raises(PackinferBenchError, match="archived .compressed. file is read-only"):
+        rows.append([{"a": "3", "b": "z"}])

@@ -22,6 +22,7 @@ import pandas as pd
 from packinfer_bench.report.tables import OURS_BACKEND, frame, read_rows
 from packinfer_bench.run_folder import E2E_DIR, ITERATIONS_FILE, REQUESTS_FILE, SUMMARY_FILE
 from packinfer_bench.run_folder.e2e import KEY_DEFAULTS, complete_rows
+from packinfer_bench.run_folder.store import CsvRows
 from packinfer_bench.stats import bootstrap, paired_ratio, verdict
 
 #: An end-to-end load point's key, and the columns of e2e/summary.csv and e2e/requests.csv the report reads.
@@ -57,7 +58,7 @@ def load_e2e_iterations(run: Path) -> pd.DataFrame:
     where an older file lacks them (kind from the request counts, host time = prepare + launch)."""
     path = run / E2E_DIR / ITERATIONS_FILE
     summary_rows = read_rows(run / E2E_DIR / SUMMARY_FILE, E2E_SUMMARY_COLUMNS)[1]
-    if not path.is_file():
+    if not CsvRows(path).exists():
         return pd.DataFrame(columns=[*E2E_ITERATION_COLUMNS, "repeat", "kind", "host_ms", "gpu_ms"])
     header, rows = read_rows(path, E2E_ITERATION_COLUMNS, ("iteration_ms",))
     df = frame(header, complete_rows(rows, summary_rows), dtype={"rate": str})

@@ -21,7 +21,7 @@ import pandas as pd
 
 from packinfer_bench.errors import PackinferBenchError
 from packinfer_bench.run_folder import RECORDS_FILE, WORKLOAD_FILE
-from packinfer_bench.run_folder.store import CsvRows
+from packinfer_bench.run_folder.store import CsvRows, not_a_number
 
 #: "Ours": the backend every other one is compared with. End to end it is the backend; at kernel level its full
 #: variant (its other variants are ablations, each with one feature off).
@@ -53,17 +53,7 @@ def _numbers_check(columns: Iterable[str]) -> Callable[[dict[str, str]], str | N
     """A row check (run_folder.store): each of `columns` is empty or a number."""
     columns = tuple(columns)
 
-    def check(row: dict[str, str]) -> str | None:
-        for name in columns:
-            value = row.get(name, "")
-            if value:
-                try:
-                    float(value)
-                except ValueError:
-                    return f"{name} {value[:20]!r} is not a number"
-        return None
-
-    return check
+    return lambda row: not_a_number(row, columns)
 
 
 def read_rows(path: Path, required: Iterable[str],

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from packinfer_bench.run_folder.files import RECORDS_FILE
-from packinfer_bench.run_folder.store import CsvRows
+from packinfer_bench.run_folder.store import CsvRows, not_a_number
 
 STATUSES = ("ok", "incorrect", "skipped", "error")
 
@@ -61,14 +61,7 @@ _NUMBERS = [f.name for f in dataclasses.fields(Record) if f.type in ("int", "flo
 def _check(row: dict[str, str]) -> str | None:
     if row.get("status") not in STATUSES:
         return f"status {row.get('status')!r} is none of {list(STATUSES)}"
-    for name in _NUMBERS:
-        value = row.get(name, "")
-        if value:
-            try:
-                float(value)
-            except ValueError:
-                return f"{name} {value[:20]!r} is not a number"
-    return None
+    return not_a_number(row, _NUMBERS)
 
 
 class RecordStore:

@@ -11,6 +11,7 @@ written to a temporary file and renamed into place.
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
 import logging
@@ -85,18 +86,41 @@ def _one_line(value: object) -> object:
     return value
 
 
+def not_a_number(row: dict[str, str], columns) -> str | None:
+    """Why a row is unusable: the first of `columns` that holds something other than a number (empty is fine)."""
+    for name in columns:
+        value = row.get(name, "")
+        if value:
+            try:
+                float(value)
+            except ValueError:
+                return f"{name} {value[:20]!r} is not a number"
+    return None
+
+
 class CsvRows:
-    """An append-only CSV file of rows with a fixed header. check(row) -> None or why the row is unusable."""
+    """An append-only CSV file of rows with a fixed header. check(row) -> None or why the row is unusable.
+    A finished file may be archived gzip-compressed beside its name (`<name>.gz`, for committed reference runs):
+    it is read as the file itself, and appending to it is refused."""
 
     def __init__(self, path: Path, fields: list[str] | None = None,
                  check: Callable[[dict[str, str]], str | None] | None = None):
         self.path, self.fields, self.check = Path(path), fields, check
+        self.archived = self.path.with_name(self.path.name + ".gz")
+
+    def _open(self):
+        if not self.path.exists() and self.archived.exists():
+            return gzip.open(self.archived, "rt", encoding="utf-8", errors="replace", newline="")
+        return open(self.path, encoding="utf-8", errors="replace", newline="")
+
+    def exists(self) -> bool:
+        return self.path.exists() or self.archived.exists()
 
     def header(self) -> list[str] | None:
         """The file's header (None when the file is missing or has none yet)."""
-        if not self.path.exists():
+        if not self.exists():
             return None
-        with open(self.path, encoding="utf-8", errors="replace", newline="") as f:
+        with self._open() as f:
             first = f.readline()
         if not first.endswith("\n"):
             return None
@@ -107,6 +131,9 @@ class CsvRows:
         rows = list(rows)
         if not rows:
             return
+        if self.archived.exists():
+            raise PackinferBenchError(f"{self.archived}: an archived (compressed) file is read-only; gunzip it to "
+                                      "add to this run folder")
         fields = self.fields or list(rows[0])
         if self.path.exists():
             _cut_torn_tail(self.path)
@@ -137,9 +164,9 @@ class CsvRows:
         return rows, bad
 
     def _rows(self, bad: BadLines) -> Iterator[dict[str, str]]:
-        if not self.path.exists():
+        if not self.exists():
             return
-        with open(self.path, encoding="utf-8", errors="replace", newline="") as f:
+        with self._open() as f:
             header = None
             for n, line in enumerate(f, 1):
                 if not line.endswith("\n"):
