@@ -50,8 +50,7 @@ def _replays(device, graphs_cls):
         if device == "cpu":
             attn._sms = 8  # the planner's SM count: a small capacity grid keeps the interpreter quick
         cache = make_cache(attn, model, cache_capacity(attn, peak_tokens(scen.schedule), spec.max_num_seqs))
-        attn.configure(max_rows=64, max_seqs=6, max_kv_len=200, capacity_tokens=cache.capacity_tokens,
-                       scratch_slot=0)
+        attn.configure(max_rows=64, max_seqs=6, max_kv_len=200, capacity_tokens=cache.capacity_tokens)
         if graphs is not None:
             assert prepare_graphs(graphs, scen.schedule, attn, cache) == ""
         cache = make_cache(attn, model, cache.capacity_tokens)

@@ -160,8 +160,7 @@ class ServingAttention:
         self.staging = Staging(device)
         self.launches_per_layer = 0
 
-    def configure(self, *, max_rows: int, max_seqs: int, max_kv_len: int, capacity_tokens: int,
-                  scratch_slot: int) -> None:
+    def configure(self, *, max_rows: int, max_seqs: int, max_kv_len: int, capacity_tokens: int) -> None:
         """Sizes for the fixed graph buffers (a backend without graph_kinds ignores them)."""
 
     def begin(self, step: Step) -> None:

@@ -67,7 +67,7 @@ class Fa2Attention(ServingAttention):
         self._static: dict[str, torch.Tensor] = {}
         self._max_kv = 0
 
-    def configure(self, *, max_rows, max_seqs, max_kv_len, capacity_tokens, scratch_slot):
+    def configure(self, *, max_rows, max_seqs, max_kv_len, capacity_tokens):
         if self._paged_fn is None:
             dev = self.device
             self._static = {"cu_q": torch.arange(max_rows + 1, dtype=torch.int32, device=dev),

@@ -107,7 +107,7 @@ class FlashInferAttention(ServingAttention):
         self.kernel = (f"FlashInfer {self._fi.__version__}: decode (tensor cores, CUDA-graph wrappers), prefill over "
                        f"the paged cache ({self._prefill_backends[0]} backend)")
 
-    def configure(self, *, max_rows, max_seqs, max_kv_len, capacity_tokens, scratch_slot):
+    def configure(self, *, max_rows, max_seqs, max_kv_len, capacity_tokens):
         self._max_pages = -(-capacity_tokens // self.page_size) + max_rows
 
     def _table(self, step, padded: int | None):

@@ -105,7 +105,7 @@ class PackinferAttention(ServingAttention):
         self._plan = self._bufs = self._grid_items = None
         self.launches_per_layer = 3  # K and V writes, one attention kernel
 
-    def configure(self, *, max_rows, max_seqs, max_kv_len, capacity_tokens, scratch_slot):
+    def configure(self, *, max_rows, max_seqs, max_kv_len, capacity_tokens):
         self._limits = {"max_rows": max_rows, "max_seqs": max_seqs,
                         "max_pages": -(-max_kv_len // max(self.page_size, 1))}
 

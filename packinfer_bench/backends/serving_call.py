@@ -25,7 +25,7 @@ def serving_call(backend: Backend, x: Inputs, variant: str) -> Callable[[], torc
     cache, slots, new = _cached(x, attention)
     b = x.batch
     attention.configure(max_rows=int(b.q_lens.sum()), max_seqs=len(b), max_kv_len=int(b.kv_lens.max()),
-                        capacity_tokens=cache.capacity_tokens, scratch_slot=0)
+                        capacity_tokens=cache.capacity_tokens)
     attention.begin(Step(b, cache, None, slots, b.cu_seqlens()[0]))
     k, v = x.k[new], x.v[new]
     return lambda: attention(0, x.q, k, v)

@@ -82,7 +82,7 @@ class Server:
         _check_memory(self.capacity, cfg, model.dtype, model.device)
         self.cache = make_cache(self.attention, model, self.capacity)
         self.attention.configure(max_rows=max_rows, max_seqs=max_seqs, max_kv_len=max_kv_len,
-                                 capacity_tokens=self.cache.capacity_tokens, scratch_slot=0)
+                                 capacity_tokens=self.cache.capacity_tokens)
         self.warm = False  # kernels compiled (JIT modules built) by a one-layer pass over a schedule
 
     def fresh_cache(self):
