@@ -64,9 +64,9 @@ def write_predictions(batches: list[Batch], shapes: list[ShapeConfig], sms: int,
 def predict(batch: Batch, shape: ShapeConfig, sms: int) -> dict[str, float]:
     """Makespans, imbalance (makespan / perfectly even split) and predicted speedup of packinfer over FA2's grid."""
     cu_q, cu_k = batch.cu_seqlens()
-    fa2 = packinfer.plan_for(cu_q, cu_k, shape.num_heads, shape.num_kv_heads, shape.head_dim, packing=False,
-                             balancing=False, config=packinfer.FA2_LIKE)
-    ours = packinfer.plan_for(cu_q, cu_k, shape.num_heads, shape.num_kv_heads, shape.head_dim)
+    fa2 = packinfer.plan_for(cu_q, cu_k, shape.num_heads, shape.num_kv_heads, shape.head_dim, causal=True,
+                             packing=False, balancing=False, config=packinfer.FA2_LIKE)
+    ours = packinfer.plan_for(cu_q, cu_k, shape.num_heads, shape.num_kv_heads, shape.head_dim, causal=True)
     out: dict[str, float] = {}
     for name, costs in (("fa2_grid", fa2_grid_costs(fa2)), ("packinfer", program_costs(ours))):
         span = makespan(costs, sms)

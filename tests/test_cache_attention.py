@@ -127,7 +127,8 @@ def test_bad_arguments_are_named():
     q = torch.randn(3, 4, 64).half()
     cases = [
         (lambda: plan_cache_attention(view, [1], 4), "q_lens has 1 entries but the view has 2"),
-        (lambda: plan_cache_attention(view, [1, 21], 4), "request 1 has q_len 21, kv_len 20"),
+        (lambda: plan_cache_attention(view, [1, 0], 4), "request 1 has q_len 0"),
+        (lambda: plan_cache_attention(view, [1, 1], 4, window=(-2, 0)), "window must be"),
         (lambda: plan_cache_attention(view, [1, 1], 3), "multiple of the cache's 2 KV heads"),
         (lambda: plan_cache_attention(view, [1, 1], 4, kv_chunk=100), "kv_chunk must be a positive multiple"),
         (lambda: plan_cache_attention(view, [1, 1], 6, pack_gqa=True), "power-of-two GQA group"),
@@ -170,7 +171,7 @@ def _iteration(rng, n):
     tokens (q < kv), decode rows; requests 0-2 share a prefix when they are long enough."""
     edge = [1, BN - 1, BN, BN + 1, 2 * BN + 1, 3]
     kv, q = [], []
-    for i in range(n):
+    for _ in range(n):
         kind = rng.integers(3)
         if kind == 0:  # fresh prompt
             length = int(rng.choice(edge)) if rng.random() < 0.5 else int(rng.integers(1, 4 * BN))

@@ -99,7 +99,7 @@ def test_requests_without_queries_or_keys(device):
 def test_plan_is_built_when_not_given_and_scale_is_honoured(device):
     q, k, v, cu_q, cu_k = _batch([5, 9], [5, 9], 4, 4, 64, torch.float16, device, 2)
     for scale in (None, 0.3):
-        out = varlen_attention(q, k, v, cu_q, cu_k, 9, 9, softmax_scale=scale)
+        out = varlen_attention(q, k, v, cu_q, cu_k, 9, 9, causal=True, softmax_scale=scale)
         ref = reference_varlen_attention(q, k, v, cu_q, cu_k, softmax_scale=scale)
         assert (out.float() - ref).abs().max() < TOL[torch.float16]
 
@@ -107,7 +107,7 @@ def test_plan_is_built_when_not_given_and_scale_is_honoured(device):
 def test_default_plan_for_each_head_dim(device):
     for dim in (64, 128, 256):
         q, k, v, cu_q, cu_k = _batch([3, 20], [3, 20], 4, 2, dim, torch.float16, device, dim)
-        out = varlen_attention(q, k, v, cu_q, cu_k, 20, 20)  # plan_for picks the tile shape
+        out = varlen_attention(q, k, v, cu_q, cu_k, 20, 20, causal=True)  # plan_for picks the tile shape
         assert (out.float() - reference_varlen_attention(q, k, v, cu_q, cu_k)).abs().max() < TOL[torch.float16]
 
 
@@ -118,7 +118,7 @@ def test_one_requests_nan_or_inf_never_reaches_another_request(poison, packing, 
     bit of their clean outputs; the poisoned request's own rows are its own business."""
     q_lens, kv_lens = [3, 5, 2, 9, 1], [3, 7, 2, 20, 4]
     q, k, v, cu_q, cu_k = _batch(q_lens, kv_lens, 4, 2, 64, torch.float16, device, 7)
-    plan = plan_varlen(cu_q, cu_k, 4, 2, 64, block_m=BM, block_n=BN, packing=packing)
+    plan = plan_varlen(cu_q, cu_k, 4, 2, 64, causal=True, block_m=BM, block_n=BN, packing=packing)
     assert not packing or plan.num_tiles < len(q_lens), "the requests share packed tiles"
     clean = varlen_attention(q, k, v, cu_q, cu_k, 9, 20, causal=True, plan=plan)
     k[int(cu_k[1]):int(cu_k[2]):2, 0] = poison

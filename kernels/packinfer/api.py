@@ -12,7 +12,8 @@ from packinfer.cache_plan import CachePlan, PlanBuffers
 from packinfer.kv_cache import KVView
 from packinfer.packed_attention import launch as launch_packed
 from packinfer.plan import Plan, as_numpy, plan_varlen
-from packinfer.validate import HEAD_DIMS, check_qkv
+from packinfer.scoring import ScoreOptions
+from packinfer.validate import check_head_dim, check_qkv, check_score_options, head_dim_padded
 
 
 @dataclass(frozen=True)
@@ -41,89 +42,126 @@ _SHORT = KernelConfig(64, 64, 4, 3, True)
 def choose_config(q_lens: np.ndarray, kv_lens: np.ndarray, num_heads: int, num_kv_heads: int,
                   head_dim: int, causal: bool = True) -> KernelConfig:
     """Tile shape for a batch from two statistics: mean keys attended per query row, and mean query rows per
-    request (small for decode and chunked prefill, which keep the small tiles whatever their context)."""
-    if head_dim not in HEAD_DIMS:
-        raise ValueError(f"head_dim {head_dim} is not supported; supported: {list(HEAD_DIMS)}")
+    request (small for decode and chunked prefill, which keep the small tiles whatever their context). A head dim
+    that is not a power of two gets the tiles of the power of two it is padded to."""
+    check_head_dim(head_dim)
     q_total = max(int(q_lens.sum()), 1)
     if causal:
-        keys_per_row = float((q_lens * (kv_lens - q_lens) + q_lens * (q_lens + 1) // 2).sum()) / q_total
+        keys_per_row = float((q_lens * np.maximum(kv_lens - q_lens, 0) + q_lens * (q_lens + 1) // 2).sum()) / q_total
     else:
         keys_per_row = float((q_lens * kv_lens).sum()) / q_total
     cfg = _LONG if keys_per_row >= 1500 and q_lens.mean() >= 256 else _SHORT
     group = num_heads // num_kv_heads
     if cfg.pack_gqa and (group & (group - 1) or group > cfg.slots // 16):
         cfg = KernelConfig(cfg.slots, cfg.block_n, cfg.num_warps, cfg.num_stages, False)
-    if head_dim == 256:  # keep the accumulator in registers: half the slots, narrower key steps
+    if head_dim_padded(head_dim) == 256:  # keep the accumulator in registers: half the slots, narrower key steps
         cfg = KernelConfig(max(cfg.slots // 2, 16 * (group if cfg.pack_gqa else 1)), 32, 8, 2, cfg.pack_gqa)
     return cfg
 
 
-def plan_for(cu_seqlens_q, cu_seqlens_k, num_heads: int, num_kv_heads: int, head_dim: int, *, causal: bool = True,
-             packing: bool = True, balancing: bool = True, config: KernelConfig | None = None) -> Plan:
+def plan_for(cu_seqlens_q, cu_seqlens_k, num_heads: int, num_kv_heads: int, head_dim: int, *, causal: bool,
+             window: tuple[int, int] = (-1, -1), packing: bool = True, balancing: bool = True,
+             config: KernelConfig | None = None) -> Plan:
     """plan_varlen with the tile shape chosen for this batch (or the given config)."""
     cu_q, cu_k = as_numpy(cu_seqlens_q, "cu_seqlens_q"), as_numpy(cu_seqlens_k, "cu_seqlens_k")
     if config is None:
         config = choose_config(np.diff(cu_q.astype(np.int64)), np.diff(cu_k.astype(np.int64)), num_heads,
                                num_kv_heads, head_dim, causal)
     group = num_heads // num_kv_heads if config.pack_gqa else 1
-    return plan_varlen(cu_q, cu_k, num_heads, num_kv_heads, head_dim, causal=causal,
+    return plan_varlen(cu_q, cu_k, num_heads, num_kv_heads, head_dim, causal=causal, window=window,
                        block_m=config.slots // group, block_n=config.block_n, packing=packing, balancing=balancing,
                        pack_gqa=config.pack_gqa, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = True,
-                     softmax_scale: float | None = None, plan: Plan | None = None, out: torch.Tensor | None = None,
-                     validate: bool = True, use_tma: bool | None = None) -> torch.Tensor:
-    """Attention over a ragged batch, FlashAttention varlen conventions: q [total_q, H, D], k/v [total_k, Hkv, D],
-    int32 cu_seqlens [B+1]; causal masks are aligned bottom-right when q_len < kv_len. Returns out like q.
+                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *, causal: bool,
+                     softmax_scale: float | None = None, window: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                     alibi_slopes: torch.Tensor | None = None, return_lse: bool = False, plan: Plan | None = None,
+                     out: torch.Tensor | None = None, validate: bool = True,
+                     use_tma: bool | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention over a ragged batch, FlashAttention varlen conventions: q [total_q, H, D], k/v [total_k, Hkv, D]
+    (any D <= 256), int32 cu_seqlens [B+1]; causal masks are aligned bottom-right (a row of a request with
+    q_len > kv_len that sees no key gives zeros). Returns out like q, and with return_lse the natural-log
+    softmax normaliser fp32 [H, total_q] (+inf for a row that sees no key).
 
-    `plan` (from plan_for / plan_varlen on the same lengths) skips planning; build it once per batch and reuse it
-    for every layer. `out` (like q) receives the result when given. validate=False skips the argument checks,
-    which read cu_seqlens on the host (a device sync); use it only for calls whose arguments were checked before.
-    use_tma: load K/V through the Hopper tensor-memory accelerator (None: on GPUs that have one).
-    max_seqlen_q / max_seqlen_k are accepted for drop-in compatibility and not needed.
+    window (left, right): sliding window around each query's position (-1: unbounded side); softcap > 0:
+    scores capped as softcap * tanh(s / softcap); alibi_slopes fp32 [H] or [B, H]: ALiBi bias
+    -slope * |i + kv_len - q_len - j|. `plan` (from plan_for / plan_varlen on the same lengths, causal flag and
+    window) skips planning; build it once per batch and reuse it for every layer. `out` (like q) receives the
+    result when given. validate=False skips the argument checks, which read cu_seqlens on the host (a device
+    sync); use it only for calls whose arguments were checked before. use_tma: load K/V through the Hopper
+    tensor-memory accelerator (None: on GPUs that have one). max_seqlen_q / max_seqlen_k are accepted for drop-in
+    compatibility and not needed. Forward only (inference).
     """
+    window = (int(window[0]), int(window[1]))
     if validate:
         check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k)
+        check_score_options(softcap, alibi_slopes, q.shape[1], len(cu_seqlens_q) - 1, q.device)
     head_dim = q.shape[2]
     if plan is None:
-        plan = plan_for(cu_seqlens_q, cu_seqlens_k, q.shape[1], k.shape[1], head_dim, causal=causal)
-    elif validate and (plan.causal != causal or plan.num_heads != q.shape[1] or plan.num_kv_heads != k.shape[1]
-                       or plan.head_dim != head_dim
+        plan = plan_for(cu_seqlens_q, cu_seqlens_k, q.shape[1], k.shape[1], head_dim, causal=causal, window=window)
+    elif validate and (plan.causal != causal or plan.window != window or plan.num_heads != q.shape[1]
+                       or plan.num_kv_heads != k.shape[1] or plan.head_dim != head_dim
                        or not np.array_equal(plan.cu_seqlens_q, cu_seqlens_q.cpu().numpy())
                        or not np.array_equal(plan.cu_seqlens_k, cu_seqlens_k.cpu().numpy())):
-        raise ValueError("plan was built for another batch or shape (causal, heads, head_dim or lengths differ)")
+        raise ValueError("plan was built for another batch or shape (causal, window, heads, head_dim or lengths "
+                         "differ)")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    if out is None:
-        out = torch.empty_like(q)
-    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
-        raise ValueError(f"out must match q (shape {tuple(q.shape)}, {q.dtype}, {q.device}, last dim contiguous), "
-                         f"got {tuple(out.shape)}, {out.dtype}, {out.device}")
+    out = _output(q, out)
+    lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device) if return_lse else None
+    if alibi_slopes is not None and alibi_slopes.dim() == 2:  # one slope row per query row
+        alibi_slopes = _slopes_per_row(alibi_slopes, np.diff(plan.cu_seqlens_q), q.shape[0])
     scale = softmax_scale if softmax_scale is not None else head_dim ** -0.5
-    launch_packed(q, k, v, out, plan, scale, use_tma)
-    return out
+    launch_packed(q, k, v, out, plan, scale, use_tma, ScoreOptions(softcap, alibi_slopes), lse)
+    return out if lse is None else (out, lse)  # lse is set exactly when return_lse
 
 
 def cache_attention(q: torch.Tensor, view: KVView, plan: CachePlan, *, softmax_scale: float | None = None,
+                    softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None, return_lse: bool = False,
                     out: torch.Tensor | None = None, validate: bool = True, use_tma: bool | None = None,
-                    buffers: PlanBuffers | None = None) -> torch.Tensor:
+                    buffers: PlanBuffers | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of new query rows over a KV cache, any mix of decode rows, prompt chunks and fresh prompts
     (their K/V written to the cache first): q [sum(q_lens), H, D], the rows of each request of `view` in order,
-    each the last q_lens[i] positions of its request (bottom-right causal). One kernel launch.
-    `plan` comes from plan_cache_attention(view, q_lens, H) and serves every layer of the step; `buffers`
-    (PlanBuffers the plan was loaded into) makes the launch read only fixed-capacity tensors (CUDA graphs).
-    Returns out like q; validate=False skips the checks (for calls whose arguments were checked before).
-    use_tma: load K/V of the grouped layout through Hopper's TMA (off by default: slower for decode on H100)."""
+    each the last q_lens[i] positions of its request (bottom-right; the plan says causal or not, and its window).
+    One kernel launch. `plan` comes from plan_cache_attention(view, q_lens, H) and serves every layer of the step;
+    `buffers` (PlanBuffers the plan was loaded into) makes the launch read only fixed-capacity tensors (CUDA
+    graphs). softcap / alibi_slopes ([H] or [requests, H]) / return_lse as in varlen_attention (lse fp32
+    [H, rows]). Returns out like q; validate=False skips the checks (for calls whose arguments were checked
+    before). use_tma: load K/V of the grouped layout through Hopper's TMA (off by default: slower for decode on
+    H100)."""
     if validate:
         _check_cache_call(q, view, plan, out)
+        check_score_options(softcap, alibi_slopes, q.shape[1], len(plan.q_lens), q.device)
         if buffers is not None and buffers.plan is not plan:
             raise ValueError("buffers hold another plan: load(plan) them first")
-    if out is None:
-        out = torch.empty_like(q)
+    out = _output(q, out)
+    lse = None
+    if return_lse:
+        lse = torch.full((q.shape[1], q.shape[0]), float("inf"), dtype=torch.float32, device=q.device)
+    if alibi_slopes is not None and alibi_slopes.dim() == 2:
+        alibi_slopes = _slopes_per_row(alibi_slopes, plan.q_lens, q.shape[0])
+    empty = plan.empty_rows
+    if len(empty):  # rows that see no position (q_len > kv_len): no program writes them
+        out[torch.from_numpy(empty.astype(np.int64)).to(q.device)] = 0
     scale = softmax_scale if softmax_scale is not None else q.shape[2] ** -0.5
-    launch_cache(q if q.stride(-1) == 1 else q.contiguous(), view.k, view.v, out, plan, scale, use_tma, buffers)
+    launch_cache(q if q.stride(-1) == 1 else q.contiguous(), view.k, view.v, out, plan, scale, use_tma, buffers,
+                 options=ScoreOptions(softcap, alibi_slopes), lse=lse)
+    return out if lse is None else (out, lse)  # lse is set exactly when return_lse
+
+
+def _output(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    if out is None:
+        return torch.empty_like(q)
+    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
+        raise ValueError(f"out must match q (shape {tuple(q.shape)}, {q.dtype}, {q.device}, last dim contiguous), "
+                         f"got {tuple(out.shape)}, {out.dtype}, {out.device}")
     return out
+
+
+def _slopes_per_row(slopes: torch.Tensor, q_lens: np.ndarray, total: int) -> torch.Tensor:
+    """[B, H] slopes as one row per query row."""
+    counts = torch.from_numpy(np.asarray(q_lens, dtype=np.int64)).to(slopes.device)
+    return torch.repeat_interleave(slopes, counts, dim=0, output_size=total)
 
 
 def _check_cache_call(q: torch.Tensor, view: KVView, plan: CachePlan, out: torch.Tensor | None) -> None:
@@ -132,9 +170,9 @@ def _check_cache_call(q: torch.Tensor, view: KVView, plan: CachePlan, out: torch
     rows = int(plan.q_lens.sum())
     if q.shape[0] != rows or q.shape[1] != plan.num_heads:
         raise ValueError(f"q has shape {tuple(q.shape)} but the plan expects {rows} rows of {plan.num_heads} heads")
-    if q.shape[2] != view.k.shape[2] or q.shape[2] not in HEAD_DIMS:
-        raise ValueError(f"q head_dim {q.shape[2]} must equal the cache's ({view.k.shape[2]}), one of "
-                         f"{list(HEAD_DIMS)}")
+    if q.shape[2] != view.k.shape[2]:
+        raise ValueError(f"q head_dim {q.shape[2]} must equal the cache's ({view.k.shape[2]})")
+    check_head_dim(q.shape[2])
     if q.dtype != view.k.dtype or q.device != view.k.device:
         raise ValueError(f"q is {q.dtype} on {q.device}, the cache {view.k.dtype} on {view.k.device}")
     if (plan.layout != view.layout or plan.num_kv_heads != view.k.shape[1]

@@ -35,8 +35,17 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from packinfer.cache_plan import ITEM_FIELDS, ROW_FIELDS, CachePlan, PlanBuffers
 from packinfer.launch import Bound
-from packinfer.triton_common import (LOG2E, any_nonfinite, field_offset, interpreter_needs_f32_dot,
-                                     online_softmax_step, program_slots)
+from packinfer.scoring import NO_OPTIONS, ScoreOptions
+from packinfer.triton_common import (
+    any_nonfinite,
+    field_offset,
+    interpreter_needs_f32_dot,
+    log_sum_exp,
+    online_softmax_step,
+    program_slots,
+    window_blocks,
+)
+from packinfer.validate import head_dim_padded
 
 ITEM_WIDTH = tl.constexpr(len(ITEM_FIELDS))
 ITEM_ROW_FIRST = field_offset(ITEM_FIELDS, "row_first")
@@ -51,6 +60,8 @@ ROW_Q_ROW = field_offset(ROW_FIELDS, "q_row")
 ROW_LIMIT = field_offset(ROW_FIELDS, "limit")
 ROW_PART_FIRST = field_offset(ROW_FIELDS, "part_first")
 ROW_PART_COUNT = field_offset(ROW_FIELDS, "part_count")
+ROW_LOW = field_offset(ROW_FIELDS, "low")
+ROW_DIAG = field_offset(ROW_FIELDS, "diag")
 
 
 @triton.jit
@@ -64,53 +75,97 @@ def _addresses(table, kv_addr, pos_start, j, in_range, PAGED: tl.constexpr, PAGE
 
 
 @triton.jit
-def _attend(q, K, V, table, kv_head, kv_addr, pos_start, kv_len, limit, row_ok, qk_scale, stride_kt, stride_kh,
-            stride_vt, stride_vh, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, DOT_F32: tl.constexpr, USE_TMA: tl.constexpr,
-            SAFE: tl.constexpr):
-    """The item's slots over its positions (slot m sees j <= limit[m]). Returns (max, sum, acc)."""
+def _load_kv(K, V, k_base, v_base, table, kv_addr, pos_start, start, j, kv_head, kv_len, dmask, stride_kt, stride_vt,
+             HEAD_DIM: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, MASK_KEYS: tl.constexpr,
+             EVEN_D: tl.constexpr, USE_TMA: tl.constexpr):
+    """The block of K and V at item keys j (= start + 0..BLOCK_N-1): TMA (V past the item zeroed: unwritten pool
+    space may hold NaN bits, and a masked key's weight 0 times NaN is NaN) or pointer loads masked to j < kv_len
+    (MASK_KEYS) and to the real head dims (unless EVEN_D)."""
+    if USE_TMA:  # (one return at the end: the compiler generates every branch of a constexpr if-return)
+        k = K.load([kv_addr + start, kv_head * HEAD_DIM])
+        v = V.load([kv_addr + start, kv_head * HEAD_DIM])
+        if MASK_KEYS:
+            v = tl.where((j < kv_len)[:, None], v, 0.0)
+    else:
+        in_range = j < kv_len
+        addr = _addresses(table, kv_addr, pos_start, j, in_range, PAGED, PAGE_SIZE)
+        k_ptr = k_base + addr[:, None] * stride_kt
+        v_ptr = v_base + addr[:, None] * stride_vt
+        if MASK_KEYS:
+            mask = in_range[:, None]
+            if not EVEN_D:
+                mask = mask & dmask[None, :]
+            k = tl.load(k_ptr, mask=mask, other=0.0)
+            v = tl.load(v_ptr, mask=mask, other=0.0)
+        elif EVEN_D:
+            k = tl.load(k_ptr)
+            v = tl.load(v_ptr)
+        else:
+            k = tl.load(k_ptr, mask=dmask[None, :], other=0.0)
+            v = tl.load(v_ptr, mask=dmask[None, :], other=0.0)
+    return k, v
+
+
+@triton.jit
+def _attend(q, K, V, table, kv_head, kv_addr, pos_start, kv_len, low, limit, diag, slope, row_ok, qk_scale, cap,
+            stride_kt, stride_kh, stride_vt, stride_vh, DIM: tl.constexpr, HEAD_DIM: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
+            DOT_F32: tl.constexpr, USE_TMA: tl.constexpr, SAFE: tl.constexpr, WINDOW: tl.constexpr,
+            SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+    """The item's slots over its positions (slot m sees item keys low[m] <= j <= limit[m]; low only with a
+    window). Returns (max, sum, acc)."""
     dims = tl.arange(0, HEAD_DIM)
-    # keys [0, nomask_end) are visible to every slot: whole blocks, no mask; none past the last slot's limit
-    nomask_end = tl.minimum(tl.maximum(tl.min(limit, 0) + 1, 0), kv_len) // BLOCK_N * BLOCK_N
-    end = tl.minimum(tl.max(tl.where(row_ok, limit, -1), 0) + 1, kv_len)
+    dmask = dims < DIM
+    EVEN_D: tl.constexpr = DIM == HEAD_DIM
+    if WINDOW:
+        first, mask_end, nomask_end, end = window_blocks(tl.maximum(low, 0), tl.minimum(limit, kv_len - 1), row_ok,
+                                                         BLOCK_N)
+    else:  # keys [0, nomask_end) are visible to every slot: whole blocks, no mask; none past the last slot's limit
+        first = 0
+        mask_end = 0
+        nomask_end = tl.minimum(tl.maximum(tl.min(limit, 0) + 1, 0), kv_len) // BLOCK_N * BLOCK_N
+        end = tl.minimum(tl.max(tl.where(row_ok, limit, -1), 0) + 1, kv_len)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     cols = tl.arange(0, BLOCK_N)
-    if not USE_TMA:
+    if USE_TMA:
+        k_base = 0
+        v_base = 0
+    else:
         k_base = K + kv_head * stride_kh + dims[None, :]
         v_base = V + kv_head * stride_vh + dims[None, :]
 
-    for start in range(0, nomask_end, BLOCK_N):
+    for start in range(first, mask_end, BLOCK_N):  # only with a window: keys some slots have left behind
         j = start + cols
-        if USE_TMA:
-            k = K.load([kv_addr + start, kv_head * HEAD_DIM])
-            v = V.load([kv_addr + start, kv_head * HEAD_DIM])
-        else:
-            addr = _addresses(table, kv_addr, pos_start, j, j < kv_len, PAGED, PAGE_SIZE)
-            k = tl.load(k_base + addr[:, None] * stride_kt)
-            v = tl.load(v_base + addr[:, None] * stride_vt)
-        m_i, l_i, acc = online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, 0, False, False, DOT_F32)
+        k, v = _load_kv(K, V, k_base, v_base, table, kv_addr, pos_start, start, j, kv_head, kv_len, dmask, stride_kt,
+                        stride_vt, HEAD_DIM, PAGED, PAGE_SIZE, True, EVEN_D, USE_TMA)
+        valid = (j < kv_len)[None, :] & (j[None, :] <= limit[:, None]) & (j[None, :] >= low[:, None])
+        m_i, l_i, acc = online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, cap, pos_start + j, diag, slope, valid,
+                                            True, SAFE, DOT_F32, SOFTCAP, ALIBI)
+    for start in range(mask_end, nomask_end, BLOCK_N):
+        j = start + cols
+        k, v = _load_kv(K, V, k_base, v_base, table, kv_addr, pos_start, start, j, kv_head, kv_len, dmask, stride_kt,
+                        stride_vt, HEAD_DIM, PAGED, PAGE_SIZE, False, EVEN_D, USE_TMA)
+        m_i, l_i, acc = online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, cap, pos_start + j, diag, slope, 0,
+                                            False, False, DOT_F32, SOFTCAP, ALIBI)
     for start in range(nomask_end, end, BLOCK_N):
         j = start + cols
-        in_range = j < kv_len
-        if USE_TMA:  # keys past the item are other data (or zeros past the pool), masked like the rest
-            k = K.load([kv_addr + start, kv_head * HEAD_DIM])
-            # unwritten pool space may hold NaN bits, and a masked key's weight 0 times NaN is NaN
-            v = tl.where(in_range[:, None], V.load([kv_addr + start, kv_head * HEAD_DIM]), 0.0)
-        else:
-            addr = _addresses(table, kv_addr, pos_start, j, in_range, PAGED, PAGE_SIZE)
-            k = tl.load(k_base + addr[:, None] * stride_kt, mask=in_range[:, None], other=0.0)
-            v = tl.load(v_base + addr[:, None] * stride_vt, mask=in_range[:, None], other=0.0)
-        valid = in_range[None, :] & (j[None, :] <= limit[:, None])
-        m_i, l_i, acc = online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, valid, True, SAFE, DOT_F32)
+        k, v = _load_kv(K, V, k_base, v_base, table, kv_addr, pos_start, start, j, kv_head, kv_len, dmask, stride_kt,
+                        stride_vt, HEAD_DIM, PAGED, PAGE_SIZE, True, EVEN_D, USE_TMA)
+        valid = (j < kv_len)[None, :] & (j[None, :] <= limit[:, None])
+        if WINDOW:
+            valid = valid & (j[None, :] >= low[:, None])
+        m_i, l_i, acc = online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, cap, pos_start + j, diag, slope, valid,
+                                            True, SAFE, DOT_F32, SOFTCAP, ALIBI)
     return m_i, l_i, acc
 
 
 @triton.jit
 def _merge(O_part, LSE_part, merge_idx, part_first, part_count, heads, last, NUM_HEADS: tl.constexpr,
            HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-    """The exact combination of the partials of the `last` slots (every other slot gives zeros)."""
+    """The exact combination of the partials of the `last` slots (every other slot gives zeros), and its
+    base-2 log-sum-exp."""
     dims = tl.arange(0, HEAD_DIM)
     m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     total = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -129,16 +184,18 @@ def _merge(O_part, LSE_part, merge_idx, part_first, part_count, heads, last, NUM
         total = total * alpha + w
         acc = acc * alpha[:, None] + w[:, None] * o
         m = m_new
-    return acc / tl.where(total > 0, total, 1.0)[:, None]
+    return acc / tl.where(total > 0, total, 1.0)[:, None], m, total
 
 
 @triton.jit
 def _cache_attention(
-    Q, K, V, Out, O_part, LSE_part, counters, header, items, rows, merge_idx, block_table, qk_scale,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_table,
-    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, PACK_GQA: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    DOT_F32: tl.constexpr, USE_TMA: tl.constexpr,
+    Q, K, V, Out, LSE, Slopes, O_part, LSE_part, counters, header, items, rows, merge_idx, block_table, qk_scale,
+    cap, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_table,
+    stride_lh, stride_st, stride_sh,
+    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, PACK_GQA: tl.constexpr, DIM: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, DOT_F32: tl.constexpr, USE_TMA: tl.constexpr, WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, RETURN_LSE: tl.constexpr,
 ):
     item, kv_head, slot_row, heads = program_slots(tl.program_id(0), NUM_HEADS, GROUP, PACK_GQA, BLOCK_M)
     if item >= tl.load(header):
@@ -158,25 +215,38 @@ def _cache_attention(
     q_rows = tl.load(r + ROW_Q_ROW, mask=row_ok, other=0)
     limit = tl.load(r + ROW_LIMIT, mask=row_ok, other=2147483647) - pos_start  # last key j each slot sees
     part_count = tl.load(r + ROW_PART_COUNT, mask=row_ok, other=1)
+    low = tl.zeros([BLOCK_M], dtype=tl.int32)
+    if WINDOW:  # first key j each slot sees
+        low = tl.load(r + ROW_LOW, mask=row_ok, other=0) - pos_start
+    diag = tl.zeros([BLOCK_M], dtype=tl.int32)
+    slope = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if ALIBI:  # the slot's own position, and its slope (x log2 e) from [rows or 1, heads]
+        diag = tl.load(r + ROW_DIAG, mask=row_ok, other=0)
+        slope = tl.load(Slopes + q_rows.to(tl.int64) * stride_st + heads * stride_sh, mask=row_ok, other=0.0)
     dims = tl.arange(0, HEAD_DIM)
+    dmask = dims < DIM
     q = tl.load(Q + (q_rows.to(tl.int64) * stride_qt + heads * stride_qh)[:, None] + dims[None, :],
-                mask=row_ok[:, None], other=0.0)
+                mask=row_ok[:, None] & dmask[None, :], other=0.0)
     if DOT_F32:
         q = q.to(tl.float32)
     table = block_table + table_row.to(tl.int64) * stride_table
-    m_i, l_i, acc = _attend(q, K, V, table, kv_head, kv_addr, pos_start, kv_len, limit, row_ok, qk_scale,
-                            stride_kt, stride_kh, stride_vt, stride_vh, HEAD_DIM, BLOCK_M, BLOCK_N, PAGED, PAGE_SIZE,
-                            DOT_F32, USE_TMA, False)
+    m_i, l_i, acc = _attend(q, K, V, table, kv_head, kv_addr, pos_start, kv_len, low, limit, diag, slope, row_ok,
+                            qk_scale, cap, stride_kt, stride_kh, stride_vt, stride_vh, DIM, HEAD_DIM, BLOCK_M, BLOCK_N,
+                            PAGED, PAGE_SIZE, DOT_F32, USE_TMA, False, WINDOW, SOFTCAP, ALIBI)
     if any_nonfinite(acc, l_i, row_ok):  # rare: the isolating re-run (see the module's docstring)
-        m_i, l_i, acc = _attend(q, K, V, table, kv_head, kv_addr, pos_start, kv_len, limit, row_ok, qk_scale,
-                                stride_kt, stride_kh, stride_vt, stride_vh, HEAD_DIM, BLOCK_M, BLOCK_N, PAGED,
-                                PAGE_SIZE, DOT_F32, USE_TMA, True)
+        m_i, l_i, acc = _attend(q, K, V, table, kv_head, kv_addr, pos_start, kv_len, low, limit, diag, slope, row_ok,
+                                qk_scale, cap, stride_kt, stride_kh, stride_vt, stride_vh, DIM, HEAD_DIM, BLOCK_M,
+                                BLOCK_N, PAGED, PAGE_SIZE, DOT_F32, USE_TMA, True, WINDOW, SOFTCAP, ALIBI)
 
     empty = l_i == 0  # a slot that saw no key (a NaN sum stays NaN, and so does its log-sum-exp)
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     o_offs = q_rows.to(tl.int64) * stride_ot + heads * stride_oh
     direct = row_ok & (part_count == 1)
-    tl.store(Out + o_offs[:, None] + dims[None, :], out.to(Out.dtype.element_ty), mask=direct[:, None])
+    o_mask = dmask[None, :]
+    tl.store(Out + o_offs[:, None] + dims[None, :], out.to(Out.dtype.element_ty), mask=direct[:, None] & o_mask)
+    lse_offs = heads.to(tl.int64) * stride_lh + q_rows
+    if RETURN_LSE:
+        tl.store(LSE + lse_offs, log_sum_exp(m_i, l_i), mask=direct)
     if partial_base >= 0:  # some rows of this item are split over several items
         split = row_ok & (part_count > 1)
         lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
@@ -190,44 +260,56 @@ def _cache_attention(
         tl.debug_barrier()
         if tl.max(last.to(tl.int32), 0) > 0:  # this program finished last for some rows: it merges them
             part_first = tl.load(r + ROW_PART_FIRST, mask=last, other=0)
-            merged = _merge(O_part, LSE_part, merge_idx, part_first, part_count, heads, last, NUM_HEADS, HEAD_DIM,
-                            BLOCK_M)
-            tl.store(Out + o_offs[:, None] + dims[None, :], merged.to(Out.dtype.element_ty), mask=last[:, None])
+            merged, m_all, total = _merge(O_part, LSE_part, merge_idx, part_first, part_count, heads, last,
+                                          NUM_HEADS, HEAD_DIM, BLOCK_M)
+            tl.store(Out + o_offs[:, None] + dims[None, :], merged.to(Out.dtype.element_ty),
+                     mask=last[:, None] & o_mask)
+            if RETURN_LSE:
+                tl.store(LSE + lse_offs, log_sum_exp(m_all, total), mask=last)
             tl.store(counter, 0, mask=last)  # ready for the next launch (the next layer)
 
 
 def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, plan: CachePlan | None,
            softmax_scale: float, use_tma: bool | None = None, buffers: PlanBuffers | None = None,
-           grid_items: int | None = None) -> None:
+           grid_items: int | None = None, options: ScoreOptions = NO_OPTIONS,
+           lse: torch.Tensor | None = None) -> None:
     """Run the plan's items over q and the cache pools k/v [tokens, Hkv, D] into out (like q), one launch.
     Without `buffers` the launch covers exactly the plan's items, from arrays copied once per plan; with them
     it covers `grid_items` items (default: their capacity; every plan loaded must have at most that many) and
     reads only them (whatever plan was last loaded, or none: every program returns), so it can be captured in a
     CUDA graph and replayed with any later plan loaded (plan may then be None). Programs past the loaded plan's
     items return at once, but are launched: size grid_items to the iterations the graph serves.
-    The launch is bound (launch.Bound): every layer reuses it."""
-    spec = plan if buffers is None else buffers
+    options: soft cap, ALiBi (the window is the plan's); lse: fp32 [heads, rows of q] receives each row's
+    natural-log softmax normaliser. The launch is bound (launch.Bound): every layer reuses it."""
+    spec: CachePlan | PlanBuffers
+    if buffers is None:
+        if plan is None:
+            raise ValueError("a launch without buffers needs the plan")
+        spec, holder = plan, plan._device_cache
+    else:
+        spec, holder = buffers, buffers.launches
+        grid_items = min(grid_items or buffers.max_items, buffers.max_items)
     # TMA loads were 0-40% slower than pointer loads on every decode mix of the H100 tuning sweep
     # (results/decode-kernel/h100-tune), so they are opt-in here, unlike prefill
-    use_tma = bool(use_tma) and spec.layout != "paged" and k.is_contiguous() and v.is_contiguous()
-    holder = plan._device_cache if buffers is None else buffers.launches
-    if buffers is not None:
-        grid_items = min(grid_items or buffers.max_items, buffers.max_items)
+    use_tma = (bool(use_tma) and spec.layout != "paged" and k.is_contiguous() and v.is_contiguous()
+               and q.shape[2] == head_dim_padded(q.shape[2]))
+    slopes, *slope_strides = options.slopes(out)
     key = ("launch", q.device, q.dtype, q.shape[1:], k.shape[1:], q.stride(), k.stride(), v.stride(), out.stride(),
-           softmax_scale, use_tma, grid_items)
+           softmax_scale, use_tma, grid_items, options.key(), None if lse is None else lse.stride())
     bound = holder.get(key)
     if bound is None:
-        bound = holder[key] = _bind(q, k, v, out, spec, softmax_scale, use_tma, buffers, grid_items)
+        bound = holder[key] = _bind(q, k, v, out, spec, softmax_scale, use_tma, buffers, grid_items, options, lse,
+                                    slope_strides)
     if use_tma:
         dim = q.shape[2]
         k, v = (TensorDescriptor.from_tensor(t.view(t.shape[0], -1), block_shape=[spec.block_n, dim])
                 for t in (k, v))
-    bound(q, k, v, out)
+    bound(q, k, v, out, out if lse is None else lse, slopes)
 
 
 def plan_arrays(plan: CachePlan, device: torch.device, head_dim: int) -> dict[str, torch.Tensor]:
     """The plan's device tensors for an exact-size launch (copied once per plan and device): header, items, rows,
-    merge_idx, block_table, partial outputs / log-sum-exps and counters."""
+    merge_idx, block_table, partial outputs (head dims padded as the kernel has them) / log-sum-exps, counters."""
     key = ("arrays", str(device), head_dim)
     cache = plan._device_cache
     if key not in cache:
@@ -238,31 +320,38 @@ def plan_arrays(plan: CachePlan, device: torch.device, head_dim: int) -> dict[st
         cache[key] = {
             "header": dev(np.array([plan.num_items])), "items": dev(plan.items), "rows": dev(plan.rows),
             "merge_idx": dev(plan.merge_idx if len(plan.merge_idx) else np.zeros(1)), "block_table": dev(table),
-            "o_part": torch.empty(max(plan.num_partials, 1), plan.num_heads, head_dim, dtype=torch.float32,
-                                  device=device),
+            "o_part": torch.empty(max(plan.num_partials, 1), plan.num_heads, head_dim_padded(head_dim),
+                                  dtype=torch.float32, device=device),
             "lse_part": torch.empty(max(plan.num_partials, 1), plan.num_heads, dtype=torch.float32, device=device),
             "counters": torch.zeros(max(plan.num_rows, 1) * plan.num_heads, dtype=torch.int32, device=device)}
     return cache[key]
 
 
 def _bind(q, k, v, out, spec: CachePlan | PlanBuffers, softmax_scale: float, use_tma: bool,
-          buffers: PlanBuffers | None, grid_items: int | None) -> Bound:
+          buffers: PlanBuffers | None, grid_items: int | None, options: ScoreOptions, lse: torch.Tensor | None,
+          slope_strides: list[int]) -> Bound:
     heads, kv_heads, dim = q.shape[1], k.shape[1], q.shape[2]
     if buffers is None:
+        assert isinstance(spec, CachePlan)  # launch passes the plan itself when there are no buffers
         a = plan_arrays(spec, q.device, dim)
         capacity = spec.num_items
+        windowed = spec.window[0] >= 0
     else:
         a = {name: getattr(buffers, name) for name in ("header", "items", "rows", "merge_idx", "block_table",
                                                      "o_part", "lse_part", "counters")}
-        capacity = grid_items
+        capacity = buffers.max_items if grid_items is None else grid_items  # launch sets grid_items with buffers
+        windowed = False  # PlanBuffers refuse windowed plans
     slots, block_n, pack_gqa, num_warps, num_stages = spec.tile
     table = a["block_table"]
     grid = (max(capacity, 1) * (kv_heads if pack_gqa else heads),)
+    qk_scale, cap = options.scales(softmax_scale)
     return Bound(_cache_attention, grid, (
         a["o_part"], a["lse_part"], a["counters"], a["header"], a["items"], a["rows"], a["merge_idx"], table,
-        softmax_scale * LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1), table.stride(0)),
-        {"NUM_HEADS": heads, "GROUP": heads // kv_heads, "PACK_GQA": pack_gqa, "HEAD_DIM": dim,
-         "BLOCK_M": slots, "BLOCK_N": block_n, "PAGED": spec.layout == "paged",
-         "PAGE_SIZE": max(spec.page_size, 1), "DOT_F32": interpreter_needs_f32_dot(q.dtype), "USE_TMA": use_tma},
+        qk_scale, cap, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1), table.stride(0), 0 if lse is None else lse.stride(0), *slope_strides),
+        {"NUM_HEADS": heads, "GROUP": heads // kv_heads, "PACK_GQA": pack_gqa, "DIM": dim,
+         "HEAD_DIM": head_dim_padded(dim), "BLOCK_M": slots, "BLOCK_N": block_n, "PAGED": spec.layout == "paged",
+         "PAGE_SIZE": max(spec.page_size, 1), "DOT_F32": interpreter_needs_f32_dot(q.dtype), "USE_TMA": use_tma,
+         "WINDOW": windowed, "SOFTCAP": options.softcap > 0, "ALIBI": options.alibi_slopes is not None,
+         "RETURN_LSE": lse is not None},
         {"num_warps": num_warps, "num_stages": num_stages})

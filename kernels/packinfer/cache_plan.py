@@ -13,8 +13,10 @@ first. The tile shape (query slots per program) and the split are chosen per bat
 kernel (CostModel: bytes and tensor-core work per program, the slowest program, SM count).
 
 Rows are numbered in the plan's order; `rows[i]` (ROW_FIELDS) says which query row plan position i is, the last
-position it sees (kv_len - q_len + j for the j-th query of its request, bottom-right causal), and where its
-partials are listed in `merge_idx` (part_count 1: no partial, written directly).
+position it sees (kv_len - q_len + j for the j-th query of its request, bottom-right causal; kv_len - 1 without
+the causal mask; less a window's right side), where its partials are listed in `merge_idx` (part_count 1: no
+partial, written directly; 0: the row sees no position, q_len > kv_len), the first position it sees (a window's
+left side) and its own position (diag: kv_len - q_len + j, for ALiBi).
 For CUDA graphs, PlanBuffers holds plans in fixed-capacity device buffers: loading a plan writes them (one copy),
 never reallocates, and a launch covers the capacity with programs past the plan's items returning at once.
 """
@@ -29,11 +31,12 @@ import torch
 
 from packinfer.device import FALLBACK_SMS
 from packinfer.kv_cache import KVView
+from packinfer.validate import head_dim_padded
 
 #: Columns of CachePlan.items (partial_base -1: the item writes its rows' outputs directly).
 ITEM_FIELDS = ("row_first", "num_rows", "kv_addr", "pos_start", "kv_len", "table_row", "partial_base")
 #: Columns of CachePlan.rows, by plan position.
-ROW_FIELDS = ("q_row", "limit", "part_first", "part_count")
+ROW_FIELDS = ("q_row", "limit", "part_first", "part_count", "low", "diag")
 #: Programs the splitting aims at per SM (several waves keep the tail of the launch short).
 WAVES = 4
 #: Query slots per program the planner chooses from (a slot is one (row, query head) pair).
@@ -48,8 +51,9 @@ NO_TRIM = 1 << 40
 class CostModel:
     """A program's time: max(bytes of K/V it reads / per-SM bandwidth, tensor-core work / per-SM rate at its
     tile shape) + a fixed cost; a launch takes the larger of (total / SMs) and its slowest program (which, last
-    to finish, has its SM to itself: lone_speedup). Partials of split rows cost their write and read. Defaults: an H100/H200-class GPU (3.35 TB/s, 989 dense bf16 TFLOP/s
-    over 132 SMs) with the efficiency Triton tiles of each slot count reach (fit on H100 serving batches)."""
+    to finish, has its SM to itself: lone_speedup). Partials of split rows cost their write and read.
+    Defaults: an H100/H200-class GPU (3.35 TB/s, 989 dense bf16 TFLOP/s over 132 SMs) with the efficiency Triton
+    tiles of each slot count reach (fit on H100 serving batches)."""
 
     bytes_per_us: float = 3.35e12 / 132 / 1e6
     flops_per_us: float = 989e12 / 132 / 1e6
@@ -86,6 +90,8 @@ class CachePlan:
     kv_tokens_read: int
     num_partials: int
     estimate_us: float = 0.0
+    causal: bool = True
+    window: tuple[int, int] = (-1, -1)
     num_warps: int = 4
     num_stages: int = 3
     plan_ms: float = 0.0
@@ -102,6 +108,11 @@ class CachePlan:
     @property
     def row_perm(self) -> np.ndarray:
         return self.rows[:, 0]
+
+    @property
+    def empty_rows(self) -> np.ndarray:
+        """Query rows that see no position (q_len > kv_len under the causal mask): no item writes them."""
+        return self.rows[self.rows[:, 3] == 0, 0]
 
     @property
     def group(self) -> int:
@@ -126,9 +137,12 @@ def plan_cache_attention(view: KVView, q_lens, num_heads: int, *, prefix_groupin
                          num_sms: int = FALLBACK_SMS, waves: int = WAVES, block_n: int = BLOCK_N,
                          slots: int | None = None, pack_gqa: bool | None = None, head_dim: int | None = None,
                          max_items: int | None = None, max_partials: int | None = None,
-                         cost: CostModel = CostModel()) -> CachePlan:
+                         cost: CostModel = CostModel(), causal: bool = True,
+                         window: tuple[int, int] = (-1, -1)) -> CachePlan:
     """Plan attention of q_lens[i] new query rows of each request of `view` (the rows are the last q_lens[i]
-    positions of the request, already in the cache) over everything the request sees.
+    positions of the request, already in the cache; with q_len > kv_len the first rows see nothing) over
+    everything the request sees: bottom-right causal, or every position (causal=False), cut to a sliding
+    window (left, right) as FlashAttention defines it (-1: unbounded side; a window turns prefix grouping off).
 
     kv_chunk: most positions an item reads (None: chosen so the batch makes about `waves` programs per SM of
     the `num_sms` the GPU has: give packinfer.num_sms(device)); split=False: never cut a segment.
@@ -142,10 +156,15 @@ def plan_cache_attention(view: KVView, q_lens, num_heads: int, *, prefix_groupin
     head_dim = head_dim or view.k.shape[2]
     if q.shape != kv.shape:
         raise ValueError(f"q_lens has {q.size} entries but the view has {kv.size} requests")
-    if (q < 1).any() or (q > kv).any():
-        i = int(np.argmax((q < 1) | (q > kv)))
-        raise ValueError(f"q_lens must satisfy 1 <= q_len <= kv_len; request {view.request_ids[i]!r} has q_len "
-                         f"{int(q[i])}, kv_len {int(kv[i])}")
+    if (q < 1).any():
+        i = int(np.argmax(q < 1))
+        raise ValueError(f"q_lens must be >= 1; request {view.request_ids[i]!r} has q_len {int(q[i])}")
+    left, right = int(window[0]), int(window[1])
+    if left < -1 or right < -1:
+        raise ValueError(f"window must be (left, right) with each -1 (unbounded) or >= 0, got {tuple(window)}")
+    right = 0 if causal else right
+    if left >= 0:
+        prefix_grouping = False
     if num_heads <= 0 or num_heads % num_kv_heads:
         raise ValueError(f"num_heads ({num_heads}) must be a positive multiple of the cache's {num_kv_heads} KV heads")
     for name, b in (("block_n", block_n), ("slots", slots or 16)):
@@ -163,10 +182,18 @@ def plan_cache_attention(view: KVView, q_lens, num_heads: int, *, prefix_groupin
     cu_q = np.concatenate([[0], np.cumsum(q)])
     within = _ragged_arange(q[order])
     row_perm = np.repeat(cu_q[:-1][order], q[order]) + within
-    row_limit = np.repeat((kv - q)[order], q[order]) + within
+    row_diag = np.repeat((kv - q)[order], q[order]) + within
+    if right != 0:  # the causal limit (right 0) is the diagonal itself, which never passes kv_len - 1
+        row_limit = np.minimum(row_diag + right if right > 0 else NO_TRIM, np.repeat(kv[order] - 1, q[order]))
+    else:
+        row_limit = row_diag
+    row_low = np.maximum(row_diag - left, 0) if left >= 0 else np.zeros_like(row_diag)
     perm_start = np.empty(len(q), np.int64)
     perm_start[order] = np.cumsum(q[order]) - q[order]
-    segs = _segments(view, q, shared, order, perm_start)
+    # per request: the first row's limit (limits ascend one per row until kv_len - 1) and window start
+    first_limit = kv - q + right if right >= 0 else np.full_like(kv, NO_TRIM)
+    first_low = kv - q - left if left >= 0 else np.full_like(kv, -NO_TRIM)
+    segs = _segments(view, q, shared, order, perm_start, first_limit, first_low)
     ppi = num_kv_heads if pack_gqa else num_heads
     whole = int(-(-int(segs[:, 4].max()) // block_n) * block_n)
 
@@ -208,12 +235,13 @@ def plan_cache_attention(view: KVView, q_lens, num_heads: int, *, prefix_groupin
     estimate, slots, kv_chunk, items, keys = best
     if balancing:
         items = items[np.argsort(-_program_us(keys, slots, head_dim, view.k.element_size(), cost), kind="stable")]
-    rows, merge_idx, num_partials = _merge_lists(items, row_perm, row_limit)
+    rows, merge_idx, num_partials = _merge_lists(items, row_perm, row_limit, row_low, row_diag)
     plan = CachePlan(items=items.astype(np.int32), rows=rows.astype(np.int32), merge_idx=merge_idx.astype(np.int32),
                      q_lens=q, kv_lens=kv.copy(), layout=view.layout, num_heads=num_heads,
                      num_kv_heads=num_kv_heads, slots=slots, block_n=block_n, pack_gqa=bool(pack_gqa),
                      kv_chunk=kv_chunk, split=bool(split), page_size=view.page_size, block_table=view.block_table,
                      kv_tokens_read=int(segs[:, 4].sum()), num_partials=num_partials, estimate_us=float(estimate),
+                     causal=causal, window=(left, -1 if causal else int(window[1])),
                      num_warps=8 if slots >= 128 else 4)
     plan.plan_ms = (time.perf_counter() - t0) * 1e3
     return plan
@@ -240,36 +268,45 @@ def _ragged_arange(counts: np.ndarray) -> np.ndarray:
 
 
 #: Columns of the segment table: first plan row, rows, pool address of the first position (grouped), first
-#: position, positions, block table row (paged), causal limit of the first row (rows of one request: limits
-#: ascend by one per row; NO_TRIM for a shared prefix, which every row sees whole).
-SEG_FIELDS = ("row_first", "num_rows", "kv_addr", "pos_start", "kv_len", "table_row", "first_limit")
+#: position, positions, block table row (paged), last position the first row sees (rows of one request: limits
+#: ascend by one per row; NO_TRIM for a shared prefix, which every row sees whole, or without a causal mask),
+#: first position the first row sees under a window (-NO_TRIM: none; ascends by one per row too).
+SEG_FIELDS = ("row_first", "num_rows", "kv_addr", "pos_start", "kv_len", "table_row", "first_limit", "first_low")
 
 
-def _segments(view: KVView, q: np.ndarray, shared: np.ndarray, order: np.ndarray,
-              perm_start: np.ndarray) -> np.ndarray:
+def _segments(view: KVView, q: np.ndarray, shared: np.ndarray, order: np.ndarray, perm_start: np.ndarray,
+              limit0: np.ndarray, low0: np.ndarray) -> np.ndarray:
     """The KV segments of the batch (SEG_FIELDS, int64): one per shared prefix group, then per request its
-    own positions (after a shared prefix), and in the grouped layout its unshared prefix apart."""
+    own positions (after a shared prefix), and in the grouped layout its unshared prefix apart; positions
+    before a window's start (low0, the first row's) are left out."""
     kv, p = view.kv_lens, view.prefix_lens
     grouped = view.layout == "grouped"
-    limit0 = kv - q
+    if grouped:  # token addresses of the prefixes and of the requests' own positions
+        if view.prefix_addr is None or view.own_addr is None:
+            raise ValueError("a grouped KVView needs prefix_addr and own_addr")
+        prefix_addr, own_addr = view.prefix_addr, view.own_addr
     idx = np.arange(len(q))
     parts = []
     ids = np.sort(view.prefix_ids[shared])
     for gid in ids[np.flatnonzero(np.diff(ids, prepend=-1))] if len(ids) else ():
         members = order[shared[order] & (view.prefix_ids[order] == gid)]
         b0 = members[0]
-        parts.append(np.array([[perm_start[b0], q[members].sum(), view.prefix_addr[b0] if grouped else 0, 0, p[b0],
-                                b0, NO_TRIM]]))
+        parts.append(np.array([[perm_start[b0], q[members].sum(), prefix_addr[b0] if grouped else 0, 0, p[b0],
+                                b0, NO_TRIM, -NO_TRIM]]))
     if grouped:
         alone = np.flatnonzero((p > 0) & ~shared)
         if len(alone):
-            parts.append(_columns(perm_start[alone], q[alone], view.prefix_addr[alone], 0, p[alone], alone,
-                                  limit0[alone]))
-        parts.append(_columns(perm_start, q, view.own_addr, p, kv - p, idx, limit0))
+            parts.append(_columns(perm_start[alone], q[alone], prefix_addr[alone], 0, p[alone], alone,
+                                  limit0[alone], low0[alone]))
+        parts.append(_columns(perm_start, q, own_addr, p, kv - p, idx, limit0, low0))
     else:
         start = np.where(shared, p, 0)
-        parts.append(_columns(perm_start, q, 0, start, kv - start, idx, limit0))
+        parts.append(_columns(perm_start, q, 0, start, kv - start, idx, limit0, low0))
     segs = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    cut = np.clip(segs[:, 7] - segs[:, 3], 0, segs[:, 4])  # positions before the window of every row
+    segs[:, 2] += cut
+    segs[:, 3] += cut
+    segs[:, 4] -= cut
     return segs[segs[:, 4] > 0]
 
 
@@ -293,9 +330,10 @@ def _items(segs: np.ndarray, rows_per_item: int, kv_chunk: int, block_n: int) ->
     """Cut each segment into near-equal chunks of at most kv_chunk positions (multiples of block_n) and its rows
     into blocks of rows_per_item; rows that see none of a chunk are left out of its item (appends). Returns the
     items (ITEM_FIELDS, partial_base 0) and the keys each reads (up to its last row's causal limit)."""
-    row0, nrows, addr, pos0, length, table_row, limit0 = segs.T
+    row0, nrows, addr, pos0, length, table_row, limit0, low0 = segs.T
     pieces = -(-length // kv_chunk)
-    step = -(-(-(-length // pieces)) // block_n) * block_n
+    per_piece = -(-length // pieces)  # ceil(length / pieces)
+    step = -(-per_piece // block_n) * block_n  # ... rounded up to a multiple of block_n
     seg = np.repeat(np.arange(len(segs)), pieces)
     c = _ragged_arange(pieces) * step[seg]
     blocks = (-(-nrows // rows_per_item))[seg]  # row blocks of each chunk
@@ -304,11 +342,14 @@ def _items(segs: np.ndarray, rows_per_item: int, kv_chunk: int, block_n: int) ->
     r = row0[seg] + _ragged_arange(blocks) * rows_per_item
     r_end = np.minimum(r + rows_per_item, row0[seg] + nrows[seg])
     first = np.maximum(r, row0[seg] + pos0[seg] + c - limit0[seg])  # the first row whose limit reaches the chunk
-    keep = first < r_end
-    seg, c, first, r_end = seg[keep], c[keep], first[keep], r_end[keep]
     n_keys = np.minimum(step[seg], length[seg] - c)
+    # rows past the last one whose window starts inside the chunk do not see it
+    r_end = np.minimum(r_end, row0[seg] + pos0[seg] + c + n_keys - low0[seg])
+    keep = first < r_end
+    seg, c, first, r_end, n_keys = seg[keep], c[keep], first[keep], r_end[keep], n_keys[keep]
     last_limit = limit0[seg] + (r_end - 1 - row0[seg])  # rows of a request: limits ascend one per row
     keys = np.where(limit0[seg] >= NO_TRIM, n_keys, np.clip(last_limit - (pos0[seg] + c) + 1, 0, n_keys))
+    keys = np.minimum(keys, n_keys - np.clip(low0[seg] + (first - row0[seg]) - (pos0[seg] + c), 0, n_keys))
     return _columns(first, r_end - first, addr[seg] + c, pos0[seg] + c, n_keys, table_row[seg], 0), keys
 
 
@@ -321,7 +362,8 @@ def _split_rows(items: np.ndarray, num_rows: int) -> tuple[np.ndarray, int]:
     return writes, int(items[writes, 1].sum())
 
 
-def _merge_lists(items: np.ndarray, row_perm: np.ndarray, row_limit: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+def _merge_lists(items: np.ndarray, row_perm: np.ndarray, row_limit: np.ndarray, row_low: np.ndarray,
+                 row_diag: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     """Fill the items' partial_base (compact, -1 when direct) and build ROW_FIELDS rows and merge_idx."""
     writes, num_partials = _split_rows(items, len(row_perm))
     items[:, 6] = -1
@@ -334,7 +376,7 @@ def _merge_lists(items: np.ndarray, row_perm: np.ndarray, row_limit: np.ndarray)
     merge_idx = partial[split][by_row]
     per_row = np.bincount(rows[split], minlength=len(row_perm))
     first = np.cumsum(per_row) - per_row
-    table = np.stack([row_perm, row_limit, first, count], axis=1)
+    table = np.stack([row_perm, row_limit, first, count, row_low, row_diag], axis=1)
     return table, merge_idx, num_partials
 
 
@@ -364,6 +406,10 @@ class PlanBuffers:
     Capacities: items, rows, partial rows (split rows' per-item results), block-table rows x pages (paged).
     `share` takes the partial-result and counter tensors of other buffers (one launch runs at a time)."""
 
+    o_part: torch.Tensor  # declared: __init__ may take them from `share`, which mypy cannot type on its own
+    lse_part: torch.Tensor
+    counters: torch.Tensor
+
     def __init__(self, device: torch.device | str, *, num_heads: int, num_kv_heads: int, head_dim: int,
                  tile: tuple[int, int, bool, int, int], max_items: int, max_rows: int, max_partials: int,
                  layout: str = "grouped", page_size: int = 0, max_table_rows: int = 1, max_table_pages: int = 1,
@@ -389,8 +435,8 @@ class PlanBuffers:
         if share is not None and share.max_partials >= max_partials and share.max_rows >= max_rows:
             self.o_part, self.lse_part, self.counters = share.o_part, share.lse_part, share.counters
         else:
-            self.o_part = torch.empty(max(max_partials, 1), num_heads, head_dim, dtype=torch.float32,
-                                      device=self.device)
+            self.o_part = torch.empty(max(max_partials, 1), num_heads, head_dim_padded(head_dim),
+                                      dtype=torch.float32, device=self.device)
             self.lse_part = torch.empty(max(max_partials, 1), num_heads, dtype=torch.float32, device=self.device)
             self.counters = torch.zeros(max_rows * num_heads, dtype=torch.int32, device=self.device)
         self.plan: CachePlan | None = None
@@ -408,6 +454,8 @@ class PlanBuffers:
             raise ValueError(f"plan tile {plan.tile} / heads {plan.num_heads}/{plan.num_kv_heads} / {plan.layout} "
                              f"differ from the buffers' {self.tile} / {self.num_heads}/{self.num_kv_heads} / "
                              f"{self.layout}")
+        if plan.window[0] >= 0:
+            raise ValueError("plan has a sliding window (window_left >= 0): PlanBuffers launches do not take one")
         table = plan.block_table if plan.layout == "paged" else None
         for what, n, cap in (("items", plan.num_items, self.max_items), ("rows", plan.num_rows, self.max_rows),
                              ("partial rows", plan.num_partials, self.max_partials),

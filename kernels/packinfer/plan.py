@@ -50,6 +50,7 @@ class Plan:
     packing: bool
     balancing: bool
     pack_gqa: bool = False
+    window: tuple[int, int] = (-1, -1)
     num_warps: int = 4
     num_stages: int = 3
     plan_ms: float = 0.0
@@ -71,7 +72,7 @@ class Plan:
         row_end = runs[:, 1] - j * self.block_m
         row_start = np.maximum(runs[:, 0], row_end - self.block_m)
         bounds = key_bounds(row_start, row_end, runs[:, 2], runs[:, 3], self.cu_seqlens_q.astype(np.int64),
-                            self.cu_seqlens_k.astype(np.int64), self.causal, self.block_n)
+                            self.cu_seqlens_k.astype(np.int64), self.causal, self.block_n, self.window)
         return np.stack([row_start, row_end, runs[:, 2], runs[:, 3], *bounds], axis=1)
 
     def tile_costs(self) -> np.ndarray:
@@ -106,10 +107,14 @@ def as_numpy(x, name: str) -> np.ndarray:
 
 
 def plan_varlen(cu_seqlens_q, cu_seqlens_k, num_heads: int, num_kv_heads: int, head_dim: int, *,
-                causal: bool = True, block_m: int = 128, block_n: int = 64, packing: bool = True,
-                balancing: bool = True, pack_gqa: bool = False, num_warps: int = 4, num_stages: int = 3) -> Plan:
+                causal: bool, block_m: int = 128, block_n: int = 64, packing: bool = True,
+                balancing: bool = True, pack_gqa: bool = False, window: tuple[int, int] = (-1, -1),
+                num_warps: int = 4, num_stages: int = 3) -> Plan:
     """Plan a varlen attention batch from its cu_seqlens (int32 [B+1], tensors or arrays; read on the CPU).
 
+    causal: bottom-right aligned mask (FlashAttention's; rows of a request with q_len > kv_len that see no key
+    give zeros). window (left, right): each query sees keys at most `left` before and `right` after its own
+    position (-1: unbounded), FlashAttention's sliding window; tiles read only the keys some row sees.
     packing=False gives FlashAttention-2's grid (one request per tile); balancing=False keeps batch order;
     pack_gqa=True puts the query heads of a KV head in one program (block_m rows x group heads per tile).
     num_warps / num_stages: the kernel's launch configuration for this plan.
@@ -119,7 +124,10 @@ def plan_varlen(cu_seqlens_q, cu_seqlens_k, num_heads: int, num_kv_heads: int, h
     t0 = time.perf_counter()
     cu_q = as_numpy(cu_seqlens_q, "cu_seqlens_q").astype(np.int64)
     cu_k = as_numpy(cu_seqlens_k, "cu_seqlens_k").astype(np.int64)
-    check_cu_seqlens(cu_q, cu_k, causal)
+    check_cu_seqlens(cu_q, cu_k)
+    window = (int(window[0]), int(window[1]))
+    if window[0] < -1 or window[1] < -1:
+        raise ValueError(f"window must be (left, right) with each -1 (unbounded) or >= 0, got {window}")
     if num_heads <= 0 or num_kv_heads <= 0 or num_heads % num_kv_heads:
         raise ValueError(f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})")
     group = num_heads // num_kv_heads
@@ -132,29 +140,41 @@ def plan_varlen(cu_seqlens_q, cu_seqlens_k, num_heads: int, num_kv_heads: int, h
     runs = _packed_runs(cu_q, cu_k, block_m) if packing else _request_runs(cu_q, block_m)
     # the first tile of a run (its last rows) is its heaviest
     heavy_start = np.maximum(runs[:, 0], runs[:, 1] - block_m)
-    k_start, _, k_end = key_bounds(heavy_start, runs[:, 1], runs[:, 2], runs[:, 3], cu_q, cu_k, causal, block_n)
+    k_start, _, k_end = key_bounds(heavy_start, runs[:, 1], runs[:, 2], runs[:, 3], cu_q, cu_k, causal, block_n,
+                                   window)
     order = np.argsort(-tile_costs(k_start, k_end, block_n), kind="stable") if balancing else np.arange(len(runs))
     counts = runs[order, 4]
     runs[order, 5] = np.cumsum(counts) - counts
     plan = Plan(runs=runs.astype(np.int32), tile_run=np.repeat(order.astype(np.int32), counts),
                 cu_seqlens_q=cu_q.astype(np.int32), cu_seqlens_k=cu_k.astype(np.int32), causal=causal,
                 num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, block_m=block_m,
-                block_n=block_n, packing=packing, balancing=balancing, pack_gqa=pack_gqa, num_warps=num_warps,
-                num_stages=num_stages)
+                block_n=block_n, packing=packing, balancing=balancing, pack_gqa=pack_gqa, window=window,
+                num_warps=num_warps, num_stages=num_stages)
     plan.plan_ms = (time.perf_counter() - t0) * 1e3
     return plan
 
 
-def key_bounds(row_start, row_end, seq_first, seq_last, cu_q, cu_k, causal, block_n):
-    """k_start, k_nomask_end, k_end of tiles given their rows and first/last request (vectorised)."""
+def key_bounds(row_start, row_end, seq_first, seq_last, cu_q, cu_k, causal, block_n, window=(-1, -1)):
+    """k_start, k_nomask_end, k_end of tiles given their rows and first/last request (vectorised); with a window
+    (the kernel then finds its unmasked blocks itself) k_nomask_end is k_start."""
     k_start = cu_k[seq_first]
     last_row = row_end - 1
-    if causal:  # query i of a request sees keys up to kv_len - q_len + i (bottom-right)
-        k_end = cu_k[seq_last + 1] - cu_q[seq_last + 1] + last_row + 1
-        first_hi = cu_k[seq_first + 1] - cu_q[seq_first + 1] + row_start  # inclusive bound of the tile's first row
+    # a row's diagonal (the key index of its own position, bottom-right aligned)
+    first_diag = cu_k[seq_first + 1] - cu_q[seq_first + 1] + row_start
+    last_diag = cu_k[seq_last + 1] - cu_q[seq_last + 1] + last_row
+    if causal:  # query i of a request sees keys up to kv_len - q_len + i
+        k_end = np.maximum(np.minimum(cu_k[seq_last + 1], last_diag + 1), k_start)
+        first_hi = first_diag  # inclusive bound of the tile's first row
     else:
         k_end = cu_k[seq_last + 1]
         first_hi = cu_k[seq_first + 1] - 1
+    if window != (-1, -1):
+        if window[0] >= 0:
+            k_start = np.maximum(k_start, first_diag - window[0])
+        if window[1] >= 0 and not causal:
+            k_end = np.minimum(k_end, last_diag + window[1] + 1)
+        k_end = np.maximum(k_end, k_start)
+        return k_start, k_start, k_end
     full = (first_hi + 1 - k_start) // block_n * block_n
     k_nomask_end = np.where(seq_first == seq_last, k_start + np.maximum(full, 0), k_start)
     return k_start, np.minimum(k_nomask_end, k_end), k_end
@@ -165,7 +185,8 @@ def _request_runs(cu_q, block_m) -> np.ndarray:
     seqs = np.flatnonzero(np.diff(cu_q))
     q_lens = cu_q[seqs + 1] - cu_q[seqs]
     runs = np.zeros((len(seqs), len(RUN_FIELDS)), np.int64)
-    runs[:, 0], runs[:, 1], runs[:, 2], runs[:, 3], runs[:, 4] = cu_q[seqs], cu_q[seqs + 1], seqs, seqs, -(-q_lens // block_m)
+    runs[:, 0], runs[:, 1], runs[:, 2], runs[:, 3], runs[:, 4] = (cu_q[seqs], cu_q[seqs + 1], seqs, seqs,
+                                                                  -(-q_lens // block_m))
     return runs
 
 
@@ -196,6 +217,7 @@ def _packed_runs(cu_q, cu_k, block_m) -> np.ndarray:
     packs = np.stack([cu_q[first], cu_q[last_member] + heads[last_member], first, last_member,
                       np.ones_like(first), np.zeros_like(first)], axis=1)
     long = np.flatnonzero(fulls)
-    full_runs = np.stack([cu_q[long] + heads[long], cu_q[long + 1], long, long, fulls[long], np.zeros_like(long)], axis=1)
+    full_runs = np.stack([cu_q[long] + heads[long], cu_q[long + 1], long, long, fulls[long], np.zeros_like(long)],
+                         axis=1)
     runs = np.concatenate([packs, full_runs])
     return runs[np.argsort(runs[:, 0], kind="stable")]

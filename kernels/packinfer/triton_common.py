@@ -59,21 +59,44 @@ def any_nonfinite(acc, l_i, row_ok):
 
 
 @triton.jit
-def online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, valid, MASKED: tl.constexpr, SAFE: tl.constexpr,
-                        DOT_F32: tl.constexpr):
+def tanh(x):
+    """tanh from exp2 (no tanh intrinsic runs under the interpreter): 1 - 2 / (e^2x + 1), exact at +-inf."""
+    return 1.0 - 2.0 / (tl.math.exp2(x * 2.8853900817779268) + 1.0)
+
+
+@triton.jit
+def scores(q, k, qk_scale, cap, keys, diag, slope, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+    """Base-2 attention scores of the slots over a block of keys. Plain: q k^T * qk_scale (scale * log2 e).
+    SOFTCAP: cap * tanh(q k^T * qk_scale), with qk_scale = scale / softcap and cap = softcap * log2 e (Gemma 2).
+    ALIBI: minus slope * |diag - key| per slot (slope pre-multiplied by log2 e; diag = the key index of the
+    slot's own position, keys = the block's key indices), FlashAttention's bias, added after the cap."""
+    qk = tl.dot(q, tl.trans(k))
+    if SOFTCAP:
+        qk = cap * tanh(qk * qk_scale)
+    else:
+        qk = qk * qk_scale
+    if ALIBI:
+        qk -= slope[:, None] * tl.abs(diag[:, None] - keys[None, :]).to(tl.float32)
+    return qk
+
+
+@triton.jit
+def online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, cap, keys, diag, slope, valid, MASKED: tl.constexpr,
+                        SAFE: tl.constexpr, DOT_F32: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
     """One online-softmax step (base 2, fp32 state) of the query slots over a block of keys, shared by both
-    kernels. MASKED: only keys where `valid` [slots, keys] count, so a slot may have seen no key yet; its max then
-    stays -inf and is kept out of the exponents. A masked key gets weight exactly 0, but 0 times a NaN/inf value
-    is NaN, so SAFE (a masked step of the isolating re-run) also zeroes non-finite V elements before the dot and
-    gives the scores of a slot's visible keys whose V is not finite NaN instead: no masked key's NaN/inf reaches
-    any slot, a visible one makes its slot NaN. With finite V, SAFE changes no bit. Returns (max, sum, acc)."""
+    kernels (scores: see `scores`). MASKED: only keys where `valid` [slots, keys] count, so a slot may have seen
+    no key yet; its max then stays -inf and is kept out of the exponents. A masked key gets weight exactly 0, but
+    0 times a NaN/inf value is NaN, so SAFE (a masked step of the isolating re-run) also zeroes non-finite V
+    elements before the dot and gives the scores of a slot's visible keys whose V is not finite NaN instead: no
+    masked key's NaN/inf reaches any slot, a visible one makes its slot NaN. With finite V, SAFE changes no bit.
+    Returns (max, sum, acc)."""
     if SAFE:
         v_ok = finite(v)
         bad_key = tl.max(tl.where(v_ok, 0, 1), 1) > 0
         v = tl.where(v_ok, v, 0.0)
     if DOT_F32:
         k, v = k.to(tl.float32), v.to(tl.float32)
-    qk = tl.dot(q, tl.trans(k)) * qk_scale
+    qk = scores(q, k, qk_scale, cap, keys, diag, slope, SOFTCAP, ALIBI)
     if MASKED:
         qk = tl.where(valid, qk, float("-inf"))
         if SAFE:
@@ -88,6 +111,27 @@ def online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, valid, MASKED: tl.cons
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return m_new, l_i, acc
+
+
+@triton.jit
+def window_blocks(lo, hi, row_ok, BLOCK_N: tl.constexpr):
+    """Key blocks of a program whose slots see keys [lo, hi] each (hi < lo: none), as three loops: masked
+    [first, mask_end), unmasked [mask_end, nomask_end) - every real slot (row_ok) sees those blocks whole -
+    and masked [nomask_end, end). Returns (first, mask_end, nomask_end, end)."""
+    seen = row_ok & (hi >= lo)
+    first = tl.min(tl.where(seen, lo, 2147483647), 0)
+    end = tl.max(tl.where(seen, hi, -1), 0) + 1
+    first = tl.minimum(first, end)  # no slot sees any key: empty ranges
+    a = first + (tl.max(tl.where(row_ok, lo, first), 0) - first + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    full = tl.maximum(tl.min(tl.where(row_ok, hi, 2147483646), 0) + 1 - a, 0) // BLOCK_N  # 0 when a > end
+    mask_end = tl.minimum(a, end)
+    return first, mask_end, mask_end + full * BLOCK_N, end
+
+
+@triton.jit
+def log_sum_exp(m_i, l_i):
+    """Natural-log softmax normaliser of base-2 state (m, l); +inf for a slot that saw no key (FlashAttention 2)."""
+    return tl.where(l_i > 0, (m_i + tl.math.log2(tl.where(l_i > 0, l_i, 1.0))) * 0.6931471805599453, float("inf"))
 
 
 @functools.cache

@@ -5,13 +5,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-#: Head dims the kernels support (packinfer.HEAD_DIMS; api and these checks read it from here).
+#: Head dims the tile shapes were tuned on (packinfer.HEAD_DIMS); any head dim up to MAX_HEAD_DIM runs, padded
+#: inside the kernels to the next power of two.
 HEAD_DIMS = (64, 128, 256)
+MAX_HEAD_DIM = 256
 DTYPES = (torch.float16, torch.bfloat16)
 
 
-def check_cu_seqlens(cu_q: np.ndarray, cu_k: np.ndarray, causal: bool) -> None:
-    """cu_seqlens_q / cu_seqlens_k: 1-D, same length >= 2, start at 0, non-decreasing; causal needs q <= kv."""
+def check_cu_seqlens(cu_q: np.ndarray, cu_k: np.ndarray) -> None:
+    """cu_seqlens_q / cu_seqlens_k: 1-D, same length >= 2, start at 0, non-decreasing."""
     for name, cu in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
         if cu.ndim != 1 or len(cu) < 2:
             raise ValueError(f"{name} must be 1-D with B+1 >= 2 entries, got shape {tuple(cu.shape)}")
@@ -24,17 +26,11 @@ def check_cu_seqlens(cu_q: np.ndarray, cu_k: np.ndarray, causal: bool) -> None:
     if len(cu_q) != len(cu_k):
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (B+1), got {len(cu_q)} and "
                          f"{len(cu_k)}")
-    if causal:
-        over = np.diff(cu_q) > np.diff(cu_k)
-        if over.any():
-            i = int(np.argmax(over))
-            raise ValueError(f"causal attention needs q_len <= kv_len per request; request {i} has q_len "
-                             f"{int(np.diff(cu_q)[i])} > kv_len {int(np.diff(cu_k)[i])}")
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
               cu_seqlens_k: torch.Tensor) -> None:
-    """q [total_q, H, D], k/v [total_k, Hkv, D]: same device and dtype (fp16/bf16), H % Hkv == 0, D supported,
+    """q [total_q, H, D], k/v [total_k, Hkv, D]: same device and dtype (fp16/bf16), H % Hkv == 0, D <= 256,
     cu_seqlens int32 with last entries equal to total_q / total_k."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -50,8 +46,7 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: t
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     head_dim = q.shape[2]
-    if head_dim not in HEAD_DIMS:
-        raise ValueError(f"head_dim {head_dim} is not supported; supported: {list(HEAD_DIMS)}")
+    check_head_dim(head_dim)
     if k.shape[2] != head_dim:
         raise ValueError(f"k/v head_dim {k.shape[2]} differs from q's {head_dim}")
     if q.shape[1] % k.shape[1]:
@@ -62,3 +57,29 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: t
         if cu.dim() == 1 and len(cu) and int(cu[-1]) != total:
             raise ValueError(f"{name}[-1] = {int(cu[-1])} does not match the {total} tokens of "
                              f"{'q' if name.endswith('q') else 'k'}")
+
+
+def check_head_dim(head_dim: int) -> None:
+    """1 <= head_dim <= MAX_HEAD_DIM (the kernels pad it to a power of two)."""
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim {head_dim} is not supported: it must be between 1 and {MAX_HEAD_DIM}")
+
+
+def head_dim_padded(head_dim: int) -> int:
+    """The power-of-two head dim (>= 16) the kernels are compiled for; dims above the real one load as zeros."""
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
+def check_score_options(softcap: float, alibi_slopes, num_heads: int, batch: int, device: torch.device) -> None:
+    """softcap >= 0 (0: off); alibi_slopes None or an fp32 tensor [H] or [B, H] on q's device."""
+    if not softcap >= 0:
+        raise ValueError(f"softcap must be >= 0 (0 turns it off), got {softcap}")
+    if alibi_slopes is None:
+        return
+    if not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.dtype != torch.float32:
+        raise ValueError(f"alibi_slopes must be a float32 tensor, got {getattr(alibi_slopes, 'dtype', alibi_slopes)}")
+    if tuple(alibi_slopes.shape) not in ((num_heads,), (batch, num_heads)):
+        raise ValueError(f"alibi_slopes must have shape ({num_heads},) or ({batch}, {num_heads}), got "
+                         f"{tuple(alibi_slopes.shape)}")
+    if alibi_slopes.device != device:
+        raise ValueError(f"alibi_slopes is on {alibi_slopes.device} but q is on {device}")

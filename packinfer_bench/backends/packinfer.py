@@ -39,13 +39,13 @@ def is_decode(x: Inputs) -> bool:
 def _varlen_plan(x: Inputs, variant: str) -> packinfer.Plan:
     s, b = x.shape, x.batch
     if variant == "fa2-grid":
-        return packinfer.plan_for(x.cu_q_cpu, x.cu_k_cpu, s.num_heads, s.num_kv_heads, s.head_dim, packing=False,
-                                  balancing=False, config=packinfer.FA2_LIKE)
+        return packinfer.plan_for(x.cu_q_cpu, x.cu_k_cpu, s.num_heads, s.num_kv_heads, s.head_dim, causal=True,
+                                  packing=False, balancing=False, config=packinfer.FA2_LIKE)
     config = packinfer.choose_config(b.q_lens, b.kv_lens, s.num_heads, s.num_kv_heads, s.head_dim)
     if variant == "no-gqa-packing":
         config = dataclasses.replace(config, pack_gqa=False)
-    return packinfer.plan_for(x.cu_q_cpu, x.cu_k_cpu, s.num_heads, s.num_kv_heads, s.head_dim, config=config,
-                              packing=variant != "no-packing", balancing=variant != "no-balancing")
+    return packinfer.plan_for(x.cu_q_cpu, x.cu_k_cpu, s.num_heads, s.num_kv_heads, s.head_dim, causal=True,
+                              config=config, packing=variant != "no-packing", balancing=variant != "no-balancing")
 
 
 def prepare(x: Inputs, variant: str, use_tma: bool | None = None):
@@ -72,8 +72,8 @@ def prepare(x: Inputs, variant: str, use_tma: bool | None = None):
     plan = _varlen_plan(x, variant)
 
     def run() -> torch.Tensor:  # arguments checked on the first call only, as a serving loop would
-        out = packinfer.varlen_attention(x.q, x.k, x.v, x.cu_q, x.cu_k, x.max_q, x.max_k, plan=plan,
-                                         validate=not checked[0], use_tma=use_tma)
+        out = packinfer.varlen_attention(x.q, x.k, x.v, x.cu_q, x.cu_k, x.max_q, x.max_k, causal=True,
+                                         plan=plan, validate=not checked[0], use_tma=use_tma)
         checked[0] = True
         return out
 

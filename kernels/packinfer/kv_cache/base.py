@@ -137,9 +137,9 @@ class KVCacheBase:
             raise KVCacheError(f"unknown request {request_id!r}")
         return self._requests[request_id]
 
-    def _check_tokens(self, k: torch.Tensor, v: torch.Tensor, what: str, all_layers: bool = True) -> int:
+    def _check_tokens(self, k: torch.Tensor | None, v: torch.Tensor | None, what: str, all_layers: bool = True) -> int:
         """Token count of k/v: [tokens, Hkv, D] for one layer (all_layers=False, or a single-layer cache), else
-        [num_layers, tokens, Hkv, D]."""
+        [num_layers, tokens, Hkv, D]. Anything else (None included) raises KVCacheError."""
         want = (self.num_kv_heads, self.head_dim)
         layered = all_layers and self.num_layers > 1
         for name, t in (("k", k), ("v", v)):
@@ -148,14 +148,14 @@ class KVCacheBase:
                 ok = len(shape) == 4 and shape[0] == self.num_layers and shape[2:] == want
             else:
                 ok = len(shape) == 3 and shape[1:] == want
-            ok = ok and isinstance(t, torch.Tensor)
-            if not ok:
+            if not (ok and isinstance(t, torch.Tensor)):
                 lead = f"{self.num_layers}, tokens" if layered else "tokens"
                 raise KVCacheError(f"{what}: {name} must be [{lead}, {want[0]}, {want[1]}], got {shape}")
             if t.dtype != self.dtype:
                 raise KVCacheError(f"{what}: {name} has dtype {t.dtype}, the cache holds {self.dtype}")
             if t.device != self.k.device:
                 raise KVCacheError(f"{what}: {name} is on {t.device}, the cache on {self.k.device}")
+        assert k is not None and v is not None  # the loop raised for anything but tensors
         if k.shape[-3] != v.shape[-3]:
             raise KVCacheError(f"{what}: k has {k.shape[-3]} tokens but v has {v.shape[-3]}")
         return k.shape[-3]
@@ -178,7 +178,7 @@ class KVCacheBase:
         prefix = self._store_prefix(n)
         self._prefixes[prefix_id] = prefix
         addr = self._prefix_addresses(prefix)
-        if k is not None:
+        if k is not None and v is not None:  # given (checked above: one without the other raised)
             self.write(addr, k, v)
         return addr
 
