@@ -63,6 +63,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="folder for analytic_vs_measured.csv/.json (default: the run)")
     args = ap.parse_args()
     out = args.out or args.run
+    out.mkdir(parents=True, exist_ok=True)
     df = compare(args.run, args.sms)
     corr = {"all": correlations(df), **{phase: correlations(g) for phase, g in df.groupby("phase")}}
     df.to_csv(out / "analytic_vs_measured.csv", index=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import sys
 from collections.abc import Callable
@@ -16,8 +17,8 @@ import torch
 from packinfer_bench import envinfo
 from packinfer_bench.backends import Backend
 from packinfer_bench.config import ShapeConfig
-from packinfer_bench.run_folder.records import Record, RecordStore
 from packinfer_bench.reference import reference_attention
+from packinfer_bench.run_folder.records import FIELDS, Record, RecordStore
 from packinfer_bench.runner import make_inputs, measure_one, record_base
 from packinfer_bench.timing import Timer
 from packinfer_bench.workload import Batch
@@ -97,9 +98,10 @@ UNITS = {"tflops": "TFLOP/s", "kv_tbps": "TB/s"}
 def tune_candidates(batches: list[Batch], picks: tuple[str, ...], candidates: list[tuple[str, Callable]],
                     shape: ShapeConfig, device: torch.device, timer: Timer, out: Path, metric: str) -> None:
     """Time each (name, prepare) launch-setting candidate of packinfer on the picked batches (same inputs, each
-    output checked against the reference): one row per (batch, candidate) in out/tune.csv, written as measured."""
+    output checked against the reference): one row per (batch, candidate) in out/tune.csv, written as measured,
+    in the harness's records schema (run_folder/records.py; the candidate is the variant)."""
     with open(out / "tune.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["batch", "config", "status", "kernel_ms", metric, "rel_err"])
+        writer = csv.DictWriter(f, fieldnames=FIELDS)  # the harness's records schema; variant: the candidate
         writer.writeheader()
         for batch in (b for b in batches if b.batch_id in picks):
             x = make_inputs(batch, shape, device)
@@ -107,10 +109,9 @@ def tune_candidates(batches: list[Batch], picks: tuple[str, ...], candidates: li
             for name, prepare in candidates:
                 rec = measure_one(Backend("packinfer", (name,), lambda d: None, prepare), name, x, ref, timer,
                                   record_base(batch, shape))
-                value = getattr(rec, metric)
-                writer.writerow({"batch": batch.batch_id, "config": name, "status": rec.status,
-                                 "kernel_ms": rec.kernel_ms, metric: value, "rel_err": rec.rel_err})
+                writer.writerow({k: "" if v is None else v for k, v in dataclasses.asdict(rec).items()})
                 f.flush()
+                value = getattr(rec, metric)
                 print(f"tune {batch.batch_id:<40} {name:<22} {rec.kernel_ms} ms {value} {UNITS[metric]} {rec.status}",
                       flush=True)
             del x, ref

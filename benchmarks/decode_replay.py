@@ -71,8 +71,9 @@ def run_replay(name: str, batches: list[Batch], headrooms: list[int], shape, dev
     max_err, decode_iters = 0.0, 0
     gen = torch.Generator().manual_seed(0)
     for i, b in enumerate(batches):
-        row = {"trace": name, "iteration": i, "batch_size": len(b), "q_tokens": int(b.q_lens.sum()),
-               "kv_tokens": int(b.kv_lens.sum()), "decode": int(b.q_lens.max()) <= DECODE_MAX_Q}
+        row = {"trace": name, "iteration": i, "batch_id": b.batch_id, "batch_size": len(b),
+               "num_tokens": int(b.q_lens.sum()), "num_kv_tokens": int(b.kv_lens.sum()),
+               "decode": int(b.q_lens.max()) <= DECODE_MAX_Q, "timing": timer.method}
         for key, f in follow.items():
             cost = f.step(i, b)
             st = caches[key].stats()

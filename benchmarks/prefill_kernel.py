@@ -82,9 +82,10 @@ def tune(batches: list[Batch], shape: ShapeConfig, device, timer: Timer, out_dir
 
         def prepare(x, variant, cfg=cfg):
             s = x.shape
-            plan = packinfer.plan_for(x.cu_q_cpu, x.cu_k_cpu, s.num_heads, s.num_kv_heads, s.head_dim, config=cfg)
-            return lambda: packinfer.varlen_attention(x.q, x.k, x.v, x.cu_q, x.cu_k, x.max_q, x.max_k, plan=plan,
-                                                      validate=False)
+            plan = packinfer.plan_for(x.cu_q_cpu, x.cu_k_cpu, s.num_heads, s.num_kv_heads, s.head_dim, causal=True,
+                                      config=cfg)
+            return lambda: packinfer.varlen_attention(x.q, x.k, x.v, x.cu_q, x.cu_k, x.max_q, x.max_k, causal=True,
+                                                      plan=plan, validate=False)
 
         candidates.append((f"{cfg.slots}x{cfg.block_n}x{cfg.num_warps}x{cfg.num_stages}"
                            + ("+gqa" if cfg.pack_gqa else ""), prepare))

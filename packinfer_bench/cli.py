@@ -1,41 +1,67 @@
-"""The `packinfer-bench` command line."""
+"""The `packinfer-bench` command line.
+
+Starting it is cheap (`--help`, `traces list`, each TAB of shell completion): torch, pandas, matplotlib and the
+measuring code are imported inside the commands that use them, and nothing changes the environment on import.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-import torch
 
-if not torch.cuda.is_available():  # Triton kernels run under the interpreter; must be set before triton loads
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from packinfer_bench import envinfo
-from packinfer_bench.config import load_config
 from packinfer_bench.errors import PackinferBenchError
-from packinfer_bench.experiment import run_experiment
-from packinfer_bench.report import write_report
-from packinfer_bench.report.result import write_result
-from packinfer_bench.traces import KINDS, SHIPPED, load_trace, shipped_dir
+from packinfer_bench.resources import data_dir
+from packinfer_bench.traces import KINDS, SHIPPED, shipped_dir
 
-EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
+if TYPE_CHECKING:
+    import pandas as pd
+    from rich.table import Table
+
+EXPERIMENTS_DIR = data_dir("experiments")
+
+
+def prepare_kernels() -> bool:
+    """Before triton is first imported by a command that runs kernels: without a GPU, run them under the Triton
+    interpreter (TRITON_INTERPRET=1 unless set). Returns whether a GPU is present."""
+    import torch
+
+    gpu = torch.cuda.is_available()
+    if not gpu:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    return gpu
 
 
 def default_config() -> Path:
     """The experiment `run` picks when none is named: the smoke test without a GPU, else the GPU's sweep."""
+    import torch
+
     if not torch.cuda.is_available():
         return EXPERIMENTS_DIR / "smoke.yaml"
     name = torch.cuda.get_device_name(0)
     return EXPERIMENTS_DIR / ("a100.yaml" if "A100" in name else "h100.yaml")
 
 
+def split(text: str) -> tuple[str, ...]:
+    """The items of a comma-separated option value."""
+    return tuple(f.strip() for f in text.split(",") if f.strip())
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="packinfer-bench")
-def main() -> None:
+@click.option("-v", "--verbose", is_flag=True, help="Show debug messages and full tracebacks on the console (run.log "
+              "always has the tracebacks).")
+def main(verbose: bool) -> None:
     """Trace-driven benchmarks of PackInfer attention kernels against FlashAttention-style baselines."""
+    if click.get_current_context().invoked_subcommand in ("run", "report"):  # the commands that log
+        from packinfer_bench.logs import setup_console
+
+        setup_console(verbose)
 
 
 @main.command()
@@ -49,21 +75,112 @@ def main() -> None:
               "records say timing: cuda-graph).")
 @click.option("--only", type=click.Choice(["kernel", "e2e"]), help="Run one stage: the kernel batches or the "
               "end-to-end replays (default: both).")
-def run(config: Path | None, out: Path | None, dry_run: bool, resume: bool, cuda_graphs: bool,
-        only: str | None) -> None:
+@click.option("--backends", "backends", metavar="A,B", help="Run only these of the config's backends "
+              "(comma-separated; kernel sweep and end-to-end entries).")
+@click.option("--skip", "skip", metavar="A,B", default="", help="Leave out these of the config's backends "
+              "(comma-separated).")
+@click.option("--set", "overrides", metavar="KEY=VALUE", multiple=True, help="Override a config key before it is "
+              "checked: a dotted key, a YAML value, e.g. --set timing.repeats=5 --set 'e2e[0].rates=[2, 4]' "
+              "(repeatable; recorded in the run folder's config.yaml).")
+@click.option("--list-backends", is_flag=True, help="List every registered backend, its variants and whether it "
+              "can run here (and why not), then exit.")
+def run(config: Path | None, out: Path | None, dry_run: bool, resume: bool, cuda_graphs: bool, only: str | None,
+        backends: str | None, skip: str, overrides: tuple[str, ...], list_backends: bool) -> None:
     """Run an experiment CONFIG (default: experiments/smoke.yaml without a GPU, else the GPU's sweep)."""
+    prepare_kernels()
+    if list_backends:
+        import torch
+
+        from packinfer_bench.config import REFERENCE
+
+        _echo_table(f"Backends (on {'cuda' if torch.cuda.is_available() else 'cpu'})", backends_table())
+        click.echo(f"End-to-end replays also take {REFERENCE!r}, the float32 reference attention.")
+        return
+    from packinfer_bench.config import load_config, select_backends
+    from packinfer_bench.experiment import run_experiment
+    from packinfer_bench.logs import get_logger
+    from packinfer_bench.report.result import write_result
+
     config = config or default_config()
     try:
-        cfg = load_config(config)
-        if cuda_graphs:
-            cfg.timing.cuda_graphs = True
-        click.echo(f"experiment {cfg.name} ({config})")
-        summary = run_experiment(cfg, out, dry_run=dry_run, resume=resume, only=only, log=click.echo)
+        cfg = load_config(config, [*overrides, *(["timing.cuda_graphs=true"] if cuda_graphs else [])])
+        if backends is not None or skip:
+            cfg = select_backends(cfg, split(backends) if backends is not None else None, split(skip))
+        get_logger("packinfer_bench.cli").info(f"experiment {cfg.name} ({config})")
+        summary = run_experiment(cfg, out, dry_run=dry_run, resume=resume, only=only)
         if summary.measured:
-            click.echo(f"result: {write_result(summary.out_dir, time.time())}")
+            get_logger("packinfer_bench.cli").info(f"result: {write_result(summary.out_dir, time.time())}")
     except PackinferBenchError as e:
         raise click.ClickException(str(e)) from None
+    if summary.measured:
+        _echo_results(summary.out_dir)
     click.echo(f"run folder: {summary.out_dir}")
+    if summary.measured:
+        click.echo(f"next: packinfer-bench report {summary.out_dir}")
+
+
+def backends_table() -> Table:
+    """Every registered backend: its kernel and serving variants, and whether it runs on this machine."""
+    import torch
+    from rich.table import Table
+
+    from packinfer_bench.backends import BACKENDS
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    table = Table("backend", "kernel variants", "serving variants", "available here")
+    for name, backend in BACKENDS.items():
+        reason = backend.available(device)
+        serving = ", ".join(backend.serving_variants) if backend.serving is not None else "-"
+        table.add_row(name, ", ".join(backend.variants), serving, f"no: {reason}" if reason else "yes")
+    return table
+
+
+def _echo_results(run_dir: Path) -> None:
+    """A run's headline tables (the report's own), and the CPU note where the timings are the interpreter's."""
+    from packinfer_bench.report.summary import CPU_NOTE, headline_tables, is_cpu_run
+
+    for title, table in headline_tables(run_dir).items():
+        _echo_table(title, frame_table(table))
+    if is_cpu_run(run_dir):
+        _echo_note(CPU_NOTE)
+
+
+def frame_table(df: pd.DataFrame) -> Table:
+    """A DataFrame as a rich table: numbers right-aligned to 3 significant digits, missing values blank."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(box=box.SIMPLE_HEAD)
+    for column in df.columns:
+        table.add_column(str(column), justify="right" if df[column].dtype.kind in "iuf" else "left")
+    for row in df.itertuples(index=False):
+        table.add_row(*(_cell(v) for v in row))
+    return table
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return ""
+        return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.3g}"  # no exponent above 1000
+    return "" if value is None else str(value)
+
+
+def _stdout():
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    return console if console.is_terminal else Console(highlight=False, width=200)
+
+
+def _echo_table(title: str, table: Table) -> None:
+    console = _stdout()
+    console.print(title, style="bold", markup=False)
+    console.print(table)
+
+
+def _echo_note(text: str) -> None:
+    _stdout().print(f"[bold yellow]Note:[/] {text}", soft_wrap=True)
 
 
 @main.group()
@@ -88,6 +205,8 @@ def traces_list() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def traces_describe(source: str, kind: str | None, as_json: bool) -> None:
     """Rows, time span, length percentiles and prefix sharing of a shipped trace NAME or a file PATH."""
+    from packinfer_bench.traces import load_trace
+
     try:
         trace = load_trace(source, kind)
     except PackinferBenchError as e:
@@ -96,10 +215,9 @@ def traces_describe(source: str, kind: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
-    width = max(len(k) for k in info)
-    for key, value in info.items():
-        shown = f"{value:.4g}" if isinstance(value, float) else value
-        click.echo(f"{key:<{width}}  {shown}")
+    from packinfer_bench.traces import describe_lines
+
+    click.echo("\n".join(describe_lines(info)))
 
 
 @main.command()
@@ -115,9 +233,7 @@ def traces_describe(source: str, kind: str | None, as_json: bool) -> None:
 def report(run_dir: Path, out: Path | None, formats: str, figures: str, compare: tuple[Path, ...]) -> None:
     """Tables (speed-ups, ablation, plan cost, correctness; comparison with other runs), figures and summary.md
     from a run folder's records."""
-
-    def split(text: str) -> tuple[str, ...]:
-        return tuple(f.strip() for f in text.split(",") if f.strip())
+    from packinfer_bench.report import write_report
 
     labels = {}
     for path in compare:
@@ -127,12 +243,15 @@ def report(run_dir: Path, out: Path | None, formats: str, figures: str, compare:
         summary = write_report(run_dir, out, split(formats), split(figures), labels)
     except PackinferBenchError as e:
         raise click.ClickException(str(e)) from None
+    _echo_results(run_dir)
     click.echo(f"report: {summary}")
 
 
 @main.command()
 def env() -> None:
     """Print the environment that env.json records (GPU, driver, CUDA, versions, git commit)."""
+    from packinfer_bench import envinfo
+
     click.echo(json.dumps(envinfo.collect(), indent=2))
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -16,11 +17,22 @@ from packinfer import HEAD_DIMS
 from packinfer_bench.backends import BACKENDS
 from packinfer_bench.errors import ConfigError
 from packinfer_bench.models import preset
-from packinfer_bench.workload import ContinuousSpec, StaticSpec
+from packinfer_bench.resources import find_experiment
 from packinfer_bench.traces import KINDS, SHIPPED
 from packinfer_bench.traces import check_options as check_trace_options
-from packinfer_bench.traces.limits import (MAX_COUNT, MAX_RATE, MIN_RATE, KeyedConfigError, check_float, check_int,
-                                           check_name, check_seed, check_unique, join)
+from packinfer_bench.traces.limits import (
+    MAX_COUNT,
+    MAX_RATE,
+    MIN_RATE,
+    KeyedConfigError,
+    check_float,
+    check_int,
+    check_name,
+    check_seed,
+    check_unique,
+    join,
+)
+from packinfer_bench.workload import ContinuousSpec, StaticSpec
 
 #: Attention heads of one layer (the largest models have 128).
 MAX_HEADS = 1024
@@ -230,7 +242,7 @@ class E2EConfig:
 
 @dataclass
 class OutputConfig:
-    dir: str = "results"
+    dir: str = "runs"  # new runs; committed reference runs live in results/
 
     def __post_init__(self) -> None:
         if not self.dir.strip() or "\0" in self.dir:
@@ -283,9 +295,10 @@ class ExperimentConfig:
         return dataclasses.asdict(self)
 
 
-def load_config(path: str | Path) -> ExperimentConfig:
-    """Read and validate an experiment YAML file."""
-    path = Path(path)
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Read and validate an experiment YAML file (a shipped one by its repository path from any folder), with
+    `overrides` ("key=value", `run --set`) applied to its data first, so that they are checked like the file."""
+    path = find_experiment(Path(path))
     if path.is_dir():
         raise ConfigError(f"{path}: is a directory, not a config file")
     if not path.is_file():
@@ -305,10 +318,79 @@ def load_config(path: str | Path) -> ExperimentConfig:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     except RecursionError:
         raise ConfigError(f"{path}: not valid YAML: nested too deeply") from None
+    if isinstance(data, dict):
+        for item in overrides:
+            apply_override(data, item)
     try:
         return build(ExperimentConfig, data, "")
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+
+
+def apply_override(data: dict, item: str) -> None:
+    """Set one "key=value" in a config's YAML data: the key dotted (timing.repeats, e2e[0].rates or e2e.0.rates),
+    the value read as YAML (3, true, [fa2, packinfer], {a: 1}); missing mappings on the way are created, and
+    the schema then checks the result like any key of the file."""
+    key, sep, text = item.partition("=")
+    parts = key.strip().replace("[", ".").replace("]", "").split(".")
+    if not sep or not all(p.strip() for p in parts):
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted KEY, e.g. timing.repeats=5 or "
+                          "e2e[0].rates=[1.0]")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        why = getattr(e, "problem", None) or e
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML ({why})") from None
+    node: Any = data
+    where = ""
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"--set {item!r}: {where} is a list of {len(node)}; allowed: an index 0 to "
+                                  f"{len(node) - 1}, e.g. {where}[0]")
+            index = int(part)
+            where = f"{where}[{index}]"
+            if last:
+                node[index] = value
+            else:
+                node = node[index]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {item!r}: {where} is {node!r}, not a mapping: it has no key {part!r}")
+        where = _join(where, part)
+        if last:
+            node[part] = value
+        else:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+
+
+def select_backends(config: ExperimentConfig, only: Sequence[str] | None = None,
+                    skip: Sequence[str] = ()) -> ExperimentConfig:
+    """The config with only the backends `only` names (all when None), less those in `skip`, in its kernel sweep
+    and its end-to-end entries (an entry left with none is dropped); `run --backends/--skip`. A name the config
+    does not run is a ConfigError listing the ones it does."""
+    ours = list(dict.fromkeys([*config.backends, *(b for e in config.e2e for b in e.backends)]))
+    for flag, names in (("--backends", only or ()), ("--skip", skip)):
+        bad = [n for n in names if n not in ours]
+        if bad:
+            others = [n for n in (*BACKENDS, REFERENCE) if n not in ours]
+            raise ConfigError(f"{flag}: {', '.join(bad)} not among this config's backends; allowed: "
+                              f"{', '.join(ours)}" + (f" (to add one of {', '.join(others)}, use --set backends=[...])"
+                                                      if others else ""))
+
+    def keep(names: list[str]) -> list[str]:
+        return [n for n in names if (only is None or n in only) and n not in skip]
+
+    if not keep(ours):
+        raise ConfigError(f"--backends/--skip leave no backend to run; this config's backends: {', '.join(ours)}")
+    kernel = keep(config.backends)
+    e2e = [dataclasses.replace(e, backends=keep(e.backends)) for e in config.e2e if keep(e.backends)]
+    if not kernel and e2e:  # no kernel backend left: no kernel sweep (its batches would be measured by none)
+        return dataclasses.replace(config, backends=[], e2e=e2e, workloads=[], shapes=[])
+    return dataclasses.replace(config, backends=kernel, e2e=e2e)
 
 
 def build(cls: type, data: Any, where: str) -> Any:

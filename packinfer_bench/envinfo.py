@@ -8,6 +8,8 @@ import platform
 import subprocess
 from pathlib import Path
 
+from packinfer_bench.resources import checkout_root
+
 OPTIONAL_PACKAGES = ("flash-attn", "flashinfer-python", "triton", "numpy", "pandas")
 
 
@@ -21,10 +23,10 @@ def _version(dist: str) -> str | None:
 def git_sha(repo: Path | None = None) -> str | None:
     """The PACKINFER_GIT_SHA environment variable when set (a copy of the tree sent to a GPU machine may carry a
     stale .git), else the commit of the working tree (with '-dirty' when it has uncommitted changes), else None."""
-    cwd = repo or Path(__file__).resolve().parents[1]
+    cwd = repo or checkout_root()
     if os.environ.get("PACKINFER_GIT_SHA"):
         return os.environ["PACKINFER_GIT_SHA"]
-    if not (cwd / ".git").exists():
+    if cwd is None or not (cwd / ".git").exists():  # an installed wheel: no commit to name
         return None
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
@@ -72,6 +74,23 @@ def collect(full: bool = False) -> dict[str, object]:
         info["gpu_clocks"] = gpu_clocks()
         info["collect_env"] = torch_environment()
     return info
+
+
+def describe(env: dict) -> str:
+    """env.json's facts in one line: the GPU (name, SMs, driver as known) or "CPU (Triton interpreter)" when the
+    run saw no GPU, then torch, triton and flashinfer where installed, and the commit."""
+    gpu = env.get("gpu") or {}
+    packages = env.get("packages") or {}
+    if gpu:
+        facts = [f"{gpu['sms']} SMs" if gpu.get("sms") else "", f"driver {gpu['driver']}" if gpu.get("driver") else ""]
+        facts = [f for f in facts if f]
+        where = str(gpu.get("name") or "unnamed GPU") + (f" ({', '.join(facts)})" if facts else "")
+    else:
+        where = "CPU (Triton interpreter)"
+    versions = [("torch", env.get("torch")), ("triton", packages.get("triton")),
+                ("flashinfer", packages.get("flashinfer-python"))]
+    return ", ".join([where, *(f"{name} {v}" for name, v in versions if v),
+                      f"commit {env.get('git_sha') or 'unknown'}"])
 
 
 def _driver_version() -> str | None:

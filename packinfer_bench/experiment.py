@@ -24,12 +24,25 @@ from packinfer_bench import envinfo
 from packinfer_bench.analytic import write_predictions
 from packinfer_bench.config import ExperimentConfig, TraceConfig
 from packinfer_bench.errors import PackinferBenchError
-from packinfer_bench.run_folder import (ANALYTIC_FILE, BATCHES_FILE, E2E_DIR, RECORDS_FILE, TRACES_FILE,
-                                        WORKLOAD_FILE, JsonLines, new_run_path, open_run_folder, write_atomic)
+from packinfer_bench.logs import get_logger, run_log
+from packinfer_bench.run_folder import (
+    ANALYTIC_FILE,
+    BATCHES_FILE,
+    E2E_DIR,
+    RECORDS_FILE,
+    TRACES_FILE,
+    WORKLOAD_FILE,
+    JsonLines,
+    new_run_path,
+    open_run_folder,
+    write_atomic,
+)
 from packinfer_bench.runner import measure, pick_device
 from packinfer_bench.serving.stage import run_e2e
 from packinfer_bench.traces import Trace, load_trace
 from packinfer_bench.workload import Batch, continuous_batches, static_batches
+
+_log = get_logger(__name__)
 
 
 @dataclass
@@ -72,24 +85,33 @@ def load_traces(configs: list[TraceConfig]) -> dict[str, Trace]:
 
 def run_experiment(config: ExperimentConfig, out: str | Path | None = None, *, dry_run: bool = False,
                    resume: bool = False, only: str | None = None,
-                   log: Callable[[str], None] = print) -> RunSummary:
+                   log: Callable[[str], None] | None = None) -> RunSummary:
     """Replay the experiment's workloads into its run folder and measure them (with dry_run, stop there), then
-    run its end-to-end replays; only='kernel' or 'e2e' runs one of the two stages."""
+    run its end-to-end replays; only='kernel' or 'e2e' runs one of the two stages. Progress messages go to the
+    packinfer_bench logger (and the run folder's run.log), and to `log` when given."""
+
+    def say(message: str) -> None:
+        _log.info(message)
+        if log is not None:
+            log(message)
+
     traces = load_traces(config.traces)  # bad traces fail before anything is written
-    with open_run_folder(run_dir(config, out, resume), config.to_dict(), envinfo.collect(full=not dry_run and config.device != "cpu" and torch.cuda.is_available()), resume=resume,
-                         log=log) as folder:
+    full_env = not dry_run and config.device != "cpu" and torch.cuda.is_available()
+    with open_run_folder(run_dir(config, out, resume), config.to_dict(), envinfo.collect(full=full_env),
+                         resume=resume, log=say) as folder, run_log(folder.path):
         out_dir = folder.path
+        _log.info("session: %s %s", config.name, "resumed" if resume else "started", extra={"console": False})
         write_atomic(out_dir / TRACES_FILE, json.dumps({n: {**t.describe(), "notes": t.notes} for n, t in
                                                         traces.items()}, indent=2, default=str) + "\n")
         for name, trace in traces.items():
-            log(f"trace {name}: {len(trace)} requests ({trace.kind}, tokenizer: {trace.tokenizer})")
+            say(f"trace {name}: {len(trace)} requests ({trace.kind}, tokenizer: {trace.tokenizer})")
 
         summary = RunSummary(out_dir=out_dir, batches_new=0, batches_kept=0, measured=False)
         if only != "e2e":
-            summary = _kernel_stage(config, out_dir, traces, dry_run, log)
+            summary = _kernel_stage(config, out_dir, traces, dry_run, say)
         if config.e2e and only != "kernel" and not dry_run and config.device != "analytic":
-            counts = run_e2e(config, out_dir, traces, pick_device(config), log=log)
-            log("e2e: " + ", ".join(f"{n} {status}" for status, n in counts.items()) + f" -> {out_dir / E2E_DIR}")
+            counts = run_e2e(config, out_dir, traces, pick_device(config), log=say)
+            say("e2e: " + ", ".join(f"{n} {status}" for status, n in counts.items()) + f" -> {out_dir / E2E_DIR}")
             summary.measured = True
         return summary
 

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from packinfer_bench.backends.base import Inputs, ServingAttention, Step
 from packinfer_bench.config import REFERENCE
 
-
 #: Most bytes of float32 scores one block of the blocked reference holds.
 BLOCK_BYTES = 256 << 20
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import math
 import time
-import traceback
 import zlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -20,10 +19,13 @@ from packinfer_bench.backends import BACKENDS, DTYPES, AttentionShape, Backend, 
 from packinfer_bench.backends.serving_call import serving_call
 from packinfer_bench.config import ExperimentConfig, ShapeConfig
 from packinfer_bench.errors import ConfigError, first_line
-from packinfer_bench.run_folder.records import Record, RecordStore
+from packinfer_bench.logs import console, get_logger
 from packinfer_bench.reference import reference_attention
+from packinfer_bench.run_folder.records import Record, RecordStore
 from packinfer_bench.timing import Timer
 from packinfer_bench.workload import Batch
+
+_log = get_logger(__name__)
 
 #: An output whose relative L2 error to the float32 reference exceeds this is `incorrect` (bf16 lands near 2e-3).
 MAX_REL_ERR = 2e-2
@@ -119,7 +121,7 @@ def measure_one(backend: Backend, variant: str, x: Inputs, ref: torch.Tensor, ti
         rec.status, rec.reason = "error", f"out of memory: {first_line(e)}"
     except Exception as e:  # a failing backend is recorded and the run goes on
         rec.status, rec.reason = "error", f"{type(e).__name__}: {first_line(e)}"
-        traceback.print_exc()
+        _log.warning("%s:%s on %s (%s): error", backend.name, variant, x.batch.batch_id, base["shape"], exc_info=True)
     finally:
         if x.q.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -148,7 +150,7 @@ def measure(config: ExperimentConfig, out_dir: Path, batches: Iterable[Batch],
             if any((b.batch_id, s.name, be.name, v) not in done for be in backends for v in variants_of(be, b))]
     counts = {"ok": 0, "incorrect": 0, "skipped": 0, "error": 0}
     with Progress(TextColumn("{task.description:<28}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeRemainingColumn()) as progress:
+                  TimeRemainingColumn(), console=console()) as progress:
         tasks = {b.name: progress.add_task(b.name, total=sum(len(variants_of(b, batch)) for batch, _ in todo))
                  for b in backends}
         for batch, shape in todo:

@@ -42,11 +42,14 @@ def test_bad_top_level_keys(write, edit, message):
 @pytest.mark.parametrize("old, new, message", [
     ("backends: [fa2, packinfer]", "backends: [fa9]", r"backends: unknown backend\(s\) \['fa9'\]; allowed: \['fa2'"),
     ("head_dim: 128", "head_dim: 96", r"shapes\[0\].head_dim: 96 not allowed; allowed: \[64, 128, 256\]"),
-    ("num_kv_heads: 2", "num_kv_heads: 3", r"shapes\[0\].num_heads: 8 must be a positive multiple of num_kv_heads \(3\)"),
-    ("{batch_sizes: [4]}", "{batch_sizes: [4], phases: [prefil]}", r"workloads\[0\].static.phases\[0\]: unknown phase 'prefil'"),
+    ("num_kv_heads: 2", "num_kv_heads: 3",
+     r"shapes\[0\].num_heads: 8 must be a positive multiple of num_kv_heads \(3\)"),
+    ("{batch_sizes: [4]}", "{batch_sizes: [4], phases: [prefil]}",
+     r"workloads\[0\].static.phases\[0\]: unknown phase 'prefil'"),
     ("{batch_sizes: [4]}", "{batch_size: [4]}", r"workloads\[0\].static.batch_size: unknown key; allowed keys"),
     ("{batch_sizes: [4]}", "{batch_sizes: 4}", r"workloads\[0\].static.batch_sizes: expected a list, got 4"),
-    ("{name: w, static:", "{name: w, traces: [azure], static:", r"workloads\[0\].traces: unknown trace\(s\) \['azure'\]"),
+    ("{name: w, static:", "{name: w, traces: [azure], static:",
+     r"workloads\[0\].traces: unknown trace\(s\) \['azure'\]"),
     ("{name: w, static: {batch_sizes: [4]}}", "{name: w}", r"workloads\[0\]: a workload needs exactly one of"),
     ("name: t\n", "", r"name: required key is missing"),
 ])

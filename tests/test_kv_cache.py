@@ -203,7 +203,8 @@ def test_a_model_cache_keeps_every_layer_at_the_same_addresses_through_moves(lay
     gen = torch.Generator().manual_seed(3)
     layers = 3
     cache = make_cache(layout, 256, HKV, D, dtype=torch.float16, block_size=8, headroom=4, num_layers=layers)
-    assert cache.k_pools.shape == (layers, cache.capacity_tokens, HKV, D) and cache.token_bytes == layers * 2 * HKV * D * 2
+    assert cache.k_pools.shape == (layers, cache.capacity_tokens, HKV, D)
+    assert cache.token_bytes == layers * 2 * HKV * D * 2
     pk, pv = (torch.randn(layers, 13, HKV, D, generator=gen).half() for _ in range(2))
     cache.add_prefix("sys", pk, pv)
     want = {"a": [pk.clone(), pv.clone()], "b": [pk[:, :0].clone(), pv[:, :0].clone()]}
@@ -254,7 +255,7 @@ def test_grouped_make_room_copies_all_relocations_at_once_without_reusing_a_vaca
         got_k, got_v = cache.read(rid)
         assert torch.equal(got_k, k) and torch.equal(got_v, v), rid
     cache.make_room({"c": 3})  # and a plain relocation still works afterwards
-    for rid, (k, v) in data.items():
+    for rid, (k, _) in data.items():
         assert torch.equal(cache.read(rid)[0], k)
 
 

@@ -10,9 +10,9 @@ from conftest import REPO
 #: Low to high. A module may import from a lower layer, and within its own package (e.g. backends.fa2 from
 #: backends.base); a peer of the same layer is not below it.
 LAYERS = [
-    ["packinfer"],
+    ["packinfer", "packinfer_bench.resources"],
     ["packinfer_bench", "packinfer_bench.errors", "packinfer_bench.envinfo", "packinfer_bench.timing",
-     "packinfer_bench.stats"],
+     "packinfer_bench.stats", "packinfer_bench.logs"],
     ["packinfer_bench.traces"],
     ["packinfer_bench.workload"],
     ["packinfer_bench.models"],

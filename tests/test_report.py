@@ -1,9 +1,10 @@
 """`packinfer-bench report`: tables from records, numbers checked against values computed here by hand, and
 incorrect / skipped / failed records counted but never folded into a speed-up."""
 
+import json
 import math
-import os
 
+import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
@@ -128,29 +129,50 @@ def test_two_runs_side_by_side(run, tmp_path):
 
 
 def test_plan_cost_table_summarises_plan_time_per_system(tmp_path):
-    rows = [_record(f"b{i}", "packinfer", "full", kernel_ms=1.0) | {"plan_ms": ms} for i, ms in enumerate([0.2, 0.4, 0.9])]
+    rows = [_record(f"b{i}", "packinfer", "full", kernel_ms=1.0) | {"plan_ms": ms}
+            for i, ms in enumerate([0.2, 0.4, 0.9])]
     pd.DataFrame(rows, columns=FIELDS).to_csv(tmp_path / RECORDS_FILE, index=False)
     row = plan_cost_table(load_records(tmp_path)).set_index("system").loc["packinfer:full"]
     assert (row["batches"], row["median_ms"], row["max_ms"]) == (3, 0.4, 0.9)
 
 
-def test_the_paper_figures_notebook_runs_top_to_bottom(run, tmp_path):
+NOTEBOOK = REPO / "notebooks" / "paper_figures.ipynb"
+#: The figures the notebook draws: every kernel figure and the end-to-end ones (figures.py's names).
+NOTEBOOK_FIGURES = ("latency_cdf", "roofline", "ablation", "plan_cost", "speedup_vs_cv", "e2e_latency_cdf",
+                    "e2e_latency_vs_rate", "e2e_ttft_itl_cdf")
+
+
+def _images(nb):
+    return [o["data"]["image/png"] for c in nb.cells if c.cell_type == "code" for o in c.outputs
+            if "image/png" in o.get("data", {})]
+
+
+def test_the_paper_figures_notebook_runs_top_to_bottom_from_any_folder(run, tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     from nbclient import NotebookClient
 
-    notebook = REPO / "notebooks" / "paper_figures.ipynb"
-    nb = nbformat.read(notebook, as_version=4)
-    os.environ["PACKINFER_RUN"] = str(run)
-    os.environ["PACKINFER_E2E_RUN"] = str(_e2e_run(tmp_path / "e2e-run"))
-    try:
-        NotebookClient(nb, timeout=300, kernel_name="python3",
-                       resources={"metadata": {"path": str(notebook.parent)}}).execute()
-    finally:
-        del os.environ["PACKINFER_RUN"], os.environ["PACKINFER_E2E_RUN"]
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    monkeypatch.setenv("PACKINFER_RUN", str(run))
+    monkeypatch.setenv("PACKINFER_E2E_RUN", str(_e2e_run(tmp_path / "e2e-run")))
+    elsewhere = tmp_path / "elsewhere"  # neither notebooks/ nor the repository
+    elsewhere.mkdir()
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(elsewhere)}}).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
-    images = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(images) >= 7  # every kernel figure and both end-to-end figures drawn
+    names = [o["data"]["text/markdown"].strip("*") for o in outputs if "text/markdown" in o.get("data", {})]
+    assert names == list(NOTEBOOK_FIGURES)  # each figure once, none twice
+    assert len(_images(nb)) == len(NOTEBOOK_FIGURES) == len(set(_images(nb)))
+
+
+def test_the_committed_notebook_holds_its_outputs_small_and_portable():
+    nbformat = pytest.importorskip("nbformat")
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.execution_count and c.outputs for c in code)  # executed, as committed
+    assert not [o for c in code for o in c.outputs if o.output_type == "error"]
+    assert len(_images(nb)) == len(NOTEBOOK_FIGURES)
+    text = NOTEBOOK.read_text(encoding="utf-8")
+    assert len(text) < 1_000_000 and str(REPO) not in text and "../results" not in text
 
 
 def _e2e_run(tmp_path):
@@ -193,3 +215,64 @@ def test_report_of_an_e2e_run_writes_the_headline_table_and_figures(tmp_path):
     summary = (report / "summary.md").read_text()
     assert "End to end: packinfer against each baseline" in summary and "incorrect" in summary
     assert "| m | llama-3.1-8b | 32 | sharegpt | 4 | fa2 | 20 |" in summary
+
+
+# -- figures: colours, roofline ceilings, the notebook ---------------------------------------------------------------
+
+def _lines_by_label(fig):
+    return {line.get_label(): line for ax in fig.axes for line in ax.get_lines()
+            if not line.get_label().startswith("_")}
+
+
+def test_a_backend_keeps_its_colour_whatever_other_backends_a_run_has(run):
+    from packinfer_bench.report.figures import colour, latency_cdf
+
+    records = load_records(run)
+    records.loc[records["system"] == "flashinfer:fa2", ["status", "kernel_ms"]] = ["ok", 1.5]
+    few = records[records["backend"] != "fa2"]  # the same run without fa2
+    small, full = _lines_by_label(latency_cdf(few)), _lines_by_label(latency_cdf(records))
+    assert set(small) == {"packinfer:full", "flashinfer:fa2"} and "fa2:varlen" in full
+    for system in small:
+        assert small[system].get_color() == full[system].get_color() == colour(system)
+    assert colour("flashinfer:fa2") != colour("fa2:varlen") != colour("packinfer:full")
+
+
+def test_latency_cdf_has_one_legend_naming_every_panels_systems(run):
+    from packinfer_bench.report.figures import latency_cdf
+
+    fig = latency_cdf(load_records(run))
+    assert not any(ax.get_legend() for ax in fig.axes) and len(fig.legends) == 1
+    assert {t.get_text() for t in fig.legends[0].get_texts()} == {"packinfer:full", "fa2:varlen"}
+    assert fig.axes[0].get_shared_y_axes().joined(fig.axes[0], fig.axes[1])  # prefill and decode, one scale
+
+
+def _with_env(run, gpu):
+    (run / "env.json").write_text(json.dumps({"python": "3", "gpu": gpu}))
+    return run
+
+
+def test_roofline_ceilings_come_from_the_gpu_the_run_measured(run):
+    from packinfer_bench.report.figures import gpu_ceilings, roofline
+
+    # no env.json: the config's gpu section (Test GPU, 1 TB/s, 10 TFLOP/s)
+    ceilings = gpu_ceilings(run)
+    assert (ceilings.name, ceilings.hbm_tbps, ceilings.peak_tflops, ceilings.source) == ("Test GPU", 1.0, 10.0,
+                                                                                        "config")
+    # env.json names another GPU than the config: the data sheet of the one measured, not the config's numbers
+    ceilings = gpu_ceilings(_with_env(run, {"name": "NVIDIA H200", "sms": 132}))
+    assert (ceilings.hbm_tbps, ceilings.peak_tflops, ceilings.source) == (4.8, 989.0, "data sheet")
+    assert gpu_ceilings(_with_env(run, {"name": "NVIDIA A100-SXM4-80GB"})).hbm_tbps == 2.039
+    roof = max(roofline(load_records(run), ceilings).axes[0].get_lines(), key=lambda line: len(line.get_xdata()))
+    x, y = np.asarray(roof.get_xdata()), np.asarray(roof.get_ydata())
+    assert y.max() == pytest.approx(989e12)  # compute ceiling: the peak
+    assert y[0] == pytest.approx(4.8e12 * x[0])  # memory ceiling: bandwidth x intensity
+    assert "no peak figures for Mystery GPU" in gpu_ceilings(_with_env(run, {"name": "Mystery GPU"}))
+
+
+def test_a_cpu_run_has_no_roofline_rather_than_an_invented_one(run):
+    from packinfer_bench.report.figures import gpu_ceilings, roofline
+
+    why = gpu_ceilings(_with_env(run, None))
+    assert isinstance(why, str) and "CPU" in why
+    fig = roofline(load_records(run), why)
+    assert [t.get_text() for t in fig.axes[0].texts] == [why] and not fig.axes[0].collections

@@ -13,9 +13,9 @@ from packinfer_bench.backends import BACKENDS, Backend
 from packinfer_bench.backends.packinfer import PACKINFER_VARIANTS
 from packinfer_bench.config import ShapeConfig, load_config
 from packinfer_bench.experiment import read_batches, run_experiment
+from packinfer_bench.reference import reference_attention
 from packinfer_bench.run_folder import RECORDS_FILE
 from packinfer_bench.run_folder.records import FIELDS, Record
-from packinfer_bench.reference import reference_attention
 from packinfer_bench.runner import make_inputs
 from packinfer_bench.timing import Timer
 from packinfer_bench.workload import Batch
@@ -99,7 +99,8 @@ def test_inputs_are_deterministic_per_batch_and_shape(write, tmp_path):
     cfg = load_config(write("c.yaml", CONFIG))
     run_experiment(cfg, tmp_path / "r", dry_run=True, log=lambda _: None)
     first, second = read_batches(tmp_path / "r")[:2]
-    a, b = make_inputs(first, cfg.shapes[0], torch.device("cpu")), make_inputs(first, cfg.shapes[0], torch.device("cpu"))
+    a = make_inputs(first, cfg.shapes[0], torch.device("cpu"))
+    b = make_inputs(first, cfg.shapes[0], torch.device("cpu"))
     c = make_inputs(second, cfg.shapes[0], torch.device("cpu"))
     assert torch.equal(a.q, b.q) and torch.equal(a.v, b.v) and a.q.abs().sum() > 0
     assert not torch.equal(a.q[:3], c.q[:3])
@@ -199,7 +200,8 @@ name: s
 device: cpu
 traces:
   - {name: t, kind: synthetic, options: {num_requests: 10, rate: 80.0, seed: 3,
-     prompt: {dist: uniform, low: 5, high: 70}, output: {dist: uniform, low: 2, high: 9}, prefix: {groups: 2, length: 12}}}
+     prompt: {dist: uniform, low: 5, high: 70}, output: {dist: uniform, low: 2, high: 9},
+     prefix: {groups: 2, length: 12}}}
 workloads:
   - name: serving
     continuous: {num_requests: null, max_num_seqs: 6, max_num_batched_tokens: 48, every: 4}

@@ -11,14 +11,14 @@ import pytest
 import torch
 from conftest import REPO
 
+from packinfer_bench.backends.packinfer import PackinferAttention
 from packinfer_bench.config import load_config
 from packinfer_bench.errors import ConfigError
 from packinfer_bench.experiment import run_experiment
-from packinfer_bench.serving.kv_follow import peak_tokens
-from packinfer_bench.backends.packinfer import PackinferAttention
-from packinfer_bench.reference import ReferenceAttention
-from packinfer_bench.serving.metrics import request_latencies, summarize, timeline
 from packinfer_bench.models import PRESETS, preset
+from packinfer_bench.reference import ReferenceAttention
+from packinfer_bench.serving.kv_follow import peak_tokens
+from packinfer_bench.serving.metrics import request_latencies, summarize, timeline
 from packinfer_bench.serving.model import Decoder
 from packinfer_bench.serving.replay import cache_capacity, make_cache, replay
 from packinfer_bench.serving.stage import _compare, scenario

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 import shutil
 
 import numpy as np
@@ -49,7 +50,7 @@ def test_sharegpt_counts_shipped_matches_file():
 
 
 def test_mooncake_shipped_matches_file():
-    records = [json.loads(line) for line in open(TRACES / "mooncake_conversation_trace.jsonl")]
+    records = [json.loads(line) for line in (TRACES / "mooncake_conversation_trace.jsonl").read_text().splitlines()]
     trace = load_trace("mooncake-conv")
     assert len(trace) == len(records) == 12031
     assert trace.requests["prompt_len"].sum() == sum(r["input_length"] for r in records)
@@ -72,7 +73,9 @@ def test_mooncake_prefix_groups_from_hash_ids():
 
 
 def test_sharegpt_conversations_fixture():
-    words = lambda text: len(text.split())  # noqa: E731  (a stand-in tokenizer)
+    def words(text):
+        return len(text.split())
+
     trace = load_trace(str(FIXTURES / "sharegpt_sample.json"), tokenizer=words)
     df = trace.requests
     # conversation 0: (10 words, reply 15), then history 10+15+4 -> (29, 9); conversation 1 single turn (5, 14);
@@ -82,11 +85,11 @@ def test_sharegpt_conversations_fixture():
     assert df["prefix_id"].tolist() == [0, 0, -1, 3, 3, 3]
     assert df["prefix_len"].tolist() == [10, 10, 0, 4, 7, 7]
     assert trace.notes["skipped_turns"] == 1 and trace.notes["conversations"] == 4
-    assert trace.tokenizer == "<lambda>"
+    assert trace.tokenizer == "words"  # a callable tokenizer is recorded by its __name__
 
 
 def test_sharegpt_conversations_jsonl_and_approximate_tokens(tmp_path):
-    records = json.load(open(FIXTURES / "sharegpt_sample.json"))
+    records = json.loads((FIXTURES / "sharegpt_sample.json").read_text())
     path = tmp_path / "conv.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     trace = load_trace(str(path))
@@ -109,7 +112,7 @@ def test_sharegpt_hub_id_without_network_is_a_clear_error(monkeypatch):
 def test_sharegpt_hub_records_are_parsed(monkeypatch):
     import datasets
 
-    records = json.load(open(FIXTURES / "sharegpt_sample.json"))
+    records = json.loads((FIXTURES / "sharegpt_sample.json").read_text())
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: records)
     assert len(load_trace("hf:someone/sharegpt", tokenizer=lambda t: len(t.split()))) == 6
 
@@ -124,8 +127,8 @@ def test_kind_detected_from_content_not_name(tmp_path):
 
 
 def test_synthetic_is_seeded_and_follows_its_spec():
-    spec = dict(num_requests=500, prompt={"dist": "lognormal", "median": 250, "sigma": 1.0, "max": 8192},
-                output={"dist": "uniform", "low": 10, "high": 20}, seed=3, rate=5.0)
+    spec = {"num_requests": 500, "prompt": {"dist": "lognormal", "median": 250, "sigma": 1.0, "max": 8192},
+            "output": {"dist": "uniform", "low": 10, "high": 20}, "seed": 3, "rate": 5.0}
     a, b = load_trace(None, "synthetic", **spec), load_trace(None, "synthetic", **spec)
     assert a.requests.equals(b.requests)
     assert not a.requests.equals(load_trace(None, "synthetic", **{**spec, "seed": 4}).requests)
@@ -228,3 +231,51 @@ def test_bad_synthetic_spec():
         load_trace(None, "synthetic", num_requests=4, prompt={"dist": "normal"})
     with pytest.raises(TraceError, match="bimodal takes exactly one of num_long, long_fraction"):
         load_trace(None, "synthetic", num_requests=4, prompt={"dist": "bimodal", "long": 9, "short": 1})
+
+
+# -- `traces describe`: what a person reads, and whom a trace is credited to ---------------------------------------
+
+def _describe(*args):
+    from click.testing import CliRunner
+
+    from packinfer_bench.cli import main
+
+    result = CliRunner().invoke(main, ["traces", "describe", *args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return dict(line.split(None, 1) for line in result.output.splitlines())
+
+
+def test_describe_prints_no_python_none_and_counts_as_whole_numbers():
+    shown = _describe("sharegpt")  # no arrivals: its time span is missing
+    assert shown["time_span_s"] == "-" and shown["rows"] == "30,731"
+    assert shown["prompt_len_max"] == "8,141" and shown["prompt_len_p50"] == "1,730"
+    for value in shown.values():
+        assert value != "None" and not re.search(r"\de[+-]\d", value)
+
+
+def test_a_users_file_in_a_known_format_is_not_credited_to_the_shipped_trace(tmp_path):
+    mine = tmp_path / "my_trace.csv"
+    shutil.copy(TRACES / "azure_llm_2023_conv.csv", mine)  # same format, even the same rows: still not ours
+    shown = _describe(str(mine))
+    assert shown["source"] == "user file (format: azure)" and "Azure" not in shown["licence"]
+    assert "CC-BY" not in shown["licence"] and "Patel" not in shown["source"]
+    assert "user file" in load_trace(str(FIXTURES / "mooncake_sample.jsonl")).source
+    shipped = _describe(str(TRACES / "azure_llm_2023_conv.csv"))  # the shipped file by its path is credited
+    assert shipped["licence"] == "CC-BY-4.0" and "AzurePublicDataset" in shipped["source"]
+
+
+def test_credits_agree_with_the_traces_readme():
+    from packinfer_bench.traces import CREDITS, SHIPPED
+
+    rows = {line.split("|")[1].strip(" `"): line for line in (TRACES / "README.md").read_text().splitlines()
+            if line.startswith("| `")}
+    assert set(CREDITS) == set(SHIPPED) == set(rows)
+    for name, (source, licence) in CREDITS.items():
+        cells = [c.strip() for c in rows[name].split("|")]
+        repository, path, commit = (part.strip(" `") for part in cells[3].split(","))
+        assert repository in source and path in source and commit in source, name
+        def squeezed(text):
+            return re.sub(r"[-\s]", "", text)
+
+        assert squeezed(cells[4]).startswith(squeezed(licence)), name
+        assert load_trace(name).licence == licence

@@ -9,8 +9,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from packinfer_bench.backends.base import (PAGE_SIZE, Backend, Inputs, NotApplicable, ServingAttention, needs_cuda,
-                                           scratch_slot)
+from packinfer_bench.backends.base import (
+    PAGE_SIZE,
+    Backend,
+    Inputs,
+    NotApplicable,
+    ServingAttention,
+    needs_cuda,
+    scratch_slot,
+)
 from packinfer_bench.backends.kv_layouts import cache_for, page_table
 
 WORKSPACE_BYTES = 256 << 20

@@ -1,6 +1,7 @@
-"""Shared by the packinfer and flashinfer backends: a batch's K/V laid out as a serving system would hold it before the attention call: in packinfer's paged
-(vLLM-style blocks) or grouped (group-contiguous) KV cache, a shared prefix stored once. Built once per batch
-and kept in the inputs' scratch, so it is neither kernel time nor plan cost (the layout is the cache's state)."""
+"""Shared by the packinfer and flashinfer backends: a batch's K/V laid out as a serving system would hold it before
+the attention call: in packinfer's paged (vLLM-style blocks) or grouped (group-contiguous) KV cache, a shared prefix
+stored once. Built once per batch and kept in the inputs' scratch, so it is neither kernel time nor plan cost (the
+layout is the cache's state)."""
 
 from __future__ import annotations
 

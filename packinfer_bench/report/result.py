@@ -14,8 +14,14 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from packinfer_bench.report.e2e_tables import (e2e_compare_table, e2e_iteration_kinds_table, e2e_slo_table, has_e2e,
-                                               load_e2e, load_e2e_iterations)
+from packinfer_bench.report.e2e_tables import (
+    e2e_compare_table,
+    e2e_iteration_kinds_table,
+    e2e_slo_table,
+    has_e2e,
+    load_e2e,
+    load_e2e_iterations,
+)
 from packinfer_bench.report.tables import ablation_table, best_variant_wins_table, load_records, speedup_table
 from packinfer_bench.run_folder import CONFIG_FILE, RECORDS_FILE, JsonLines, write_atomic
 from packinfer_bench.run_folder.files import SESSIONS_FILE

@@ -1,5 +1,6 @@
 """`packinfer-bench report`: a run folder's tables (formats.py), figures (figures.py) and summary.md, which states
-the environment (env.json), where every number comes from, each table in Markdown and links to the figures."""
+the environment (env.json), where every number comes from, each table in Markdown and links to the figures; and
+the headline tables `run` and `report` print on the console (the same tables, reshaped to fit a terminal)."""
 
 from __future__ import annotations
 
@@ -7,19 +8,50 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
+from packinfer_bench import envinfo
 from packinfer_bench.errors import PackinferBenchError
+from packinfer_bench.report.e2e_tables import (
+    e2e_compare_table,
+    e2e_gains_table,
+    e2e_iteration_kinds_table,
+    e2e_slo_table,
+    e2e_summary_table,
+    has_e2e,
+    load_e2e,
+    load_e2e_iterations,
+)
 from packinfer_bench.report.figures import FIGURE_FORMATS, e2e_figures, save_figures, write_figures
 from packinfer_bench.report.formats import FORMATS, check_formats, markdown_table, write_tables
-from packinfer_bench.report.e2e_tables import (e2e_compare_table, e2e_gains_table, e2e_iteration_kinds_table,
-                                               e2e_slo_table, e2e_summary_table, has_e2e, load_e2e,
-                                               load_e2e_iterations)
-from packinfer_bench.report.tables import (OURS_BACKEND, OURS_SYSTEM, ablation_table, best_variant_wins_table,
-                                           compare_table, correctness_table, load_records, plan_cost_table,
-                                           speedup_table)
-from packinfer_bench.run_folder import E2E_DIR, ENV_FILE, ITERATIONS_FILE, RECORDS_FILE, REQUESTS_FILE, SUMMARY_FILE
+from packinfer_bench.report.tables import (
+    OURS_BACKEND,
+    OURS_SYSTEM,
+    ablation_table,
+    best_variant_wins_table,
+    compare_table,
+    correctness_table,
+    load_records,
+    plan_cost_table,
+    speedup_table,
+)
+from packinfer_bench.run_folder import (
+    CONFIG_FILE,
+    E2E_DIR,
+    ENV_FILE,
+    ITERATIONS_FILE,
+    RECORDS_FILE,
+    REQUESTS_FILE,
+    SUMMARY_FILE,
+)
 
 SUMMARY_MD = "summary.md"
+#: What a CPU run's numbers are: said in summary.md and wherever `run` or `report` print them.
+CPU_NOTE = ("CPU run: the kernels ran under the Triton interpreter, so these timings are not performance figures. "
+            "They show that the pipeline works; speed-ups here compare interpreter and PyTorch CPU times, not GPU "
+            "kernels.")
+#: Timing methods of records measured without a GPU (timing.Timer.method).
+CPU_TIMING = "wall-clock-cpu"
 
 
 def write_report(run: Path, out: Path | None = None, formats: tuple[str, ...] = ("md", "csv"),
@@ -63,15 +95,9 @@ def write_report(run: Path, out: Path | None = None, formats: tuple[str, ...] = 
 def summary_lines(run: Path, df: pd.DataFrame | None, e2e: bool, tables: dict[str, pd.DataFrame],
                   figure_paths: list[Path], compare: dict[str, Path] | None = None) -> list[str]:
     """summary.md's lines: environment, sources, each table under its title, the figures (png where drawn)."""
-    env_path = run / ENV_FILE
-    env = json.loads(env_path.read_text(encoding="utf-8")) if env_path.is_file() else {}
-    gpu = env.get("gpu") or {}
-    packages = env.get("packages") or {}
-    lines = [f"# Report: {run}", "",
-             f"Environment ({ENV_FILE}): {gpu.get('name', 'no GPU')} ({gpu.get('sms', '?')} SMs, driver "
-             f"{gpu.get('driver', '?')}), torch {env.get('torch', '?')}, triton {packages.get('triton', '?')}, "
-             f"flashinfer {packages.get('flashinfer-python')}, commit {env.get('git_sha', '?')}.",
-             ""]
+    lines = [f"# Report: {run}", "", f"Environment ({ENV_FILE}): {envinfo.describe(read_env(run))}.", ""]
+    if is_cpu_run(run, df):
+        lines += [f"> **Not performance figures.** {CPU_NOTE}", ""]
     if e2e:
         lines += [f"End-to-end numbers: {run / E2E_DIR} ({SUMMARY_FILE}, {REQUESTS_FILE}, {ITERATIONS_FILE}). A gain "
                   "compares two `ok` replays of the same schedule (the scheduler's decisions do not depend on the "
@@ -98,3 +124,55 @@ def summary_lines(run: Path, df: pd.DataFrame | None, e2e: bool, tables: dict[st
     if shown:
         lines += ["## Figures", ""] + [f"![{p.stem}](figures/{p.name})" for p in shown] + [""]
     return lines
+
+
+def read_env(run: Path) -> dict:
+    """env.json of a run folder ({} when it has none)."""
+    path = run / ENV_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def is_cpu_run(run: Path, df: pd.DataFrame | None = None) -> bool:
+    """Whether a run's timings come from the CPU (records timed by wall clock on the CPU, a config with device:
+    cpu, or a session that saw no GPU); an analytic run, which times nothing, is not one."""
+    config_path = run / CONFIG_FILE
+    config = yaml.safe_load(config_path.read_text(encoding="utf-8")) if config_path.is_file() else None
+    device = (config or {}).get("device") if isinstance(config, dict) else None
+    if device == "analytic":
+        return False
+    if df is not None and "timing" in df and (df["timing"] == CPU_TIMING).any():
+        return True
+    env = read_env(run)
+    return device == "cpu" or (bool(env) and not env.get("gpu"))
+
+
+def headline_tables(run: Path) -> dict[str, pd.DataFrame]:
+    """The tables `run` ends with and `report` prints, title -> table, from the report's own table functions:
+    the kernel speed-ups (geomean per trace and phase, one column per system) and records by status, and end to
+    end the gains over each baseline (or, where no two backends both finished, each replay's latency and
+    throughput)."""
+    tables: dict[str, pd.DataFrame] = {}
+    if (run / RECORDS_FILE).is_file():
+        df = load_records(run)
+        speedups = speedup_table(df)
+        if len(speedups):
+            wide = speedups.pivot_table(index=["trace", "phase"], columns="system", values="geomean", sort=True)
+            tables[f"Speed-up of {OURS_SYSTEM} (geomean of other time / ours)"] = wide.reset_index().rename_axis(
+                columns=None)
+        tables["Records by status"] = correctness_table(df)
+    if has_e2e(run):
+        summary, _ = load_e2e(run)
+        gains = e2e_gains_table(summary)
+        if len(gains):
+            tables[f"End to end: {OURS_BACKEND} against each baseline (%, > 0: ours better)"] = gains
+        else:
+            cols = ["e2e", "trace", "rate", "backend", "repeat", "status", "e2e_ms_mean", "throughput_tok_s"]
+            replays = e2e_summary_table(summary)
+            ok = replays[replays["status"] == "ok"]
+            title = "End-to-end replays (no two backends both ok, so no gains to show)"
+            if len(ok) and len(ok) < len(replays):
+                title = (f"End-to-end replays that finished ok ({len(replays) - len(ok)} others in e2e_summary; no "
+                         "two backends both ok, so no gains to show)")
+                replays = ok
+            tables[title] = replays[[c for c in cols if c in replays]]
+    return tables

@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from packinfer_bench.errors import PackinferBenchError
-from packinfer_bench.run_folder.files import SESSIONS_FILE, CONFIG_FILE, ENV_FILE
+from packinfer_bench.run_folder.files import CONFIG_FILE, ENV_FILE, SESSIONS_FILE
 from packinfer_bench.run_folder.store import JsonLines, write_atomic
 
 LOCK_FILE = "run.lock"

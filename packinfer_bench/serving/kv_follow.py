@@ -90,7 +90,7 @@ class CacheFollower:
             if rid not in cache:
                 new.append((rid, q, kv, pid))
         created = {}  # prefix stored this iteration -> (the request that fills it, its addresses)
-        for rid, q, kv, pid in new:
+        for rid, _, kv, pid in new:
             addr = self._arrive(rid, kv, pid, cost)
             if addr is not None:
                 created[pid] = (rid, addr)

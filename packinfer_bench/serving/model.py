@@ -13,7 +13,6 @@ import torch.nn.functional as F
 
 from packinfer_bench.models import ModelConfig
 
-
 #: attention(layer, q [T, H, D], k [T, Hkv, D], v [T, Hkv, D]) -> out [T, H, D]: the new tokens' K/V are
 #: the callee's to store; causal over each request's cached tokens plus these.
 Attention = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

@@ -210,7 +210,8 @@ def replay(model: Decoder, schedule: Sequence[Batch], attention: ServingAttentio
             if cuda:
                 end.record()
             if i < keep_outputs:
-                result.hidden[i], result.tokens[i] = hidden.to("cpu", torch.float32, copy=True), tokens.to("cpu", copy=True)
+                result.hidden[i] = hidden.to("cpu", torch.float32, copy=True)
+                result.tokens[i] = tokens.to("cpu", copy=True)
             follower.retire(i, batch)
             t3 = clock()
             phases = batch.request_phases

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-import traceback
 from collections.abc import Callable
 
 import numpy as np
@@ -23,6 +22,7 @@ from packinfer_bench.backends import BACKENDS, DTYPES, ServingAttention
 from packinfer_bench.backends.base import add_scratch
 from packinfer_bench.config import REFERENCE, E2EConfig, ExperimentConfig
 from packinfer_bench.errors import ConfigError, first_line
+from packinfer_bench.logs import get_logger
 from packinfer_bench.models import ModelConfig, preset
 from packinfer_bench.reference import ReferenceAttention
 from packinfer_bench.run_folder import ITERATIONS_FILE, REQUESTS_FILE, write_atomic
@@ -39,6 +39,8 @@ from packinfer_bench.workload.continuous import ContinuousSpec, replayed_request
 #: Sampled rows whose final hidden state is further than this (relative L2) from the reference's: `incorrect`.
 #: Looser than the kernel check: bf16 differences in attention compound through every layer.
 E2E_MAX_REL_ERR = 5e-2
+_log = get_logger(__name__)
+
 #: The calibration's file in e2e/ (one step-time model per entry).
 STEP_TIME_FILE = "step_time.json"
 
@@ -346,8 +348,8 @@ class _Entry:
                 f"{first_line(ex)}"))
         except Exception as ex:  # noqa: BLE001 -- a backend failing must not lose the other replays
             self.store.append(ITERATIONS_FILE, rows)
-            self.log(f"  {base.backend}: error {type(ex).__name__}: {first_line(ex)}\n"
-                     f"{traceback.format_exc(limit=4)}")
+            _log.warning("  %s #%s: replay failed at iteration %d", base.backend, base.repeat, done_iterations,
+                         exc_info=True)
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             return dataclasses.replace(base, status="error", reason=f"iteration {done_iterations}: "

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from packinfer_bench.errors import TraceError
-from packinfer_bench.traces.base import Trace
+from packinfer_bench.traces.base import USER_LICENCE, Trace, user_file
 from packinfer_bench.traces.tabular import parse_ints, read_csv_columns, read_header, require_positive
 
 COLUMNS = ["TIMESTAMP", "ContextTokens", "GeneratedTokens"]
@@ -31,9 +31,9 @@ def load(path: Path, *, name: str) -> Trace:
         name=name,
         kind="azure",
         requests=requests,
-        source="Azure LLM inference trace (AzurePublicDataset), Patel et al., Splitwise, ISCA 2024",
-        licence="CC-BY-4.0",
-        tokenizer="as recorded by the service (ContextTokens / GeneratedTokens)",
+        source=user_file("azure"),
+        licence=USER_LICENCE,
+        tokenizer="as recorded in the file (ContextTokens / GeneratedTokens)",
         path=str(path),
     )
 

@@ -21,6 +21,17 @@ COLUMNS: dict[str, str] = {
     "prefix_len": "int64 >= 0, tokens at the start of the prompt shared with another request of the group",
 }
 
+#: The licence a user's own trace file is credited with (its terms are its owner's, unknown here).
+USER_LICENCE = "unknown (user file)"
+#: Keys of Trace.describe() that count tokens (shown as whole numbers), and those that are ratios or rates.
+_TOKEN_KEYS = ("prompt_len_", "output_len_")
+
+
+def user_file(kind: str) -> str:
+    """The source a loader gives a file: a user's own, in a known format. load_trace credits the shipped files
+    with their real source and licence instead."""
+    return f"user file (format: {kind})"
+
 
 @dataclass
 class Trace:
@@ -70,6 +81,30 @@ class Trace:
         # share of all prompt tokens that sit in a prefix some other request also has
         out["prefix_sharing_ratio"] = float(df["prefix_len"].sum() / df["prompt_len"].sum())
         return out
+
+
+def describe_lines(info: dict[str, object]) -> list[str]:
+    """Trace.describe()'s values as aligned `key  value` lines for people: a missing value as "-", token counts
+    as whole numbers with thousands separators, never scientific notation."""
+    width = max(len(k) for k in info)
+    return [f"{key:<{width}}  {_shown(key, value)}" for key, value in info.items()]
+
+
+def _shown(key: str, value: object) -> str:
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "-"
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return str(value)
+    if isinstance(value, (int, np.integer)):
+        return f"{value:,}"
+    if key.startswith(_TOKEN_KEYS) and not key.endswith("_mean"):
+        return f"{round(value):,}"
+    if abs(value) >= 100:
+        return f"{value:,.1f}"
+    if not value:
+        return "0"
+    decimals = max(4, 3 - int(np.floor(np.log10(abs(value)))))  # four significant digits, as a plain decimal
+    return f"{value:,.{decimals}f}".rstrip("0").rstrip(".")
 
 
 def normalize_requests(df: pd.DataFrame, name: str) -> pd.DataFrame:

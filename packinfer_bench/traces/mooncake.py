@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from packinfer_bench.errors import TraceError
-from packinfer_bench.traces.base import Trace
+from packinfer_bench.traces.base import USER_LICENCE, Trace, user_file
 from packinfer_bench.traces.limits import MAX_TOKENS, TOKENS_WHY, check_int
 from packinfer_bench.traces.tabular import iter_json_lines, read_text_start
 
@@ -79,9 +79,9 @@ def load(path: Path, *, name: str, block_size: int = 512) -> Trace:
         name=name,
         kind="mooncake",
         requests=requests,
-        source="Mooncake traces (kvcache-ai/Mooncake), Qin et al., Mooncake, FAST 2025",
-        licence="Apache-2.0",
-        tokenizer="as recorded by the service (input_length / output_length)",
+        source=user_file("mooncake"),
+        licence=USER_LICENCE,
+        tokenizer="as recorded in the file (input_length / output_length)",
         path=str(path),
         notes={"block_size": block_size, "blocks": total_blocks, "distinct_blocks": len(holders)},
     )

@@ -16,10 +16,17 @@ import numpy as np
 import pandas as pd
 
 from packinfer_bench.errors import TraceError
-from packinfer_bench.traces.base import Trace
+from packinfer_bench.traces.base import USER_LICENCE, Trace, user_file
 from packinfer_bench.traces.limits import MAX_COUNT, check_int
-from packinfer_bench.traces.tabular import (iter_json_list, iter_json_lines, parse_ints, read_csv_columns, read_header,
-                                            read_text_start, require_positive)
+from packinfer_bench.traces.tabular import (
+    iter_json_lines,
+    iter_json_list,
+    parse_ints,
+    read_csv_columns,
+    read_header,
+    read_text_start,
+    require_positive,
+)
 
 COUNT_COLUMNS = ["num_prefill_tokens", "num_decode_tokens"]
 USER_ROLES = {"human", "user"}
@@ -76,8 +83,7 @@ def _from_counts(path: Path, name: str) -> Trace:
     require_positive(output, path, lines, "num_decode_tokens")
     tok = "llama-2 (counts shipped in the file)" if "llama2" in path.name else "unknown (counts shipped in the file)"
     return Trace(name=name, kind="sharegpt", requests=pd.DataFrame({"prompt_len": prompt, "output_len": output}),
-                 source="ShareGPT per-turn token counts (microsoft/sarathi-serve processed trace)",
-                 licence="Apache-2.0", tokenizer=tok, path=str(path),
+                 source=user_file("sharegpt token counts"), licence=USER_LICENCE, tokenizer=tok, path=str(path),
                  notes={"format": "counts", "arrivals": "none: replay with a rate"})
 
 
@@ -94,7 +100,7 @@ def _hub_records(dataset_id: str, data_files: str | None) -> Iterable[tuple[str,
         raise TraceError("loading a Hugging Face dataset needs the 'datasets' package") from None
     try:
         ds = datasets.load_dataset(dataset_id, data_files=data_files, split="train")
-    except Exception as e:  # offline, unknown id, bad data_files: all user-fixable
+    except Exception as e:  # noqa: BLE001  (offline, unknown id, bad data_files: all user-fixable)
         raise TraceError(f"could not load Hugging Face dataset {dataset_id!r} (data_files={data_files!r}): {e}; "
                          "when offline, download it and pass the local file path") from None
     return ((f"{dataset_id} record {i}", rec) for i, rec in enumerate(ds))
@@ -102,7 +108,8 @@ def _hub_records(dataset_id: str, data_files: str | None) -> Iterable[tuple[str,
 
 def _counter(tokenizer: str | Callable[[str], int] | None) -> tuple[Callable[[str], int], str]:
     if tokenizer is None:
-        return (lambda text: len(_PIECES.findall(text))), "approximate: word and punctuation pieces (no tokenizer given)"
+        approximate = "approximate: word and punctuation pieces (no tokenizer given)"
+        return (lambda text: len(_PIECES.findall(text))), approximate
     if callable(tokenizer):
         return tokenizer, getattr(tokenizer, "__name__", "custom callable")
     try:
@@ -111,7 +118,7 @@ def _counter(tokenizer: str | Callable[[str], int] | None) -> tuple[Callable[[st
         raise TraceError(f"tokenizer {tokenizer!r} needs the 'transformers' package") from None
     try:
         tok = AutoTokenizer.from_pretrained(tokenizer)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001  (unknown name, offline: the user's to fix)
         raise TraceError(f"could not load tokenizer {tokenizer!r}: {e}") from None
     return (lambda text: len(tok.encode(text, add_special_tokens=False))), tokenizer
 
@@ -150,8 +157,10 @@ def _from_conversations(records: Iterable[tuple[str, dict]], name: str, source: 
                          "a non-empty turn before it")
     requests = pd.DataFrame({"prompt_len": prompt, "output_len": output, "prefix_id": group})
     requests = _turn_prefixes(requests)
-    return Trace(name=name, kind="sharegpt", requests=requests, source=f"ShareGPT-format conversations ({source})",
-                 licence="see the dataset's card", tokenizer=tok_label, path=source,
+    hub = source.startswith(HF_PREFIX)
+    return Trace(name=name, kind="sharegpt", requests=requests,
+                 source=f"Hugging Face dataset {source}" if hub else user_file("sharegpt conversations"),
+                 licence="see the dataset's card" if hub else USER_LICENCE, tokenizer=tok_label, path=source,
                  notes={"format": "conversations", "conversations": conversations, "skipped_turns": skipped,
                         "arrivals": "none: replay with a rate"})
 

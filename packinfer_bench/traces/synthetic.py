@@ -20,8 +20,18 @@ import pandas as pd
 
 from packinfer_bench.errors import TraceError
 from packinfer_bench.traces.base import Trace
-from packinfer_bench.traces.limits import (MAX_RATE, MAX_SYNTHETIC_REQUESTS, MAX_TOKENS, MIN_RATE, TOKENS_WHY, Error,
-                                           check_float, check_int, check_mapping, check_seed)
+from packinfer_bench.traces.limits import (
+    MAX_RATE,
+    MAX_SYNTHETIC_REQUESTS,
+    MAX_TOKENS,
+    MIN_RATE,
+    TOKENS_WHY,
+    Error,
+    check_float,
+    check_int,
+    check_mapping,
+    check_seed,
+)
 
 PARAMS: dict[str, tuple[set[str], set[str]]] = {  # dist -> (required, optional)
     "constant": ({"value"}, set()),
@@ -164,5 +174,5 @@ def load(path: None = None, *, name: str, num_requests: int, prompt: Mapping[str
         requests.loc[alone, ["prefix_id", "prefix_len"]] = [-1, 0]
     params = {"num_requests": num_requests, "prompt": dict(prompt), "output": dict(output or {}), "seed": seed,
               "rate": rate, "prefix": dict(prefix or {})}
-    return Trace(name=name, kind="synthetic", requests=requests, source=f"synthetic {params}", licence="n/a (generated)",
-                 tokenizer="n/a (lengths drawn directly)", notes={"params": params})
+    return Trace(name=name, kind="synthetic", requests=requests, source=f"synthetic {params}",
+                 licence="n/a (generated)", tokenizer="n/a (lengths drawn directly)", notes={"params": params})

@@ -45,7 +45,7 @@ def decode_text(path: Path, data: bytes, *, complete: bool = True) -> str:
             raise TraceError(f"{path}:{_line_of(data, e.start)}: not UTF-8 text (byte 0x{data[e.start]:02x} at "
                              f"byte offset {e.start}): a binary file, or another encoding? trace files are UTF-8 "
                              "text (CSV or JSON)") from None
-    return text[1:] if text.startswith("\ufeff") else text
+    return text.removeprefix("\ufeff")
 
 
 def read_text(path: Path, limit: int | None = None) -> str:

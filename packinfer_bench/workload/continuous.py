@@ -18,8 +18,19 @@ import pandas as pd
 
 from packinfer_bench.errors import ConfigError
 from packinfer_bench.traces import Trace
-from packinfer_bench.traces.limits import (MAX_BATCH_SIZE, MAX_COUNT, MAX_RATE, MAX_TOKENS, MAX_TRACE_ROWS, MIN_RATE,
-                                           TOKENS_WHY, KeyedConfigError, check_float, check_int, check_seed)
+from packinfer_bench.traces.limits import (
+    MAX_BATCH_SIZE,
+    MAX_COUNT,
+    MAX_RATE,
+    MAX_TOKENS,
+    MAX_TRACE_ROWS,
+    MIN_RATE,
+    TOKENS_WHY,
+    KeyedConfigError,
+    check_float,
+    check_int,
+    check_seed,
+)
 from packinfer_bench.workload.batch import Batch
 
 

@@ -9,8 +9,18 @@ import numpy as np
 
 from packinfer_bench.errors import ConfigError
 from packinfer_bench.traces import Trace
-from packinfer_bench.traces.limits import (MAX_BATCH_SIZE, MAX_COUNT, MAX_STATIC_ROWS, MAX_TOKENS, TOKENS_WHY,
-                                           KeyedConfigError, check_float, check_int, check_seed, check_unique)
+from packinfer_bench.traces.limits import (
+    MAX_BATCH_SIZE,
+    MAX_COUNT,
+    MAX_STATIC_ROWS,
+    MAX_TOKENS,
+    TOKENS_WHY,
+    KeyedConfigError,
+    check_float,
+    check_int,
+    check_seed,
+    check_unique,
+)
 from packinfer_bench.workload.batch import Batch
 
 PHASES = ("prefill", "decode", "mixed")
