@@ -312,9 +312,20 @@ def test_what_it_cannot_honour_is_a_named_error(device):
         (lambda: flash_attn_with_kvcache(q[None], q[None], q[None], cache_seqlens=9), "must fit the cache"),
         (lambda: flash_attn_varlen_func(q, q, q, cu, cu, 4, 4, seqused_k=torch.tensor([5], dtype=torch.int32)),
          "seqused_k"),
+        (lambda: flash_attn_varlen_func(q, q[:3], q[:3], cu, cu, 4, 4, seqused_k=torch.tensor([3], dtype=torch.int32)),
+         "holding cu_seqlens_k"),
+        (lambda: flash_attn_varlen_func(q, q.view(1, 4, 2, 64), q.view(1, 4, 2, 64), cu, cu, 4, 4,
+                                        block_table=torch.tensor([[1]], dtype=torch.int32, device=device)),
+         r"block_table entries must be blocks 0..0"),
+        (lambda: flash_attn_with_kvcache(q[None], q[None], q[None], cache_seqlens=2,
+                                         rotary_cos=torch.ones(8, 16), rotary_sin=torch.zeros(8, 16)),
+         "need the new k and v"),
     ]
     for call, message in cases:
         with pytest.raises(ValueError, match=message):
             call()
+    empty_cache = flash_attn_with_kvcache(q[None], q[None], q[None], cache_seqlens=0, causal=True,
+                                          return_softmax_lse=True)  # no key at all: zeros, lse +inf
+    assert (empty_cache[0] == 0).all() and torch.isinf(empty_cache[1]).all()
     with torch.no_grad():  # grad mode off: inputs that require grad are fine
         flash_attn_varlen_func(q.clone().requires_grad_(), q, q, cu, cu, 4, 4)

@@ -160,10 +160,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     k_pool, v_pool = _pool(k_cache, "k_cache"), _pool(v_cache, "v_cache")
     table = None
     if paged:
-        table = _host_int32(block_table, "block_table")
-        if table.ndim != 2 or table.shape[0] != batch:
-            raise ValueError(f"block_table must be int32 [batch={batch}, max_pages], got shape {table.shape}")
+        table = _check_table(block_table, batch, k_cache.shape[0])
     positions = torch.from_numpy(seqlens).to(q.device)
+    if (rotary_cos is not None or rotary_sin is not None) and k is None:
+        raise ValueError("rotary_cos / rotary_sin need the new k and v to append (as in FlashAttention)")
     if rotary_cos is not None or rotary_sin is not None:
         q, k = _rotate(q, k, rotary_cos, rotary_sin, positions, causal or window != (-1, -1), rotary_interleaved)
     if k is not None:
@@ -202,12 +202,10 @@ def _varlen_over_cache(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, seqused
     if block_table is not None:
         if seqused_k is not None or leftpad_k is not None:
             raise ValueError("seqused_k and leftpad_k are not supported together with block_table")
-        table = _host_int32(block_table, "block_table")
-        if table.ndim != 2 or table.shape[0] != batch:
-            raise ValueError(f"block_table must be int32 [batch={batch}, max_pages], got shape {table.shape}")
         if k.dim() != 4 or v.shape != k.shape:
             raise ValueError("with block_table, k and v must be paged pools [num_blocks, page_size, kv_heads, "
                              f"head_dim], got {tuple(k.shape)} and {tuple(v.shape)}")
+        table = _check_table(block_table, batch, k.shape[0])
         page = k.shape[1]
         if (lens > table.shape[1] * page).any():
             b = int(np.argmax(lens > table.shape[1] * page))
@@ -221,6 +219,9 @@ def _varlen_over_cache(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, seqused
             b = int(np.argmax((used > lens) | (pad > used)))
             raise ValueError(f"request {b}: need leftpad_k ({int(pad[b])}) <= seqused_k ({int(used[b])}) <= its "
                              f"{int(lens[b])} keys in cu_seqlens_k")
+        if not isinstance(k, torch.Tensor) or k.dim() != 3 or v.shape != k.shape or cu_k[-1] > k.shape[0]:
+            raise ValueError(f"k and v must be [total_k, kv_heads, head_dim] holding cu_seqlens_k[-1] = {cu_k[-1]} "
+                             f"tokens, got {tuple(getattr(k, 'shape', ()))} and {tuple(getattr(v, 'shape', ()))}")
         view = _grouped_view(k, v, used - pad, cu_k[:-1] + pad)
     return _attend(q, view, np.diff(cu_q), softmax_scale, causal, window, softcap, alibi_slopes, split=True)
 
@@ -230,7 +231,7 @@ def _attend(q, view: KVView, q_lens: np.ndarray, softmax_scale, causal, window, 
     """Plan and run attention of q's rows (q_lens per request of `view`) over the view; requests without query
     rows are left out of the plan. Returns (out, lse [H, rows])."""
     keep = np.flatnonzero(q_lens > 0)
-    if len(keep) == 0:
+    if len(keep) == 0 or not view.kv_lens[keep].any():  # nothing to attend: every row sees no key
         return (torch.zeros_like(q),
                 torch.full((q.shape[1], q.shape[0]), float("inf"), dtype=torch.float32, device=q.device))
     if len(keep) < len(q_lens):
@@ -306,6 +307,17 @@ def _rotate(q, k, cos, sin, positions, per_row: bool, interleaved: bool):
         return torch.cat([rot.to(x.dtype), x[..., d:]], dim=-1)
 
     return rotate(q, positions, per_row), None if k is None else rotate(k, positions, True)
+
+
+def _check_table(block_table, batch: int, num_blocks: int) -> np.ndarray:
+    """block_table int32 [batch, max_pages] whose entries are blocks of the pool (no read outside it)."""
+    table = _host_int32(block_table, "block_table")
+    if table.ndim != 2 or table.shape[0] != batch:
+        raise ValueError(f"block_table must be int32 [batch={batch}, max_pages], got shape {table.shape}")
+    if table.size and (table.min() < 0 or table.max() >= num_blocks):
+        raise ValueError(f"block_table entries must be blocks 0..{num_blocks - 1} of the paged pool, got "
+                         f"{int(table.min())}..{int(table.max())}")
+    return table
 
 
 def _per_request(x, batch: int, name: str, default):

@@ -29,9 +29,9 @@ masks aligned bottom-right for the q_len new rows of each request), which is wha
 One plan per generation step serves every layer: the plan is built (one host read of cu_seqlens) when a forward
 pass starts, i.e. at its first layer, or when the step's lengths tensors change, and reused without any host
 sync by the following layers. stats() counts kernel launches, plans built and the layers each plan served, so a
-test can prove the packinfer path ran. Requirements: fp16/bf16 models, head_dim <= 256, full
-(not sliding-window) attention, no attention sinks, CUDA graphs off for the varlen path (transformers' default
-for implementations that are not flash: planning reads lengths on the host).
+test can prove the packinfer path ran. Requirements: fp16/bf16 models, head_dim <= 256, full (not
+sliding-window) attention (a logit softcap is passed on), no attention sinks, CUDA graphs off for the varlen path
+(transformers' default for implementations that are not flash: planning reads lengths on the host).
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def check_version(version: str | None = None) -> str:
         except ImportError as exc:
             raise UnsupportedTransformersVersion(
                 f"transformers is not installed; packinfer's integration needs transformers{supported_range()} "
-                "(pip install 'packinfer[transformers]')") from exc
+                "(pip install './kernels[transformers]' from the packinfer-bench repository)") from exc
         version = transformers.__version__
     match = re.match(r"(\d+)\.(\d+)", version)
     if match is None or not SUPPORTED[0] <= (int(match[1]), int(match[2])) < SUPPORTED[1]:
@@ -193,7 +193,7 @@ def packinfer_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
     result = cast(torch.Tensor, packinfer.varlen_attention(
         q=q[:rows_q].contiguous(), k=k[:step.rows_k].contiguous(), v=v[:step.rows_k].contiguous(),
         cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=step.max_q, max_seqlen_k=step.max_k, causal=True,
-        softmax_scale=scaling, plan=step.plan, validate=first_call))
+        softmax_scale=scaling, softcap=float(kwargs.get("softcap") or 0.0), plan=step.plan, validate=first_call))
     _stats.launches += 1
     _stats.layers_per_plan[-1] += 1
     if rows_q < q.shape[0]:  # padded rows (static shapes) attend to nothing
@@ -211,8 +211,9 @@ def _check_call(module: torch.nn.Module, query: torch.Tensor, dropout: float, kw
     if kwargs.get("block_table") is not None:
         raise ValueError("packinfer attention got a block table (transformers' flash decode fast path); set "
                          "ContinuousBatchingConfig(max_blocks_per_request=0)")
-    if getattr(module, "sliding_window", None):
-        raise ValueError(f"layer {module.layer_idx} uses sliding-window attention ({module.sliding_window}); "
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    if window:
+        raise ValueError(f"layer {module.layer_idx} uses sliding-window attention ({window}); "
                          "packinfer's integration supports full attention only")
     if getattr(module, "sinks", None) is not None:
         raise ValueError(f"layer {module.layer_idx} has attention sinks, which packinfer does not support")
