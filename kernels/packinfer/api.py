@@ -13,7 +13,7 @@ from packinfer.kv_cache import KVView
 from packinfer.packed_attention import launch as launch_packed
 from packinfer.plan import Plan, as_numpy, plan_varlen
 from packinfer.scoring import ScoreOptions
-from packinfer.validate import check_head_dim, check_qkv, check_score_options, head_dim_padded
+from packinfer.validate import check_head_dim, check_qkv, check_score_options, check_window, head_dim_padded
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     tensor-memory accelerator (None: on GPUs that have one). max_seqlen_q / max_seqlen_k are accepted for drop-in
     compatibility and not needed. Forward only (inference).
     """
-    window = (int(window[0]), int(window[1]))
+    window = check_window(window)
     if validate:
         check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k)
         check_score_options(softcap, alibi_slopes, q.shape[1], len(cu_seqlens_q) - 1, q.device)

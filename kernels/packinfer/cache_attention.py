@@ -40,6 +40,7 @@ from packinfer.triton_common import (
     any_nonfinite,
     field_offset,
     interpreter_needs_f32_dot,
+    load_kv,
     log_sum_exp,
     online_softmax_step,
     program_slots,
@@ -89,20 +90,8 @@ def _load_kv(K, V, k_base, v_base, table, kv_addr, pos_start, start, j, kv_head,
     else:
         in_range = j < kv_len
         addr = _addresses(table, kv_addr, pos_start, j, in_range, PAGED, PAGE_SIZE)
-        k_ptr = k_base + addr[:, None] * stride_kt
-        v_ptr = v_base + addr[:, None] * stride_vt
-        if MASK_KEYS:
-            mask = in_range[:, None]
-            if not EVEN_D:
-                mask = mask & dmask[None, :]
-            k = tl.load(k_ptr, mask=mask, other=0.0)
-            v = tl.load(v_ptr, mask=mask, other=0.0)
-        elif EVEN_D:
-            k = tl.load(k_ptr)
-            v = tl.load(v_ptr)
-        else:
-            k = tl.load(k_ptr, mask=dmask[None, :], other=0.0)
-            v = tl.load(v_ptr, mask=dmask[None, :], other=0.0)
+        k, v = load_kv(k_base + addr[:, None] * stride_kt, v_base + addr[:, None] * stride_vt, in_range, dmask,
+                       MASK_KEYS, EVEN_D)
     return k, v
 
 

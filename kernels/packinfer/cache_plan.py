@@ -31,7 +31,7 @@ import torch
 
 from packinfer.device import FALLBACK_SMS
 from packinfer.kv_cache import KVView
-from packinfer.validate import head_dim_padded
+from packinfer.validate import check_window, head_dim_padded
 
 #: Columns of CachePlan.items (partial_base -1: the item writes its rows' outputs directly).
 ITEM_FIELDS = ("row_first", "num_rows", "kv_addr", "pos_start", "kv_len", "table_row", "partial_base")
@@ -159,9 +159,7 @@ def plan_cache_attention(view: KVView, q_lens, num_heads: int, *, prefix_groupin
     if (q < 1).any():
         i = int(np.argmax(q < 1))
         raise ValueError(f"q_lens must be >= 1; request {view.request_ids[i]!r} has q_len {int(q[i])}")
-    left, right = int(window[0]), int(window[1])
-    if left < -1 or right < -1:
-        raise ValueError(f"window must be (left, right) with each -1 (unbounded) or >= 0, got {tuple(window)}")
+    left, right = check_window(window)
     right = 0 if causal else right
     if left >= 0:
         prefix_grouping = False
@@ -241,7 +239,7 @@ def plan_cache_attention(view: KVView, q_lens, num_heads: int, *, prefix_groupin
                      num_kv_heads=num_kv_heads, slots=slots, block_n=block_n, pack_gqa=bool(pack_gqa),
                      kv_chunk=kv_chunk, split=bool(split), page_size=view.page_size, block_table=view.block_table,
                      kv_tokens_read=int(segs[:, 4].sum()), num_partials=num_partials, estimate_us=float(estimate),
-                     causal=causal, window=(left, -1 if causal else int(window[1])),
+                     causal=causal, window=(left, -1 if causal else right),
                      num_warps=8 if slots >= 128 else 4)
     plan.plan_ms = (time.perf_counter() - t0) * 1e3
     return plan

@@ -26,6 +26,7 @@ from packinfer.api import cache_attention, varlen_attention
 from packinfer.cache_plan import plan_cache_attention
 from packinfer.device import num_sms
 from packinfer.kv_cache import KVView
+from packinfer.validate import check_window
 
 __all__ = ["flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
            "flash_attn_varlen_kvpacked_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_with_kvcache"]
@@ -41,7 +42,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     request b's keys are k[cu_seqlens_k[b] + leftpad_k[b] : cu_seqlens_k[b] + seqused_k[b]]. Returns out like q,
     or (out, softmax_lse [H, total_q], None) with return_attn_probs."""
     _check_inference(dropout_p, q, k, v)
-    window = _window(window_size)
+    window = check_window(window_size, "window_size")
     if block_table is not None or seqused_k is not None or leftpad_k is not None:
         out, lse = _varlen_over_cache(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, seqused_k, leftpad_k,
                                       softmax_scale, causal, window, softcap, alibi_slopes)
@@ -125,7 +126,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     any other value lets it decide. Returns out like q, or (out, softmax_lse [B, H, seqlen_q]) with
     return_softmax_lse. Updates k_cache / v_cache in place when k / v are given."""
     _check_inference(0.0, q, k_cache, v_cache, k, v)
-    window = _window(window_size)
+    window = check_window(window_size, "window_size")
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
         raise ValueError(f"q must be a tensor [batch, seqlen_q, heads, head_dim], got shape "
                          f"{tuple(getattr(q, 'shape', ()))}")
@@ -352,16 +353,6 @@ def _unpack(packed: torch.Tensor, parts: int, name: str) -> tuple[torch.Tensor, 
         raise ValueError(f"{name} must have {parts} at dim -3 ([..., {parts}, heads, head_dim]), got shape "
                          f"{tuple(getattr(packed, 'shape', ()))}")
     return packed.unbind(axis)
-
-
-def _window(window_size) -> tuple[int, int]:
-    try:
-        left, right = (int(w) for w in window_size)
-    except (TypeError, ValueError):
-        raise ValueError(f"window_size must be a pair (left, right), got {window_size!r}") from None
-    if left < -1 or right < -1:
-        raise ValueError(f"window_size entries must be -1 (unbounded) or >= 0, got {(left, right)}")
-    return left, right
 
 
 def _check_inference(dropout_p, *tensors) -> None:

@@ -33,6 +33,7 @@ from packinfer.triton_common import (
     any_nonfinite,
     field_offset,
     interpreter_needs_f32_dot,
+    load_kv,
     log_sum_exp,
     online_softmax_step,
     program_slots,
@@ -59,20 +60,8 @@ def _load_kv(K, V, k_base, v_base, start, keys, kv_head, k_end, dmask, stride_kt
         k = K.load([start, kv_head * HEAD_DIM])
         v = V.load([start, kv_head * HEAD_DIM])
     else:
-        k_ptr = k_base + keys.to(tl.int64)[:, None] * stride_kt
-        v_ptr = v_base + keys.to(tl.int64)[:, None] * stride_vt
-        if MASK_KEYS:
-            mask = (keys < k_end)[:, None]
-            if not EVEN_D:
-                mask = mask & dmask[None, :]
-            k = tl.load(k_ptr, mask=mask, other=0.0)
-            v = tl.load(v_ptr, mask=mask, other=0.0)
-        elif EVEN_D:
-            k = tl.load(k_ptr)
-            v = tl.load(v_ptr)
-        else:
-            k = tl.load(k_ptr, mask=dmask[None, :], other=0.0)
-            v = tl.load(v_ptr, mask=dmask[None, :], other=0.0)
+        k, v = load_kv(k_base + keys.to(tl.int64)[:, None] * stride_kt, v_base + keys.to(tl.int64)[:, None] * stride_vt,
+                       keys < k_end, dmask, MASK_KEYS, EVEN_D)
     return k, v
 
 

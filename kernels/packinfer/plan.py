@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from packinfer.validate import check_cu_seqlens
+from packinfer.validate import check_cu_seqlens, check_window
 
 #: Columns of Plan.runs.
 RUN_FIELDS = ("row_start", "row_end", "seq_first", "seq_last", "num_tiles", "first_tile")
@@ -125,9 +125,7 @@ def plan_varlen(cu_seqlens_q, cu_seqlens_k, num_heads: int, num_kv_heads: int, h
     cu_q = as_numpy(cu_seqlens_q, "cu_seqlens_q").astype(np.int64)
     cu_k = as_numpy(cu_seqlens_k, "cu_seqlens_k").astype(np.int64)
     check_cu_seqlens(cu_q, cu_k)
-    window = (int(window[0]), int(window[1]))
-    if window[0] < -1 or window[1] < -1:
-        raise ValueError(f"window must be (left, right) with each -1 (unbounded) or >= 0, got {window}")
+    window = check_window(window)
     if num_heads <= 0 or num_kv_heads <= 0 or num_heads % num_kv_heads:
         raise ValueError(f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})")
     group = num_heads // num_kv_heads

@@ -114,6 +114,25 @@ def online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, cap, keys, diag, slope
 
 
 @triton.jit
+def load_kv(k_ptr, v_ptr, key_ok, dmask, MASK_KEYS: tl.constexpr, EVEN_D: tl.constexpr):
+    """The K and V blocks at pointer tiles [keys, dims], shared by both kernels: masked to key_ok [keys]
+    (MASK_KEYS) and to the real head dims dmask [dims] (unless EVEN_D); masked elements read 0."""
+    if MASK_KEYS:
+        mask = key_ok[:, None]
+        if not EVEN_D:
+            mask = mask & dmask[None, :]
+        k = tl.load(k_ptr, mask=mask, other=0.0)
+        v = tl.load(v_ptr, mask=mask, other=0.0)
+    elif EVEN_D:
+        k = tl.load(k_ptr)
+        v = tl.load(v_ptr)
+    else:
+        k = tl.load(k_ptr, mask=dmask[None, :], other=0.0)
+        v = tl.load(v_ptr, mask=dmask[None, :], other=0.0)
+    return k, v
+
+
+@triton.jit
 def window_blocks(lo, hi, row_ok, BLOCK_N: tl.constexpr):
     """Key blocks of a program whose slots see keys [lo, hi] each (hi < lo: none), as three loops: masked
     [first, mask_end), unmasked [mask_end, nomask_end) - every real slot (row_ok) sees those blocks whole -

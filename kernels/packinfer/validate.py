@@ -83,3 +83,15 @@ def check_score_options(softcap: float, alibi_slopes, num_heads: int, batch: int
                          f"{tuple(alibi_slopes.shape)}")
     if alibi_slopes.device != device:
         raise ValueError(f"alibi_slopes is on {alibi_slopes.device} but q is on {device}")
+
+
+def check_window(window, name: str = "window") -> tuple[int, int]:
+    """A sliding window (left, right) as two ints, each -1 (unbounded) or >= 0; ValueError naming `name`."""
+    try:
+        left, right = (int(w) for w in window)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a pair (left, right), got {window!r}") from None
+    if left < -1 or right < -1:
+        raise ValueError(f"{name} must be (left, right) with {name} entries -1 (unbounded) or >= 0, got "
+                         f"{(left, right)}")
+    return left, right

@@ -12,30 +12,30 @@ Imports go one way: summary -> figures -> tables, formats. The report reads file
 folder's names and reader (packinfer_bench.run_folder), never the code that measures."""
 
 from packinfer_bench.report.e2e_tables import (
-                                               e2e_compare_table,
-                                               e2e_gains_table,
-                                               e2e_iteration_kinds_table,
-                                               e2e_slo_table,
-                                               e2e_summary_table,
-                                               has_e2e,
-                                               load_e2e,
-                                               load_e2e_iterations,
+    e2e_compare_table,
+    e2e_gains_table,
+    e2e_iteration_kinds_table,
+    e2e_slo_table,
+    e2e_summary_table,
+    has_e2e,
+    load_e2e,
+    load_e2e_iterations,
 )
 from packinfer_bench.report.figures import FIGURE_FORMATS, all_figures, e2e_figures, save_figures, write_figures
 from packinfer_bench.report.formats import FORMATS, write_tables
 from packinfer_bench.report.summary import write_report
 from packinfer_bench.report.tables import (
-                                               OURS,
-                                               OURS_BACKEND,
-                                               OURS_SYSTEM,
-                                               ablation_table,
-                                               compare_table,
-                                               correctness_table,
-                                               load_records,
-                                               load_workload,
-                                               paired_speedups,
-                                               plan_cost_table,
-                                               speedup_table,
+    OURS,
+    OURS_BACKEND,
+    OURS_SYSTEM,
+    ablation_table,
+    compare_table,
+    correctness_table,
+    load_records,
+    load_workload,
+    paired_speedups,
+    plan_cost_table,
+    speedup_table,
 )
 
 __all__ = ["FIGURE_FORMATS", "FORMATS", "OURS", "OURS_BACKEND", "OURS_SYSTEM", "ablation_table", "all_figures",
