@@ -54,7 +54,7 @@ class RunLock:
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         for _ in range(2):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                self._create(me)
             except FileExistsError:
                 holder = self._holder()
                 if holder is not None and not self._stale(holder):
@@ -65,11 +65,26 @@ class RunLock:
                 log(f"run folder: taking over a stale lock ({self.path}: {holder})")
                 self.path.unlink(missing_ok=True)
                 continue
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(me, f)
             self.held = True
             return
         raise PackinferBenchError(f"could not lock {self.path.parent}: another run keeps taking it")
+
+    def _create(self, me: dict) -> None:
+        """Create the lock file with its holder already in it (FileExistsError if there is one): written to a
+        private file first and hard-linked into place, so a second run never reads a lock that exists but is still
+        empty and takes it for a stale one. Where the file system has no hard links: exclusive create, then write."""
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(me), encoding="utf-8")
+        try:
+            os.link(tmp, self.path)
+        except FileExistsError:
+            raise
+        except OSError:  # no hard links here
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(me, f)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def release(self) -> None:
         if self.held:
@@ -80,7 +95,7 @@ class RunLock:
         try:
             return json.loads(self.path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            return None  # being written right now, or torn by a kill: treated as stale only if still unreadable
+            return None  # unreadable (written without hard links and torn by a kill): treated as stale
 
     @staticmethod
     def _stale(holder: dict) -> bool:
