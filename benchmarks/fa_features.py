@@ -19,6 +19,7 @@ import argparse
 import csv
 import functools
 import importlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -39,6 +40,7 @@ except ImportError:  # an older kernels/ under --regression-child: only its nati
     pfa = None
 
 REPO = Path(__file__).resolve().parents[1]
+PAGE = 16  # FlashInfer's page size over the decode cases' cache
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,8 @@ CASES = [
          max_len=32768),
     Case("prefill-softcap50 (Gemma-2-9B)", 16, 8, 256, "sharegpt", "prefill", 64, softcap=50.0),
     Case("prefill-d256 no softcap (Gemma-2-9B)", 16, 8, 256, "sharegpt", "prefill", 64),
+    Case("prefill-d256 Mooncake (Gemma-2-9B)", 16, 8, 256, "mooncake-conv", "prefill", 16, max_len=16384),
+    Case("prefill-d256 Azure conv (Gemma-2-9B)", 16, 8, 256, "azure-conv", "prefill", 32),
 ]
 REGRESSION = [Case("prefill-d128", 32, 8, 128, "sharegpt", "prefill", 64),
               Case("prefill-d128 azure", 32, 8, 128, "azure-conv", "prefill", 32),
@@ -114,6 +118,7 @@ def calls(case: Case, q_lens, kv_lens, device, dtype, peers: bool = True):
     q = torch.randn(int(q_lens.sum()), case.heads, case.head_dim, generator=gen).to(device, dtype)
     left, right = case.window
     out: dict = {}
+    k_cache = v_cache = None  # decode: the dense cache [batch, capacity, kv heads, dim]
     if case.phase == "prefill":
         cu_k = cu_q
         k = torch.randn(int(kv_lens.sum()), case.kv_heads, case.head_dim, generator=gen).to(device, dtype)
@@ -129,9 +134,21 @@ def calls(case: Case, q_lens, kv_lens, device, dtype, peers: bool = True):
         out["packinfer-planned"] = lambda: packinfer.varlen_attention(
             q, k, v, cu_q, cu_k, mq, mk, causal=True, window=case.window, softcap=case.softcap, plan=plan,
             validate=False)
+        if case.softcap:  # the same call with tanh from exp2 (the kernels' CPU path), to show what the GPU's tanh wins
+            exact_plan = packinfer.plan_for(cu_q.cpu(), cu_k.cpu(), case.heads, case.kv_heads, case.head_dim,
+                                            causal=True, window=case.window)
+
+            def exact_tanh():
+                os.environ["PACKINFER_EXACT_TANH"] = "1"  # read when the plan's launch is first bound
+                try:
+                    return packinfer.varlen_attention(q, k, v, cu_q, cu_k, mq, mk, causal=True, window=case.window,
+                                                      softcap=case.softcap, plan=exact_plan, validate=False)
+                finally:
+                    del os.environ["PACKINFER_EXACT_TANH"]
+            out["packinfer-planned-exp2-tanh"] = exact_tanh
         fa2_k, fa2_v, fa2_cu, fa2_used = k, v, cu_k, None
     else:
-        cap = int(kv_lens.max())
+        cap = -(-int(kv_lens.max()) // PAGE) * PAGE  # whole pages, so FlashInfer can read it as a paged cache
         k_cache = torch.randn(b, cap, case.kv_heads, case.head_dim, generator=gen).to(device, dtype)
         v_cache = torch.randn_like(k_cache)
         seqlens = torch.tensor(kv_lens, dtype=torch.int32, device=device)
@@ -177,7 +194,50 @@ def calls(case: Case, q_lens, kv_lens, device, dtype, peers: bool = True):
         out["fa3"] = lambda: _first(mod.flash_attn_with_kvcache(qb, k_cache, v_cache, cache_seqlens=seqlens,
                                                                 causal=True, window_size=case.window,
                                                                 softcap=case.softcap)).view_as(q)
+    out["flashinfer"] = flashinfer_call(case, q_lens, kv_lens, tensors, k_cache, v_cache, device, dtype)
     return tensors, out
+
+
+def flashinfer_call(case: Case, q_lens, kv_lens, tensors, k_cache, v_cache, device, dtype):
+    """FlashInfer at its best on Hopper: batch prefill over ragged K/V with the fa3 backend; batch decode over
+    the cache read as pages of PAGE tokens, tensor cores on. Or (None, reason)."""
+    if device.type != "cuda":
+        return None, "needs CUDA"
+    if importlib.util.find_spec("flashinfer") is None:
+        return None, "flashinfer not installed"
+    if case.head_dim not in (64, 128, 256):
+        return None, (f"FlashInfer's kernels take head dims 64/128/256 (others crash, flashinfer issue 4299); "
+                      f"not run at {case.head_dim}")
+    import flashinfer
+
+    q, k, v, cu_q, cu_k = tensors
+    workspace = torch.empty(256 << 20, dtype=torch.uint8, device=device)
+    opts = {"window_left": case.window[0], "logits_soft_cap": case.softcap or None, "q_data_type": dtype}
+    if case.phase == "prefill":
+        wrapper = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(workspace, "NHD", backend="fa3")
+        wrapper.plan(cu_q, cu_k, case.heads, case.kv_heads, case.head_dim, causal=True, **opts)
+        return lambda: wrapper.run(q, k, v)
+    b, cap = k_cache.shape[:2]
+    pages = -(-kv_lens.astype(np.int64) // PAGE)
+    indptr = torch.tensor(np.concatenate([[0], np.cumsum(pages)]), dtype=torch.int32, device=device)
+    indices = torch.tensor(np.concatenate([i * (cap // PAGE) + np.arange(n) for i, n in enumerate(pages)]),
+                           dtype=torch.int32, device=device)
+    last = torch.tensor(kv_lens - (pages - 1) * PAGE, dtype=torch.int32, device=device)
+    paged = tuple(t.view(-1, PAGE, case.kv_heads, case.head_dim) for t in (k_cache, v_cache))
+    wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=True)
+    wrapper.plan(indptr, indices, last, case.heads, case.kv_heads, case.head_dim, PAGE, kv_data_type=dtype, **opts)
+    return lambda: wrapper.run(q, paged)
+
+
+def warm_flashinfer(cases, args) -> None:
+    """Build FlashInfer's JIT modules of the cases in parallel processes (each a fresh build of ~30-100 s on a
+    new machine; one process per case, the module cache on disk is shared), before anything is timed."""
+    if importlib.util.find_spec("flashinfer") is None:
+        return
+    procs = [subprocess.Popen([sys.executable, __file__, "--warm-flashinfer", c.name, "--out", str(args.out)])
+             for c in cases if c.head_dim in (64, 128, 256)]
+    for p in procs:
+        p.wait()
 
 
 def _first(x):
@@ -207,18 +267,18 @@ def time_ms(fn, device, warmup: int, repeats: int) -> list[float]:
     return Timer(device, warmup, repeats, flush_l2=True)(fn)
 
 
-def run_cases(cases, args, device, dtype, writer) -> list[dict]:
-    rows = []
+def run_cases(cases, args, device, dtype, rows: list[dict], save) -> None:
+    """Each case's backends, checked and timed, appended to rows; save() after every case."""
     for case in cases:
         q_lens, kv_lens = lengths(case)
         tensors, backends = calls(case, q_lens, kv_lens, device, dtype)
         flops = causal_flops(q_lens, kv_lens, case.heads, case.head_dim, case.window)
-        outs = {}
+        outs, mine = {}, []
         for name, fn in backends.items():
             row = {"case": case.name, "backend": name, "batch": case.batch, "tokens_q": int(q_lens.sum()),
                    "tokens_kv": int(kv_lens.sum()), "heads": case.heads, "kv_heads": case.kv_heads,
                    "head_dim": case.head_dim, "window": f"{case.window[0]},{case.window[1]}",
-                   "softcap": case.softcap}
+                   "softcap": case.softcap, "git_sha": args.git_sha}
             if isinstance(fn, tuple):
                 row.update(status="skipped", reason=fn[1])
             else:
@@ -231,13 +291,67 @@ def run_cases(cases, args, device, dtype, writer) -> list[dict]:
                                ms_p90=float(np.percentile(times, 90)), tflops=flops / med / 1e9)
                 except Exception as e:  # a peer that fails on a case is recorded, the run goes on
                     row.update(status="error", reason=f"{type(e).__name__}: {e}"[:300])
-            rows.append(row)
-            writer(row)
+            mine.append(row)
         if "packinfer" in outs:
-            for r in rows:
-                if r["case"] == case.name and r["backend"] in outs and r["backend"] != "packinfer":
+            for r in mine:
+                if r["backend"] in outs and r["backend"] != "packinfer":
                     r["max_diff_vs_packinfer"] = float((outs[r["backend"]] - outs["packinfer"]).abs().max())
-    return rows
+        rows[:] = [r for r in rows if r["case"] != case.name] + mine
+        save()
+
+
+#: Tile shapes tried by --tune (slots, block_n, warps, stages; GQA packing as the planner chose), besides the
+#: planner's own choice.
+TUNE_CONFIGS = [(32, 32, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (64, 32, 8, 2), (64, 64, 4, 2), (64, 64, 8, 2),
+                (128, 32, 8, 2), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 8, 3),
+                (128, 128, 8, 3), (64, 128, 4, 3)]
+
+
+def tune(cases, args, device, dtype) -> None:
+    """Every TUNE_CONFIGS tile shape on the prefill cases (checked against the reference, timed), into tune.csv
+    (rows kept across calls: a case already there is not run again)."""
+    path = args.out / "tune.csv"
+    rows = list(csv.DictReader(open(path))) if path.exists() else []
+    done = {r["case"] for r in rows}
+    fields = ["case", "config", "slots", "block_n", "num_warps", "num_stages", "pack_gqa", "status", "reason",
+              "ms_median", "tflops", "max_err_vs_ref"]
+    for case in [c for c in cases if c.phase == "prefill" and c.name not in done]:
+        q_lens, kv_lens = lengths(case)
+        tensors, _ = calls(case, q_lens, kv_lens, device, dtype, peers=False)
+        q, k, v, cu_q, cu_k = tensors
+        mq, mk = int(q_lens.max()), int(kv_lens.max())
+        flops = causal_flops(q_lens, kv_lens, case.heads, case.head_dim, case.window)
+        group = case.heads // case.kv_heads
+        chosen = packinfer.choose_config(q_lens, kv_lens, case.heads, case.kv_heads, case.head_dim)
+        grid = [packinfer.KernelConfig(*c, chosen.pack_gqa) for c in TUNE_CONFIGS
+                if not chosen.pack_gqa or c[0] >= 16 * group]
+        configs = [("planner", chosen)] + [("grid", c) for c in grid if c != chosen]
+        for label, cfg in configs:
+            row = {"case": case.name, "config": label, "slots": cfg.slots, "block_n": cfg.block_n,
+                   "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "pack_gqa": cfg.pack_gqa}
+            try:
+                plan = packinfer.plan_for(cu_q.cpu(), cu_k.cpu(), case.heads, case.kv_heads, case.head_dim,
+                                          causal=True, window=case.window, config=cfg)
+                fn = functools.partial(packinfer.varlen_attention, q, k, v, cu_q, cu_k, mq, mk, causal=True,
+                                       window=case.window, softcap=case.softcap, plan=plan, validate=False)
+                row["max_err_vs_ref"] = check(fn, tensors, case)
+                med = float(np.median(time_ms(fn, device, args.warmup, args.repeats)))
+                row.update(status="ok", ms_median=med, tflops=flops / med / 1e9)
+            except Exception as e:  # a shape that does not compile (shared memory, registers) is recorded
+                row.update(status="error", reason=f"{type(e).__name__}: {e}"[:200])
+            rows.append(row)
+            print(f"tune {case.name:40s} {cfg} {row.get('ms_median', row.get('reason'))}", flush=True)
+        _write_csv(path, fields, rows)
+
+
+def _write_csv(path: Path, fields: list[str], rows: list[dict]) -> None:
+    """Write rows whole or not at all (a kill mid-write keeps the previous file)."""
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
 
 
 def regression_child(args, device, dtype) -> None:
@@ -277,13 +391,18 @@ def regression(args, out: Path) -> None:
             for line in proc.stdout.splitlines():
                 r = json.loads(line)
                 results.setdefault((r["case"], label), []).extend(r["ms"])
-    with open(out / "regression_d128.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["case", "before_ms_median", "after_ms_median", "after_over_before", "samples_each"])
-        for name in dict.fromkeys(c for c, _ in results):
+        _write_regression(out / "regression_d128.csv", results)  # after every round: a kill keeps the rounds done
+
+
+def _write_regression(path: Path, results: dict) -> None:
+    rows = []
+    for name in dict.fromkeys(c for c, _ in results):
+        if (name, "before") in results and (name, "after") in results:
             b, a = np.median(results[(name, "before")]), np.median(results[(name, "after")])
-            w.writerow([name, f"{b:.4f}", f"{a:.4f}", f"{a / b:.4f}", len(results[(name, "after")])])
-            print(f"{name:24s} before {b:.3f} ms  after {a:.3f} ms  ratio {a / b:.3f}")
+            rows.append({"case": name, "before_ms_median": f"{b:.4f}", "after_ms_median": f"{a:.4f}",
+                         "after_over_before": f"{a / b:.4f}", "samples_each": len(results[(name, "after")])})
+            print(f"{name:24s} before {b:.3f} ms  after {a:.3f} ms  ratio {a / b:.3f}", flush=True)
+    _write_csv(path, ["case", "before_ms_median", "after_ms_median", "after_over_before", "samples_each"], rows)
 
 
 def main() -> None:
@@ -293,6 +412,8 @@ def main() -> None:
     ap.add_argument("--before", type=Path, help="an older kernels/ folder for the head dim 128 regression check")
     ap.add_argument("--regression-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--only", default="", help="comma-separated substrings of the case names to run")
+    ap.add_argument("--tune", action="store_true", help="time the prefill cases at every TUNE_CONFIGS tile shape")
+    ap.add_argument("--warm-flashinfer", metavar="CASE", help=argparse.SUPPRESS)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=20)
     args = ap.parse_args()
@@ -302,6 +423,13 @@ def main() -> None:
     if args.regression_child:
         regression_child(args, device, dtype)
         return
+    if args.warm_flashinfer:  # build (and run once) FlashInfer's call of one case, for warm_flashinfer
+        case = next(c for c in CASES if c.name == args.warm_flashinfer)
+        q_lens, kv_lens = lengths(case)
+        fn = calls(case, q_lens, kv_lens, device, dtype)[1]["flashinfer"]
+        if not isinstance(fn, tuple):
+            fn()
+        return
     from packinfer_bench import envinfo
 
     env = {**envinfo.collect(), "benchmark": {"script": "benchmarks/fa_features.py", "argv": sys.argv[1:],
@@ -309,25 +437,29 @@ def main() -> None:
     (args.out / "env.json").write_text(json.dumps(env, indent=2) + "\n")
     fields = ["case", "backend", "status", "reason", "batch", "tokens_q", "tokens_kv", "heads", "kv_heads",
               "head_dim", "window", "softcap", "ms_median", "ms_p10", "ms_p90", "tflops", "max_err_vs_ref",
-              "max_diff_vs_packinfer"]
-    rows_seen: list[dict] = []
+              "max_diff_vs_packinfer", "git_sha"]
+    path = args.out / "records.csv"
+    rows = list(csv.DictReader(open(path))) if path.exists() else []  # a rerun replaces only its cases' rows
     cases = SMOKE if args.smoke else CASES
     if args.only:
         cases = [c for c in cases if any(s in c.name for s in args.only.split(","))]
-    rows = run_cases(cases, args, device, dtype, rows_seen.append)
-    with open(args.out / "records.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-    print(f"{'case':40s} {'backend':10s} {'ms':>8s} {'TFLOP/s':>8s} {'err':>8s}  time / packinfer's")
-    base = {r["case"]: r.get("ms_median") for r in rows if r["backend"] == "packinfer"}
+    if args.tune:
+        tune(cases, args, device, dtype)
+        return
+    if not args.smoke:
+        warm_flashinfer(cases, args)
+    args.git_sha = env["git_sha"]  # rows of earlier calls keep theirs
+    run_cases(cases, args, device, dtype, rows, lambda: _write_csv(path, fields, rows))
+    print(f"{'case':40s} {'backend':28s} {'ms':>8s} {'TFLOP/s':>8s} {'err':>8s}  time / packinfer-planned's")
+    base = {r["case"]: float(r["ms_median"]) for r in rows if r["backend"] == "packinfer-planned" and r["ms_median"]}
     for r in rows:
         if r["status"] != "ok":
-            print(f"{r['case']:40s} {r['backend']:10s} {r['status']}: {r.get('reason', '')}")
+            print(f"{r['case']:40s} {r['backend']:28s} {r['status']}: {r.get('reason', '')}")
             continue
-        speed = f"{r['ms_median'] / base[r['case']]:.2f}x" if base.get(r["case"]) else ""
-        print(f"{r['case']:40s} {r['backend']:10s} {r['ms_median']:8.3f} {r['tflops']:8.1f} "
-              f"{r['max_err_vs_ref']:8.4f}  {speed}")
+        ms = float(r["ms_median"])
+        speed = f"{ms / base[r['case']]:.2f}x" if base.get(r["case"]) else ""
+        print(f"{r['case']:40s} {r['backend']:28s} {ms:8.3f} {float(r['tflops']):8.1f} "
+              f"{float(r['max_err_vs_ref']):8.4f}  {speed}")
     if args.before and not args.smoke:
         regression(args, args.out)
 

@@ -177,7 +177,7 @@ def test_bad_plan_arguments():
 
 
 def test_choose_config_follows_the_batch_shape():
-    from packinfer import FA2_LIKE, choose_config, plan_for
+    from packinfer import FA2_LIKE, KernelConfig, choose_config, plan_for
 
     decode_mix = choose_config(np.array([1] * 96 + [512] * 32), np.array([3000] * 96 + [1024] * 32), 32, 8, 128)
     long_prompts = choose_config(np.array([4096] * 16), np.array([4096] * 16), 32, 8, 128)
@@ -191,8 +191,14 @@ def test_choose_config_follows_the_batch_shape():
     fa2 = plan_for(_cu([300] * 64), _cu([300] * 64), 32, 8, 128, causal=True, packing=False, balancing=False,
                    config=FA2_LIKE)
     assert fa2.block_m == 128 and not fa2.pack_gqa and fa2.num_tiles == 64 * 3
-    # head dims that are not a power of two take the tiles of the one they are padded to
+    # head dims that are not a power of two take the tiles of the one they are padded to, but 64-key steps on long
+    # prompts (their K/V loads go through pointers, not TMA); head dim 256 one shape that fits shared memory
     assert choose_config(np.array([300] * 4), np.array([300] * 4), 32, 8, 80) == choose_config(
         np.array([300] * 4), np.array([300] * 4), 32, 8, 128)
+    long_80 = choose_config(np.array([4096] * 16), np.array([4096] * 16), 32, 8, 80)
+    assert (long_80.slots, long_80.block_n) == (128, 64)
+    for q in ([300] * 64, [4096] * 16):
+        assert choose_config(np.array(q), np.array(q), 16, 8, 256) == KernelConfig(128, 64, 8, 2, True)
+    assert not choose_config(np.array([300] * 4), np.array([300] * 4), 32, 2, 256).pack_gqa  # 8 rows only
     with pytest.raises(ValueError, match="head_dim 512 is not supported"):
         choose_config(np.array([1]), np.array([1]), 32, 8, 512)

@@ -54,8 +54,13 @@ def choose_config(q_lens: np.ndarray, kv_lens: np.ndarray, num_heads: int, num_k
     group = num_heads // num_kv_heads
     if cfg.pack_gqa and (group & (group - 1) or group > cfg.slots // 16):
         cfg = KernelConfig(cfg.slots, cfg.block_n, cfg.num_warps, cfg.num_stages, False)
-    if head_dim_padded(head_dim) == 256:  # keep the accumulator in registers: half the slots, narrower key steps
-        cfg = KernelConfig(max(cfg.slots // 2, 16 * (group if cfg.pack_gqa else 1)), 32, 8, 2, cfg.pack_gqa)
+    # Other head dims, from the H200 sweep results/fa-features/h200/tune.csv (bf16, ShareGPT / Azure conv /
+    # Mooncake prompts): at 256 one shape won every batch, 3-5.6x the half-slot 32-key shape used before; a head
+    # dim padded to 128 loads K/V through pointers (TMA needs the real width), where 64-key steps beat 128 by 8%.
+    if head_dim_padded(head_dim) == 256:
+        cfg = KernelConfig(128, 64, 8, 2, cfg.pack_gqa and group <= 8)
+    elif head_dim != head_dim_padded(head_dim) and cfg.block_n == 128:
+        cfg = KernelConfig(cfg.slots, 64, cfg.num_warps, cfg.num_stages, cfg.pack_gqa)
     return cfg
 
 

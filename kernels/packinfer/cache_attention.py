@@ -44,6 +44,7 @@ from packinfer.triton_common import (
     log_sum_exp,
     online_softmax_step,
     program_slots,
+    softcap_mode,
     window_blocks,
 )
 from packinfer.validate import head_dim_padded
@@ -341,6 +342,6 @@ def _bind(q, k, v, out, spec: CachePlan | PlanBuffers, softmax_scale: float, use
         {"NUM_HEADS": heads, "GROUP": heads // kv_heads, "PACK_GQA": pack_gqa, "DIM": dim,
          "HEAD_DIM": head_dim_padded(dim), "BLOCK_M": slots, "BLOCK_N": block_n, "PAGED": spec.layout == "paged",
          "PAGE_SIZE": max(spec.page_size, 1), "DOT_F32": interpreter_needs_f32_dot(q.dtype), "USE_TMA": use_tma,
-         "WINDOW": windowed, "SOFTCAP": options.softcap > 0, "ALIBI": options.alibi_slopes is not None,
+         "WINDOW": windowed, "SOFTCAP": softcap_mode(options.softcap), "ALIBI": options.alibi_slopes is not None,
          "RETURN_LSE": lse is not None},
         {"num_warps": num_warps, "num_stages": num_stages})

@@ -37,6 +37,7 @@ from packinfer.triton_common import (
     log_sum_exp,
     online_softmax_step,
     program_slots,
+    softcap_mode,
     tma_available,
     window_blocks,
 )
@@ -235,6 +236,6 @@ def _bind(q, k, v, out, plan: Plan, softmax_scale: float, use_tma: bool, options
         {"NUM_HEADS": heads, "GROUP": group, "PACK_GQA": plan.pack_gqa, "CAUSAL": plan.causal, "DIM": dim,
          "HEAD_DIM": head_dim_padded(dim), "BLOCK_M": plan.block_m * (group if plan.pack_gqa else 1),
          "BLOCK_N": plan.block_n, "ROWS": plan.block_m, "DOT_F32": interpreter_needs_f32_dot(q.dtype),
-         "USE_TMA": use_tma, "WINDOW": plan.window != (-1, -1), "SOFTCAP": options.softcap > 0,
+         "USE_TMA": use_tma, "WINDOW": plan.window != (-1, -1), "SOFTCAP": softcap_mode(options.softcap),
          "ALIBI": options.alibi_slopes is not None, "RETURN_LSE": lse is not None},
         {"num_warps": plan.num_warps, "num_stages": plan.num_stages})

@@ -59,20 +59,27 @@ def any_nonfinite(acc, l_i, row_ok):
 
 
 @triton.jit
-def tanh(x):
-    """tanh from exp2 (no tanh intrinsic runs under the interpreter): 1 - 2 / (e^2x + 1), exact at +-inf."""
-    return 1.0 - 2.0 / (tl.math.exp2(x * 2.8853900817779268) + 1.0)
+def tanh(x, HARDWARE: tl.constexpr):
+    """HARDWARE: the GPU's tanh.approx.f32 (one MUFU instruction, max relative error 2^-11, what FlashAttention's
+    softcap uses); else from exp2, 1 - 2 / (e^2x + 1), exact at +-inf (the interpreter runs no PTX)."""
+    if HARDWARE:
+        y = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                      pack=1)
+    else:
+        y = 1.0 - 2.0 / (tl.math.exp2(x * 2.8853900817779268) + 1.0)
+    return y
 
 
 @triton.jit
 def scores(q, k, qk_scale, cap, keys, diag, slope, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
     """Base-2 attention scores of the slots over a block of keys. Plain: q k^T * qk_scale (scale * log2 e).
-    SOFTCAP: cap * tanh(q k^T * qk_scale), with qk_scale = scale / softcap and cap = softcap * log2 e (Gemma 2).
+    SOFTCAP (a softcap_mode): cap * tanh(q k^T * qk_scale), with qk_scale = scale / softcap and cap = softcap *
+    log2 e (Gemma 2).
     ALIBI: minus slope * |diag - key| per slot (slope pre-multiplied by log2 e; diag = the key index of the
     slot's own position, keys = the block's key indices), FlashAttention's bias, added after the cap."""
     qk = tl.dot(q, tl.trans(k))
     if SOFTCAP:
-        qk = cap * tanh(qk * qk_scale)
+        qk = cap * tanh(qk * qk_scale, SOFTCAP == HARDWARE_TANH)
     else:
         qk = qk * qk_scale
     if ALIBI:
@@ -151,6 +158,19 @@ def window_blocks(lo, hi, row_ok, BLOCK_N: tl.constexpr):
 def log_sum_exp(m_i, l_i):
     """Natural-log softmax normaliser of base-2 state (m, l); +inf for a slot that saw no key (FlashAttention 2)."""
     return tl.where(l_i > 0, (m_i + tl.math.log2(tl.where(l_i > 0, l_i, 1.0))) * 0.6931471805599453, float("inf"))
+
+
+EXP2_TANH = tl.constexpr(1)
+HARDWARE_TANH = tl.constexpr(2)
+
+
+def softcap_mode(softcap: float) -> int:
+    """The kernels' SOFTCAP constant: 0 without a cap, else how tanh is computed: HARDWARE_TANH on a GPU,
+    EXP2_TANH under the interpreter or with PACKINFER_EXACT_TANH=1 (to compare the two)."""
+    if softcap <= 0:
+        return 0
+    exact = os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("PACKINFER_EXACT_TANH") == "1"
+    return int(EXP2_TANH if exact else HARDWARE_TANH)
 
 
 @functools.cache
