@@ -82,10 +82,13 @@ def main(verbose: bool) -> None:
 @click.option("--set", "overrides", metavar="KEY=VALUE", multiple=True, help="Override a config key before it is "
               "checked: a dotted key, a YAML value, e.g. --set timing.repeats=5 --set 'e2e[0].rates=[2, 4]' "
               "(repeatable; recorded in the run folder's config.yaml).")
+@click.option("--gpus", type=click.IntRange(1, 1024), default=1, show_default=True, help="Spread the kernel sweep "
+              "over N processes, one per GPU (torch.distributed; on a CPU, N processes), merged into one run folder. "
+              "End-to-end entries with `tp: N` start their N ranks themselves.")
 @click.option("--list-backends", is_flag=True, help="List every registered backend, its variants and whether it "
               "can run here (and why not), then exit.")
 def run(config: Path | None, out: Path | None, dry_run: bool, resume: bool, cuda_graphs: bool, only: str | None,
-        backends: str | None, skip: str, overrides: tuple[str, ...], list_backends: bool) -> None:
+        backends: str | None, skip: str, overrides: tuple[str, ...], gpus: int, list_backends: bool) -> None:
     """Run an experiment CONFIG (default: experiments/smoke.yaml without a GPU, else the GPU's sweep)."""
     prepare_kernels()
     if list_backends:
@@ -107,7 +110,7 @@ def run(config: Path | None, out: Path | None, dry_run: bool, resume: bool, cuda
         if backends is not None or skip:
             cfg = select_backends(cfg, split(backends) if backends is not None else None, split(skip))
         get_logger("packinfer_bench.cli").info(f"experiment {cfg.name} ({config})")
-        summary = run_experiment(cfg, out, dry_run=dry_run, resume=resume, only=only)
+        summary = run_experiment(cfg, out, dry_run=dry_run, resume=resume, only=only, gpus=gpus)
         if summary.measured:
             get_logger("packinfer_bench.cli").info(f"result: {write_result(summary.out_dir, time.time())}")
     except PackinferBenchError as e:

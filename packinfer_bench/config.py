@@ -16,7 +16,7 @@ from packinfer import HEAD_DIMS
 
 from packinfer_bench.backends import BACKENDS
 from packinfer_bench.errors import ConfigError
-from packinfer_bench.models import preset
+from packinfer_bench.models import check_tp, preset
 from packinfer_bench.resources import find_experiment
 from packinfer_bench.traces import KINDS, SHIPPED
 from packinfer_bench.traces import check_options as check_trace_options
@@ -172,7 +172,9 @@ class E2EConfig:
     the latency percentiles reported, how many first iterations are checked against the float32 reference
     (verify_iterations), a warm-up pass that compiles every kernel before the timed replays, CUDA graphs (full
     for backends with a graph mode, else piecewise), and `calibrate`: measure the model's iteration time on this
-    GPU first and schedule with that step-time model (stored in the run folder) instead of continuous.step_time."""
+    GPU first and schedule with that step-time model (stored in the run folder) instead of continuous.step_time;
+    `tp`: tensor-parallel degree, the model sharded over that many ranks (GPUs; processes on a CPU), each
+    attending over its share of the heads with its own KV cache of the backend (`run` starts the ranks)."""
 
     name: str
     model: str
@@ -191,10 +193,11 @@ class E2EConfig:
     cuda_graphs: bool = True
     calibrate: bool = True
     seed: int = 0
+    tp: int = 1
 
     def __post_init__(self) -> None:
         check_name(self.name)
-        preset(self.model, self.num_layers)  # names the allowed models / layer counts if wrong
+        check_tp(preset(self.model, self.num_layers), self.tp)  # names the allowed models / layer counts / degrees
         _check_trace_list(self.traces)
         bad = [b for b in self.backends if b not in E2E_BACKENDS]
         if bad:
@@ -292,7 +295,13 @@ class ExperimentConfig:
         return [t for t in self.traces if workload.traces is None or t.name in workload.traces]
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config as plain data (config.yaml); an e2e entry's tp is left out at 1, its default, so that a run
+        folder begun before the key existed still resumes with the same config."""
+        data = dataclasses.asdict(self)
+        for entry in data["e2e"]:
+            if entry["tp"] == 1:
+                del entry["tp"]
+        return data
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:

@@ -7,11 +7,15 @@ batches.jsonl (every batch with its lengths, appended as it is made), workload.c
 batch) and records.csv (one row per batch, shape, backend and variant), or with device: analytic, analytic.csv
 (predicted per-SM balance of FA2's grid and the packinfer plan; no GPU needed); and e2e/ for the end-to-end
 replays (packinfer_bench.serving). Files are written through packinfer_bench.run_folder: append only, one writer
-at a time, and --resume skips what a folder already holds (with the same config only).
+at a time, and --resume skips what a folder already holds (with the same config only). With `gpus` > 1 the
+kernel sweep, and e2e entries with `tp` > 1, run on several processes (packinfer_bench.ranks) that add to the
+folder this process holds.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,6 +29,7 @@ from packinfer_bench.analytic import write_predictions
 from packinfer_bench.config import ExperimentConfig, TraceConfig
 from packinfer_bench.errors import PackinferBenchError
 from packinfer_bench.logs import get_logger, run_log
+from packinfer_bench.ranks import check_devices, spread_sweep, tensor_parallel_e2e
 from packinfer_bench.run_folder import (
     ANALYTIC_FILE,
     BATCHES_FILE,
@@ -37,7 +42,8 @@ from packinfer_bench.run_folder import (
     open_run_folder,
     write_atomic,
 )
-from packinfer_bench.runner import measure, pick_device
+from packinfer_bench.run_folder.records import merge_parts
+from packinfer_bench.runner import measure, pick_device, record_order
 from packinfer_bench.serving.stage import run_e2e
 from packinfer_bench.traces import Trace, load_trace
 from packinfer_bench.workload import Batch, continuous_batches, static_batches
@@ -84,10 +90,11 @@ def load_traces(configs: list[TraceConfig]) -> dict[str, Trace]:
 
 
 def run_experiment(config: ExperimentConfig, out: str | Path | None = None, *, dry_run: bool = False,
-                   resume: bool = False, only: str | None = None,
+                   resume: bool = False, only: str | None = None, gpus: int = 1,
                    log: Callable[[str], None] | None = None) -> RunSummary:
     """Replay the experiment's workloads into its run folder and measure them (with dry_run, stop there), then
-    run its end-to-end replays; only='kernel' or 'e2e' runs one of the two stages. Progress messages go to the
+    run its end-to-end replays; only='kernel' or 'e2e' runs one of the two stages; gpus > 1 spreads the kernel
+    sweep over that many processes, one per GPU (e2e entries take their own `tp`). Progress messages go to the
     packinfer_bench logger (and the run folder's run.log), and to `log` when given."""
 
     def say(message: str) -> None:
@@ -95,6 +102,8 @@ def run_experiment(config: ExperimentConfig, out: str | Path | None = None, *, d
         if log is not None:
             log(message)
 
+    if not dry_run and config.device != "analytic":  # enough GPUs, before anything is written
+        check_devices(config, gpus if only != "e2e" else 1, pick_device(config), e2e=only != "kernel")
     traces = load_traces(config.traces)  # bad traces fail before anything is written
     full_env = not dry_run and config.device != "cpu" and torch.cuda.is_available()
     with open_run_folder(run_dir(config, out, resume), config.to_dict(), envinfo.collect(full=full_env),
@@ -108,15 +117,29 @@ def run_experiment(config: ExperimentConfig, out: str | Path | None = None, *, d
 
         summary = RunSummary(out_dir=out_dir, batches_new=0, batches_kept=0, measured=False)
         if only != "e2e":
-            summary = _kernel_stage(config, out_dir, traces, dry_run, say)
+            summary = _kernel_stage(config, out_dir, traces, dry_run, gpus, say)
         if config.e2e and only != "kernel" and not dry_run and config.device != "analytic":
-            counts = run_e2e(config, out_dir, traces, pick_device(config), log=say)
+            counts = _e2e_stage(config, out_dir, traces, say)
             say("e2e: " + ", ".join(f"{n} {status}" for status, n in counts.items()) + f" -> {out_dir / E2E_DIR}")
             summary.measured = True
         return summary
 
 
-def _kernel_stage(config: ExperimentConfig, out_dir: Path, traces: dict[str, Trace], dry_run: bool,
+def _e2e_stage(config: ExperimentConfig, out_dir: Path, traces: dict[str, Trace],
+               log: Callable[[str], None]) -> dict[str, int]:
+    """The e2e entries in config order, each run of consecutive entries of one tp together: here for tp 1, on tp
+    ranks otherwise."""
+    device, counts = pick_device(config), {}
+    for tp, entries in itertools.groupby(config.e2e, key=lambda e: e.tp):
+        part = dataclasses.replace(config, e2e=list(entries))
+        got = run_e2e(part, out_dir, traces, device, log=log) if tp == 1 else tensor_parallel_e2e(
+            part, out_dir, traces, device, log)
+        for status, n in got.items():
+            counts[status] = counts.get(status, 0) + n
+    return counts
+
+
+def _kernel_stage(config: ExperimentConfig, out_dir: Path, traces: dict[str, Trace], dry_run: bool, gpus: int,
                   log: Callable[[str], None]) -> RunSummary:
     done = stored_batch_ids(out_dir)
     new = kept = 0
@@ -147,7 +170,13 @@ def _kernel_stage(config: ExperimentConfig, out_dir: Path, traces: dict[str, Tra
         rows = write_predictions(batches, config.shapes, config.gpu.sms, out_dir / ANALYTIC_FILE)
         log(f"analytic: {rows} predictions for {config.gpu.name} ({config.gpu.sms} SMs) -> {out_dir / ANALYTIC_FILE}")
         return RunSummary(out_dir=out_dir, batches_new=new, batches_kept=kept, measured=False)
-    counts = measure(config, out_dir, batches, log=log)
+    kept_parts = merge_parts(out_dir, record_order(config, batches))  # what ranks of a killed run measured
+    if kept_parts:
+        log(f"records: {sum(kept_parts.values())} measured by the ranks of an earlier session, merged")
+    if gpus > 1:
+        counts = spread_sweep(config, out_dir, batches, gpus, pick_device(config), log)
+    else:
+        counts = measure(config, out_dir, batches, log=log)
     log("records: " + ", ".join(f"{n} {status}" for status, n in counts.items()) + f" -> {out_dir / RECORDS_FILE}")
     return RunSummary(out_dir=out_dir, batches_new=new, batches_kept=kept, measured=True)
 

@@ -129,12 +129,18 @@ def measure_one(backend: Backend, variant: str, x: Inputs, ref: torch.Tensor, ti
 
 
 def measure(config: ExperimentConfig, out_dir: Path, batches: Iterable[Batch],
-            log: Callable[[str], None] = print) -> dict[str, int]:
+            log: Callable[[str], None] = print, *, share: tuple[int, int] = (0, 1), device: torch.device | None = None,
+            store: RecordStore | None = None, progress: bool = True) -> dict[str, int]:
     """Measure every (batch, shape, backend, variant) not yet in the run folder's records; returns counts by
-    status of the records written now."""
-    device = pick_device(config)
-    store = RecordStore(out_dir)
-    done = store.keys()
+    status of the records written now. A rank of a spread sweep passes share=(rank, ranks): it measures the
+    (batch, shape) pairs left to do whose place in that list is rank modulo ranks, on `device`, into `store` (its
+    part file)."""
+    device = device or pick_device(config)
+    done = RecordStore(out_dir).keys()
+    if store is None:
+        store = RecordStore(out_dir)
+    else:
+        done |= store.keys()
     timer = Timer(device, config.timing.warmup, config.timing.repeats, config.timing.flush_l2,
                   config.timing.cuda_graphs)
     backends = [BACKENDS[name] for name in config.backends]
@@ -148,10 +154,11 @@ def measure(config: ExperimentConfig, out_dir: Path, batches: Iterable[Batch],
     batches = list(batches)
     todo = [(b, s) for b in batches for s in config.shapes
             if any((b.batch_id, s.name, be.name, v) not in done for be in backends for v in variants_of(be, b))]
+    todo = todo[share[0]::share[1]]
     counts = {"ok": 0, "incorrect": 0, "skipped": 0, "error": 0}
     with Progress(TextColumn("{task.description:<28}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeRemainingColumn(), console=console()) as progress:
-        tasks = {b.name: progress.add_task(b.name, total=sum(len(variants_of(b, batch)) for batch, _ in todo))
+                  TimeRemainingColumn(), console=console(), disable=not progress) as bars:
+        tasks = {b.name: bars.add_task(b.name, total=sum(len(variants_of(b, batch)) for batch, _ in todo))
                  for b in backends}
         for batch, shape in todo:
             base = record_base(batch, shape)
@@ -159,7 +166,7 @@ def measure(config: ExperimentConfig, out_dir: Path, batches: Iterable[Batch],
             for backend in backends:
                 for variant in variants_of(backend, batch):
                     if (batch.batch_id, shape.name, backend.name, variant) in done:
-                        progress.advance(tasks[backend.name])
+                        bars.advance(tasks[backend.name])
                         continue
                     if x is None and setup_error is None and not unavailable[backend.name]:
                         try:
@@ -178,5 +185,13 @@ def measure(config: ExperimentConfig, out_dir: Path, batches: Iterable[Batch],
                         rec = measure_one(backend, variant, x, ref, timer, base)
                     store.append(rec)
                     counts[rec.status] += 1
-                    progress.advance(tasks[backend.name])
+                    bars.advance(tasks[backend.name])
     return counts
+
+
+def record_order(config: ExperimentConfig, batches: Iterable[Batch]) -> dict[tuple[str, str, str, str], int]:
+    """Every record key of the sweep and its place in the order a single process measures them (batch, shape,
+    backend, variant): how a spread sweep's parts are merged."""
+    keys = ((b.batch_id, s.name, name, v) for b in batches for s in config.shapes for name in config.backends
+            for v in variants_of(BACKENDS[name], b))
+    return {key: i for i, key in enumerate(keys)}

@@ -13,6 +13,7 @@ LAYERS = [
     ["packinfer", "packinfer_bench.resources"],
     ["packinfer_bench", "packinfer_bench.errors", "packinfer_bench.envinfo", "packinfer_bench.timing",
      "packinfer_bench.stats", "packinfer_bench.logs"],
+    ["packinfer_bench.distributed"],
     ["packinfer_bench.traces"],
     ["packinfer_bench.workload"],
     ["packinfer_bench.models"],
@@ -21,6 +22,7 @@ LAYERS = [
     ["packinfer_bench.config"],
     ["packinfer_bench.reference"],
     ["packinfer_bench.runner", "packinfer_bench.serving", "packinfer_bench.analytic"],
+    ["packinfer_bench.ranks"],
     ["packinfer_bench.experiment"],
     ["packinfer_bench.report"],
     ["packinfer_bench.cli"],
@@ -131,7 +133,7 @@ def test_a_planted_upward_import_is_caught_and_names_both_modules(tmp_path):
     batch.write_text(batch.read_text() + "\n\ndef _late():\n    from packinfer_bench.report import write_report\n")
     problems = set(layer_violations(tmp_path)) - set(layer_violations(REPO))
     assert len(problems) == 1
-    assert "packinfer_bench.workload.batch (layer 3) imports packinfer_bench.report (layer 11)" in problems.pop()
+    assert "packinfer_bench.workload.batch (layer 4) imports packinfer_bench.report (layer 13)" in problems.pop()
 
 
 def test_a_planted_cycle_is_caught(tmp_path):

@@ -35,7 +35,8 @@ class E2ERecord:
     launches_per_layer, attn_host_us_per_layer: means over iterations. attention_share: attention GPU time /
     iteration time where observable (not inside full graphs). max_rel_err / token_match: the first verify
     iterations against the float32 reference attention. schedule: how requests arrive (open or closed loop);
-    graphs: iterations per graph mode; kernel: what the backend ran; step_time: the scheduler's model."""
+    graphs: iterations per graph mode; kernel: what the backend ran; step_time: the scheduler's model; tp: the
+    tensor-parallel degree (ranks the model is sharded over; times are rank 0's)."""
 
     e2e: str
     trace: str
@@ -113,6 +114,7 @@ class E2ERecord:
     commit: str = ""
     measured_at: str = ""
     attempt: str = ""
+    tp: int = 1
 
     @property
     def key(self) -> tuple[str, str, str, str, str]:
@@ -128,10 +130,13 @@ def new_attempt() -> str:
 
 
 class E2EStore:
-    """The e2e/ folder of a run: append rows, know which replays are complete, read the rows of complete ones."""
+    """The e2e/ folder of a run: append rows, know which replays are complete, read the rows of complete ones.
+    writer=False: a store that reads but drops what it is given (the ranks of a tensor-parallel replay but the
+    first)."""
 
-    def __init__(self, out_dir: Path):
+    def __init__(self, out_dir: Path, writer: bool = True):
         self.dir = Path(out_dir) / E2E_DIR
+        self.writer = writer
         self.dir.mkdir(parents=True, exist_ok=True)
 
     def done(self) -> set[tuple[str, ...]]:
@@ -142,10 +147,18 @@ class E2EStore:
         return CsvRows(self.dir / SUMMARY_FILE).read()[0]
 
     def add_summary(self, record: E2ERecord) -> None:
-        CsvRows(self.dir / SUMMARY_FILE, SUMMARY_FIELDS).append([dataclasses.asdict(record)])
+        if not self.writer:
+            return
+        rows = CsvRows(self.dir / SUMMARY_FILE, SUMMARY_FIELDS)
+        row = dataclasses.asdict(record)
+        header = rows.header()
+        if header is not None and "tp" not in header and row["tp"] == 1:
+            del row["tp"]  # a folder begun before the column existed: degree 1 is what its rows mean
+        rows.append([row])
 
     def append(self, name: str, rows: Iterable[dict]) -> None:
-        CsvRows(self.dir / name).append(rows)
+        if self.writer:
+            CsvRows(self.dir / name).append(rows)
 
     def rows(self, name: str) -> list[dict[str, str]]:
         """The rows of `name` (requests or iterations) that belong to the attempt each summary row names (files

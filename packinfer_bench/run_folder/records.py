@@ -1,13 +1,16 @@
 """Kernel-level measurement records and their store: one CSV row per (batch, shape, backend, variant), appended
-and flushed as it is measured, so an interrupted run loses nothing finished and --resume skips what is stored."""
+and flushed as it is measured, so an interrupted run loses nothing finished and --resume skips what is stored.
+A sweep spread over several processes (`run --gpus N`) has each rank append to its own part file under dist/;
+merge_parts moves their rows into records.csv in a single process's order."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from packinfer_bench.run_folder.files import RECORDS_FILE
+from packinfer_bench.run_folder.files import DIST_DIR, RECORDS_FILE
 from packinfer_bench.run_folder.store import CsvRows, not_a_number
 
 STATUSES = ("ok", "incorrect", "skipped", "error")
@@ -64,12 +67,22 @@ def _check(row: dict[str, str]) -> str | None:
     return not_a_number(row, _NUMBERS)
 
 
-class RecordStore:
-    """The run folder's records.csv: append-only, one row per record; rows that cannot be read are skipped."""
+Key = tuple[str, str, str, str]
 
-    def __init__(self, out_dir: Path):
-        self.path = Path(out_dir) / RECORDS_FILE
+
+class RecordStore:
+    """The run folder's records.csv (or another file of records: `path`): append-only, one row per record; rows
+    that cannot be read are skipped."""
+
+    def __init__(self, out_dir: Path, path: Path | None = None):
+        self.path = Path(path) if path is not None else Path(out_dir) / RECORDS_FILE
         self.rows = CsvRows(self.path, FIELDS, _check)
+
+    @classmethod
+    def part(cls, out_dir: Path, rank: int) -> RecordStore:
+        """Rank `rank`'s part file of a spread sweep (dist/records.rank<r>.csv)."""
+        (Path(out_dir) / DIST_DIR).mkdir(exist_ok=True)
+        return cls(out_dir, Path(out_dir) / DIST_DIR / f"records.rank{rank}.csv")
 
     def keys(self) -> set[tuple[str, str, str, str]]:
         """Keys of the complete rows already stored (a row cut short or corrupt is skipped, never rewritten)."""
@@ -78,3 +91,34 @@ class RecordStore:
 
     def append(self, record: Record) -> None:
         self.rows.append([dataclasses.asdict(record)])
+
+
+def merge_parts(out_dir: Path, order: Mapping[Key, int] | None = None) -> dict[str, int]:
+    """Move the rows of the ranks' part files into records.csv: those it lacks, sorted by `order` (each key's place
+    in a single-process run; others after them), in one append; then remove the parts. Returns counts by status of
+    the rows added. Kill-safe: a part is removed only after its rows are on disk, and merging again skips the rows
+    records.csv already holds."""
+    parts = sorted((Path(out_dir) / DIST_DIR).glob("records.rank*.csv"))
+    if not parts:
+        return {}
+    store = RecordStore(out_dir)
+    have = store.keys()
+    rows: dict[Key, dict[str, str]] = {}
+    for part in parts:
+        for row in CsvRows(part, FIELDS, _check).read()[0]:
+            key = (row["batch_id"], row["shape"], row["backend"], row["variant"])
+            if key not in have:
+                rows.setdefault(key, row)
+    last = len(order) if order else 0
+    ordered = sorted(rows.items(), key=lambda item: order.get(item[0], last) if order else 0)
+    store.rows.append([row for _, row in ordered])
+    for part in parts:
+        part.unlink()
+    try:
+        parts[0].parent.rmdir()
+    except OSError:
+        pass  # not empty: another run's job file
+    counts: dict[str, int] = {}
+    for row in rows.values():
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    return counts

@@ -4,7 +4,13 @@ continuous-batching schedule once (trace x rate or concurrency), then replay it 
 backends interleaved (A B C A B C ...: slow drifts of the machine touch every backend alike), each backend
 keeping one server (KV cache, graphs) for the whole entry. The first iterations are checked against the float32
 reference attention; per-iteration, per-request and summary rows go to e2e/ in the run folder as they are made.
-A load point or replay that fails (out of memory included) leaves error rows and the run goes on."""
+A load point or replay that fails (out of memory included) leaves error rows and the run goes on.
+
+An entry with `tp: N` runs on the N ranks of a World (packinfer_bench.distributed), every rank replaying the same
+schedules in the same order through its shard of the model (serving.tp): rank 0 decides what is left to do and
+the scheduler's step-time model and hands them to the others, and only rank 0 writes to the run folder. There a
+failure other than a full KV cache (which every rank meets at the same iteration) stops the run instead of being
+recorded, since the other ranks would wait in a collective that never comes; --resume continues."""
 
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ from packinfer_bench import envinfo
 from packinfer_bench.backends import BACKENDS, DTYPES, ServingAttention
 from packinfer_bench.backends.base import add_scratch
 from packinfer_bench.config import REFERENCE, E2EConfig, ExperimentConfig
+from packinfer_bench.distributed import World
 from packinfer_bench.errors import ConfigError, first_line
 from packinfer_bench.logs import get_logger
 from packinfer_bench.models import ModelConfig, preset
@@ -32,6 +39,7 @@ from packinfer_bench.serving.kv_follow import peak_tokens
 from packinfer_bench.serving.metrics import Slo, inter_token_gaps, request_latencies, summarize, timeline
 from packinfer_bench.serving.model import Decoder
 from packinfer_bench.serving.replay import ReplayResult, cache_capacity, make_cache, prepare_graphs, replay
+from packinfer_bench.serving.tp import TensorParallel
 from packinfer_bench.traces import Trace
 from packinfer_bench.workload import Batch, StepTime, continuous_batches
 from packinfer_bench.workload.continuous import ContinuousSpec, replayed_requests
@@ -113,10 +121,15 @@ class Server:
 
 
 def run_e2e(config: ExperimentConfig, out_dir, traces: dict[str, Trace], device: torch.device,
-            log: Callable[[str], None] = print) -> dict[str, int]:
+            log: Callable[[str], None] = print, world: World | None = None) -> dict[str, int]:
     """Run every end-to-end replay of the config not already stored; returns counts per status. Entries of the
-    same model share it, its graphs, its calibration and the backends' servers."""
-    store = E2EStore(out_dir)
+    same model share it, its graphs, its calibration and the backends' servers. Every entry's tp must be the
+    world's size (a single process: 1)."""
+    world = world or World()
+    bad = [e.name for e in config.e2e if e.tp != world.size]
+    if bad:
+        raise ValueError(f"e2e entries {bad} need tp ranks, this world has {world.size}")
+    store = E2EStore(out_dir, writer=world.writer)
     counts: dict[str, int] = {}
     shared: dict[tuple, _Model] = {}
     for entry in config.e2e:
@@ -126,11 +139,18 @@ def run_e2e(config: ExperimentConfig, out_dir, traces: dict[str, Trace], device:
             for old in shared.values():  # one model on the GPU at a time
                 old.close()
             shared.clear()
-            shared[key] = _Model(entry, device)
+            shared[key] = _Model(entry, device, world)
         _Entry(config, entry, store, traces, device, log, counts, shared[key]).run()
     for model in shared.values():
         model.close()
     return counts
+
+
+def replays_left(config: ExperimentConfig, out_dir) -> int:
+    """How many replays of the config's e2e entries the run folder does not hold yet."""
+    done = E2EStore(out_dir).done()
+    return sum((e.name, t.name, label, b, str(r)) not in done for e in config.e2e for t in config.traces_of(e)
+               for label, _ in e.load_points() for r in range(e.repeats) for b in e.backends)
 
 
 class _Model:
@@ -138,9 +158,9 @@ class _Model:
     servers, made on first use and shared by the entries that serve it. Servers that do not fit in memory
     together are made one at a time (the others dropped with their graphs)."""
 
-    def __init__(self, entry: E2EConfig, device: torch.device):
-        self.entry, self.device = entry, device
-        self.cfg: ModelConfig = preset(entry.model, entry.num_layers)
+    def __init__(self, entry: E2EConfig, device: torch.device, world: World):
+        self.entry, self.device, self.world = entry, device, world
+        self.cfg: ModelConfig = preset(entry.model, entry.num_layers)  # the whole model's (records name it)
         self.decoder: Decoder | None = None
         self.graphs: Graphs | None = None
         self.servers: dict[str, Server] = {}
@@ -149,7 +169,8 @@ class _Model:
     def model(self) -> Decoder:
         if self.decoder is None:
             e = self.entry
-            self.decoder = Decoder(self.cfg, self.device, DTYPES[e.dtype], seed=e.seed)
+            tp = TensorParallel(self.world.rank, self.world.size)
+            self.decoder = Decoder(self.cfg, self.device, DTYPES[e.dtype], seed=e.seed, tp=tp)
             if e.cuda_graphs and self.device.type == "cuda":
                 c = e.continuous
                 self.graphs = Graphs(self.decoder, c.max_num_batched_tokens, c.max_num_seqs)
@@ -194,6 +215,7 @@ class _Entry:
         self.config, self.entry, self.store, self.traces, self.device = config, entry, store, traces, device
         self.log, self.counts, self.shared = log, counts, shared
         self.cfg: ModelConfig = shared.cfg
+        self.world = shared.world
         self.server_errors: dict[str, Exception] = {}
         self.commit = envinfo.git_sha() or ""
         self.slo = Slo(entry.slo.ttft_ms, entry.slo.tpot_ms, entry.slo.attainment)
@@ -203,7 +225,7 @@ class _Entry:
         return self.shared.graphs
 
     def run(self) -> None:
-        entry, done = self.entry, self.store.done()
+        entry, done = self.entry, self.world.from_writer(self.store.done)
         points = [(tcfg, label, changes) for tcfg in self.config.traces_of(entry)
                   for label, changes in entry.load_points()]
         todo = {(t.name, label): [(b, r) for r in range(entry.repeats) for b in entry.backends
@@ -240,6 +262,7 @@ class _Entry:
             max_kv = max(int(b.kv_lens.max()) for s in schedules for b in s)
             return self.shared.server(backend, budget, c.max_num_batched_tokens, max_seqs, max_kv)
         except Exception as e:  # noqa: BLE001 -- e.g. out of memory: this backend's replays become errors
+            self._fatal_in_a_group(e)
             self.server_errors[backend] = e
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -250,7 +273,7 @@ class _Entry:
         schedules exactly as before), or the config's."""
         e = self.entry
         path = self.store.dir / STEP_TIME_FILE
-        stored = json.loads(path.read_text()) if path.exists() else {}
+        stored = self.world.from_writer(lambda: json.loads(path.read_text()) if path.exists() else {})
         if e.name in stored:
             return StepTime(**stored[e.name]["step_time"])
         if not (e.calibrate and self.device.type == "cuda"):
@@ -258,7 +281,8 @@ class _Entry:
         if self.shared.step_time is not None:  # measured for an earlier entry of the same model
             fitted, record = self.shared.step_time
             stored[e.name] = record
-            write_atomic(path, json.dumps(stored, indent=2) + "\n")
+            if self.world.writer:
+                write_atomic(path, json.dumps(stored, indent=2) + "\n")
             return fitted
         backend = next((b for b in ("fa2", *e.backends) if b != REFERENCE and b in BACKENDS
                         and BACKENDS[b].serving is not None and not BACKENDS[b].available(self.device)), None)
@@ -268,12 +292,15 @@ class _Entry:
         try:
             fitted, points = calibrate(self._ensure_model(), self.graphs, backend, e.continuous)
         except Exception as ex:  # noqa: BLE001 -- fall back to the config's model, and say so
+            self._fatal_in_a_group(ex)
             self.log(f"  calibration failed ({type(ex).__name__}: {first_line(ex)}); using continuous.step_time")
             return e.continuous.step_time
+        fitted, points = self.world.from_writer(lambda: (fitted, points))  # rank 0's times: one schedule for all
         stored[e.name] = {"step_time": dataclasses.asdict(fitted), "backend": backend, "points": points,
                           "model": self.cfg.name, "num_layers": self.cfg.num_layers}
         self.shared.step_time = (fitted, stored[e.name])
-        write_atomic(path, json.dumps(stored, indent=2) + "\n")
+        if self.world.writer:
+            write_atomic(path, json.dumps(stored, indent=2) + "\n")
         self.log(f"  step time = {fitted.base_ms:.2f} ms + {fitted.per_token_us:.2f} us/token + "
                  f"{fitted.per_kv_token_ns:.2f} ns/KV token -> {path}")
         return fitted
@@ -293,6 +320,7 @@ class _Entry:
             try:
                 reference = _reference_outputs(self._ensure_model(), scen, e.verify_iterations)
             except Exception as ex:  # noqa: BLE001 -- out of memory and the like: this load point only
+                self._fatal_in_a_group(ex)
                 self._store_all(trace, label, todo, "error", f"reference: {type(ex).__name__}: {first_line(ex)}")
                 return
         prepared: dict[str, str] = {}
@@ -312,6 +340,7 @@ class _Entry:
                         if backend not in prepared:
                             prepared[backend] = server.prepare(scen.schedule, e.warmup)
                     except Exception as ex:  # noqa: BLE001 -- compilation or capture failed: this backend only
+                        self._fatal_in_a_group(ex)
                         record = dataclasses.replace(record, status="error", reason=f"warm-up / graphs: "
                                                      f"{type(ex).__name__}: {first_line(ex)}")
                     else:
@@ -348,6 +377,7 @@ class _Entry:
                 f"{first_line(ex)}"))
         except Exception as ex:  # noqa: BLE001 -- a backend failing must not lose the other replays
             self.store.append(ITERATIONS_FILE, rows)
+            self._fatal_in_a_group(ex)
             _log.warning("  %s #%s: replay failed at iteration %d", base.backend, base.repeat, done_iterations,
                          exc_info=True)
             if self.device.type == "cuda":
@@ -363,6 +393,11 @@ class _Entry:
                  f"({record.record.graphs}) [{time.perf_counter() - t0:.0f} s]")
         return record.record
 
+    def _fatal_in_a_group(self, error: Exception) -> None:
+        """In a tensor-parallel group a failure stops the run (re-raised): the other ranks cannot skip along."""
+        if self.world.size > 1:
+            raise error
+
     def _base(self, trace: str, label: str, backend: str, rep: int, scen: Scenario | None) -> E2ERecord:
         cfg, e = self.cfg, self.entry
         spec = scen.spec if scen is not None else e.continuous
@@ -377,7 +412,7 @@ class _Entry:
             step_time=(f"{spec.step_time.base_ms:.3g} ms + {spec.step_time.per_token_us:.3g} us/token + "
                        f"{spec.step_time.per_kv_token_ns:.3g} ns/kv"),
             timing="CUDA events (pipelined iterations)" if self.device.type == "cuda" else "wall-clock-cpu",
-            cuda_graphs="on" if self.graphs is not None else "off")
+            cuda_graphs="on" if self.graphs is not None else "off", tp=e.tp)
 
     def _store_all(self, trace: str, label: str, todo, status: str, reason: str) -> None:
         self.log(f"  {status}: {reason}")
