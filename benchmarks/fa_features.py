@@ -1,18 +1,20 @@
 """FlashAttention-compatible features on the GPU: packinfer through `packinfer.flash_attn_interface` against
-FlashAttention 2 (PyTorch's aten._flash_attention_forward) and FlashAttention 3 (`flash_attn_interface` or the
-`fa3-fwd` wheel) on the same tensors, for what issue 17 adds: head dims 80 (Phi-2) and 96 (Phi-3) in prefill
-and decode, a 4096-token sliding window on long prompts (Mistral 7B v0.1), softcap 50 (Gemma 2, head dim 256).
-Lengths come from the shipped traces. Each output is checked against the float32 reference on its first
-requests, and against every peer on the whole batch. A peer without the feature is skipped, named. `packinfer` is
-the FlashAttention-signature call (it plans on the host every call, as that API must); `packinfer-planned` is the
-native call with the plan built once, as a serving loop runs it for every layer of a step.
-`--regression` times packinfer's head dim 128 native calls alone; the parent runs that for this checkout and
-for the kernels of `--before DIR` (an older kernels/ tree), alternating, to show no regression at 128.
+FlashAttention 2 (PyTorch's aten._flash_attention_forward), FlashAttention 3 (`flash_attn_interface` or the
+`fa3-fwd` wheel) and FlashInfer (fa3 prefill backend, tensor-core decode) on the same tensors, for what issue 17
+adds: head dims 80 (Phi-2) and 96 (Phi-3) in prefill and decode, a 4096-token sliding window on long prompts
+(Mistral 7B v0.1), head dim 256 with and without softcap 50 (Gemma 2). Lengths come from the shipped traces. Each
+output is checked against the float32 reference on its first requests, and against packinfer's on the whole
+batch. A peer without the feature is skipped, named. `packinfer` is the FlashAttention-signature call (it plans on
+the host every call, as that API must); `packinfer-planned` is the native call with the plan built once, as a
+serving loop runs it for every layer of a step. records.csv keeps the rows of cases a call did not run.
+`--before DIR` (an older kernels/ tree) then times packinfer's head dim 128 native calls with this checkout's
+kernels and with DIR's, alternating processes, to show no regression at 128 (`--regression-only`: that alone).
+`--tune` times the prefill cases at every TUNE_CONFIGS tile shape instead (tune.csv).
 
     python benchmarks/fa_features.py --out results/fa-features/h200 [--before .old_kernels]   # GPU
+    python benchmarks/fa_features.py --out results/fa-features/h200 --tune                     # GPU
     python benchmarks/fa_features.py --smoke --out /tmp/faf                                     # CPU, tiny
 """
-
 from __future__ import annotations
 
 import argparse
@@ -139,7 +141,7 @@ def calls(case: Case, q_lens, kv_lens, device, dtype, peers: bool = True):
                                             causal=True, window=case.window)
 
             def exact_tanh():
-                os.environ["PACKINFER_EXACT_TANH"] = "1"  # read when the plan's launch is first bound
+                os.environ["PACKINFER_EXACT_TANH"] = "1"
                 try:
                     return packinfer.varlen_attention(q, k, v, cu_q, cu_k, mq, mk, causal=True, window=case.window,
                                                       softcap=case.softcap, plan=exact_plan, validate=False)
@@ -410,6 +412,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--before", type=Path, help="an older kernels/ folder for the head dim 128 regression check")
+    ap.add_argument("--regression-only", action="store_true", help="only the head dim 128 check against --before")
     ap.add_argument("--regression-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--only", default="", help="comma-separated substrings of the case names to run")
     ap.add_argument("--tune", action="store_true", help="time the prefill cases at every TUNE_CONFIGS tile shape")
@@ -423,6 +426,8 @@ def main() -> None:
     if args.regression_child:
         regression_child(args, device, dtype)
         return
+    if args.regression_only and not args.before:
+        ap.error("--regression-only needs --before DIR")
     if args.warm_flashinfer:  # build (and run once) FlashInfer's call of one case, for warm_flashinfer
         case = next(c for c in CASES if c.name == args.warm_flashinfer)
         q_lens, kv_lens = lengths(case)
@@ -434,7 +439,8 @@ def main() -> None:
 
     env = {**envinfo.collect(), "benchmark": {"script": "benchmarks/fa_features.py", "argv": sys.argv[1:],
                                               "dtype": "bf16", "timing": "cuda-events, L2 flushed"}}
-    (args.out / "env.json").write_text(json.dumps(env, indent=2) + "\n")
+    name = "env-tune.json" if args.tune else "env-regression.json" if args.regression_only else "env.json"
+    (args.out / name).write_text(json.dumps(env, indent=2) + "\n")  # one per kind of call: none overwrites another
     fields = ["case", "backend", "status", "reason", "batch", "tokens_q", "tokens_kv", "heads", "kv_heads",
               "head_dim", "window", "softcap", "ms_median", "ms_p10", "ms_p90", "tflops", "max_err_vs_ref",
               "max_diff_vs_packinfer", "git_sha"]
@@ -446,12 +452,16 @@ def main() -> None:
     if args.tune:
         tune(cases, args, device, dtype)
         return
+    if args.regression_only:
+        regression(args, args.out)
+        return
     if not args.smoke:
         warm_flashinfer(cases, args)
     args.git_sha = env["git_sha"]  # rows of earlier calls keep theirs
     run_cases(cases, args, device, dtype, rows, lambda: _write_csv(path, fields, rows))
     print(f"{'case':40s} {'backend':28s} {'ms':>8s} {'TFLOP/s':>8s} {'err':>8s}  time / packinfer-planned's")
-    base = {r["case"]: float(r["ms_median"]) for r in rows if r["backend"] == "packinfer-planned" and r["ms_median"]}
+    base = {r["case"]: float(r["ms_median"]) for r in rows
+            if r["backend"] == "packinfer-planned" and r.get("ms_median")}
     for r in rows:
         if r["status"] != "ok":
             print(f"{r['case']:40s} {r['backend']:28s} {r['status']}: {r.get('reason', '')}")

@@ -16,6 +16,7 @@ import os
 import pickle
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -165,6 +166,20 @@ def _launcher_side_effects_undone(defaults: dict[str, str]) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+def _exit_with_parent(poll_s: float = 0.5) -> None:
+    """End this rank when the process that started it is gone. torchrun's agent starts each rank in a session of
+    its own, so a SIGKILL of `run` (a time limit) would leave the ranks running on, appending to part files that
+    the next --resume merges and removes, and holding their GPUs; a watcher thread sees the parent change."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> None:
     """A rank of a job (started by torchrun): join the group, run the job, leave."""
     args = sys.argv[1:] if argv is None else argv
@@ -174,6 +189,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if not torch.cuda.is_available():  # before unpickling the job imports triton: its interpreter (as `run` does)
         os.environ.setdefault("TRITON_INTERPRET", "1")
+    _exit_with_parent()
     with open(args[0], "rb") as f:
         job: Job = pickle.load(f)  # a file this harness wrote for its own ranks
     world = init_world(job.cuda)

@@ -136,11 +136,10 @@ def measure(config: ExperimentConfig, out_dir: Path, batches: Iterable[Batch],
     (batch, shape) pairs left to do whose place in that list is rank modulo ranks, on `device`, into `store` (its
     part file)."""
     device = device or pick_device(config)
-    done = RecordStore(out_dir).keys()
+    stored = RecordStore(out_dir).keys()  # the shares are cut from records.csv alone, so every rank cuts alike
     if store is None:
         store = RecordStore(out_dir)
-    else:
-        done |= store.keys()
+    done = stored | store.keys()
     timer = Timer(device, config.timing.warmup, config.timing.repeats, config.timing.flush_l2,
                   config.timing.cuda_graphs)
     backends = [BACKENDS[name] for name in config.backends]
@@ -153,7 +152,7 @@ def measure(config: ExperimentConfig, out_dir: Path, batches: Iterable[Batch],
             + ("; timing.cuda_graphs ignored" if config.timing.cuda_graphs else ""))
     batches = list(batches)
     todo = [(b, s) for b in batches for s in config.shapes
-            if any((b.batch_id, s.name, be.name, v) not in done for be in backends for v in variants_of(be, b))]
+            if any((b.batch_id, s.name, be.name, v) not in stored for be in backends for v in variants_of(be, b))]
     todo = todo[share[0]::share[1]]
     counts = {"ok": 0, "incorrect": 0, "skipped": 0, "error": 0}
     with Progress(TextColumn("{task.description:<28}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),

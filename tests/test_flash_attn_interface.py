@@ -329,3 +329,20 @@ def test_what_it_cannot_honour_is_a_named_error(device):
     assert (empty_cache[0] == 0).all() and torch.isinf(empty_cache[1]).all()
     with torch.no_grad():  # grad mode off: inputs that require grad are fine
         flash_attn_varlen_func(q.clone().requires_grad_(), q, q, cu, cu, 4, 4)
+
+
+def test_softcap_uses_the_gpus_tanh_except_under_the_interpreter(monkeypatch):
+    """The GPU computes the cap's tanh with tanh.approx.f32 (as FlashAttention does), the interpreter (no PTX) and
+    PACKINFER_EXACT_TANH=1 with exp2; a bound launch is specialised on which, so switching takes effect."""
+    from packinfer.scoring import ScoreOptions
+    from packinfer.triton_common import EXP2_TANH, HARDWARE_TANH, softcap_mode
+
+    monkeypatch.delenv("PACKINFER_EXACT_TANH", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert softcap_mode(0.0) == 0 and softcap_mode(50.0) == EXP2_TANH
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if torch.version.hip is None:
+        assert softcap_mode(50.0) == HARDWARE_TANH
+    hardware = ScoreOptions(softcap=50.0).key()
+    monkeypatch.setenv("PACKINFER_EXACT_TANH", "1")
+    assert softcap_mode(50.0) == EXP2_TANH and ScoreOptions(softcap=50.0).key() != hardware

@@ -199,6 +199,9 @@ def test_choose_config_follows_the_batch_shape():
     assert (long_80.slots, long_80.block_n) == (128, 64)
     for q in ([300] * 64, [4096] * 16):
         assert choose_config(np.array(q), np.array(q), 16, 8, 256) == KernelConfig(128, 64, 8, 2, True)
+        # a GPU with less shared memory per block (an A100's 163 KiB) gets a shape that fits it
+        assert choose_config(np.array(q), np.array(q), 16, 8, 256, shared_memory=166912).slots == 64
+    assert choose_config(np.array([300] * 4), np.array([300] * 4), 64, 8, 256).pack_gqa  # 16 rows of 8 heads
     assert not choose_config(np.array([300] * 4), np.array([300] * 4), 32, 2, 256).pack_gqa  # 8 rows only
     with pytest.raises(ValueError, match="head_dim 512 is not supported"):
         choose_config(np.array([1]), np.array([1]), 32, 8, 512)

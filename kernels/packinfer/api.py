@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 
 from packinfer.cache_attention import launch as launch_cache
 from packinfer.cache_plan import CachePlan, PlanBuffers
+from packinfer.device import shared_memory as device_shared_memory
 from packinfer.kv_cache import KVView
 from packinfer.packed_attention import launch as launch_packed
 from packinfer.plan import Plan, as_numpy, plan_varlen
@@ -37,13 +39,23 @@ FA2_LIKE = KernelConfig(128, 64, 8, 3, False)
 # block-diagonal work is wasted per tile. GQA packing helped on every mix but uniform 4k prompts (-1.5%).
 _LONG = KernelConfig(128, 128, 8, 3, True)
 _SHORT = KernelConfig(64, 64, 4, 3, True)
+# Other head dims, from the H200 sweep results/fa-features/h200/tune.csv (bf16; ShareGPT, Azure conv, Mooncake
+# prompts): at 256 one shape won every batch, 3-5.6x the half-slot 32-key shape used before; it needs ~193 KiB of
+# shared memory (Hopper has 227), so a GPU with less (A100: 163) takes the runner-up that needs ~97 (not measured
+# there). A head dim padded to 128 loads K/V through pointers (TMA needs the real width), where 64-key steps beat
+# 128 on long prompts by 8%.
+_D256 = KernelConfig(128, 64, 8, 2, True)
+_D256_SMALL = KernelConfig(64, 32, 4, 2, True)
+_D256_SHARED_MEMORY = 200 << 10
 
 
 def choose_config(q_lens: np.ndarray, kv_lens: np.ndarray, num_heads: int, num_kv_heads: int,
-                  head_dim: int, causal: bool = True) -> KernelConfig:
+                  head_dim: int, causal: bool = True, shared_memory: int | None = None) -> KernelConfig:
     """Tile shape for a batch from two statistics: mean keys attended per query row, and mean query rows per
     request (small for decode and chunked prefill, which keep the small tiles whatever their context). A head dim
-    that is not a power of two gets the tiles of the power of two it is padded to."""
+    that is not a power of two gets the tiles of the power of two it is padded to, with 64-key steps. Head dim
+    256 takes its own shape, a smaller one where the GPU's shared memory per block (default: the current CUDA
+    device's, see packinfer.device) cannot hold it."""
     check_head_dim(head_dim)
     q_total = max(int(q_lens.sum()), 1)
     if causal:
@@ -51,16 +63,15 @@ def choose_config(q_lens: np.ndarray, kv_lens: np.ndarray, num_heads: int, num_k
     else:
         keys_per_row = float((q_lens * kv_lens).sum()) / q_total
     cfg = _LONG if keys_per_row >= 1500 and q_lens.mean() >= 256 else _SHORT
+    padded = head_dim_padded(head_dim)
+    if padded == 256:
+        memory = device_shared_memory() if shared_memory is None else shared_memory
+        cfg = _D256 if memory >= _D256_SHARED_MEMORY else _D256_SMALL
+    elif head_dim != padded and cfg.block_n == 128:
+        cfg = dataclasses.replace(cfg, block_n=64)
     group = num_heads // num_kv_heads
     if cfg.pack_gqa and (group & (group - 1) or group > cfg.slots // 16):
-        cfg = KernelConfig(cfg.slots, cfg.block_n, cfg.num_warps, cfg.num_stages, False)
-    # Other head dims, from the H200 sweep results/fa-features/h200/tune.csv (bf16, ShareGPT / Azure conv /
-    # Mooncake prompts): at 256 one shape won every batch, 3-5.6x the half-slot 32-key shape used before; a head
-    # dim padded to 128 loads K/V through pointers (TMA needs the real width), where 64-key steps beat 128 by 8%.
-    if head_dim_padded(head_dim) == 256:
-        cfg = KernelConfig(128, 64, 8, 2, cfg.pack_gqa and group <= 8)
-    elif head_dim != head_dim_padded(head_dim) and cfg.block_n == 128:
-        cfg = KernelConfig(cfg.slots, 64, cfg.num_warps, cfg.num_stages, cfg.pack_gqa)
+        cfg = dataclasses.replace(cfg, pack_gqa=False)
     return cfg
 
 

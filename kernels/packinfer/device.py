@@ -1,4 +1,5 @@
-"""What the library asks of the device: its SM count, which the planners balance work over."""
+"""What the library asks of the device: its SM count, which the planners balance work over, and its shared memory
+per block, which bounds the tile shapes the planners may pick."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import functools
 
 import torch
 
-#: SMs assumed where the device is not a CUDA GPU (an H100 SXM's 132): the library's one fallback.
+#: SMs assumed where the device is not a CUDA GPU (an H100 SXM's 132).
 FALLBACK_SMS = 132
+#: Shared memory per block assumed where there is no CUDA GPU (Hopper's 227 KiB, as the SM count above).
+FALLBACK_SHARED_MEMORY = 232448
 
 
 def num_sms(device: torch.device | str) -> int:
@@ -22,3 +25,18 @@ def num_sms(device: torch.device | str) -> int:
 def _cuda_sms(index: int) -> int:
     """Asked once per GPU (the property query costs host time)."""
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def shared_memory(device: torch.device | str | None = None) -> int:
+    """Bytes of shared memory a kernel's block may use on the device (None: the current CUDA device);
+    FALLBACK_SHARED_MEMORY where there is no CUDA GPU."""
+    device = torch.device("cuda" if device is None else device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return FALLBACK_SHARED_MEMORY
+    return _cuda_shared_memory(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_shared_memory(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
+    return int(getattr(props, "shared_memory_per_block_optin", FALLBACK_SHARED_MEMORY))

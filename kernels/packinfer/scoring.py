@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from packinfer.triton_common import LOG2E
+from packinfer.triton_common import LOG2E, softcap_mode
 
 #: Stands for an unbounded window side inside the kernels (query positions stay far below it).
 UNBOUNDED = 1 << 30
@@ -32,9 +32,10 @@ class ScoreOptions:
     alibi_slopes: torch.Tensor | None = None
 
     def key(self) -> tuple:
-        """What a bound launch is specialised on (the slopes' values are not: they are read per call)."""
+        """What a bound launch is specialised on, how tanh is computed included (the slopes' values are not:
+        they are read per call)."""
         s = self.alibi_slopes
-        return self.softcap, None if s is None else (tuple(s.shape), s.stride())
+        return self.softcap, softcap_mode(self.softcap), None if s is None else (tuple(s.shape), s.stride())
 
     def scales(self, softmax_scale: float) -> tuple[float, float]:
         """(qk_scale, cap) for triton_common.scores: base-2 scaling, through the cap when there is one."""

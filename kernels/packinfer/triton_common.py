@@ -166,10 +166,11 @@ HARDWARE_TANH = tl.constexpr(2)
 
 def softcap_mode(softcap: float) -> int:
     """The kernels' SOFTCAP constant: 0 without a cap, else how tanh is computed: HARDWARE_TANH on a GPU,
-    EXP2_TANH under the interpreter or with PACKINFER_EXACT_TANH=1 (to compare the two)."""
+    EXP2_TANH under the interpreter, on ROCm, or with PACKINFER_EXACT_TANH=1 (to compare the two)."""
     if softcap <= 0:
         return 0
-    exact = os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("PACKINFER_EXACT_TANH") == "1"
+    exact = (os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("PACKINFER_EXACT_TANH") == "1"
+             or torch.version.hip is not None)  # tanh.approx.f32 is NVIDIA PTX
     return int(EXP2_TANH if exact else HARDWARE_TANH)
 
 

@@ -114,6 +114,8 @@ def prepare_graphs(graphs: Graphs, schedule: Sequence[Batch], attention: Serving
                 graphs.capture_full(attention, padded, key, cache, scratch)
                 continue
             except GraphCaptureError as e:
+                if graphs.model.tp.size > 1:  # piecewise capture all-reduces where the other ranks do not: stop
+                    raise
                 failure = graphs.failed[attention.name] = str(e)
         graphs.capture_piecewise(padded)
     return failure

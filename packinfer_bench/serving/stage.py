@@ -185,6 +185,8 @@ class _Model:
         try:
             server = Server(backend, self.model(), self.graphs, capacity, max_rows, max_seqs, max_kv)
         except (torch.cuda.OutOfMemoryError, ConfigError):
+            if self.world.size > 1:  # the other ranks cannot drop and re-capture along with this one: stop
+                raise
             for other in list(self.servers):  # make room: the other backends' servers go (and come back later)
                 self.drop(other)
             server = Server(backend, self.model(), self.graphs, capacity, max_rows, max_seqs, max_kv)

@@ -11,7 +11,6 @@ degree 1 (up to the order of floating-point sums)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -24,12 +23,11 @@ class TensorParallel:
 
     rank: int = 0
     size: int = 1
-    group: Any = None  # a torch.distributed process group; None: the default one
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum x over the group, in place (returns x)."""
+        """Sum x over the group (torch.distributed's default process group: the ranks of the job), in place."""
         if self.size > 1:
-            torch.distributed.all_reduce(x, group=self.group)
+            torch.distributed.all_reduce(x)
         return x
 
 
