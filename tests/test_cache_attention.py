@@ -266,3 +266,19 @@ def test_capacity_overflow_is_a_clear_error_never_a_truncation():
                        max_partials=64)
     with pytest.raises(ValueError, match=r"plan has 42 rows, more than the buffers' capacity of 10"):
         bufs.load(plan)
+
+
+def test_tile_shapes_fit_the_gpus_shared_memory():
+    """Three K/V stages where the query tile leaves room for them, two where not (head dim 256 at 128 slots on
+    Hopper's 227 KiB), and no tile at all where not even two fit (an A100's 163 KiB): the planner leaves those
+    shapes out, and asking for one is an error naming slots."""
+    from packinfer.cache_plan import BLOCK_N, launch_config
+
+    hopper, a100 = 232448, 166912
+    assert launch_config(128, BLOCK_N, 128, 2, hopper) == (8, 3)
+    assert launch_config(64, BLOCK_N, 256, 2, hopper) == (4, 3)
+    assert launch_config(128, BLOCK_N, 256, 2, hopper) == (8, 2)
+    assert launch_config(128, BLOCK_N, 256, 2, a100) is None and launch_config(16, BLOCK_N, 256, 2, a100) == (4, 2)
+    cache = _fill("grouped", [700, 900], [None] * 2, {}, kv_heads=2, dim=256, dtype=torch.float16, device="cpu")
+    plan = plan_cache_attention(cache.view(range(2)), [600, 900], 4, slots=128)  # the CPU assumes Hopper's
+    assert plan.tile == (128, BLOCK_N, True, 8, 2)

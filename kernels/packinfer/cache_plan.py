@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from packinfer.device import FALLBACK_SMS
+from packinfer.device import FALLBACK_SMS, shared_memory
 from packinfer.kv_cache import KVView
 from packinfer.validate import check_window, head_dim_padded
 
@@ -43,6 +44,9 @@ WAVES = 4
 SLOT_CHOICES = (16, 32, 64, 128)
 #: Keys per step of every tile shape.
 BLOCK_N = 64
+#: Shared memory a program needs beyond its query tile and K/V stages (Triton's scratch; from the H200's
+#: OutOfResources reports in results/fa-features/h200/tune.csv: ~1 KiB).
+SHARED_MEMORY_SLACK = 2048
 #: Marks a shared prefix segment, which every row of its group sees whole.
 NO_TRIM = 1 << 40
 
@@ -149,6 +153,10 @@ def plan_cache_attention(view: KVView, q_lens, num_heads: int, *, prefix_groupin
     slots: query (row, head) pairs per program (None: the cost model picks from SLOT_CHOICES).
     max_items / max_partials: capacity of the buffers the plan must fit (CUDA graphs): splitting is reduced to
     fit, and a batch that cannot fit even unsplit is a ValueError naming the limit.
+
+    A serving loop plans every iteration, so the host cost matters (benchmarks/plan_cost.py measures it): the
+    candidates (tile shape x KV chunk) are weighed from per-piece counts in closed form (_Candidates), and only
+    the chosen one's items are built.
     """
     t0 = time.perf_counter()
     q = np.asarray(q_lens, dtype=np.int64)
@@ -156,7 +164,7 @@ def plan_cache_attention(view: KVView, q_lens, num_heads: int, *, prefix_groupin
     head_dim = head_dim or view.k.shape[2]
     if q.shape != kv.shape:
         raise ValueError(f"q_lens has {q.size} entries but the view has {kv.size} requests")
-    if (q < 1).any():
+    if len(q) and q.min() < 1:
         i = int(np.argmax(q < 1))
         raise ValueError(f"q_lens must be >= 1; request {view.request_ids[i]!r} has q_len {int(q[i])}")
     left, right = check_window(window)
@@ -176,83 +184,125 @@ def plan_cache_attention(view: KVView, q_lens, num_heads: int, *, prefix_groupin
     elif pack_gqa and group & (group - 1):
         raise ValueError(f"pack_gqa needs a power-of-two GQA group, got {group}")
 
-    order, shared = _prefix_order(view, q, prefix_grouping)
-    cu_q = np.concatenate([[0], np.cumsum(q)])
-    within = _ragged_arange(q[order])
-    row_perm = np.repeat(cu_q[:-1][order], q[order]) + within
-    row_diag = np.repeat((kv - q)[order], q[order]) + within
-    if right != 0:  # the causal limit (right 0) is the diagonal itself, which never passes kv_len - 1
-        row_limit = np.minimum(row_diag + right if right > 0 else NO_TRIM, np.repeat(kv[order] - 1, q[order]))
-    else:
-        row_limit = row_diag
-    row_low = np.maximum(row_diag - left, 0) if left >= 0 else np.zeros_like(row_diag)
-    perm_start = np.empty(len(q), np.int64)
-    perm_start[order] = np.cumsum(q[order]) - q[order]
-    # per request: the first row's limit (limits ascend one per row until kv_len - 1) and window start
-    first_limit = kv - q + right if right >= 0 else np.full_like(kv, NO_TRIM)
-    first_low = kv - q - left if left >= 0 else np.full_like(kv, -NO_TRIM)
-    segs = _segments(view, q, shared, order, perm_start, first_limit, first_low)
+    order, q_plan, start_plan, diag0, segs = _batch_segments(view, q, prefix_grouping, left, right)
+    table = segs.table
     ppi = num_kv_heads if pack_gqa else num_heads
-    whole = int(-(-int(segs[:, 4].max()) // block_n) * block_n)
+    longest = int(table[:, 4].max())
+    whole = -(-longest // block_n) * block_n
+    elem_bytes = view.k.element_size()
+    memory = shared_memory(view.k.device)
 
     if slots:
         choices = [slots]
-    else:  # no wider than the largest segment's rows need
-        widest = int(segs[:, 1].max()) * (group if pack_gqa else 1)
-        choices = [s for s in SLOT_CHOICES if (not pack_gqa or s >= group) and (s < 2 * widest or s == 16)]
+    else:  # no wider than the largest segment's rows need, and fitting in the GPU's shared memory
+        widest = int(table[:, 1].max()) * (group if pack_gqa else 1)
+        choices = [s for s in SLOT_CHOICES if (not pack_gqa or s >= group) and (s < 2 * widest or s == 16)
+                   and launch_config(s, block_n, head_dim, elem_bytes, memory) is not None]
+    rows_per_item = {s: s // group if pack_gqa else s for s in choices}
+    num_rows = int(start_plan[-1] + q_plan[-1]) if len(q) else 0
+    candidates = _Candidates(segs, num_rows, block_n, [r for r in rows_per_item.values() if r >= 1],
+                             windowed=left >= 0, longest=longest)
     best = None
     for s in choices:
-        rows_per_item = s // group if pack_gqa else s
-        if rows_per_item < 1:
+        rpi = rows_per_item[s]
+        if rpi < 1:
             raise ValueError(f"slots ({s}) must hold at least one row of {group} GQA heads")
         chunks, tried_cut = [kv_chunk] if kv_chunk is not None else [whole], False
         while chunks:
             chunk = chunks.pop()
-            items, keys = _items(segs, rows_per_item, chunk, block_n)
-            while max_items is not None and len(items) > max_items and chunk < whole:
-                chunk = min(2 * chunk, whole)  # coarser chunks until the plan fits the capacity
-                items, keys = _items(segs, rows_per_item, chunk, block_n)
             # rows held by several items: only where a segment was cut or a row reads two segments
-            partial_rows = _split_rows(items, len(row_perm))[1] if chunk < whole or len(segs) > len(q) else 0
-            if (max_items is not None and len(items) > max_items) or (
-                    max_partials is not None and partial_rows > max_partials):
+            work = candidates.work(chunk, rpi, partials=chunk < whole or len(table) > len(q))
+            while max_items is not None and work.items > max_items and chunk < whole:
+                chunk = min(2 * chunk, whole)  # coarser chunks until the plan fits the capacity
+                work = candidates.work(chunk, rpi, partials=chunk < whole or len(table) > len(q))
+            if (max_items is not None and work.items > max_items) or (
+                    max_partials is not None and work.partial_rows > max_partials):
                 continue
-            total, slowest = _estimate(keys, partial_rows, s, ppi, head_dim, view.k.element_size(), num_sms,
-                                       num_heads, cost)
+            total, slowest = _estimate(work, s, ppi, head_dim, elem_bytes, num_sms, num_heads, cost)
             t = max(total, slowest)
             if best is None or t < best[0] - 1e-9:
-                best = (t, s, chunk, items, keys)
+                best = (t, s, chunk)
             if not tried_cut and kv_chunk is None and split and slowest > total:  # a straggler: try cutting it
                 tried_cut = True
-                cut = _split_chunk(segs, rows_per_item, waves * num_sms // ppi, block_n)
+                cut = _split_chunk(table, rpi, waves * num_sms // ppi, block_n)
                 if cut < whole:
                     chunks.append(cut)
     if best is None:
         raise ValueError(f"the batch needs more work items than the plan buffers hold (max_items={max_items}, "
                          f"max_partials={max_partials}) even without splitting: raise the capacity")
-    estimate, slots, kv_chunk, items, keys = best
+    estimate, slots, kv_chunk = best
+    pieces = candidates.pieces(kv_chunk)
+    items, keys = _build_items(pieces, rows_per_item[slots], windowed=left >= 0)
     if balancing:
-        items = items[np.argsort(-_program_us(keys, slots, head_dim, view.k.element_size(), cost), kind="stable")]
-    rows, merge_idx, num_partials = _merge_lists(items, row_perm, row_limit, row_low, row_diag)
-    plan = CachePlan(items=items.astype(np.int32), rows=rows.astype(np.int32), merge_idx=merge_idx.astype(np.int32),
-                     q_lens=q, kv_lens=kv.copy(), layout=view.layout, num_heads=num_heads,
-                     num_kv_heads=num_kv_heads, slots=slots, block_n=block_n, pack_gqa=bool(pack_gqa),
-                     kv_chunk=kv_chunk, split=bool(split), page_size=view.page_size, block_table=view.block_table,
-                     kv_tokens_read=int(segs[:, 4].sum()), num_partials=num_partials, estimate_us=float(estimate),
-                     causal=causal, window=(left, -1 if causal else right),
-                     num_warps=8 if slots >= 128 else 4)
+        items = np.take(items, _launch_order(keys, slots, head_dim, elem_bytes, cost), axis=0)
+    rows = _row_table(diag0, q, kv, order, q_plan, start_plan, num_rows, left, right)
+    # each segment in one piece and each request one segment: no row is in two items
+    warps, stages = _fitting_launch(slots, block_n, head_dim, elem_bytes, memory)
+    merge_idx, num_partials = _merge_lists(items, rows, disjoint=pieces.per_segment is None and segs.own_only)
+    plan = CachePlan(items=items, rows=rows, merge_idx=merge_idx, q_lens=q, kv_lens=kv.copy(), layout=view.layout,
+                     num_heads=num_heads, num_kv_heads=num_kv_heads, slots=slots, block_n=block_n,
+                     pack_gqa=bool(pack_gqa), kv_chunk=kv_chunk, split=bool(split), page_size=view.page_size,
+                     block_table=view.block_table, kv_tokens_read=int(table[:, 4].sum()), num_partials=num_partials,
+                     estimate_us=float(estimate), causal=causal, window=(left, -1 if causal else right),
+                     num_warps=warps, num_stages=stages)
     plan.plan_ms = (time.perf_counter() - t0) * 1e3
     return plan
 
 
-def _prefix_order(view: KVView, q: np.ndarray, prefix_grouping: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Request order of the plan (members of a prefix group side by side) and which requests read their prefix
-    as one shared segment: a member joins only if every row it asks for sees the whole prefix."""
+def _batch_segments(view: KVView, q: np.ndarray, prefix_grouping: bool, left: int,
+                    right: int) -> tuple[np.ndarray | None, np.ndarray, np.ndarray, np.ndarray, _Segments]:
+    """The plan's request order (None: the batch's), q_lens in it and each request's first plan row, each
+    request's kv_len - q_len (its first row's diagonal) and the batch's segments."""
+    order, shared = _prefix_order(view, q, prefix_grouping)
+    q_plan = q if order is None else q[order]
+    start_plan = np.cumsum(q_plan) - q_plan
+    if order is None:
+        perm_start = start_plan
+    else:
+        perm_start = np.empty(len(q), np.int64)
+        perm_start[order] = start_plan
+    # per request: the first row's limit (limits ascend one per row until kv_len - 1) and window start
+    diag0 = view.kv_lens - q
+    first_limit = (diag0 + right if right else diag0) if right >= 0 else np.full_like(diag0, NO_TRIM)
+    first_low = diag0 - left if left >= 0 else -NO_TRIM
+    segs = _segments(view, q, shared, order, perm_start, first_limit, first_low, windowed=left >= 0)
+    return order, q_plan, start_plan, diag0, segs
+
+
+def launch_config(slots: int, block_n: int, head_dim: int, elem_bytes: int,
+                  memory: int) -> tuple[int, int] | None:
+    """(warps, pipeline stages) of a cache-attention program of `slots` query slots: 8 warps from 128 slots; 3
+    stages of K/V blocks where `memory` bytes of shared memory per block hold them beside the queries, else 2
+    (head dim 256 at 128 slots on Hopper); None where not even 2 fit."""
+    row_bytes = head_dim_padded(head_dim) * elem_bytes
+    for stages in (3, 2):
+        if (slots + 2 * stages * block_n) * row_bytes + SHARED_MEMORY_SLACK <= memory:
+            return (8 if slots >= 128 else 4), stages
+    return None
+
+
+def _fitting_launch(slots: int, block_n: int, head_dim: int, elem_bytes: int, memory: int) -> tuple[int, int]:
+    config = launch_config(slots, block_n, head_dim, elem_bytes, memory)
+    if config is None:
+        raise ValueError(f"slots={slots} at head dim {head_dim} needs more shared memory than the GPU's {memory} "
+                         "bytes per block: give fewer slots")
+    return config
+
+
+def _prefix_order(view: KVView, q: np.ndarray, prefix_grouping: bool) -> tuple[np.ndarray | None, np.ndarray]:
+    """Request order of the plan (members of a prefix group side by side; None: the batch's own, no prefix is
+    shared) and which requests read their prefix as one shared segment: a member joins only if every row it
+    asks for sees the whole prefix."""
+    if not prefix_grouping or not len(q) or view.prefix_ids.max() < 0:
+        return None, np.zeros(len(q), bool)
     kv = view.kv_lens
-    shared = prefix_grouping & (view.prefix_ids >= 0) & (kv - q >= view.prefix_lens) & (view.prefix_lens > 0)
+    shared = (view.prefix_ids >= 0) & (kv - q >= view.prefix_lens) & (view.prefix_lens > 0)
     ids = np.sort(view.prefix_ids[shared])
     repeated = ids[1:][ids[1:] == ids[:-1]]  # ids held by two or more candidates (np.unique is slow here)
-    shared &= np.isin(view.prefix_ids, repeated) if len(repeated) else False
+    if not len(repeated):
+        return None, np.zeros(len(q), bool)
+    at = np.minimum(np.searchsorted(repeated, view.prefix_ids), len(repeated) - 1)
+    shared &= repeated[at] == view.prefix_ids  # np.isin(view.prefix_ids, repeated), faster on small arrays
     return np.lexsort((np.arange(len(q)), np.where(shared, view.prefix_ids, -1))), shared
 
 
@@ -268,53 +318,99 @@ def _ragged_arange(counts: np.ndarray) -> np.ndarray:
 #: Columns of the segment table: first plan row, rows, pool address of the first position (grouped), first
 #: position, positions, block table row (paged), last position the first row sees (rows of one request: limits
 #: ascend by one per row; NO_TRIM for a shared prefix, which every row sees whole, or without a causal mask),
-#: first position the first row sees under a window (-NO_TRIM: none; ascends by one per row too).
-SEG_FIELDS = ("row_first", "num_rows", "kv_addr", "pos_start", "kv_len", "table_row", "first_limit", "first_low")
+#: first position the first row sees under a window (-NO_TRIM: none; ascends by one per row too); then which of
+#: its rows see it (counted from its first row): reach, the first whose causal limit reaches its first position
+#: (pos_start - first_limit, may be negative or past the last row), and [see_first, see_end), those that see
+#: any of it. The first six are ITEM_FIELDS'. A KV piece (a chunk of a segment) has a row of its own.
+SEG_FIELDS = ("row_first", "num_rows", "kv_addr", "pos_start", "kv_len", "table_row", "first_limit", "first_low",
+              "reach", "see_first", "see_end")
+#: Kinds of segment: a request's own positions, its unshared prefix (grouped layout), a shared prefix.
+OWN, PREFIX, SHARED = 0, 1, 2
 
 
-def _segments(view: KVView, q: np.ndarray, shared: np.ndarray, order: np.ndarray, perm_start: np.ndarray,
-              limit0: np.ndarray, low0: np.ndarray) -> np.ndarray:
-    """The KV segments of the batch (SEG_FIELDS, int64): one per shared prefix group, then per request its
-    own positions (after a shared prefix), and in the grouped layout its unshared prefix apart; positions
-    before a window's start (low0, the first row's) are left out."""
+class _Segments(NamedTuple):
+    """The segment table (SEG_FIELDS, int64) and per segment its request (a shared prefix: its group's first
+    member) and kind; own_only: no request has two segments."""
+
+    table: np.ndarray
+    owner: np.ndarray
+    kind: np.ndarray
+    shared: np.ndarray
+    own_only: bool
+
+
+def _segments(view: KVView, q: np.ndarray, shared: np.ndarray, order: np.ndarray | None, perm_start: np.ndarray,
+              limit0: np.ndarray, low0: np.ndarray | int, windowed: bool) -> _Segments:
+    """The KV segments of the batch: one per shared prefix group, then per request its own positions (after a
+    shared prefix), and in the grouped layout its unshared prefix apart; positions before a window's start
+    (low0, the first row's; -NO_TRIM for all without a window) are left out."""
     kv, p = view.kv_lens, view.prefix_lens
+    n = len(q)
     grouped = view.layout == "grouped"
     if grouped:  # token addresses of the prefixes and of the requests' own positions
         if view.prefix_addr is None or view.own_addr is None:
             raise ValueError("a grouped KVView needs prefix_addr and own_addr")
         prefix_addr, own_addr = view.prefix_addr, view.own_addr
-    idx = np.arange(len(q))
-    parts = []
-    ids = np.sort(view.prefix_ids[shared])
-    for gid in ids[np.flatnonzero(np.diff(ids, prepend=-1))] if len(ids) else ():
-        members = order[shared[order] & (view.prefix_ids[order] == gid)]
-        b0 = members[0]
-        parts.append(np.array([[perm_start[b0], q[members].sum(), prefix_addr[b0] if grouped else 0, 0, p[b0],
-                                b0, NO_TRIM, -NO_TRIM]]))
+    idx = np.arange(n)
+    parts, owners, kinds = [], [], []
+    if order is not None:  # plan order puts each group's members side by side; the first holds the group's rows
+        members = order[shared[order]]
+        ids = view.prefix_ids[members]
+        heads = np.flatnonzero(np.diff(ids, prepend=ids[0] - 1))
+        b0 = members[heads]
+        parts.append(_columns(perm_start[b0], np.add.reduceat(q[members], heads), prefix_addr[b0] if grouped else 0,
+                              0, p[b0], b0, NO_TRIM, -NO_TRIM))
+        owners.append(b0)
+        kinds.append(np.full(len(b0), SHARED))
     if grouped:
         alone = np.flatnonzero((p > 0) & ~shared)
         if len(alone):
             parts.append(_columns(perm_start[alone], q[alone], prefix_addr[alone], 0, p[alone], alone,
-                                  limit0[alone], low0[alone]))
+                                  limit0[alone], low0[alone] if isinstance(low0, np.ndarray) else low0))
+            owners.append(alone)
+            kinds.append(np.full(len(alone), PREFIX))
         parts.append(_columns(perm_start, q, own_addr, p, kv - p, idx, limit0, low0))
-    else:
+    elif order is not None:
         start = np.where(shared, p, 0)
         parts.append(_columns(perm_start, q, 0, start, kv - start, idx, limit0, low0))
-    segs = np.concatenate(parts) if len(parts) > 1 else parts[0]
-    cut = np.clip(segs[:, 7] - segs[:, 3], 0, segs[:, 4])  # positions before the window of every row
-    segs[:, 2] += cut
-    segs[:, 3] += cut
-    segs[:, 4] -= cut
-    return segs[segs[:, 4] > 0]
+    else:
+        parts.append(_columns(perm_start, q, 0, 0, kv, idx, limit0, low0))
+    if len(parts) > 1:
+        owners.append(idx)
+        kinds.append(np.full(n, OWN))
+        table, owner, kind = np.concatenate(parts), np.concatenate(owners), np.concatenate(kinds)
+    else:
+        table, owner, kind = parts[0], idx, np.zeros(n, np.int64)
+    if windowed:  # drop the positions before the window of every row
+        cut = np.clip(table[:, 7] - table[:, 3], 0, table[:, 4])
+        table[:, 2] += cut
+        table[:, 3] += cut
+        table[:, 4] -= cut
+    if table[:, 4].min() <= 0:
+        keep = table[:, 4] > 0
+        table, owner, kind = table[keep], owner[keep], kind[keep]
+    _sight(table, windowed)
+    return _Segments(table, owner, kind, shared, len(parts) == 1)
 
 
 def _columns(*cols) -> np.ndarray:
-    """int64 [n, len(cols)] from equal-length columns (or scalars)."""
+    """int64 [n, len(SEG_FIELDS)] from equal-length columns (or scalars), the last columns left to fill."""
     n = max(len(c) for c in cols if isinstance(c, np.ndarray))
-    out = np.empty((n, len(cols)), np.int64)
+    out = np.empty((n, len(SEG_FIELDS)), np.int64)
     for j, c in enumerate(cols):
         out[:, j] = c
     return out
+
+
+def _sight(table: np.ndarray, windowed: bool) -> None:
+    """Fill reach, see_first and see_end of segments or pieces: rows of a request see one position more each
+    (limits ascend by one), and past the last one whose window starts inside it, none of it."""
+    np.subtract(table[:, 3], table[:, 6], out=table[:, 8])
+    np.maximum(table[:, 8], 0, out=table[:, 9])
+    if windowed:
+        table[:, 10] = np.minimum(table[:, 1], table[:, 3] + table[:, 4] - table[:, 7])
+    else:
+        table[:, 10] = table[:, 1]
 
 
 def _split_chunk(segs: np.ndarray, rows_per_item: int, target_items: int, block_n: int) -> int:
@@ -324,31 +420,69 @@ def _split_chunk(segs: np.ndarray, rows_per_item: int, target_items: int, block_
     return max(block_n, -(-chunk // block_n) * block_n)
 
 
-def _items(segs: np.ndarray, rows_per_item: int, kv_chunk: int, block_n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Cut each segment into near-equal chunks of at most kv_chunk positions (multiples of block_n) and its rows
-    into blocks of rows_per_item; rows that see none of a chunk are left out of its item (appends). Returns the
-    items (ITEM_FIELDS, partial_base 0) and the keys each reads (up to its last row's causal limit)."""
-    row0, nrows, addr, pos0, length, table_row, limit0, low0 = segs.T
-    pieces = -(-length // kv_chunk)
-    per_piece = -(-length // pieces)  # ceil(length / pieces)
-    step = -(-per_piece // block_n) * block_n  # ... rounded up to a multiple of block_n
-    seg = np.repeat(np.arange(len(segs)), pieces)
-    c = _ragged_arange(pieces) * step[seg]
-    blocks = (-(-nrows // rows_per_item))[seg]  # row blocks of each chunk
-    chunk = np.repeat(np.arange(len(seg)), blocks)  # chunk of each item
-    seg, c = seg[chunk], c[chunk]
-    r = row0[seg] + _ragged_arange(blocks) * rows_per_item
-    r_end = np.minimum(r + rows_per_item, row0[seg] + nrows[seg])
-    first = np.maximum(r, row0[seg] + pos0[seg] + c - limit0[seg])  # the first row whose limit reaches the chunk
-    n_keys = np.minimum(step[seg], length[seg] - c)
-    # rows past the last one whose window starts inside the chunk do not see it
-    r_end = np.minimum(r_end, row0[seg] + pos0[seg] + c + n_keys - low0[seg])
-    keep = first < r_end
-    seg, c, first, r_end, n_keys = seg[keep], c[keep], first[keep], r_end[keep], n_keys[keep]
-    last_limit = limit0[seg] + (r_end - 1 - row0[seg])  # rows of a request: limits ascend one per row
-    keys = np.where(limit0[seg] >= NO_TRIM, n_keys, np.clip(last_limit - (pos0[seg] + c) + 1, 0, n_keys))
-    keys = np.minimum(keys, n_keys - np.clip(low0[seg] + (first - row0[seg]) - (pos0[seg] + c), 0, n_keys))
-    return _columns(first, r_end - first, addr[seg] + c, pos0[seg] + c, n_keys, table_row[seg], 0), keys
+class _Pieces(NamedTuple):
+    """The pieces a KV chunk cuts the segments into (near-equal runs of at most kv_chunk positions, multiples of
+    block_n), those some row sees: table (SEG_FIELDS, int64) and seg, each one's segment (None: the segment
+    table itself); per segment, per_segment (its pieces) and step (positions from one to the next), None where
+    the chunk cuts nothing; one_row: every piece is seen by one row (decode)."""
+
+    table: np.ndarray
+    seg: np.ndarray | None
+    per_segment: np.ndarray | None
+    step: np.ndarray | None
+    one_row: bool
+
+
+def _pieces(segs: np.ndarray, kv_chunk: int, block_n: int, windowed: bool, longest: int) -> _Pieces:
+    """Cut each segment into near-equal chunks of at most kv_chunk positions (multiples of block_n); longest:
+    the longest segment's positions."""
+    length = segs[:, 4]
+    seg: np.ndarray | None
+    count: np.ndarray | None
+    step: np.ndarray | None
+    if kv_chunk >= longest:
+        table, seg, count, step = segs, None, None, None
+    else:
+        count = -(-length // kv_chunk)
+        per_piece = -(-length // count)  # ceil(length / pieces)
+        step = -(-per_piece // block_n) * block_n  # ... rounded up to a multiple of block_n
+        seg = np.repeat(np.arange(len(segs)), count)
+        offset = _ragged_arange(count) * step[seg]
+        table = np.take(segs, seg, axis=0)
+        table[:, 2] += offset
+        table[:, 3] += offset
+        table[:, 4] = np.minimum(step[seg], table[:, 4] - offset)
+        _sight(table, windowed)
+    seen = table[:, 9] < table[:, 10]
+    if not seen.all():
+        table, seg = table[seen], np.flatnonzero(seen) if seg is None else seg[seen]
+    one_row = bool(len(table)) and int((table[:, 10] - table[:, 9]).max()) == 1
+    return _Pieces(table, seg, count, step, one_row)
+
+
+def _build_items(pieces: _Pieces, rows_per_item: int, windowed: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Cut each piece's rows into blocks of rows_per_item (rows that see none of a piece are left out of its
+    items: appends). Returns the items (ITEM_FIELDS, int32; partial_base left for _merge_lists) and the keys each
+    reads (up to its last row's causal limit, from its first row's window start)."""
+    table = pieces.table
+    first, end = table[:, 9], table[:, 10]
+    if not pieces.one_row:
+        first_block = first // rows_per_item
+        blocks = (end - 1) // rows_per_item - first_block + 1
+        if len(blocks) and int(blocks.max()) > 1:
+            block_of = np.repeat(first_block - (np.cumsum(blocks) - blocks), blocks)
+            table = np.repeat(table, blocks, axis=0)
+            block = (np.arange(len(table)) + block_of) * rows_per_item
+            first = np.maximum(block, table[:, 9])
+            end = np.minimum(block + rows_per_item, table[:, 10])
+    n_keys, reach = table[:, 4], table[:, 8]
+    keys = np.minimum(end, n_keys + reach) - reach  # up to the last row's limit (at least 1 for a seen piece)
+    if windowed:  # from the first row's window start on
+        keys = np.minimum(keys, n_keys - np.clip(table[:, 7] + first - table[:, 3], 0, n_keys))
+    items = table[:, :len(ITEM_FIELDS)].astype(np.int32)
+    items[:, 0] += first
+    np.subtract(end, first, out=items[:, 1], casting="unsafe")
+    return items, keys
 
 
 def _split_rows(items: np.ndarray, num_rows: int) -> tuple[np.ndarray, int]:
@@ -360,22 +494,160 @@ def _split_rows(items: np.ndarray, num_rows: int) -> tuple[np.ndarray, int]:
     return writes, int(items[writes, 1].sum())
 
 
-def _merge_lists(items: np.ndarray, row_perm: np.ndarray, row_limit: np.ndarray, row_low: np.ndarray,
-                 row_diag: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    """Fill the items' partial_base (compact, -1 when direct) and build ROW_FIELDS rows and merge_idx."""
-    writes, num_partials = _split_rows(items, len(row_perm))
+class _Work(NamedTuple):
+    """What the cost model needs of one candidate's items: how many, the keys they read in all and at most, and
+    the rows of the items holding a row that other items hold too (they write partials; 0 when not asked)."""
+
+    items: int
+    keys: int
+    max_keys: int
+    partial_rows: int
+
+
+class _Candidates:
+    """The work of each (rows per item, KV chunk) the planner weighs, cached per chunk, without building its
+    items: in closed form per piece (_closed_form_work, every rows-per-item choice at once), or from the items
+    where a window's left side makes a row see a middle run of a segment's pieces (windowed)."""
+
+    def __init__(self, segs: _Segments, num_rows: int, block_n: int, rows_per_item: list[int], windowed: bool,
+                 longest: int) -> None:
+        self.segs, self.num_rows, self.block_n, self.rows_per_item = segs, num_rows, block_n, rows_per_item
+        self.windowed, self.longest = windowed, longest
+        self._pieces: dict[int, _Pieces] = {}
+        self._work: dict[tuple[int, int, bool], _Work] = {}
+
+    def pieces(self, kv_chunk: int) -> _Pieces:
+        if kv_chunk not in self._pieces:
+            self._pieces[kv_chunk] = _pieces(self.segs.table, kv_chunk, self.block_n, self.windowed, self.longest)
+        return self._pieces[kv_chunk]
+
+    def work(self, kv_chunk: int, rows_per_item: int, partials: bool) -> _Work:
+        key = (kv_chunk, rows_per_item, partials)
+        if key not in self._work:
+            pieces = self.pieces(kv_chunk)
+            if self.windowed:
+                items, keys = _build_items(pieces, rows_per_item, windowed=True)
+                self._work[key] = _Work(len(items), int(keys.sum()), int(keys.max()) if len(keys) else 0,
+                                        _split_rows(items, self.num_rows)[1] if partials else 0)
+            else:
+                split_from = _split_from(self.segs, pieces) if partials else None
+                for r, w in zip(self.rows_per_item, _closed_form_work(pieces, self.rows_per_item, split_from)):
+                    self._work[kv_chunk, r, partials] = w
+        return self._work[key]
+
+
+#: A row number past every batch's rows ("no such row").
+_NEVER = 1 << 50
+
+
+def _split_from(segs: _Segments, pieces: _Pieces) -> np.ndarray:
+    """Per piece, the first row of its segment (counted from the segment's first) held by two or more items of
+    the batch; all later rows of the segment are too (_NEVER: no row). Without a window's left side a row sees
+    the first pieces of each of its segments, more the further down, so a request's rows are split from the
+    first that sees two pieces of one of its segments, or one of each (own positions, unshared prefix). Every
+    row of a shared prefix's members is split: it sees the whole prefix and (to join) its own first position."""
+    table, owner, kind = segs.table, segs.owner, segs.kind
+    if pieces.per_segment is None:  # one piece per segment
+        sees_second = np.full(len(table), _NEVER)
+    else:
+        sees_second = np.where(pieces.per_segment >= 2, np.maximum(table[:, 8] + pieces.step, 0), _NEVER)
+    mine = kind != SHARED
+    first = np.full((2, len(segs.shared)), _NEVER)  # per request: of its own positions, of its unshared prefix
+    second = np.full((2, len(segs.shared)), _NEVER)
+    first[kind[mine], owner[mine]] = table[mine, 9]
+    second[kind[mine], owner[mine]] = sees_second[mine]
+    split = np.minimum(second.min(axis=0), first.max(axis=0))
+    split[segs.shared] = 0
+    split = np.where(mine, split[owner], 0)
+    return split if pieces.seg is None else split[pieces.seg]
+
+
+def _closed_form_work(pieces: _Pieces, rows_per_item: list[int], split_from: np.ndarray | None) -> list[_Work]:
+    """_Work of the items _build_items makes of `pieces` for each rows_per_item r (no window's left side), in
+    closed form. A piece's rows [see_first, see_end) make blocks b0 = see_first // r .. b1 = (see_end - 1) // r;
+    block b (but the last) ends at row (b + 1) * r and reads min((b + 1) * r, full) - reach keys, where full =
+    kv_len + reach is the first row that sees the whole piece; the last block reads the most. Given split_from
+    (_split_from), partial rows are those of the blocks that end past it."""
+    table = pieces.table
+    n_keys, reach, first, end = table[:, 4], table[:, 8], table[:, 9], table[:, 10]
+    full = n_keys + reach
+    last = np.minimum(end, full) - reach  # keys of each piece's last block
+    max_keys, last_keys = (int(last.max()), int(last.sum())) if len(last) else (0, 0)
+    if pieces.one_row:  # one item per piece, whatever r
+        held = 0 if split_from is None else int(np.count_nonzero(split_from < end))
+        return [_Work(len(table), last_keys, max_keys, held)] * len(rows_per_item)
+    r = np.asarray(rows_per_item)[:, None]
+    b0, b1 = first // r, (end - 1) // r
+    ramp = np.minimum(np.maximum(full // r, b0), b1)  # blocks b0 .. ramp - 1 end before row `full`
+    # sum over b in [b0, b1) of min((b + 1) * r, full): r * (b0 + 1 + ... + ramp) + (b1 - ramp) * full
+    triangle = ((ramp - b0) * (ramp + b0 + 1)).sum(axis=1) // 2
+    span = b1 - b0
+    keys = r[:, 0] * triangle + (b1 - ramp) @ full - span @ reach + last_keys
+    items = span.sum(axis=1) + len(table)
+    if split_from is None:
+        partial = np.zeros(len(rows_per_item), np.int64)
+    else:
+        seen = (split_from < end).astype(np.int64)
+        partial = int(end @ seen) - np.maximum(first, split_from // r * r) @ seen
+    return [_Work(int(w), int(k), max_keys, int(p)) for w, k, p in zip(items, keys, partial)]
+
+
+def _row_table(diag0: np.ndarray, q: np.ndarray, kv: np.ndarray, order: np.ndarray | None, q_plan: np.ndarray,
+               start_plan: np.ndarray, num_rows: int, left: int, right: int) -> np.ndarray:
+    """ROW_FIELDS by plan position (int32; part_first 0 and part_count 1 until _merge_lists fills them): the
+    rows of the requests in plan order, each request's in order. diag0: each request's kv_len - q_len."""
+    rows = np.zeros((num_rows, len(ROW_FIELDS)), np.int32)
+    one_row = num_rows == len(q)  # one row per request (decode): per request is per row
+    pos = np.arange(num_rows, dtype=np.int32)
+
+    def per_row(x: np.ndarray) -> np.ndarray:  # per request (batch order) to per row
+        x = x if order is None else x[order]
+        return x if one_row else np.repeat(x, q_plan)
+
+    def plus_row(x: np.ndarray) -> np.ndarray:  # ... plus the row's index within its request
+        x = x if order is None else x[order]
+        return x if one_row else np.repeat((x - start_plan).astype(np.int32), q_plan) + pos
+
+    diag = plus_row(diag0)
+    rows[:, 0] = pos if order is None else plus_row(np.cumsum(q) - q)
+    if right == 0:  # the causal limit is the diagonal
+        rows[:, 1] = diag
+    elif right > 0:  # the diagonal + right, never past kv_len - 1
+        rows[:, 1] = np.minimum(diag.astype(np.int64) + right, per_row(kv - 1))
+    else:
+        rows[:, 1] = per_row(kv - 1)
+    rows[:, 3] = 1
+    if left >= 0:
+        rows[:, 4] = np.maximum(diag.astype(np.int64) - left, 0)
+    rows[:, 5] = diag
+    return rows
+
+
+def _merge_lists(items: np.ndarray, rows: np.ndarray, disjoint: bool) -> tuple[np.ndarray, int]:
+    """Fill the items' partial_base (compact, -1 when direct) and the rows' part_first and part_count, and
+    build merge_idx (per split row, its partials in launch order). disjoint: no row can be in two items."""
+    first, n = items[:, 0], items[:, 1]
     items[:, 6] = -1
-    items[writes, 6] = np.cumsum(items[writes, 1]) - items[writes, 1]
-    rows = np.repeat(items[:, 0], items[:, 1]) + _ragged_arange(items[:, 1])
-    count = np.bincount(rows, minlength=len(row_perm))
-    partial = np.repeat(items[:, 6], items[:, 1]) + _ragged_arange(items[:, 1])
-    split = count[rows] > 1
-    by_row = np.argsort(rows[split], kind="stable")
-    merge_idx = partial[split][by_row]
-    per_row = np.bincount(rows[split], minlength=len(row_perm))
-    first = np.cumsum(per_row) - per_row
-    table = np.stack([row_perm, row_limit, first, count, row_low, row_diag], axis=1)
-    return table, merge_idx, num_partials
+    none = np.empty(0, np.int32)
+    if disjoint and int(n.sum()) == len(rows):  # every row in exactly one item: all written directly
+        return none, 0
+    ends = np.bincount(first, minlength=len(rows) + 1) - np.bincount(first + n, minlength=len(rows) + 1)
+    count = np.cumsum(ends[:-1])
+    rows[:, 3] = count
+    if disjoint or count.max() <= 1:
+        return none, 0
+    split = count > 1
+    per_row = np.where(split, count, 0)
+    rows[:, 2] = np.cumsum(per_row) - per_row
+    held = np.concatenate([[0], np.cumsum(split)])
+    writes = np.flatnonzero(held[first + n] > held[first])  # items holding a split row
+    sizes = n[writes]
+    base = np.cumsum(sizes) - sizes
+    items[writes, 6] = base
+    num_partials = int(sizes.sum())
+    row_of = np.repeat(first[writes] - base, sizes) + np.arange(num_partials)  # the row of each partial
+    mine = np.flatnonzero(split[row_of])  # partials of split rows, in launch order
+    return mine[np.argsort(row_of[mine], kind="stable")].astype(np.int32), num_partials
 
 
 def _program_us(keys: np.ndarray, slots: int, head_dim: int, elem_bytes: int, cost: CostModel,
@@ -387,14 +659,33 @@ def _program_us(keys: np.ndarray, slots: int, head_dim: int, elem_bytes: int, co
                       4.0 * slots * keys * head_dim / cost.rate(slots)) + cost.fixed_us
 
 
-def _estimate(keys: np.ndarray, partial_rows: int, slots: int, programs_per_item: int, head_dim: int,
-              elem_bytes: int, num_sms: int, num_heads: int, cost: CostModel) -> tuple[float, float]:
-    """The cost model's launch time (us) of items reading `keys` each, as (all programs over the SMs, plus
-    the partials' traffic; the slowest program alone); the launch takes the larger (see CostModel)."""
-    t = _program_us(keys, slots, head_dim, elem_bytes, cost)
-    merge = partial_rows * num_heads * head_dim * 4 * 2 / (cost.bytes_per_us * num_sms)
-    slowest = float(_program_us(keys.max(), slots, head_dim, elem_bytes, cost, lone=True)) if len(keys) else 0.0
-    return float(t.sum() * programs_per_item / num_sms + merge), slowest
+def _launch_order(keys: np.ndarray, slots: int, head_dim: int, elem_bytes: int, cost: CostModel) -> np.ndarray:
+    """Items largest first by the cost model's program time, ties in plan order. The time is linear in the keys
+    with a positive slope, so this is the order by keys, unless the slope is too small for the float times of
+    two key counts to differ (a degenerate cost model): then the times themselves are sorted."""
+    rate = cost.rate(slots)
+    slope = min(2 * head_dim * elem_bytes / cost.bytes_per_us, 4.0 * slots * head_dim / rate)
+    k = int(keys.max()) if len(keys) else 0
+    longest = max(k * 2 * head_dim * elem_bytes / cost.bytes_per_us, 4.0 * slots * k * head_dim / rate) + \
+        cost.fixed_us
+    if slope > 1e-12 * longest:
+        return np.argsort(-keys, kind="stable")
+    return np.argsort(-_program_us(keys, slots, head_dim, elem_bytes, cost), kind="stable")
+
+
+def _estimate(work: _Work, slots: int, programs_per_item: int, head_dim: int, elem_bytes: int, num_sms: int,
+              num_heads: int, cost: CostModel) -> tuple[float, float]:
+    """The cost model's launch time (us) of a candidate's items, as (all programs over the SMs, plus the
+    partials' traffic; the slowest program alone); the launch takes the larger (see CostModel). A program's
+    time is linear in its keys (_program_us), so the sum needs only the items' count and total keys."""
+    rate = cost.rate(slots)
+    per_key = max(2 * head_dim * elem_bytes / cost.bytes_per_us, 4.0 * slots * head_dim / rate)
+    merge = work.partial_rows * num_heads * head_dim * 4 * 2 / (cost.bytes_per_us * num_sms)
+    lone = cost.bytes_per_us * cost.lone_speedup  # _program_us(max_keys, lone=True), in Python floats
+    k = work.max_keys
+    slowest = max(k * 2 * head_dim * elem_bytes / lone, 4.0 * slots * k * head_dim / rate) + cost.fixed_us
+    return float((work.keys * per_key + work.items * cost.fixed_us) * programs_per_item / num_sms + merge), \
+        float(slowest) if work.items else 0.0
 
 
 class PlanBuffers:

@@ -137,10 +137,16 @@ class PackinferAttention(ServingAttention):
                                                step.batch.q_lens, None, None).slots
         return self._tiles[key]
 
-    def _buffers_for(self, slots: int) -> packinfer.PlanBuffers:
+    def _buffers_for(self, slots: int, cache) -> packinfer.PlanBuffers:
+        """The plan buffers of the tile shape the planner gives plans of `slots` slots over this cache."""
         group = self.num_heads // self.num_kv_heads
         pack = self._planner.get("pack_gqa", group & (group - 1) == 0 and group <= 64)
-        tile = (slots, packinfer.cache_plan.BLOCK_N, pack, 8 if slots >= 128 else 4, 3)
+        block_n = packinfer.cache_plan.BLOCK_N
+        launch = packinfer.cache_plan.launch_config(slots, block_n, self.head_dim, cache.k.element_size(),
+                                                    packinfer.device.shared_memory(self.device))
+        if launch is None:
+            raise NotApplicable(f"{slots} slots at head dim {self.head_dim} do not fit in this GPU's shared memory")
+        tile = (slots, block_n, pack, *launch)
         if tile not in self._buffers:
             items, partials = self._capacity(slots)
             share = max(self._buffers.values(), key=lambda b: b.max_partials, default=None)
@@ -160,12 +166,12 @@ class PackinferAttention(ServingAttention):
         slots = self.graph_key(step)
         capacity = self._capacity(slots, step.padded)
         plan = self._plan_step(view, step.batch.q_lens, slots, capacity)
-        self._bufs, self._grid_items = self._buffers_for(slots), capacity[0]
+        self._bufs, self._grid_items = self._buffers_for(slots, step.cache), capacity[0]
         self._bufs.load(plan)
         self._plan = plan
 
     def capture_begin(self, padded, key, cache):
-        self._bufs, self._grid_items = self._buffers_for(key), self._capacity(key, padded)[0]
+        self._bufs, self._grid_items = self._buffers_for(key, cache), self._capacity(key, padded)[0]
         self._bufs.clear()
         self._plan = None
 
