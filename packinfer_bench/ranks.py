@@ -19,10 +19,11 @@ from packinfer_bench.distributed import Job, World, launch
 from packinfer_bench.errors import PackinferBenchError
 from packinfer_bench.logs import ROOT, get_logger, run_log, setup_console
 from packinfer_bench.run_folder import write_atomic
+from packinfer_bench.run_folder.e2e import E2ERecord, E2EStore
 from packinfer_bench.run_folder.files import DIST_DIR
 from packinfer_bench.run_folder.records import RecordStore, merge_parts
 from packinfer_bench.runner import measure, record_order
-from packinfer_bench.serving.stage import replays_left, run_e2e
+from packinfer_bench.serving.stage import failed_replay_file, replays_left, run_e2e
 from packinfer_bench.traces import Trace
 from packinfer_bench.workload import Batch
 
@@ -68,22 +69,49 @@ def sweep_rank(world: World, config: ExperimentConfig, out_dir: Path, batches: l
 # --- end-to-end entries with tp: N ---------------------------------------------------------------------------------
 def tensor_parallel_e2e(config: ExperimentConfig, out_dir: Path, traces: dict[str, Trace], device: torch.device,
                         log: Callable[[str], None]) -> dict[str, int]:
-    """Run the config's e2e entries (all of one tp > 1) on tp ranks; returns counts per status."""
+    """Run the config's e2e entries (all of one tp > 1) on tp ranks; returns counts per status. A replay that
+    fails on a rank ends the job (the group cannot go on without that rank); it is stored here as an error row,
+    and the ranks start again on the replays after it."""
     (tp,) = {e.tp for e in config.e2e}
-    if not replays_left(config, out_dir):
-        return {}
     dist_dir = Path(out_dir) / DIST_DIR
     result = dist_dir / "e2e-result.json"
-    job = Job("packinfer_bench.ranks:e2e_rank", {"config": config, "out_dir": Path(out_dir), "traces": traces,
-                                                  "cuda": device.type == "cuda", "result": result},
-              cuda=device.type == "cuda")
-    log(f"e2e {', '.join(e.name for e in config.e2e)}: tensor parallel over {tp} ranks")
-    launch(job, tp, dist_dir / "e2e.job", log)
-    counts = json.loads(result.read_text(encoding="utf-8"))
-    result.unlink()
+    counts: dict[str, int] = {}
+    while replays_left(config, out_dir):
+        job = Job("packinfer_bench.ranks:e2e_rank", {"config": config, "out_dir": Path(out_dir), "traces": traces,
+                                                      "cuda": device.type == "cuda", "result": result},
+                  cuda=device.type == "cuda")
+        log(f"e2e {', '.join(e.name for e in config.e2e)}: tensor parallel over {tp} ranks")
+        try:
+            launch(job, tp, dist_dir / "e2e.job", log)
+        except PackinferBenchError:
+            failed = _failed_replay(out_dir, tp)
+            if failed is None:  # not a replay's failure (model, calibration, reference): stop, --resume retries
+                raise
+            E2EStore(out_dir).add_summary(failed)
+            counts["error"] = counts.get("error", 0) + 1
+            log(f"  {failed.backend} #{failed.repeat} ({failed.trace} {failed.rate}): error ({failed.reason}); "
+                "starting the ranks again for the replays after it")
+            continue
+        for status, n in json.loads(result.read_text(encoding="utf-8")).items():
+            counts[status] = counts.get(status, 0) + n
+        result.unlink()
+        break
     with contextlib.suppress(OSError):
         dist_dir.rmdir()
     return counts
+
+
+def _failed_replay(out_dir: Path, ranks: int) -> E2ERecord | None:
+    """The error record of the replay a rank failed in, the files removed; None if no rank left one. Where
+    several did, the first written: the others failed because it did (their peer went away)."""
+    paths = [p for p in (failed_replay_file(out_dir, r) for r in range(ranks)) if p.exists()]
+    if not paths:
+        return None
+    first = min(paths, key=lambda p: p.stat().st_mtime_ns)
+    record = E2ERecord(**json.loads(first.read_text(encoding="utf-8")))
+    for path in paths:
+        path.unlink()
+    return record
 
 
 def e2e_rank(world: World, config: ExperimentConfig, out_dir: Path, traces: dict[str, Trace], cuda: bool,

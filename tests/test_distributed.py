@@ -156,3 +156,33 @@ def test_the_shipped_70b_replays(name, tp):
     assert {e.model for e in cfg.e2e} == ({"llama-3.1-70b"} if tp == 2 else {"llama-3.1-70b", "qwen2.5-72b"})
     rank = shard(preset("llama-3.1-70b"), tp)  # what each GPU attends over
     assert (rank.num_heads, rank.num_kv_heads, rank.head_dim) == ({2: 32, 4: 16}[tp], {2: 4, 4: 2}[tp], 128)
+
+
+def failing_e2e_rank(world: World, **kwargs) -> None:
+    """e2e_rank, but on rank 1 the first packinfer replay raises mid-way (once: a marker file remembers)."""
+    from packinfer_bench import ranks
+    from packinfer_bench.serving.stage import Server
+
+    marker, replay = Path(kwargs["out_dir"]) / "failed-once", Server.replay
+
+    def flaky(self, schedule, keep_outputs, on_iteration):
+        if world.rank == 1 and self.attention.name == "packinfer" and not marker.exists():
+            marker.touch()
+            raise RuntimeError("injected failure")
+        return replay(self, schedule, keep_outputs, on_iteration)
+
+    Server.replay = flaky
+    ranks.e2e_rank(world, **kwargs)
+
+
+def test_a_replay_failing_on_one_rank_is_an_error_row_and_the_replays_after_it_run(write, tmp_path, monkeypatch):
+    from packinfer_bench import ranks
+
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))
+    monkeypatch.setattr(ranks, "Job", lambda target, kwargs, cuda: Job(f"{__name__}:failing_e2e_rank", kwargs, cuda))
+    cfg = load_config(write("tp.yaml", CONFIG.replace("repeats: 1", "repeats: 2")))
+    run_experiment(cfg, tmp_path / "run", only="e2e", log=lambda _: None)
+    rows = pd.read_csv(tmp_path / "run" / "e2e" / "summary.csv").sort_values("repeat").to_dict("records")
+    assert [(r["repeat"], r["status"]) for r in rows] == [(0, "error"), (1, "ok")]
+    assert "rank 1: iteration 0: RuntimeError: injected failure" in rows[0]["reason"]
+    assert not (tmp_path / "run" / "dist").exists()

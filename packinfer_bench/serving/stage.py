@@ -18,6 +18,7 @@ import dataclasses
 import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,6 +35,7 @@ from packinfer_bench.models import ModelConfig, preset
 from packinfer_bench.reference import ReferenceAttention
 from packinfer_bench.run_folder import ITERATIONS_FILE, REQUESTS_FILE, write_atomic
 from packinfer_bench.run_folder.e2e import E2ERecord, E2EStore, new_attempt
+from packinfer_bench.run_folder.files import DIST_DIR
 from packinfer_bench.serving.graphs import Graphs
 from packinfer_bench.serving.kv_follow import peak_tokens
 from packinfer_bench.serving.metrics import Slo, inter_token_gaps, request_latencies, summarize, timeline
@@ -146,6 +148,11 @@ def run_e2e(config: ExperimentConfig, out_dir, traces: dict[str, Trace], device:
     return counts
 
 
+def failed_replay_file(out_dir: Path, rank: int) -> Path:
+    """Where rank `rank` of a tensor-parallel group leaves the error record of the replay it failed in."""
+    return Path(out_dir) / DIST_DIR / f"failed-replay.rank{rank}.json"
+
+
 def replays_left(config: ExperimentConfig, out_dir) -> int:
     """How many replays of the config's e2e entries the run folder does not hold yet."""
     done = E2EStore(out_dir).done()
@@ -219,6 +226,7 @@ class _Entry:
         self.cfg: ModelConfig = shared.cfg
         self.world = shared.world
         self.server_errors: dict[str, Exception] = {}
+        self.current: E2ERecord | None = None  # the replay in progress (what a failure in a group is charged to)
         self.commit = envinfo.git_sha() or ""
         self.slo = Slo(entry.slo.ttft_ms, entry.slo.tpot_ms, entry.slo.attainment)
 
@@ -327,7 +335,7 @@ class _Entry:
                 return
         prepared: dict[str, str] = {}
         for backend, rep in todo:  # repeat-major: A B C A B C
-            record = self._base(trace, label, backend, rep, scen)
+            record = self.current = self._base(trace, label, backend, rep, scen)
             why = None if backend == REFERENCE else BACKENDS[backend].available(self.device)
             if why:
                 record = dataclasses.replace(record, status="skipped", reason=why)
@@ -350,6 +358,7 @@ class _Entry:
             if record.status != "ok":
                 self.log(f"  {backend} #{rep}: {record.status} ({record.reason})")
             self.store.add_summary(record)
+            self.current = None
             self.counts[record.status] = self.counts.get(record.status, 0) + 1
 
     def _replay(self, server: Server, scen: Scenario, base: E2ERecord, reference, graph_failure: str) -> E2ERecord:
@@ -379,7 +388,7 @@ class _Entry:
                 f"{first_line(ex)}"))
         except Exception as ex:  # noqa: BLE001 -- a backend failing must not lose the other replays
             self.store.append(ITERATIONS_FILE, rows)
-            self._fatal_in_a_group(ex)
+            self._fatal_in_a_group(ex, f"iteration {done_iterations}: {type(ex).__name__}: {first_line(ex)}")
             _log.warning("  %s #%s: replay failed at iteration %d", base.backend, base.repeat, done_iterations,
                          exc_info=True)
             if self.device.type == "cuda":
@@ -395,10 +404,19 @@ class _Entry:
                  f"({record.record.graphs}) [{time.perf_counter() - t0:.0f} s]")
         return record.record
 
-    def _fatal_in_a_group(self, error: Exception) -> None:
-        """In a tensor-parallel group a failure stops the run (re-raised): the other ranks cannot skip along."""
-        if self.world.size > 1:
-            raise error
+    def _fatal_in_a_group(self, error: Exception, reason: str | None = None) -> None:
+        """In a tensor-parallel group a failure stops the job (re-raised): the other ranks cannot skip along. A
+        failure inside a replay is charged to it first (failed_replay_file: the process that started the ranks
+        stores it as an error row and starts them again, so the replays after it still run)."""
+        if self.world.size == 1:
+            return
+        if self.current is not None:
+            why = reason or f"{type(error).__name__}: {first_line(error)}"
+            record = dataclasses.replace(self.current, status="error", reason=f"rank {self.world.rank}: {why}")
+            path = failed_replay_file(self.store.dir.parent, self.world.rank)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, json.dumps(dataclasses.asdict(record)))
+        raise error
 
     def _base(self, trace: str, label: str, backend: str, rep: int, scen: Scenario | None) -> E2ERecord:
         cfg, e = self.cfg, self.entry
