@@ -22,6 +22,7 @@ import csv
 import functools
 import importlib
 import importlib.util
+import io
 import json
 import os
 import subprocess
@@ -285,12 +286,8 @@ def run_cases(cases, args, device, dtype, rows: list[dict], save) -> None:
                 row.update(status="skipped", reason=fn[1])
             else:
                 try:
-                    row["max_err_vs_ref"] = check(fn, tensors, case)
+                    _measure(row, fn, tensors, case, flops, args, device)
                     outs[name] = fn().float()
-                    times = time_ms(fn, device, args.warmup, args.repeats)
-                    med = float(np.median(times))
-                    row.update(status="ok", ms_median=med, ms_p10=float(np.percentile(times, 10)),
-                               ms_p90=float(np.percentile(times, 90)), tflops=flops / med / 1e9)
                 except Exception as e:  # a peer that fails on a case is recorded, the run goes on
                     row.update(status="error", reason=f"{type(e).__name__}: {e}"[:300])
             mine.append(row)
@@ -313,7 +310,7 @@ def tune(cases, args, device, dtype) -> None:
     """Every TUNE_CONFIGS tile shape on the prefill cases (checked against the reference, timed), into tune.csv
     (rows kept across calls: a case already there is not run again)."""
     path = args.out / "tune.csv"
-    rows = list(csv.DictReader(open(path))) if path.exists() else []
+    rows = _read_csv(path)
     done = {r["case"] for r in rows}
     fields = ["case", "config", "slots", "block_n", "num_warps", "num_stages", "pack_gqa", "status", "reason",
               "ms_median", "tflops", "max_err_vs_ref"]
@@ -336,9 +333,7 @@ def tune(cases, args, device, dtype) -> None:
                                           causal=True, window=case.window, config=cfg)
                 fn = functools.partial(packinfer.varlen_attention, q, k, v, cu_q, cu_k, mq, mk, causal=True,
                                        window=case.window, softcap=case.softcap, plan=plan, validate=False)
-                row["max_err_vs_ref"] = check(fn, tensors, case)
-                med = float(np.median(time_ms(fn, device, args.warmup, args.repeats)))
-                row.update(status="ok", ms_median=med, tflops=flops / med / 1e9)
+                _measure(row, fn, tensors, case, flops, args, device)
             except Exception as e:  # a shape that does not compile (shared memory, registers) is recorded
                 row.update(status="error", reason=f"{type(e).__name__}: {e}"[:200])
             rows.append(row)
@@ -348,12 +343,31 @@ def tune(cases, args, device, dtype) -> None:
 
 def _write_csv(path: Path, fields: list[str], rows: list[dict]) -> None:
     """Write rows whole or not at all (a kill mid-write keeps the previous file)."""
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
+    from packinfer_bench.run_folder import write_atomic
+
+    text = io.StringIO()
+    w = csv.DictWriter(text, fieldnames=fields, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    write_atomic(path, text.getvalue())
+
+
+def _read_csv(path: Path) -> list[dict]:
+    """The rows an earlier call wrote (none if it did not)."""
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _measure(row: dict, fn, tensors, case: Case, flops: float, args, device) -> None:
+    """One call checked against the float32 reference, then timed, into row's measured columns (the error
+    first: a call that fails while timed keeps it)."""
+    row["max_err_vs_ref"] = check(fn, tensors, case)
+    times = time_ms(fn, device, args.warmup, args.repeats)
+    med = float(np.median(times))
+    row.update(status="ok", ms_median=med, ms_p10=float(np.percentile(times, 10)),
+               ms_p90=float(np.percentile(times, 90)), tflops=flops / med / 1e9)
 
 
 def regression_child(args, device, dtype) -> None:
@@ -445,7 +459,7 @@ def main() -> None:
               "head_dim", "window", "softcap", "ms_median", "ms_p10", "ms_p90", "tflops", "max_err_vs_ref",
               "max_diff_vs_packinfer", "git_sha"]
     path = args.out / "records.csv"
-    rows = list(csv.DictReader(open(path))) if path.exists() else []  # a rerun replaces only its cases' rows
+    rows = _read_csv(path)  # a rerun replaces only its cases' rows
     cases = SMOKE if args.smoke else CASES
     if args.only:
         cases = [c for c in cases if any(s in c.name for s in args.only.split(","))]
