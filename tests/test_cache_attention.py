@@ -5,7 +5,14 @@ element must be written). Triton interpreter on the CPU; PACKINFER_TEST_GPU=1 ru
 import numpy as np
 import pytest
 import torch
-from packinfer import PlanBuffers, cache_attention, make_cache, plan_cache_attention, reference_varlen_attention
+from packinfer import (
+    KVView,
+    PlanBuffers,
+    cache_attention,
+    make_cache,
+    plan_cache_attention,
+    reference_varlen_attention,
+)
 
 BN = 16  # key block of the tests' plans: lengths straddle it
 TOL = {torch.float16: 4e-3, torch.bfloat16: 3e-2}
@@ -118,6 +125,27 @@ def test_plan_splits_long_contexts_and_every_row_gets_a_partial():
     assert unsplit.num_items == 4 and unsplit.num_partials == 0 and (unsplit.rows[:, 3] == 1).all()
     short = plan_cache_attention(cache.view([1, 2, 3]), [1, 1, 1], 4, num_sms=132)
     assert short.num_items == 3 and short.num_partials == 0, "nothing worth splitting"
+
+
+def test_small_decode_batches_split_to_about_one_program_per_sm():
+    """Five decode rows over 4.4k positions (a ShareGPT batch at 8 req/s): the cost model fit on the H200's serving
+    batches cuts them into chunks of 256-1024 positions - 10-30 items of 8 KV heads, about one program per SM, as
+    the fastest measured plans were - not the 4 programs per SM a finer split makes; every chunk is a power of
+    two of the key step or a whole segment."""
+    empty = torch.empty(0, 8, 128, dtype=torch.bfloat16)
+    kv = np.array([2511, 600, 500, 400, 389])
+    view = KVView("grouped", empty, empty, list(range(5)), kv, np.full(5, -1), np.zeros(5, np.int64),
+                  prefix_addr=np.zeros(5, np.int64), own_addr=np.cumsum(kv) - kv)
+    plan = plan_cache_attention(view, np.ones(5, np.int64), 32, num_sms=132)
+    assert 256 <= plan.kv_chunk <= 1024 and 8 <= plan.num_items <= 30, (plan.kv_chunk, plan.num_items)
+    for q_lens, kv_lens in (([1] * 40, range(100, 4100, 100)), ([300, 1, 1], [300, 5000, 9000])):
+        kv_lens = np.array(list(kv_lens))
+        view = KVView("grouped", empty, empty, list(range(len(kv_lens))), kv_lens, np.full(len(kv_lens), -1),
+                      np.zeros(len(kv_lens), np.int64), prefix_addr=np.zeros(len(kv_lens), np.int64),
+                      own_addr=np.cumsum(kv_lens) - kv_lens)
+        chunk = plan_cache_attention(view, np.array(q_lens), 32, num_sms=132).kv_chunk
+        whole = -(-int(kv_lens.max()) // 64) * 64
+        assert chunk == whole or (chunk % 64 == 0 and (chunk // 64) & (chunk // 64 - 1) == 0), chunk
 
 
 def test_bad_arguments_are_named():

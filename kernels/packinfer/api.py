@@ -143,8 +143,8 @@ def cache_attention(q: torch.Tensor, view: KVView, plan: CachePlan, *, softmax_s
     `buffers` (PlanBuffers the plan was loaded into) makes the launch read only fixed-capacity tensors (CUDA
     graphs). softcap / alibi_slopes ([H] or [requests, H]) / return_lse as in varlen_attention (lse fp32
     [H, rows]). Returns out like q; validate=False skips the checks (for calls whose arguments were checked
-    before). use_tma: load K/V of the grouped layout through Hopper's TMA (off by default: slower for decode on
-    H100)."""
+    before). use_tma: load K/V of the grouped layout through Hopper's TMA (None: where the GPU has it, unless
+    PACKINFER_NO_TMA=1)."""
     if validate:
         _check_cache_call(q, view, plan, out)
         check_score_options(softcap, alibi_slopes, q.shape[1], len(plan.q_lens), q.device)

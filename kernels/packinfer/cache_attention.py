@@ -27,6 +27,8 @@ the positions it sees, and no other bit changes.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 import triton
@@ -45,6 +47,7 @@ from packinfer.triton_common import (
     online_softmax_step,
     program_slots,
     softcap_mode,
+    tma_available,
     window_blocks,
 )
 from packinfer.validate import head_dim_padded
@@ -279,8 +282,10 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     else:
         spec, holder = buffers, buffers.launches
         grid_items = min(grid_items or buffers.max_items, buffers.max_items)
-    # TMA loads were 0-40% slower than pointer loads on every decode mix of the H100 tuning sweep
-    # (results/decode-kernel/h100-tune), so they are opt-in here, unlike prefill
+    # on the H200's serving batches TMA loads were 1-9% faster than pointer loads at 16 and 128 slots
+    # (results/serving-tune/h200); an older kernel's H100 decode sweep had found them slower
+    if use_tma is None:
+        use_tma = tma_available(q.device) and os.environ.get("PACKINFER_NO_TMA") != "1"
     use_tma = (bool(use_tma) and spec.layout != "paged" and k.is_contiguous() and v.is_contiguous()
                and q.shape[2] == head_dim_padded(q.shape[2]))
     slopes, *slope_strides = options.slopes(out)

@@ -53,17 +53,21 @@ NO_TRIM = 1 << 40
 
 @dataclass(frozen=True)
 class CostModel:
-    """A program's time: max(bytes of K/V it reads / per-SM bandwidth, tensor-core work / per-SM rate at its
-    tile shape) + a fixed cost; a launch takes the larger of (total / SMs) and its slowest program (which, last
-    to finish, has its SM to itself: lone_speedup). Partials of split rows cost their write and read.
-    Defaults: an H100/H200-class GPU (3.35 TB/s, 989 dense bf16 TFLOP/s over 132 SMs) with the efficiency Triton
-    tiles of each slot count reach (fit on H100 serving batches)."""
+    """A program's work: max(bytes of K/V it reads / per-SM bandwidth, tensor-core work / per-SM rate at its
+    tile shape). A launch takes all programs' work, plus program_us of SM time each, over the SMs, plus the
+    tail its slowest program adds: that program's work at lone_speedup times the per-SM bandwidth (the last
+    programs have their SMs to themselves) and fixed_us. Partials of split rows cost their write and read.
+    Additive, not the larger of the two: on the H200's serving batches the sum predicted which plan is fastest
+    (results/serving-tune/h200/NOTES.md).
+    Defaults: an H200 (4.8 TB/s and 989 dense bf16 TFLOP/s over 132 SMs), the rest fit on its serving batches
+    (results/serving-tune/h200: benchmarks/serving_tune.py, then benchmarks/fit_cost_model.py)."""
 
-    bytes_per_us: float = 3.35e12 / 132 / 1e6
+    bytes_per_us: float = 4.8e12 / 132 / 1e6
     flops_per_us: float = 989e12 / 132 / 1e6
-    efficiency: tuple[tuple[int, float], ...] = ((16, 0.12), (32, 0.22), (64, 0.38), (128, 0.5))
+    efficiency: tuple[tuple[int, float], ...] = ((16, 0.18), (32, 0.33), (64, 0.57), (128, 0.75))
     fixed_us: float = 2.0
-    lone_speedup: float = 2.5  # a program alone on its SM reads this much faster than its fair share
+    lone_speedup: float = 2.3  # a program alone on its SM reads this much faster than its fair share
+    program_us: float = 3.0
 
     def rate(self, slots: int) -> float:
         eff = dict(self.efficiency)
@@ -207,9 +211,13 @@ def plan_cache_attention(view: KVView, q_lens, num_heads: int, *, prefix_groupin
         rpi = rows_per_item[s]
         if rpi < 1:
             raise ValueError(f"slots ({s}) must hold at least one row of {group} GQA heads")
-        chunks, tried_cut = [kv_chunk] if kv_chunk is not None else [whole], False
-        while chunks:
-            chunk = chunks.pop()
+        if kv_chunk is not None:
+            chunks = [kv_chunk]
+        elif split:
+            chunks = _chunk_ladder(table, rpi, waves * num_sms // ppi, block_n, whole)
+        else:
+            chunks = [whole]
+        for chunk in chunks:
             # rows held by several items: only where a segment was cut or a row reads two segments
             work = candidates.work(chunk, rpi, partials=chunk < whole or len(table) > len(q))
             while max_items is not None and work.items > max_items and chunk < whole:
@@ -219,14 +227,9 @@ def plan_cache_attention(view: KVView, q_lens, num_heads: int, *, prefix_groupin
                     max_partials is not None and work.partial_rows > max_partials):
                 continue
             total, slowest = _estimate(work, s, ppi, head_dim, elem_bytes, num_sms, num_heads, cost)
-            t = max(total, slowest)
+            t = total + slowest
             if best is None or t < best[0] - 1e-9:
                 best = (t, s, chunk)
-            if not tried_cut and kv_chunk is None and split and slowest > total:  # a straggler: try cutting it
-                tried_cut = True
-                cut = _split_chunk(table, rpi, waves * num_sms // ppi, block_n)
-                if cut < whole:
-                    chunks.append(cut)
     if best is None:
         raise ValueError(f"the batch needs more work items than the plan buffers hold (max_items={max_items}, "
                          f"max_partials={max_partials}) even without splitting: raise the capacity")
@@ -413,11 +416,18 @@ def _sight(table: np.ndarray, windowed: bool) -> None:
         table[:, 10] = table[:, 1]
 
 
-def _split_chunk(segs: np.ndarray, rows_per_item: int, target_items: int, block_n: int) -> int:
-    """The KV chunk that makes about target_items items of the batch's work (only longer segments are cut)."""
+def _chunk_ladder(segs: np.ndarray, rows_per_item: int, most_items: int, block_n: int, whole: int) -> list[int]:
+    """The KV chunks the planner weighs when it may split: unsplit (`whole`), and block_n x 2^k down to the
+    finest that still makes at most about most_items items of the batch's work (finer ones only add programs)."""
     row_blocks = -(-segs[:, 1] // rows_per_item)
-    chunk = int(-(-int((segs[:, 4] * row_blocks).sum()) // max(target_items, 1)))
-    return max(block_n, -(-chunk // block_n) * block_n)
+    finest = int(-(-int((segs[:, 4] * row_blocks).sum()) // max(most_items, 1)))
+    out, chunk = [whole], block_n
+    while chunk < finest:
+        chunk *= 2
+    while chunk < whole:
+        out.append(chunk)
+        chunk *= 2
+    return out
 
 
 class _Pieces(NamedTuple):
@@ -676,7 +686,7 @@ def _launch_order(keys: np.ndarray, slots: int, head_dim: int, elem_bytes: int, 
 def _estimate(work: _Work, slots: int, programs_per_item: int, head_dim: int, elem_bytes: int, num_sms: int,
               num_heads: int, cost: CostModel) -> tuple[float, float]:
     """The cost model's launch time (us) of a candidate's items, as (all programs over the SMs, plus the
-    partials' traffic; the slowest program alone); the launch takes the larger (see CostModel). A program's
+    partials' traffic; the slowest program alone); the launch takes their sum (see CostModel). A program's
     time is linear in its keys (_program_us), so the sum needs only the items' count and total keys."""
     rate = cost.rate(slots)
     per_key = max(2 * head_dim * elem_bytes / cost.bytes_per_us, 4.0 * slots * head_dim / rate)
@@ -684,7 +694,7 @@ def _estimate(work: _Work, slots: int, programs_per_item: int, head_dim: int, el
     lone = cost.bytes_per_us * cost.lone_speedup  # _program_us(max_keys, lone=True), in Python floats
     k = work.max_keys
     slowest = max(k * 2 * head_dim * elem_bytes / lone, 4.0 * slots * k * head_dim / rate) + cost.fixed_us
-    return float((work.keys * per_key + work.items * cost.fixed_us) * programs_per_item / num_sms + merge), \
+    return float((work.keys * per_key + work.items * cost.program_us) * programs_per_item / num_sms + merge), \
         float(slowest) if work.items else 0.0
 
 

@@ -187,18 +187,24 @@ def _view_like(batch, num_kv_heads: int, head_dim: int) -> packinfer.KVView:
     """A grouped-layout view with the batch's lengths and prefix groups (addresses made up): what the planner's
     choices depend on, for deciding a graph's tile shape before the cache holds the batch."""
     n = len(batch)
+    ids, lens = np.full(n, -1, np.int64), np.zeros(n, np.int64)
+    cached = batch.kv_lens - batch.q_lens
+    for first, others, _ in batch.shared_prefixes():  # stored once, as serving_call's cache and the replay hold it
+        members = [first, *others.tolist()]
+        length = int(min(min(batch.prefix_lens[m], cached[m]) for m in members))
+        if length > 0:
+            ids[members], lens[members] = first, length
     empty = torch.empty(0, num_kv_heads, head_dim, dtype=torch.bfloat16)
-    return packinfer.KVView("grouped", empty, empty, list(range(n)), batch.kv_lens.copy(), batch.prefix_ids.copy(),
-                            np.where(batch.prefix_ids >= 0, batch.prefix_lens, 0),
+    return packinfer.KVView("grouped", empty, empty, list(range(n)), batch.kv_lens.copy(), ids, lens,
                             prefix_addr=np.zeros(n, np.int64), own_addr=np.cumsum(batch.kv_lens) - batch.kv_lens)
 
 
 #: The serving call's variants (kernel sweep, scheduler batches): the full planner, one switch off each, the tile
-#: shape fixed (16 or 128 slots: what the cost model chooses between), TMA loads on.
+#: shape fixed (16 or 128 slots: what the cost model chooses between), TMA loads off (on by default on Hopper).
 SERVING_VARIANTS = {"full": {}, "no-split": {"split": False}, "no-prefix-grouping": {"prefix_grouping": False},
                     "no-balancing": {"balancing": False}, "no-gqa-packing": {"pack_gqa": False},
                     "paged": {"layout": "paged"}, "tiles-16": {"slots": 16}, "tiles-128": {"slots": 128},
-                    "tma": {"use_tma": True}}
+                    "no-tma": {"use_tma": False}}
 BACKEND = Backend("packinfer", PACKINFER_VARIANTS, _available, prepare, serving=PackinferAttention,
                   serving_variants=SERVING_VARIANTS)
 UNPACKED = Backend("triton_unpacked", ("fa2-grid",), _available, prepare)

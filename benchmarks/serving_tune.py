@@ -1,0 +1,170 @@
+"""Data for the cache planner's cost model, on the serving path: scheduler batches of a serving experiment
+(experiments/serving.yaml), each held in packinfer's grouped KV cache exactly as the serving call holds it, and
+the attention launch timed under a grid of plans - query slots x keys per step x KV chunk (unsplit included),
+TMA loads, and warps x pipeline stages at the planner's own tile - beside the planner's choice. Every
+candidate's output is checked against the float32 reference. The planner's regret on a batch is its time over
+the best candidate's; CostModel is fit to these rows (benchmarks/fit_cost_model.py).
+
+Writes tune.csv (one row per batch x candidate: the plan's shape, items, partials, the cost model's estimate,
+the time), batches.jsonl and env.json to --out, and resumes where a killed run stopped.
+
+    python benchmarks/serving_tune.py --out results/serving-tune/<gpu>        # on a GPU machine
+    python benchmarks/serving_tune.py --smoke --out /tmp/st                     # CPU: tiny, interpreter
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+if "--smoke" in sys.argv:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np
+import packinfer
+import torch
+from common import setup
+from packinfer.cache_attention import launch as launch_cache
+from packinfer.cache_plan import SLOT_CHOICES, launch_config
+from packinfer.device import shared_memory
+
+from packinfer_bench.backends.base import Step
+from packinfer_bench.backends.packinfer import PackinferAttention
+from packinfer_bench.backends.serving_call import _cached
+from packinfer_bench.config import load_config
+from packinfer_bench.experiment import experiment_batches, load_traces
+from packinfer_bench.reference import reference_attention
+from packinfer_bench.runner import MAX_REL_ERR, make_inputs
+from packinfer_bench.workload import Batch
+
+FIELDS = ("batch_id", "kind", "batch_size", "num_tokens", "num_kv_tokens", "max_q", "max_kv", "candidate", "slots",
+          "block_n", "kv_chunk", "tma", "num_warps", "num_stages", "num_items", "num_partials", "estimate_us",
+          "status", "reason", "ms_median", "ms_p10", "ms_p90", "rel_err", "measured_at")
+#: Most programs a candidate may launch (finer chunks only add per-program cost).
+MAX_PROGRAMS_PER_SM = 32
+
+
+def candidates(batch: Batch, num_heads: int, num_kv_heads: int, head_dim: int, sms: int,
+               memory: int) -> list[tuple[str, dict]]:
+    """(name, plan/launch options) of the grid; the planner's own choice first ("planner")."""
+    group = num_heads // num_kv_heads
+    widest = int(batch.q_lens.max()) * group
+    longest = int(batch.kv_lens.max())
+    out: list[tuple[str, dict]] = [("planner", {})]
+    for slots in SLOT_CHOICES:
+        if slots < group or not (slots < 2 * widest or slots == 16):
+            continue
+        for block_n in (32, 64, 128):
+            if launch_config(slots, block_n, head_dim, 2, memory) is None:
+                continue
+            out.append((f"s{slots}-n{block_n}-whole", {"slots": slots, "block_n": block_n, "split": False}))
+            chunk = block_n * 2 if block_n < 128 else block_n
+            rows_per_item = max(slots // group, 1)
+            while chunk < longest:
+                items = sum(-(-int(kv) // chunk) * -(-int(q) // rows_per_item)
+                            for q, kv in zip(batch.q_lens, batch.kv_lens))
+                if items * num_kv_heads <= MAX_PROGRAMS_PER_SM * sms:
+                    out.append((f"s{slots}-n{block_n}-c{chunk}", {"slots": slots, "block_n": block_n,
+                                                                  "kv_chunk": chunk}))
+                chunk *= 2
+    out.append(("planner-tma", {"use_tma": True}))
+    for warps in (4, 8):
+        for stages in (2, 3, 4):
+            out.append((f"planner-w{warps}s{stages}", {"launch": (warps, stages)}))
+    return out
+
+
+def _done(path: Path) -> set[tuple[str, str]]:
+    if not path.exists():
+        return set()
+    with open(path, newline="") as f:
+        return {(r["batch_id"], r["candidate"]) for r in csv.DictReader(f) if r.get("measured_at")}
+
+
+def tune_batch(batch: Batch, shape, device, timer, writer, done: set, sms: int, memory: int) -> None:
+    x = make_inputs(batch, shape, device)
+    ref = reference_attention(x)
+    s = x.shape
+    attention = PackinferAttention(device, s.num_heads, s.num_kv_heads, s.head_dim)
+    cache, slots, new = _cached(x, attention)
+    attention.begin(Step(batch, cache, None, slots, batch.cu_seqlens()[0]))
+    attention(0, x.q, x.k[new], x.v[new])  # the new rows' K/V into the cache, as the serving call writes them
+    view = cache.view(batch.request_ids.tolist())
+    base = {"batch_id": batch.batch_id, "kind": "decode" if int(batch.q_lens.max()) == 1 else batch.phase,
+            "batch_size": len(batch), "num_tokens": int(batch.q_lens.sum()), "num_kv_tokens": int(batch.kv_lens.sum()),
+            "max_q": int(batch.q_lens.max()), "max_kv": int(batch.kv_lens.max())}
+    for name, opts in candidates(batch, s.num_heads, s.num_kv_heads, s.head_dim, sms, memory):
+        if (batch.batch_id, name) in done:
+            continue
+        row = dict(base, candidate=name, status="ok", reason="", tma=bool(opts.get("use_tma")))
+        try:
+            plan_opts = {k: opts[k] for k in ("slots", "block_n", "kv_chunk", "split") if k in opts}
+            plan = packinfer.plan_cache_attention(view, batch.q_lens, s.num_heads, num_sms=sms, **plan_opts)
+            if "launch" in opts:
+                warps, stages = opts["launch"]
+                plan.num_warps, plan.num_stages = warps, stages
+            row.update(slots=plan.slots, block_n=plan.block_n, kv_chunk=plan.kv_chunk, num_warps=plan.num_warps,
+                       num_stages=plan.num_stages, num_items=plan.num_items, num_partials=plan.num_partials,
+                       estimate_us=round(plan.estimate_us, 3))
+            out = torch.full_like(x.q, float("nan"))  # poisoned: every row must be written
+            run = functools.partial(launch_cache, x.q, cache.k, cache.v, out, plan, s.head_dim ** -0.5,
+                                    use_tma=opts.get("use_tma"))
+
+            run()
+            diff = out.float() - ref
+            row["rel_err"] = float(diff.norm() / ref.norm())
+            if not np.isfinite(row["rel_err"]) or row["rel_err"] > MAX_REL_ERR:
+                row["status"], row["reason"] = "incorrect", f"relative error {row['rel_err']:.3g}"
+            times = timer(run)
+            row.update(ms_median=round(float(np.median(times)), 5), ms_p10=round(float(np.percentile(times, 10)), 5),
+                       ms_p90=round(float(np.percentile(times, 90)), 5))
+        except Exception as e:  # a shape that does not compile or fit is a row, not the end of the sweep
+            row["status"], row["reason"] = "error", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        row["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        writer.writerow(row)
+        print(f"{batch.batch_id:<32} {name:<22} {row.get('ms_median', '')!s:>9} ms  plan {row.get('slots')}x"
+              f"{row.get('block_n')} chunk {row.get('kv_chunk')} items {row.get('num_items')} {row['status']}",
+              flush=True)
+    del x, ref, cache
+
+
+def main() -> None:
+    s = setup(__doc__, "benchmarks/serving_tune.py", 20, "(no effect: this script only tunes)")
+    config = load_config(Path(os.environ.get("SERVING_TUNE_CONFIG", "experiments/serving.yaml")))
+    batches = list(experiment_batches(config, load_traces(config.traces)))
+    if s.args.smoke:
+        batches = [b for b in batches if int(b.kv_lens.sum()) <= 600][:3]
+    batches = s.select(batches)
+    path = s.args.out / "tune.csv"
+    with open(s.args.out / "batches.jsonl", "w") as f:
+        f.writelines(json.dumps(b.to_record()) + "\n" for b in batches)
+    done = _done(path)
+    sms = packinfer.num_sms(s.device)
+    memory = shared_memory(s.device)
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        for batch in batches:
+            tune_batch(batch, s.shape, s.device, s.timer, _Flushing(writer, f), done, sms, memory)
+
+
+class _Flushing:
+    """A csv writer whose every row reaches the file at once (a killed sweep keeps what it measured)."""
+
+    def __init__(self, writer, f) -> None:
+        self.writer, self.f = writer, f
+
+    def writerow(self, row: dict) -> None:
+        self.writer.writerow(row)
+        self.f.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""The cache planner against the H200 serving sweep committed under results/serving-tune/h200
+(benchmarks/serving_tune.py): the plan it picks for each measured scheduler batch is looked up among the plans
+timed there, so a change to the planner or its cost model that picks slower plans on that GPU fails here, on the
+CPU, from the committed CSV."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from packinfer.cache_plan import CostModel
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEP = ROOT / "results" / "serving-tune" / "h200"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+fit = pytest.importorskip("fit_cost_model")
+
+
+def test_the_planner_picks_plans_close_to_the_fastest_measured():
+    batches, times, sms = fit.load(SWEEP)
+    assert len(batches) == 42 and sms == 132
+    rows = fit.regrets(batches, times, sms, CostModel())
+    regret = np.array([r for _, r, _ in rows])
+    assert np.isfinite(regret).all(), "every pick was one of the measured plans"
+    assert np.exp(np.log(regret).mean()) <= 1.02 and regret.max() <= 1.15, sorted(rows, key=lambda r: -r[1])[:3]
+    decode = [r for (bid, r, _), b in zip(rows, batches) if int(b.q_lens.max()) == 1]
+    assert max(decode) <= 1.12, "decode batches: within 12% of the best measured plan (geomean 1.01)"
+
+
+def test_the_fit_reads_only_comparable_rows_of_the_sweep():
+    """Only the grid's 64-key plans at the default launch (and the planner's own row) are candidates: TMA and
+    launch variants measure something the planner does not choose."""
+    _, times, _ = fit.load(SWEEP)
+    tuned = [json.loads(line)["batch_id"] for line in open(SWEEP / "batches.jsonl")]
+    assert set(times) == set(tuned)
+    assert all(chunk % 64 == 0 for measured in times.values() for _, chunk in measured)
+
+
+def test_the_tuning_grid_has_the_planner_first_and_each_tile_unsplit():
+    from serving_tune import candidates
+
+    from packinfer_bench.workload import Batch
+
+    batch = Batch("b", "t", "continuous", [1, 1, 300], [2000, 700, 300], [0, 1, 2])
+    grid = candidates(batch, 32, 8, 128, sms=132, memory=232448)
+    names = [name for name, _ in grid]
+    assert names[0] == "planner" and len(set(names)) == len(names)
+    assert {"s16-n64-whole", "s128-n64-whole", "planner-tma", "planner-w8s3"} <= set(names)
+    split = [opts for _, opts in grid if "kv_chunk" in opts]
+    assert split and all(o["kv_chunk"] < 2000 and o["kv_chunk"] % o["block_n"] == 0 for o in split), \
+        "chunks are multiples of the key step, shorter than the longest context"
