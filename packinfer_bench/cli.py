@@ -235,8 +235,11 @@ def traces_describe(source: str, kind: str | None, as_json: bool) -> None:
               help="Another run folder whose speed-ups go side by side with RUN_DIR's (repeatable).")
 def report(run_dir: Path, out: Path | None, formats: str, figures: str, compare: tuple[Path, ...]) -> None:
     """Tables (speed-ups, ablation, plan cost, correctness; comparison with other runs), figures and summary.md
-    from a run folder's records."""
+    from a run folder's records; result.json refreshed with the metrics now (a run stopped before its end
+    wrote none)."""
     from packinfer_bench.report import write_report
+    from packinfer_bench.report.result import write_result
+    from packinfer_bench.run_folder.files import SESSIONS_FILE
 
     labels = {}
     for path in compare:
@@ -244,6 +247,8 @@ def report(run_dir: Path, out: Path | None, formats: str, figures: str, compare:
         labels[label] = path
     try:
         summary = write_report(run_dir, out, split(formats), split(figures), labels)
+        if (run_dir / SESSIONS_FILE).is_file():
+            write_result(run_dir)
     except PackinferBenchError as e:
         raise click.ClickException(str(e)) from None
     _echo_results(run_dir)

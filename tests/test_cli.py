@@ -99,8 +99,10 @@ def test_run_measures_writes_records_and_ends_with_the_report_tables(tmp_path):
     assert "Speed-up of packinfer:full" in result.stdout and "not performance figures" in result.stdout
     assert result.stdout.rstrip().endswith(f"run folder: {run}\nnext: packinfer-bench report {run}")
 
+    (run / "result.json").unlink()  # as a run stopped before its end leaves the folder: the report writes it
     report = invoke("report", str(run), "--figures", "")
     assert report.exit_code == 0, report.output
+    assert json.loads((run / "result.json").read_text())["metrics"]
     assert "not performance figures" in report.stdout and "Speed-up of packinfer:full" in report.stdout
     summary = (run / "report" / "summary.md").read_text()
     assert "CPU (Triton interpreter)" in summary and "not performance figures" in summary and "?" not in summary

@@ -5,8 +5,9 @@ The unit of work is an item: a chunk of one KV segment (a contiguous run of posi
 shared prefix) and a block of the query rows that read it. With prefix grouping on, the requests of a batch that
 share a stored prefix are put side by side and the prefix is one segment read by all their query rows (all query
 heads of a KV head too, in one program): the prefix KV is loaded once per batch instead of once per request.
-With splitting on, and only where the items do not already fill `waves` programs per SM, segments are cut into
-near-equal chunks so that the longest context is spread over many programs (no straggler); a row held by several
+With splitting on, segments may be cut into near-equal chunks of at most kv_chunk positions (a ladder of
+64 x 2^k, down to about `waves` programs per SM, and unsplit: the cost model picks) so that the longest context
+is spread over several programs (no straggler); a row held by several
 items gets one partial result (output and log-sum-exp) per item, and the last of its items to finish merges them
 exactly, in the same launch. A row held by one item is written directly. With balancing on, items launch largest
 first. The tile shape (query slots per program) and the split are chosen per batch by a cost model of the
@@ -38,7 +39,8 @@ from packinfer.validate import check_window, head_dim_padded
 ITEM_FIELDS = ("row_first", "num_rows", "kv_addr", "pos_start", "kv_len", "table_row", "partial_base")
 #: Columns of CachePlan.rows, by plan position.
 ROW_FIELDS = ("q_row", "limit", "part_first", "part_count", "low", "diag")
-#: Programs the splitting aims at per SM (several waves keep the tail of the launch short).
+#: The finest split the planner weighs: about this many programs per SM (the serving batches of
+#: results/serving-tune/h200 were fastest at about one).
 WAVES = 4
 #: Query slots per program the planner chooses from (a slot is one (row, query head) pair).
 SLOT_CHOICES = (16, 32, 64, 128)
@@ -152,8 +154,9 @@ def plan_cache_attention(view: KVView, q_lens, num_heads: int, *, prefix_groupin
     everything the request sees: bottom-right causal, or every position (causal=False), cut to a sliding
     window (left, right) as FlashAttention defines it (-1: unbounded side; a window turns prefix grouping off).
 
-    kv_chunk: most positions an item reads (None: chosen so the batch makes about `waves` programs per SM of
-    the `num_sms` the GPU has: give packinfer.num_sms(device)); split=False: never cut a segment.
+    kv_chunk: most positions an item reads (None: the cost model picks it from 64 x 2^k down to the chunk that
+    makes about `waves` programs per SM of the `num_sms` the GPU has - give packinfer.num_sms(device) - and
+    unsplit); split=False: never cut a segment.
     slots: query (row, head) pairs per program (None: the cost model picks from SLOT_CHOICES).
     max_items / max_partials: capacity of the buffers the plan must fit (CUDA graphs): splitting is reduced to
     fit, and a batch that cannot fit even unsplit is a ValueError naming the limit.
