@@ -49,6 +49,8 @@ BLOCK_N = 64
 #: Shared memory a program needs beyond its query tile and K/V stages (Triton's scratch; from the H200's
 #: OutOfResources reports in results/fa-features/h200/tune.csv: ~1 KiB).
 SHARED_MEMORY_SLACK = 2048
+#: Finer KV chunks are not weighed once one is estimated this much slower than the best so far (host time).
+STOP_ABOVE_BEST = 1.25
 #: Marks a shared prefix segment, which every row of its group sees whole.
 NO_TRIM = 1 << 40
 
@@ -220,7 +222,7 @@ def plan_cache_attention(view: KVView, q_lens, num_heads: int, *, prefix_groupin
             chunks = _chunk_ladder(table, rpi, waves * num_sms // ppi, block_n, whole)
         else:
             chunks = [whole]
-        for chunk in chunks:
+        for chunk in chunks:  # coarse to fine: the estimate falls, then rises; stop once well past the best
             # rows held by several items: only where a segment was cut or a row reads two segments
             work = candidates.work(chunk, rpi, partials=chunk < whole or len(table) > len(q))
             while max_items is not None and work.items > max_items and chunk < whole:
@@ -233,6 +235,8 @@ def plan_cache_attention(view: KVView, q_lens, num_heads: int, *, prefix_groupin
             t = total + slowest
             if best is None or t < best[0] - 1e-9:
                 best = (t, s, chunk)
+            if t > STOP_ABOVE_BEST * best[0]:
+                break
     if best is None:
         raise ValueError(f"the batch needs more work items than the plan buffers hold (max_items={max_items}, "
                          f"max_partials={max_partials}) even without splitting: raise the capacity")
@@ -420,17 +424,18 @@ def _sight(table: np.ndarray, windowed: bool) -> None:
 
 
 def _chunk_ladder(segs: np.ndarray, rows_per_item: int, most_items: int, block_n: int, whole: int) -> list[int]:
-    """The KV chunks the planner weighs when it may split: unsplit (`whole`), and block_n x 2^k down to the
-    finest that still makes at most about most_items items of the batch's work (finer ones only add programs)."""
+    """The KV chunks the planner weighs when it may split, coarse to fine: unsplit (`whole`), then block_n x 2^k
+    down to the finest that still makes at most about most_items items of the batch's work (finer ones only add
+    programs)."""
     row_blocks = -(-segs[:, 1] // rows_per_item)
     finest = int(-(-int((segs[:, 4] * row_blocks).sum()) // max(most_items, 1)))
-    out, chunk = [whole], block_n
+    chunk, ladder = block_n, []
     while chunk < finest:
         chunk *= 2
     while chunk < whole:
-        out.append(chunk)
+        ladder.append(chunk)
         chunk *= 2
-    return out
+    return [whole, *ladder[::-1]]
 
 
 class _Pieces(NamedTuple):
