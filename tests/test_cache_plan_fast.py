@@ -49,3 +49,19 @@ def test_closed_form_work_equals_the_items_work():
                 items, keys = _build_items(pieces, r, windowed=False)
                 expect = (len(items), int(keys.sum()), int(keys.max()), _split_rows(items, int(q.sum()))[1])
                 assert tuple(work) == expect, (trial, kv_chunk, r)
+
+
+def test_stopping_the_chunk_ladder_early_picks_what_weighing_every_chunk_picks(monkeypatch):
+    """The planner stops weighing finer KV chunks of a tile once one is estimated 25% past that tile's best (the
+    estimate falls, then rises): on random batches it picks the plan weighing every chunk would."""
+    from packinfer import cache_plan, plan_cache_attention
+
+    rng = np.random.default_rng(1)
+    for trial in range(150):
+        view, q = _random_view(rng, "grouped" if trial % 2 else "paged")
+        q = np.clip(q, 1, view.kv_lens)
+        picked = plan_cache_attention(view, q, 4, num_sms=132)
+        monkeypatch.setattr(cache_plan, "STOP_ABOVE_BEST", float("inf"))
+        every = plan_cache_attention(view, q, 4, num_sms=132)
+        monkeypatch.undo()
+        assert (picked.slots, picked.kv_chunk) == (every.slots, every.kv_chunk), trial

@@ -49,7 +49,8 @@ BLOCK_N = 64
 #: Shared memory a program needs beyond its query tile and K/V stages (Triton's scratch; from the H200's
 #: OutOfResources reports in results/fa-features/h200/tune.csv: ~1 KiB).
 SHARED_MEMORY_SLACK = 2048
-#: Finer KV chunks are not weighed once one is estimated this much slower than the best so far (host time).
+#: Finer KV chunks of a tile shape are not weighed once one is estimated this much slower than its best so
+#: far (host time).
 STOP_ABOVE_BEST = 1.25
 #: Marks a shared prefix segment, which every row of its group sees whole.
 NO_TRIM = 1 << 40
@@ -222,7 +223,8 @@ def plan_cache_attention(view: KVView, q_lens, num_heads: int, *, prefix_groupin
             chunks = _chunk_ladder(table, rpi, waves * num_sms // ppi, block_n, whole)
         else:
             chunks = [whole]
-        for chunk in chunks:  # coarse to fine: the estimate falls, then rises; stop once well past the best
+        lowest = None  # this tile's best estimate so far
+        for chunk in chunks:  # coarse to fine: the estimate falls, then rises; stop once well past its lowest
             # rows held by several items: only where a segment was cut or a row reads two segments
             work = candidates.work(chunk, rpi, partials=chunk < whole or len(table) > len(q))
             while max_items is not None and work.items > max_items and chunk < whole:
@@ -235,7 +237,8 @@ def plan_cache_attention(view: KVView, q_lens, num_heads: int, *, prefix_groupin
             t = total + slowest
             if best is None or t < best[0] - 1e-9:
                 best = (t, s, chunk)
-            if t > STOP_ABOVE_BEST * best[0]:
+            lowest = t if lowest is None else min(lowest, t)
+            if t > STOP_ABOVE_BEST * lowest:
                 break
     if best is None:
         raise ValueError(f"the batch needs more work items than the plan buffers hold (max_items={max_items}, "
