@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import packinfer
+from common import GPU_SHAPE
 from packinfer.cache_plan import CostModel
 
 from packinfer_bench.backends.packinfer import _view_like
@@ -46,8 +47,9 @@ def load(folder: Path) -> tuple[list[Batch], dict[str, dict[tuple[int, int], flo
 
 
 def choice(batch: Batch, cost: CostModel, sms: int) -> tuple[int, int]:
-    view = _view_like(batch, num_kv_heads=8, head_dim=128)
-    plan = packinfer.plan_cache_attention(view, batch.q_lens, 32, num_sms=sms, cost=cost)
+    """(slots, kv_chunk) the planner picks for the batch at the sweep's shape (serving_tune.py: GPU_SHAPE)."""
+    view = _view_like(batch, num_kv_heads=GPU_SHAPE.num_kv_heads, head_dim=GPU_SHAPE.head_dim)
+    plan = packinfer.plan_cache_attention(view, batch.q_lens, GPU_SHAPE.num_heads, num_sms=sms, cost=cost)
     return plan.slots, plan.kv_chunk
 
 

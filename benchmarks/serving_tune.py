@@ -14,7 +14,6 @@ the time), batches.jsonl and env.json to --out, and resumes where a killed run s
 
 from __future__ import annotations
 
-import csv
 import functools
 import json
 import os
@@ -39,6 +38,7 @@ from packinfer_bench.backends.serving_call import _cached
 from packinfer_bench.config import load_config
 from packinfer_bench.experiment import experiment_batches, load_traces
 from packinfer_bench.reference import reference_attention
+from packinfer_bench.run_folder import CsvRows
 from packinfer_bench.runner import MAX_REL_ERR, make_inputs
 from packinfer_bench.workload import Batch
 
@@ -79,14 +79,7 @@ def candidates(batch: Batch, num_heads: int, num_kv_heads: int, head_dim: int, s
     return out
 
 
-def _done(path: Path) -> set[tuple[str, str]]:
-    if not path.exists():
-        return set()
-    with open(path, newline="") as f:
-        return {(r["batch_id"], r["candidate"]) for r in csv.DictReader(f) if r.get("measured_at")}
-
-
-def tune_batch(batch: Batch, shape, device, timer, writer, done: set, sms: int, memory: int) -> None:
+def tune_batch(batch: Batch, shape, device, timer, rows: CsvRows, done: set, sms: int, memory: int) -> None:
     x = make_inputs(batch, shape, device)
     ref = reference_attention(x)
     s = x.shape
@@ -126,7 +119,7 @@ def tune_batch(batch: Batch, shape, device, timer, writer, done: set, sms: int, 
         except Exception as e:  # a shape that does not compile or fit is a row, not the end of the sweep
             row["status"], row["reason"] = "error", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         row["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        writer.writerow(row)
+        rows.append([row])
         print(f"{batch.batch_id:<32} {name:<22} {row.get('ms_median', '')!s:>9} ms  plan {row.get('slots')}x"
               f"{row.get('block_n')} chunk {row.get('kv_chunk')} items {row.get('num_items')} {row['status']}",
               flush=True)
@@ -140,30 +133,14 @@ def main() -> None:
     if s.args.smoke:
         batches = [b for b in batches if int(b.kv_lens.sum()) <= 600][:3]
     batches = s.select(batches)
-    path = s.args.out / "tune.csv"
+    rows = CsvRows(s.args.out / "tune.csv", list(FIELDS))  # appended and flushed row by row; a torn tail is cut
     with open(s.args.out / "batches.jsonl", "w") as f:
         f.writelines(json.dumps(b.to_record()) + "\n" for b in batches)
-    done = _done(path)
+    done = {(r["batch_id"], r["candidate"]) for r in rows.read()[0]}
     sms = packinfer.num_sms(s.device)
     memory = shared_memory(s.device)
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        for batch in batches:
-            tune_batch(batch, s.shape, s.device, s.timer, _Flushing(writer, f), done, sms, memory)
-
-
-class _Flushing:
-    """A csv writer whose every row reaches the file at once (a killed sweep keeps what it measured)."""
-
-    def __init__(self, writer, f) -> None:
-        self.writer, self.f = writer, f
-
-    def writerow(self, row: dict) -> None:
-        self.writer.writerow(row)
-        self.f.flush()
+    for batch in batches:
+        tune_batch(batch, s.shape, s.device, s.timer, rows, done, sms, memory)
 
 
 if __name__ == "__main__":
