@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from rich.table import Table
 
 EXPERIMENTS_DIR = data_dir("experiments")
+#: `run`'s exit status when --time-limit stopped it with work left (0: all done; 1: an error).
+TIME_LIMIT_EXIT = 3
 
 
 def prepare_kernels() -> bool:
@@ -85,11 +87,20 @@ def main(verbose: bool) -> None:
 @click.option("--gpus", type=click.IntRange(1, 1024), default=1, show_default=True, help="Spread the kernel sweep "
               "over N processes, one per GPU (torch.distributed; on a CPU, N processes), merged into one run folder. "
               "End-to-end entries with `tp: N` start their N ranks themselves.")
+@click.option("--time-limit", "time_limit", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="Start no batch or replay that would not end within SECONDS of the command's start (by the "
+              "slowest seen so far; replays by their modelled time), then stop with exit status "
+              f"{TIME_LIMIT_EXIT}: a run cut into time-limited pieces is never killed mid-way. Continue with "
+              "--resume. Applies to single-process work (not --gpus > 1, nor tp ranks once started).")
 @click.option("--list-backends", is_flag=True, help="List every registered backend, its variants and whether it "
               "can run here (and why not), then exit.")
 def run(config: Path | None, out: Path | None, dry_run: bool, resume: bool, cuda_graphs: bool, only: str | None,
-        backends: str | None, skip: str, overrides: tuple[str, ...], gpus: int, list_backends: bool) -> None:
+        backends: str | None, skip: str, overrides: tuple[str, ...], gpus: int, time_limit: float | None,
+        list_backends: bool) -> None:
     """Run an experiment CONFIG (default: experiments/smoke.yaml without a GPU, else the GPU's sweep)."""
+    from packinfer_bench.deadline import Deadline
+
+    deadline = Deadline(time_limit)
     prepare_kernels()
     if list_backends:
         import torch
@@ -110,7 +121,7 @@ def run(config: Path | None, out: Path | None, dry_run: bool, resume: bool, cuda
         if backends is not None or skip:
             cfg = select_backends(cfg, split(backends) if backends is not None else None, split(skip))
         get_logger("packinfer_bench.cli").info(f"experiment {cfg.name} ({config})")
-        summary = run_experiment(cfg, out, dry_run=dry_run, resume=resume, only=only, gpus=gpus)
+        summary = run_experiment(cfg, out, dry_run=dry_run, resume=resume, only=only, gpus=gpus, deadline=deadline)
         if summary.measured:
             get_logger("packinfer_bench.cli").info(f"result: {write_result(summary.out_dir, time.time())}")
     except PackinferBenchError as e:
@@ -118,6 +129,10 @@ def run(config: Path | None, out: Path | None, dry_run: bool, resume: bool, cuda
     if summary.measured:
         _echo_results(summary.out_dir)
     click.echo(f"run folder: {summary.out_dir}")
+    if summary.stopped:
+        click.echo(f"stopped at the time limit, before {summary.stopped}; continue: packinfer-bench run {config} "
+                   f"--resume --out {summary.out_dir}")
+        raise SystemExit(TIME_LIMIT_EXIT)
     if summary.measured:
         click.echo(f"next: packinfer-bench report {summary.out_dir}")
 

@@ -27,6 +27,7 @@ import torch
 from packinfer_bench import envinfo
 from packinfer_bench.analytic import write_predictions
 from packinfer_bench.config import ExperimentConfig, TraceConfig
+from packinfer_bench.deadline import Deadline
 from packinfer_bench.errors import PackinferBenchError
 from packinfer_bench.logs import get_logger, run_log
 from packinfer_bench.ranks import check_devices, spread_sweep, tensor_parallel_e2e
@@ -57,6 +58,7 @@ class RunSummary:
     batches_new: int
     batches_kept: int
     measured: bool
+    stopped: str | None = None  # what the time limit kept from starting (None: the run did all it had to)
 
 
 def run_dir(config: ExperimentConfig, out: str | Path | None, resume: bool) -> Path:
@@ -91,11 +93,14 @@ def load_traces(configs: list[TraceConfig]) -> dict[str, Trace]:
 
 def run_experiment(config: ExperimentConfig, out: str | Path | None = None, *, dry_run: bool = False,
                    resume: bool = False, only: str | None = None, gpus: int = 1,
-                   log: Callable[[str], None] | None = None) -> RunSummary:
+                   log: Callable[[str], None] | None = None, deadline: Deadline | None = None) -> RunSummary:
     """Replay the experiment's workloads into its run folder and measure them (with dry_run, stop there), then
     run its end-to-end replays; only='kernel' or 'e2e' runs one of the two stages; gpus > 1 spreads the kernel
-    sweep over that many processes, one per GPU (e2e entries take their own `tp`). Progress messages go to the
-    packinfer_bench logger (and the run folder's run.log), and to `log` when given."""
+    sweep over that many processes, one per GPU (e2e entries take their own `tp`). With a deadline, nothing is
+    started that would not end before it (single-process work: the sweep on one GPU, entries of tp 1);
+    summary.stopped then says what was left. Progress messages go to the packinfer_bench logger (and the run
+    folder's run.log), and to `log` when given."""
+    deadline = deadline or Deadline()
 
     def say(message: str) -> None:
         _log.info(message)
@@ -117,30 +122,38 @@ def run_experiment(config: ExperimentConfig, out: str | Path | None = None, *, d
 
         summary = RunSummary(out_dir=out_dir, batches_new=0, batches_kept=0, measured=False)
         if only != "e2e":
-            summary = _kernel_stage(config, out_dir, traces, dry_run, gpus, say)
-        if config.e2e and only != "kernel" and not dry_run and config.device != "analytic":
-            counts = _e2e_stage(config, out_dir, traces, say)
+            summary = _kernel_stage(config, out_dir, traces, dry_run, gpus, say, deadline)
+        if config.e2e and only != "kernel" and not dry_run and config.device != "analytic" and not deadline.stopped:
+            counts = _e2e_stage(config, out_dir, traces, say, deadline)
             say("e2e: " + ", ".join(f"{n} {status}" for status, n in counts.items()) + f" -> {out_dir / E2E_DIR}")
             summary.measured = True
+        if deadline.stopped:
+            summary.stopped = deadline.stopped
+            say(f"time limit ({deadline.seconds:g} s): stopped before {deadline.stopped}; the rest: run again "
+                f"with --resume --out {out_dir}")
         return summary
 
 
 def _e2e_stage(config: ExperimentConfig, out_dir: Path, traces: dict[str, Trace],
-               log: Callable[[str], None]) -> dict[str, int]:
+               log: Callable[[str], None], deadline: Deadline) -> dict[str, int]:
     """The e2e entries in config order, each run of consecutive entries of one tp together: here for tp 1, on tp
-    ranks otherwise."""
+    ranks otherwise (a group of ranks is started only while time is left, and then runs to its end)."""
     device, counts = pick_device(config), {}
     for tp, entries in itertools.groupby(config.e2e, key=lambda e: e.tp):
         part = dataclasses.replace(config, e2e=list(entries))
-        got = run_e2e(part, out_dir, traces, device, log=log) if tp == 1 else tensor_parallel_e2e(
-            part, out_dir, traces, device, log)
+        if tp == 1:
+            got = run_e2e(part, out_dir, traces, device, log=log, deadline=deadline)
+        elif deadline.allows(0.0, f"the tp={tp} entries {[e.name for e in part.e2e]}"):
+            got = tensor_parallel_e2e(part, out_dir, traces, device, log)
+        else:
+            break
         for status, n in got.items():
             counts[status] = counts.get(status, 0) + n
     return counts
 
 
 def _kernel_stage(config: ExperimentConfig, out_dir: Path, traces: dict[str, Trace], dry_run: bool, gpus: int,
-                  log: Callable[[str], None]) -> RunSummary:
+                  log: Callable[[str], None], deadline: Deadline) -> RunSummary:
     done = stored_batch_ids(out_dir)
     new = kept = 0
     store, pending = JsonLines(out_dir / BATCHES_FILE), []
@@ -176,7 +189,7 @@ def _kernel_stage(config: ExperimentConfig, out_dir: Path, traces: dict[str, Tra
     if gpus > 1:
         counts = spread_sweep(config, out_dir, batches, gpus, pick_device(config), log)
     else:
-        counts = measure(config, out_dir, batches, log=log)
+        counts = measure(config, out_dir, batches, log=log, deadline=deadline)
     log("records: " + ", ".join(f"{n} {status}" for status, n in counts.items()) + f" -> {out_dir / RECORDS_FILE}")
     return RunSummary(out_dir=out_dir, batches_new=new, batches_kept=kept, measured=True)
 

@@ -18,6 +18,7 @@ from packinfer_bench import envinfo
 from packinfer_bench.backends import BACKENDS, DTYPES, AttentionShape, Backend, Inputs, NotApplicable
 from packinfer_bench.backends.serving_call import serving_call
 from packinfer_bench.config import ExperimentConfig, ShapeConfig
+from packinfer_bench.deadline import Deadline
 from packinfer_bench.errors import ConfigError, first_line
 from packinfer_bench.logs import console, get_logger
 from packinfer_bench.reference import reference_attention
@@ -130,11 +131,12 @@ def measure_one(backend: Backend, variant: str, x: Inputs, ref: torch.Tensor, ti
 
 def measure(config: ExperimentConfig, out_dir: Path, batches: Iterable[Batch],
             log: Callable[[str], None] = print, *, share: tuple[int, int] = (0, 1), device: torch.device | None = None,
-            store: RecordStore | None = None, progress: bool = True) -> dict[str, int]:
+            store: RecordStore | None = None, progress: bool = True,
+            deadline: Deadline | None = None) -> dict[str, int]:
     """Measure every (batch, shape, backend, variant) not yet in the run folder's records; returns counts by
     status of the records written now. A rank of a spread sweep passes share=(rank, ranks): it measures the
     (batch, shape) pairs left to do whose place in that list is rank modulo ranks, on `device`, into `store` (its
-    part file)."""
+    part file). With a deadline, a (batch, shape) is not started unless the slowest one so far would end in time."""
     device = device or pick_device(config)
     stored = RecordStore(out_dir).keys()  # the shares are cut from records.csv alone, so every rank cuts alike
     if store is None:
@@ -159,7 +161,11 @@ def measure(config: ExperimentConfig, out_dir: Path, batches: Iterable[Batch],
                   TimeRemainingColumn(), console=console(), disable=not progress) as bars:
         tasks = {b.name: bars.add_task(b.name, total=sum(len(variants_of(b, batch)) for batch, _ in todo))
                  for b in backends}
+        slowest = 0.0
         for batch, shape in todo:
+            if deadline is not None and not deadline.allows(slowest, f"batch {batch.batch_id} ({shape.name})"):
+                break
+            started = time.monotonic()
             base = record_base(batch, shape)
             x = ref = setup_error = None
             for backend in backends:
@@ -185,6 +191,7 @@ def measure(config: ExperimentConfig, out_dir: Path, batches: Iterable[Batch],
                     store.append(rec)
                     counts[rec.status] += 1
                     bars.advance(tasks[backend.name])
+            slowest = max(slowest, time.monotonic() - started)
     return counts
 
 

@@ -108,6 +108,18 @@ def test_run_measures_writes_records_and_ends_with_the_report_tables(tmp_path):
     assert "CPU (Triton interpreter)" in summary and "not performance figures" in summary and "?" not in summary
 
 
+def test_a_run_stopped_by_its_time_limit_exits_3_and_resume_finishes_it(tmp_path):
+    run = tmp_path / "r"
+    stopped = invoke("run", str(FIXTURES / "tiny.yaml"), "--out", str(run), "--time-limit", "1e-9")
+    assert stopped.exit_code == 3, stopped.output
+    assert "stopped at the time limit, before batch " in stopped.output and "--resume --out" in stopped.output
+    resumed = invoke("run", str(FIXTURES / "tiny.yaml"), "--out", str(run), "--resume", "--time-limit", "3600")
+    assert resumed.exit_code == 0, resumed.output
+    assert "records: 14 ok, 0 incorrect, 4 skipped, 0 error" in resumed.output
+    bad = invoke("run", str(FIXTURES / "tiny.yaml"), "--out", str(tmp_path / "b"), "--time-limit", "0")
+    assert bad.exit_code == 2 and "--time-limit" in bad.output
+
+
 def test_run_with_a_bad_config_names_the_key(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(Path(SMOKE).read_text().replace("timing: {", "timing: {repeatz: 3, "))

@@ -131,3 +131,77 @@ def test_scenarios_of_a_concurrency_sweep_are_closed_loop(write):
     spec = ContinuousSpec(**{**entry.continuous.__dict__, **points[0][1]})
     scen = scenario(_trace(10), spec)
     assert scen.sent_after and max(len(b) for b in scen.schedule) <= 2
+
+
+class _FakeClock:
+    """time for the stage and the deadline: monotonic / perf_counter read a clock the test moves."""
+
+    def __init__(self):
+        import time as real
+        self.now, self._real = 0.0, real
+
+    def monotonic(self):
+        return self.now
+
+    perf_counter = monotonic
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+def test_a_time_limit_starts_no_replay_that_would_not_end_and_resume_does_the_rest(write, tmp_path, monkeypatch):
+    import packinfer_bench.deadline as deadline_module
+    import packinfer_bench.serving.stage as stage
+    from packinfer_bench.deadline import Deadline
+
+    text = E2E.replace("rates: [RATE]", "rates: [30.0, 40.0]").replace("BUDGET", "null").replace(
+        "backends: [fa2, packinfer]", "backends: [packinfer, reference]")
+    cfg = load_config(write("e.yaml", text))
+    clock = _FakeClock()
+    monkeypatch.setattr(stage, "time", clock)
+    monkeypatch.setattr(deadline_module, "time", clock)
+    # every schedule is modelled at 5 s; a preparation takes 5 s and a replay 10 s of the fake clock
+    monkeypatch.setattr(stage.Scenario, "modelled_s", property(lambda self: 5.0))
+    monkeypatch.setattr(stage, "FIRST_PREPARE_S", 5.0)
+    real_prepare, real_replay = stage.Server.prepare, stage.Server.replay
+
+    def prepare(self, *args):
+        clock.now += 5.0
+        return real_prepare(self, *args)
+
+    def replay(self, *args):
+        clock.now += 10.0
+        return real_replay(self, *args)
+
+    monkeypatch.setattr(stage.Server, "prepare", prepare)
+    monkeypatch.setattr(stage.Server, "replay", replay)
+    out = tmp_path / "run"
+    # 30 req/s: packinfer (5 s prep + 10 s), reference (5 + 10) end at 30 s; 40 req/s would need 15 s more
+    summary = run_experiment(cfg, out, log=lambda _: None, deadline=Deadline(32.0, start=0.0))
+    assert summary.stopped.startswith("e2e tiny t load 40: packinfer #0 (~15 s needed, 2 s left)")
+    rows = pd.read_csv(out / "e2e" / "summary.csv", keep_default_na=False, dtype={"rate": str})
+    assert list(zip(rows["rate"], rows["backend"], rows["status"])) == [("30", "packinfer", "ok"),
+                                                                         ("30", "reference", "ok")]
+
+    resumed = run_experiment(cfg, out, resume=True, log=lambda _: None)
+    assert resumed.stopped is None
+    rows = pd.read_csv(out / "e2e" / "summary.csv", keep_default_na=False, dtype={"rate": str})
+    assert list(zip(rows["rate"], rows["backend"])) == [("30", "packinfer"), ("30", "reference"),
+                                                        ("40", "packinfer"), ("40", "reference")]
+    assert (rows["status"] == "ok").all()
+
+
+def test_a_deadline_refuses_what_would_not_end_and_then_everything(monkeypatch):
+    import packinfer_bench.deadline as deadline_module
+    from packinfer_bench.deadline import Deadline
+
+    clock = _FakeClock()
+    monkeypatch.setattr(deadline_module, "time", clock)
+    d = Deadline(60.0, start=0.0)
+    clock.now = 20.0
+    assert d.left() == 40.0 and d.allows(40.0, "a") and d.stopped is None
+    assert not d.allows(41.0, "b") and d.stopped == "b (~41 s needed, 40 s left)"
+    assert not d.allows(1.0, "c"), "nothing smaller starts after the first refusal"
+    assert d.stopped.startswith("b ")
+    unlimited = Deadline()
+    assert unlimited.left() == float("inf") and unlimited.allows(1e12, "x")

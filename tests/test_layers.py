@@ -12,7 +12,7 @@ from conftest import REPO
 LAYERS = [
     ["packinfer", "packinfer_bench.resources"],
     ["packinfer_bench", "packinfer_bench.errors", "packinfer_bench.envinfo", "packinfer_bench.timing",
-     "packinfer_bench.stats", "packinfer_bench.logs"],
+     "packinfer_bench.deadline", "packinfer_bench.stats", "packinfer_bench.logs"],
     ["packinfer_bench.distributed"],
     ["packinfer_bench.traces"],
     ["packinfer_bench.workload"],

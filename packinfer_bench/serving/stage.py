@@ -28,6 +28,7 @@ from packinfer_bench import envinfo
 from packinfer_bench.backends import BACKENDS, DTYPES, ServingAttention
 from packinfer_bench.backends.base import add_scratch
 from packinfer_bench.config import REFERENCE, E2EConfig, ExperimentConfig
+from packinfer_bench.deadline import Deadline
 from packinfer_bench.distributed import World
 from packinfer_bench.errors import ConfigError, first_line
 from packinfer_bench.logs import get_logger
@@ -53,6 +54,10 @@ _log = get_logger(__name__)
 
 #: The calibration's file in e2e/ (one step-time model per entry).
 STEP_TIME_FILE = "step_time.json"
+#: Under a time limit (Deadline), what a replay is assumed to take before one of its backend has run in this
+#: process: PACE x the schedule's modelled duration, plus FIRST_PREPARE_S for compiling and capturing graphs
+#: (replays on an H200 took 0.95-1.44x the modelled time, first preparations 20-50 s). Calibration: CALIBRATE_S.
+PACE, FIRST_PREPARE_S, CALIBRATE_S = 2.0, 120.0, 120.0
 
 
 @dataclasses.dataclass
@@ -66,6 +71,12 @@ class Scenario:
     expected: dict[int, int]  # request -> output tokens
     refused: int  # requests the scheduler never ran (too large for its limits)
     sent_after: dict[int, int] = dataclasses.field(default_factory=dict)
+
+    @property
+    def modelled_s(self) -> float:
+        """The schedule's duration by the scheduler's step-time model."""
+        st = self.spec.step_time
+        return sum(st.seconds(int(b.q_lens.sum()), int(b.kv_lens.sum())) for b in self.schedule)
 
 
 def scenario(trace: Trace, spec: ContinuousSpec) -> Scenario:
@@ -123,11 +134,14 @@ class Server:
 
 
 def run_e2e(config: ExperimentConfig, out_dir, traces: dict[str, Trace], device: torch.device,
-            log: Callable[[str], None] = print, world: World | None = None) -> dict[str, int]:
+            log: Callable[[str], None] = print, world: World | None = None,
+            deadline: Deadline | None = None) -> dict[str, int]:
     """Run every end-to-end replay of the config not already stored; returns counts per status. Entries of the
     same model share it, its graphs, its calibration and the backends' servers. Every entry's tp must be the
-    world's size (a single process: 1)."""
+    world's size (a single process: 1). With a deadline, a replay that would not end before it is not started
+    (nor anything after it): deadline.stopped names it."""
     world = world or World()
+    deadline = deadline or Deadline()
     bad = [e.name for e in config.e2e if e.tp != world.size]
     if bad:
         raise ValueError(f"e2e entries {bad} need tp ranks, this world has {world.size}")
@@ -142,7 +156,9 @@ def run_e2e(config: ExperimentConfig, out_dir, traces: dict[str, Trace], device:
                 old.close()
             shared.clear()
             shared[key] = _Model(entry, device, world)
-        _Entry(config, entry, store, traces, device, log, counts, shared[key]).run()
+        _Entry(config, entry, store, traces, device, log, counts, shared[key], deadline).run()
+        if deadline.stopped:
+            break
     for model in shared.values():
         model.close()
     return counts
@@ -172,6 +188,8 @@ class _Model:
         self.graphs: Graphs | None = None
         self.servers: dict[str, Server] = {}
         self.step_time: tuple[StepTime, dict] | None = None
+        self.pace: dict[str, float] = {}  # backend -> the slowest (replay seconds / modelled seconds) seen
+        self.prepare_s: dict[str, float] = {}  # backend -> seconds its last preparation took
 
     def model(self) -> Decoder:
         if self.decoder is None:
@@ -220,9 +238,10 @@ class _Model:
 class _Entry:
     """The replays of one e2e entry, in order: load points, repeats, backends interleaved."""
 
-    def __init__(self, config, entry: E2EConfig, store: E2EStore, traces, device, log, counts, shared: _Model):
+    def __init__(self, config, entry: E2EConfig, store: E2EStore, traces, device, log, counts, shared: _Model,
+                 deadline: Deadline):
         self.config, self.entry, self.store, self.traces, self.device = config, entry, store, traces, device
-        self.log, self.counts, self.shared = log, counts, shared
+        self.log, self.counts, self.shared, self.deadline = log, counts, shared, deadline
         self.cfg: ModelConfig = shared.cfg
         self.world = shared.world
         self.server_errors: dict[str, Exception] = {}
@@ -243,6 +262,8 @@ class _Entry:
         if not any(todo.values()):
             return
         step_time = self._step_time()
+        if step_time is None:
+            return
         scenarios = {}
         for tcfg, label, changes in points:
             if not todo[(tcfg.name, label)]:
@@ -255,6 +276,8 @@ class _Entry:
                                 f"building the schedule: {type(e).__name__}: {first_line(e)}")
         for (trace, label), scen in scenarios.items():
             self._load_point(trace, label, scen, todo[(trace, label)], scenarios)
+            if self.deadline.stopped:
+                return
 
     # --- set-up -------------------------------------------------------------------------------------------------
     def _ensure_model(self) -> Decoder:
@@ -278,9 +301,9 @@ class _Entry:
                 torch.cuda.empty_cache()
             return e
 
-    def _step_time(self) -> StepTime:
+    def _step_time(self) -> StepTime | None:
         """The scheduler's step-time model: calibrated on this GPU once per entry (stored, so a resumed run
-        schedules exactly as before), or the config's."""
+        schedules exactly as before), or the config's; None when the time limit leaves no time to calibrate."""
         e = self.entry
         path = self.store.dir / STEP_TIME_FILE
         stored = self.world.from_writer(lambda: json.loads(path.read_text()) if path.exists() else {})
@@ -298,6 +321,8 @@ class _Entry:
                         and BACKENDS[b].serving is not None and not BACKENDS[b].available(self.device)), None)
         if backend is None:
             return e.continuous.step_time
+        if not self.deadline.allows(CALIBRATE_S, f"calibrating the step-time model of e2e {e.name}"):
+            return None
         self.log(f"e2e {e.name}: calibrating the step-time model with {backend} ...")
         try:
             fitted, points = calibrate(self._ensure_model(), self.graphs, backend, e.continuous)
@@ -325,6 +350,9 @@ class _Entry:
             self._store_all(trace, label, todo, "refused", f"the scheduler refused all {scen.refused} requests "
                             "(each needs more than max_kv_tokens / max_num_batched_tokens allow)")
             return
+        first, rep = todo[0]
+        if not self._in_time(scen, first, False, f"e2e {e.name} {trace} load {label}: {first} #{rep}"):
+            return
         reference = None
         if e.verify_iterations and any(b != REFERENCE for b, _ in todo):
             try:
@@ -335,6 +363,9 @@ class _Entry:
                 return
         prepared: dict[str, str] = {}
         for backend, rep in todo:  # repeat-major: A B C A B C
+            if not self._in_time(scen, backend, backend in prepared, f"e2e {e.name} {trace} load {label}: "
+                                 f"{backend} #{rep}"):
+                return
             record = self.current = self._base(trace, label, backend, rep, scen)
             why = None if backend == REFERENCE else BACKENDS[backend].available(self.device)
             if why:
@@ -348,7 +379,9 @@ class _Entry:
                 else:
                     try:
                         if backend not in prepared:
+                            t0 = time.monotonic()
                             prepared[backend] = server.prepare(scen.schedule, e.warmup)
+                            self.shared.prepare_s[backend] = time.monotonic() - t0
                     except Exception as ex:  # noqa: BLE001 -- compilation or capture failed: this backend only
                         self._fatal_in_a_group(ex)
                         record = dataclasses.replace(record, status="error", reason=f"warm-up / graphs: "
@@ -360,6 +393,16 @@ class _Entry:
             self.store.add_summary(record)
             self.current = None
             self.counts[record.status] = self.counts.get(record.status, 0) + 1
+
+    def _in_time(self, scen: Scenario, backend: str, prepared: bool, what: str) -> bool:
+        """Whether the replay (and, unless `prepared`, its backend's preparation) ends before the deadline, by
+        the slowest pace this backend has shown in this process."""
+        if self.deadline.seconds is None:
+            return True
+        estimate = scen.modelled_s * self.shared.pace.get(backend, PACE)
+        if not prepared and backend != REFERENCE:
+            estimate += self.shared.prepare_s.get(backend, FIRST_PREPARE_S)
+        return self.deadline.allows(estimate, what)
 
     def _replay(self, server: Server, scen: Scenario, base: E2ERecord, reference, graph_failure: str) -> E2ERecord:
         e = self.entry
@@ -396,6 +439,9 @@ class _Entry:
             return dataclasses.replace(base, status="error", reason=f"iteration {done_iterations}: "
                                        f"{type(ex).__name__}: {first_line(ex)}", iterations=done_iterations)
         self.store.append(ITERATIONS_FILE, rows)
+        if scen.modelled_s > 0:
+            pace = (time.perf_counter() - t0) / scen.modelled_s
+            self.shared.pace[base.backend] = max(pace, self.shared.pace.get(base.backend, 0.0))
         record = _summary(base, scen, result, reference, self.slo, e.percentiles, graph_failure)
         self.store.append(REQUESTS_FILE, [{**labels, **r} for r in record.requests])
         self.log(f"  {base.backend} #{base.repeat}: {record.record.status}, mean e2e {record.record.e2e_ms_mean:.1f} "
