@@ -131,7 +131,7 @@ def test_grouped_keeps_a_group_contiguous_after_relayout():
 
 def test_grouped_append_past_room_asks_for_relayout_and_changes_nothing():
     gen = torch.Generator().manual_seed(3)
-    cache = GroupedKVCache(64, HKV, D, dtype=torch.float16, headroom=4)
+    cache = GroupedKVCache(64, HKV, D, dtype=torch.float16, headroom=4, placement="first-fit")
     cache.allocate("a")
     cache.allocate("b")
     before = cache.read("a")[0].clone(), cache.extents(), cache.stats()
@@ -143,9 +143,45 @@ def test_grouped_append_past_room_asks_for_relayout_and_changes_nothing():
     assert cache.length("a") == 5
 
 
+def test_spread_placement_lets_decode_growth_happen_in_place_and_still_packs_when_full():
+    """The default placement puts each request in the middle of the largest free range: requests that grow a
+    token at a time while the cache has room never move (first fit moves every one that outgrows its room), and a
+    request larger than any free range still gets in through one re-layout."""
+    gen = torch.Generator().manual_seed(4)
+    moved = {}
+    for placement in ("spread", "first-fit"):
+        cache = GroupedKVCache(1024, HKV, D, dtype=torch.float16, headroom=4, placement=placement)
+        data = {}
+        for rid in range(6):
+            cache.allocate(rid, reserve=20)
+            data[rid] = _tokens(gen, 20)
+            cache.append(rid, *data[rid])
+        for _ in range(40):  # 40 decode steps of every request
+            cache.make_room({rid: 1 for rid in data})
+            for rid in data:
+                new = _tokens(gen, 1)
+                cache.append(rid, *new)
+                data[rid] = tuple(torch.cat([x, y]) for x, y in zip(data[rid], new))
+        for rid, (k, v) in data.items():
+            assert torch.equal(cache.read(rid)[0], k) and torch.equal(cache.read(rid)[1], v)
+        moved[placement] = cache.stats().moved_bytes
+    assert moved["spread"] == 0 < moved["first-fit"]
+    spread = GroupedKVCache(256, HKV, D, dtype=torch.float16, headroom=4)
+    for rid in range(3):
+        spread.allocate(rid, reserve=30)
+        spread.append(rid, *_tokens(gen, 30))
+    with pytest.raises(KVCacheError, match="no free range"):  # three extents spread over 256 tokens
+        spread.allocate("big", reserve=120)
+    spread.relayout()  # what a follower does when allocate finds no free range: pack, then it fits
+    spread.allocate("big", reserve=120)
+    assert spread.length(0) == 30
+    with pytest.raises(KVCacheError, match=r"placement must be one of \('spread', 'first-fit'\)"):
+        GroupedKVCache(64, HKV, D, placement="best")
+
+
 def test_grouped_make_room_moves_only_the_growing_request_and_compacts_when_nothing_fits():
     gen = torch.Generator().manual_seed(5)
-    cache = GroupedKVCache(100, HKV, D, dtype=torch.float16, headroom=4)
+    cache = GroupedKVCache(100, HKV, D, dtype=torch.float16, headroom=4, placement="first-fit")
     data = {}
     for rid in "abc":
         cache.allocate(rid, reserve=10)
@@ -202,7 +238,8 @@ def test_a_model_cache_keeps_every_layer_at_the_same_addresses_through_moves(lay
     every layer reads back its own data, also after a copy-on-write prefix, growth, relocation and re-layout."""
     gen = torch.Generator().manual_seed(3)
     layers = 3
-    cache = make_cache(layout, 256, HKV, D, dtype=torch.float16, block_size=8, headroom=4, num_layers=layers)
+    cache = make_cache(layout, 256, HKV, D, dtype=torch.float16, block_size=8, headroom=4, num_layers=layers,
+                       placement="first-fit")  # packed tight: every growth moves
     assert cache.k_pools.shape == (layers, cache.capacity_tokens, HKV, D)
     assert cache.token_bytes == layers * 2 * HKV * D * 2
     pk, pv = (torch.randn(layers, 13, HKV, D, generator=gen).half() for _ in range(2))
@@ -242,7 +279,7 @@ def test_grouped_make_room_copies_all_relocations_at_once_without_reusing_a_vaca
     until the single copy is issued, so the second cannot land on data not yet moved (here it then needs a
     re-layout), and every request reads back intact."""
     gen = torch.Generator().manual_seed(5)
-    cache = GroupedKVCache(70, HKV, D, dtype=torch.float16, headroom=4)
+    cache = GroupedKVCache(70, HKV, D, dtype=torch.float16, headroom=4, placement="first-fit")
     data = {}
     for rid, n, reserve in (("a", 20, 20), ("b", 8, 8), ("c", 6, 12)):
         cache.allocate(rid, reserve=reserve)

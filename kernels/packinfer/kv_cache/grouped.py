@@ -14,6 +14,11 @@ import torch
 from packinfer.kv_cache.base import KVCacheBase, KVCacheError, Prefix, Request
 from packinfer.kv_cache.relayout import copy_token_ranges
 
+#: Where a new or moved request's extent goes: "spread" (the middle of the largest free range, so that it and
+#: the extent before it can both grow in place: decode steps rarely move a request while the cache has room) or
+#: "first-fit" (the lowest free range: densest, every outgrown request moves).
+PLACEMENTS = ("spread", "first-fit")
+
 
 class GroupedKVCache(KVCacheBase):
     """Group-contiguous layout: a prefix stored once, each request one contiguous extent of own tokens with
@@ -24,17 +29,21 @@ class GroupedKVCache(KVCacheBase):
     layout = "grouped"
 
     def __init__(self, capacity_tokens: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype = torch.bfloat16,
-                 device: torch.device | str = "cpu", headroom: int = 64, num_layers: int = 1) -> None:
+                 device: torch.device | str = "cpu", headroom: int = 64, num_layers: int = 1,
+                 placement: str = "spread") -> None:
         super().__init__(capacity_tokens, num_kv_heads, head_dim, dtype, device, num_layers)
         if headroom < 0:
             raise KVCacheError(f"headroom must be >= 0, got {headroom}")
-        self.headroom = headroom
+        if placement not in PLACEMENTS:
+            raise KVCacheError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+        self.headroom, self.placement = headroom, placement
         self._held: list[tuple[int, int]] = []  # ranges vacated by relocations whose copy is not issued yet
 
     def _reset_layout(self) -> None:
         self._held = []
 
-    # free-space search over the sorted extents and held ranges (first fit, or right after a given address)
+    # free-space search over the sorted extents and held ranges: right after a given address (a request next to
+    # its prefix group), else first fit or the middle of the largest free range (`placement`)
     def _gaps(self) -> list[tuple[int, int]]:
         gaps, cursor = [], 0
         for start, end, _ in sorted([*self.extents(), *((s, e, "held") for s, e in self._held)]):
@@ -51,7 +60,10 @@ class GroupedKVCache(KVCacheBase):
             raise KVCacheError(f"{what}: no free range of {n} tokens (capacity {self.capacity_tokens}, "
                                f"{self._reserved_tokens()} reserved); finish requests or relayout()")
         after = [g for g in gaps if near is not None and g[0] >= near]
-        return (after or gaps)[0][0]  # next to its group when possible
+        if after or self.placement == "first-fit":
+            return (after or gaps)[0][0]
+        start, end = max(gaps, key=lambda g: g[1] - g[0])
+        return start + (end - start - n) // 2
 
     def extents(self):
         ext = [(p.start, p.start + p.length, ("prefix", pid)) for pid, p in self._prefixes.items()]
@@ -141,7 +153,8 @@ class GroupedKVCache(KVCacheBase):
                 if self._grow_in_place(req, want, target, starts):
                     continue
                 try:
-                    start = self._find(target, f"request {rid!r}", near=req.start)
+                    near = req.start if self.placement == "first-fit" else None
+                    start = self._find(target, f"request {rid!r}", near=near)
                 except KVCacheError:  # no free range fits: compaction makes one
                     self._copy_moves(moves)
                     self._held = []
