@@ -413,7 +413,7 @@ class _Entry:
         def keep(it) -> None:
             nonlocal done_iterations
             done_iterations += 1
-            rows.append({**labels, **dataclasses.asdict(it)})
+            rows.append({**labels, **{k: _sig(v) for k, v in dataclasses.asdict(it).items()}})
             if len(rows) >= 256:
                 self.store.append(ITERATIONS_FILE, rows)
                 rows.clear()
@@ -486,6 +486,12 @@ class _Entry:
             self.store.add_summary(dataclasses.replace(self._base(trace, label, backend, rep, None), status=status,
                                                        reason=reason))
             self.counts[status] = self.counts.get(status, 0) + 1
+
+
+def _sig(value):
+    """A float to 6 significant digits (timers resolve ~0.5 us: the rest of a double's digits is noise that
+    triples iterations.csv); anything else as it is."""
+    return float(f"{value:.6g}") if isinstance(value, float) else value
 
 
 @dataclasses.dataclass
