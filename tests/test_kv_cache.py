@@ -114,7 +114,7 @@ def test_paged_prefix_with_a_partial_last_block_is_copied_on_write():
 
 def test_grouped_keeps_a_group_contiguous_after_relayout():
     gen = torch.Generator().manual_seed(2)
-    cache = GroupedKVCache(512, HKV, D, dtype=torch.float16, headroom=4)
+    cache = GroupedKVCache(512, HKV, D, dtype=torch.float16, headroom=4, relayout_slack=0.0)
     cache.add_prefix("p", *_tokens(gen, 20))
     for rid, pid in [(0, None), (1, "p"), (2, None), (3, "p")]:
         cache.allocate(rid, pid)
@@ -166,7 +166,7 @@ def test_spread_placement_lets_decode_growth_happen_in_place_and_still_packs_whe
             assert torch.equal(cache.read(rid)[0], k) and torch.equal(cache.read(rid)[1], v)
         moved[placement] = cache.stats().moved_bytes
     assert moved["spread"] == 0 < moved["first-fit"]
-    spread = GroupedKVCache(256, HKV, D, dtype=torch.float16, headroom=4)
+    spread = GroupedKVCache(256, HKV, D, dtype=torch.float16, headroom=4, relayout_slack=0.0)
     for rid in range(3):
         spread.allocate(rid, reserve=30)
         spread.append(rid, *_tokens(gen, 30))
@@ -175,6 +175,14 @@ def test_spread_placement_lets_decode_growth_happen_in_place_and_still_packs_whe
     spread.relayout()  # what a follower does when allocate finds no free range: pack, then it fits
     spread.allocate("big", reserve=120)
     assert spread.length(0) == 30
+    slack = GroupedKVCache(256, HKV, D, dtype=torch.float16, headroom=4)  # re-layout leaves each request room
+    for rid, n in ((0, 10), (1, 30)):
+        slack.allocate(rid, reserve=n)
+        slack.append(rid, *_tokens(gen, n))
+    slack.relayout()
+    rooms = {o[1]: e - s for s, e, o in slack.extents()}
+    free = 256 - 10 - 30 - 2 * 4  # half of it goes to the requests, by their sizes: 13 and 39 more tokens
+    assert rooms == {0: 10 + 4 + free // 2 * 10 // 40, 1: 30 + 4 + free // 2 * 30 // 40}
     with pytest.raises(KVCacheError, match=r"placement must be one of \('spread', 'first-fit'\)"):
         GroupedKVCache(64, HKV, D, placement="best")
 

@@ -19,13 +19,14 @@ __all__ = ["LAYOUTS", "CacheStats", "GroupedKVCache", "KVCacheBase", "KVCacheErr
 
 def make_cache(layout: str, capacity_tokens: int, num_kv_heads: int, head_dim: int, *, dtype=torch.bfloat16,
                device="cpu", block_size: int = 16, headroom: int = 64, num_layers: int = 1,
-               placement: str = "spread"):
+               placement: str = "spread", relayout_slack: float = 0.5):
     """A cache of `layout` ('paged' or 'grouped') holding capacity_tokens tokens in each of num_layers layers
-    (grouped: `headroom` tokens of room per request, extents placed by `placement`, see PLACEMENTS)."""
+    (grouped: `headroom` tokens of room per request, extents placed by `placement` (see PLACEMENTS), a share of
+    the free space given out on re-layout (`relayout_slack`))."""
     if layout == "paged":
         return PagedKVCache(-(-capacity_tokens // block_size), block_size, num_kv_heads, head_dim, dtype, device,
                             num_layers)
     if layout == "grouped":
         return GroupedKVCache(capacity_tokens, num_kv_heads, head_dim, dtype, device, headroom, num_layers,
-                              placement)
+                              placement, relayout_slack)
     raise KVCacheError(f"layout must be one of {list(LAYOUTS)}, got {layout!r}")

@@ -14,10 +14,11 @@ import torch
 from packinfer.kv_cache.base import KVCacheBase, KVCacheError, Prefix, Request
 from packinfer.kv_cache.relayout import copy_token_ranges
 
-#: Where a new or moved request's extent goes: "spread" (the middle of the largest free range, so that it and
-#: the extent before it can both grow in place: decode steps rarely move a request while the cache has room) or
-#: "first-fit" (the lowest free range: densest, every outgrown request moves).
+#: Where a new or moved request's extent goes: "spread" (while at most SPREAD_BELOW of the cache is reserved, the
+#: middle of the largest free range, so that it and the extent before it can both grow in place: decode steps
+#: rarely move a request; fuller, the lowest free range) or "first-fit" (always the lowest free range).
 PLACEMENTS = ("spread", "first-fit")
+SPREAD_BELOW = 0.5
 
 
 class GroupedKVCache(KVCacheBase):
@@ -30,13 +31,15 @@ class GroupedKVCache(KVCacheBase):
 
     def __init__(self, capacity_tokens: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype = torch.bfloat16,
                  device: torch.device | str = "cpu", headroom: int = 64, num_layers: int = 1,
-                 placement: str = "spread") -> None:
+                 placement: str = "spread", relayout_slack: float = 0.5) -> None:
         super().__init__(capacity_tokens, num_kv_heads, head_dim, dtype, device, num_layers)
         if headroom < 0:
             raise KVCacheError(f"headroom must be >= 0, got {headroom}")
         if placement not in PLACEMENTS:
             raise KVCacheError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
-        self.headroom, self.placement = headroom, placement
+        if not 0.0 <= relayout_slack <= 1.0:
+            raise KVCacheError(f"relayout_slack must be in [0, 1], got {relayout_slack}")
+        self.headroom, self.placement, self.relayout_slack = headroom, placement, relayout_slack
         self._held: list[tuple[int, int]] = []  # ranges vacated by relocations whose copy is not issued yet
 
     def _reset_layout(self) -> None:
@@ -60,7 +63,7 @@ class GroupedKVCache(KVCacheBase):
             raise KVCacheError(f"{what}: no free range of {n} tokens (capacity {self.capacity_tokens}, "
                                f"{self._reserved_tokens()} reserved); finish requests or relayout()")
         after = [g for g in gaps if near is not None and g[0] >= near]
-        if after or self.placement == "first-fit":
+        if after or self.placement == "first-fit" or self._reserved_tokens() > SPREAD_BELOW * self.capacity_tokens:
             return (after or gaps)[0][0]
         start, end = max(gaps, key=lambda g: g[1] - g[0])
         return start + (end - start - n) // 2
@@ -188,8 +191,10 @@ class GroupedKVCache(KVCacheBase):
 
     def relayout(self, reserve: Mapping[Hashable, int] | None = None) -> int:
         """Pack prefixes and requests from address 0, each group's requests right after its prefix, every request
-        with room for its tokens plus max(reserve.get(request, 0), headroom). Moves data with one GPU copy kernel
-        through a scratch buffer of the moved tokens. Returns the bytes of K+V moved."""
+        with room for its tokens plus max(reserve.get(request, 0), headroom) plus its share (by its tokens) of
+        `relayout_slack` of the space left free: packed tight, a full cache would be re-laid out again within a
+        few steps. Moves data with one GPU copy kernel through a scratch buffer of the moved tokens. Returns the
+        bytes of K+V moved."""
         reserve = dict(reserve or {})
         for rid in reserve:
             self._request(rid)
@@ -198,6 +203,13 @@ class GroupedKVCache(KVCacheBase):
             order.append(("prefix", pid))
             order += [("request", rid) for rid, r in self._requests.items() if r.prefix_id == pid]
         order += [("request", rid) for rid, r in self._requests.items() if r.prefix_id is None]
+        def room(rid, r):
+            return max(reserve.get(rid, 0), self.headroom)
+
+        own = {rid: r.length - r.prefix_len for rid, r in self._requests.items()}
+        needed = sum(p.length for p in self._prefixes.values()) + sum(own[k] + room(k, r)
+                                                                      for k, r in self._requests.items())
+        slack = max(self.capacity_tokens - needed, 0) * self.relayout_slack / max(sum(own.values()), 1)
         plan, cursor = [], 0
         for kind, key in order:
             if kind == "prefix":
@@ -206,7 +218,7 @@ class GroupedKVCache(KVCacheBase):
             else:
                 r = self._requests[key]
                 used = r.length - r.prefix_len
-                size = used + max(reserve.get(key, 0), self.headroom)
+                size = used + room(key, r) + int(slack * used)
                 old = r.start
             plan.append((kind, key, old, cursor, used, size))
             cursor += size
