@@ -183,6 +183,12 @@ def test_spread_placement_lets_decode_growth_happen_in_place_and_still_packs_whe
     rooms = {o[1]: e - s for s, e, o in slack.extents()}
     free = 256 - 10 - 30 - 2 * 4  # half of it goes to the requests, by their sizes: 13 and 39 more tokens
     assert rooms == {0: 10 + 4 + free // 2 * 10 // 40, 1: 30 + 4 + free // 2 * 30 // 40}
+    slack.relayout(keep_free=100)  # an allocation of 100 tokens asked for it: the slack comes only from the rest
+    rooms = {o[1]: e - s for s, e, o in slack.extents()}
+    assert rooms == {0: 10 + 4 + (free - 100) // 2 * 10 // 40, 1: 30 + 4 + (free - 100) // 2 * 30 // 40}
+    slack.allocate("scratch", reserve=50, exact=True)  # an exact reserve never grows: first fit, not the middle
+    assert [s for s, _, o in slack.extents() if o[1] == "scratch"] == [max(e for s, e, o in slack.extents()
+                                                                           if o[1] != "scratch")]
     with pytest.raises(KVCacheError, match=r"placement must be one of \('spread', 'first-fit'\)"):
         GroupedKVCache(64, HKV, D, placement="best")
 

@@ -145,16 +145,17 @@ class CacheFollower:
         use_prefix = pid >= 0 and 0 < plen <= kv
         created = None
         if use_prefix and not cache.has_prefix(pid):
-            created = self._room(cost, lambda: cache.add_prefix(pid, length=plen))
+            created = self._room(cost, lambda: cache.add_prefix(pid, length=plen), plen)
         own = kv - (plen if use_prefix else 0)
         reserve = own + getattr(cache, "headroom", 0)
-        self._room(cost, lambda: cache.allocate(rid, pid if use_prefix else None, reserve=reserve))
+        self._room(cost, lambda: cache.allocate(rid, pid if use_prefix else None, reserve=reserve), reserve)
         if use_prefix:
             self._prefix_of[rid] = pid
         return created
 
-    def _room(self, cost: StepCost, op):
-        """Run an allocation; in the grouped layout, when no free range fits, compact once and try again."""
+    def _room(self, cost: StepCost, op, tokens: int):
+        """Run an allocation of `tokens`; in the grouped layout, when no free range fits, compact once (keeping
+        that much free) and try again."""
         cache = self.cache
         try:
             return op()
@@ -163,7 +164,7 @@ class CacheFollower:
                 raise
             self._sync()
             t0 = time.perf_counter()
-            cost.moved_bytes += cache.relayout()  # compaction makes one free range of the scattered gaps
+            cost.moved_bytes += cache.relayout(keep_free=tokens)  # one free range of the scattered gaps
             cost.relayouts += 1
             self._sync()
             cost.room_s += time.perf_counter() - t0

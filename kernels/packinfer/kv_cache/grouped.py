@@ -46,7 +46,7 @@ class GroupedKVCache(KVCacheBase):
         self._held = []
 
     # free-space search over the sorted extents and held ranges: right after a given address (a request next to
-    # its prefix group), else first fit or the middle of the largest free range (`placement`)
+    # its prefix group), else first fit or, for an extent that may grow, the middle of the largest free range
     def _gaps(self) -> list[tuple[int, int]]:
         gaps, cursor = [], 0
         for start, end, _ in sorted([*self.extents(), *((s, e, "held") for s, e in self._held)]):
@@ -57,13 +57,14 @@ class GroupedKVCache(KVCacheBase):
             gaps.append((cursor, self.capacity_tokens))
         return gaps
 
-    def _find(self, n: int, what: str, near: int | None = None) -> int:
+    def _find(self, n: int, what: str, near: int | None = None, grows: bool = True) -> int:
         gaps = [g for g in self._gaps() if g[1] - g[0] >= n]
         if not gaps:
             raise KVCacheError(f"{what}: no free range of {n} tokens (capacity {self.capacity_tokens}, "
                                f"{self._reserved_tokens()} reserved); finish requests or relayout()")
         after = [g for g in gaps if near is not None and g[0] >= near]
-        if after or self.placement == "first-fit" or self._reserved_tokens() > SPREAD_BELOW * self.capacity_tokens:
+        if (after or not grows or self.placement == "first-fit"
+                or self._reserved_tokens() > SPREAD_BELOW * self.capacity_tokens):
             return (after or gaps)[0][0]
         start, end = max(gaps, key=lambda g: g[1] - g[0])
         return start + (end - start - n) // 2
@@ -74,7 +75,7 @@ class GroupedKVCache(KVCacheBase):
         return sorted(ext)
 
     def _store_prefix(self, n):
-        return Prefix(n, self._next_serial(), start=self._find(n, "prefix"))
+        return Prefix(n, self._next_serial(), start=self._find(n, "prefix", grows=False))
 
     def _prefix_addresses(self, prefix):
         return np.arange(prefix.start, prefix.start + prefix.length, dtype=np.int64)
@@ -90,7 +91,7 @@ class GroupedKVCache(KVCacheBase):
                 group = [r.start + r.room for r in self._requests.values() if r.prefix_id == req.prefix_id]
                 p = self._prefixes[req.prefix_id]
                 near = max(group, default=p.start + p.length)
-            req.start, req.room = self._find(room, f"request {request_id!r}", near), room
+            req.start, req.room = self._find(room, f"request {request_id!r}", near, grows=not exact), room
 
     def _grow_in_place(self, req: Request, want: int, target: int | None = None,
                        starts: list[int] | None = None) -> bool:
@@ -156,8 +157,7 @@ class GroupedKVCache(KVCacheBase):
                 if self._grow_in_place(req, want, target, starts):
                     continue
                 try:
-                    near = req.start if self.placement == "first-fit" else None
-                    start = self._find(target, f"request {rid!r}", near=near)
+                    start = self._find(target, f"request {rid!r}", near=req.start)
                 except KVCacheError:  # no free range fits: compaction makes one
                     self._copy_moves(moves)
                     self._held = []
@@ -189,11 +189,12 @@ class GroupedKVCache(KVCacheBase):
             self._copy_tokens(src, dst, n)
             moves.clear()
 
-    def relayout(self, reserve: Mapping[Hashable, int] | None = None) -> int:
+    def relayout(self, reserve: Mapping[Hashable, int] | None = None, keep_free: int = 0) -> int:
         """Pack prefixes and requests from address 0, each group's requests right after its prefix, every request
         with room for its tokens plus max(reserve.get(request, 0), headroom) plus its share (by its tokens) of
-        `relayout_slack` of the space left free: packed tight, a full cache would be re-laid out again within a
-        few steps. Moves data with one GPU copy kernel through a scratch buffer of the moved tokens. Returns the
+        `relayout_slack` of the space left free beyond `keep_free` tokens (what the allocation that asked for the
+        re-layout needs): packed tight, a full cache would be re-laid out again within a few steps. Moves data
+        with one GPU copy kernel through a scratch buffer of the moved tokens. Returns the
         bytes of K+V moved."""
         reserve = dict(reserve or {})
         for rid in reserve:
@@ -209,7 +210,7 @@ class GroupedKVCache(KVCacheBase):
         own = {rid: r.length - r.prefix_len for rid, r in self._requests.items()}
         needed = sum(p.length for p in self._prefixes.values()) + sum(own[k] + room(k, r)
                                                                       for k, r in self._requests.items())
-        slack = max(self.capacity_tokens - needed, 0) * self.relayout_slack / max(sum(own.values()), 1)
+        slack = max(self.capacity_tokens - needed - keep_free, 0) * self.relayout_slack / max(sum(own.values()), 1)
         plan, cursor = [], 0
         for kind, key in order:
             if kind == "prefix":
