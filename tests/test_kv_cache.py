@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from packinfer import GroupedKVCache, KVCacheError, PagedKVCache, make_cache
+from packinfer.kv_cache.relayout import BLOCK_T, copy_token_ranges, token_ranges
 
 HKV, D = 2, 8
 
@@ -325,3 +326,22 @@ def test_reset_empties_the_cache_and_keeps_its_pools(layout):
     assert (cache.k_pools.data_ptr(), cache.v_pools.data_ptr()) == pools
     cache.allocate(0, reserve=200)  # all the room is there again
     assert len(cache.extend(0, 200)) == 200
+
+
+def test_copy_token_ranges_moves_exactly_the_ranges_and_names_bad_ranges():
+    """The re-layout copy on ranges of length 0, 1 and the token block +-1, to a buffer poisoned first."""
+    gen = torch.Generator().manual_seed(7)
+    src = torch.randn(400, 24, generator=gen)
+    dst = torch.full((400, 24), float("nan"))
+    starts, lengths, to = [0, 5, 40, 100, 300], [1, 0, BLOCK_T - 1, BLOCK_T + 1, 2 * BLOCK_T], [399, 7, 10, 200, 120]
+    copy_token_ranges(src, dst, token_ranges(starts, to, lengths, "cpu"))
+    expect = torch.full_like(dst, float("nan"))
+    for s, n, d in zip(starts, lengths, to):
+        expect[d:d + n] = src[s:s + n]
+    assert torch.equal(dst.isnan(), expect.isnan()) and torch.equal(dst.nan_to_num(), expect.nan_to_num())
+    with pytest.raises(ValueError, match="1-D of one length"):
+        token_ranges([0, 1], [2], [1, 1], "cpu")
+    with pytest.raises(ValueError, match=">= 0"):
+        token_ranges([0], [-3], [1], "cpu")
+    with pytest.raises(ValueError, match="same width"):
+        copy_token_ranges(src, torch.empty(400, 8), token_ranges([0], [0], [1], "cpu"))

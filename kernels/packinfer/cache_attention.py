@@ -308,8 +308,10 @@ def plan_arrays(plan: CachePlan, device: torch.device, head_dim: int) -> dict[st
     key = ("arrays", str(device), head_dim)
     cache = plan._device_cache
     if key not in cache:
-        def dev(a) -> torch.Tensor:
-            return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32)).to(device)
+        def dev(a) -> torch.Tensor:  # pinned and non-blocking: the host does not wait for queued GPU work
+            host = torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32))
+            return host.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" \
+                else host.to(device)
 
         table = plan.block_table if plan.block_table is not None and plan.layout == "paged" else np.zeros((1, 1))
         cache[key] = {

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from packinfer.kv_cache.relayout import copy_token_ranges
+from packinfer.kv_cache.relayout import copy_token_ranges, token_ranges
 
 
 class KVCacheError(ValueError):
@@ -303,10 +303,11 @@ class KVCacheBase:
         launch each; ranges of one call must not overlap."""
         cap, layers = self.capacity_tokens, self.num_layers
         shift = torch.arange(layers, dtype=torch.int64).repeat_interleave(len(src)) * cap
-        src, dst, lengths = src.repeat(layers) + shift, dst.repeat(layers) + shift, lengths.repeat(layers)
+        ranges = token_ranges(src.repeat(layers) + shift, dst.repeat(layers) + shift, lengths.repeat(layers),
+                              self.k.device)
         for pool in (self.k_pools, self.v_pools):
             flat = pool.view(layers * cap, -1)
-            copy_token_ranges(flat, flat, src, dst, lengths)
+            copy_token_ranges(flat, flat, ranges)
 
     # layout-specific parts
     def _store_prefix(self, n: int) -> Prefix:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from packinfer.kv_cache.base import KVCacheBase, KVCacheError, Prefix, Request
-from packinfer.kv_cache.relayout import copy_token_ranges
+from packinfer.kv_cache.relayout import copy_token_ranges, token_ranges
 
 #: Where a new or moved request's extent goes: "spread" (while at most SPREAD_BELOW of the cache is reserved, the
 #: middle of the largest free range, so that it and the extent before it can both grow in place: decode steps
@@ -231,12 +231,13 @@ class GroupedKVCache(KVCacheBase):
         if moves:
             src, dst, lens = (torch.tensor([m[i] for m in moves], dtype=torch.int64) for i in range(3))
             scratch_at = torch.cumsum(lens, 0) - lens
+            out, back = (token_ranges(a, b, lens, self.k.device) for a, b in ((src, scratch_at), (scratch_at, dst)))
+            scratch = torch.empty(moved, self.num_kv_heads * self.head_dim, dtype=self.dtype, device=self.k.device)
             for pool in (self.k_pools, self.v_pools):
-                for layer in pool:  # through a scratch buffer of one layer's moved tokens
+                for layer in pool:  # through the scratch buffer of one layer's moved tokens
                     flat = layer.view(layer.shape[0], -1)
-                    scratch = torch.empty(moved, flat.shape[1], dtype=pool.dtype, device=pool.device)
-                    copy_token_ranges(flat, scratch, src, scratch_at, lens)
-                    copy_token_ranges(scratch, flat, scratch_at, dst, lens)
+                    copy_token_ranges(flat, scratch, out)
+                    copy_token_ranges(scratch, flat, back)
         for kind, key, _, new, _, size in plan:
             if kind == "prefix":
                 self._prefixes[key].start = new
