@@ -1,6 +1,7 @@
 """Confidence intervals by bootstrap, for the end-to-end comparisons: a metric's mean over units (requests,
 iterations) and the paired ratio of two backends' means over the same units (the same schedule replayed by both,
-so unit i of one backend is unit i of the other). Seeded: the same data always gives the same interval."""
+so unit i of one backend is unit i of the other). Seeded: the same data always gives the same interval. One unit
+(a throughput of a single repeat) has a value and no interval: resampling it would give a zero-width one."""
 
 from __future__ import annotations
 
@@ -43,8 +44,8 @@ def bootstrap(samples: np.ndarray, statistic: Callable[[np.ndarray], float] = np
     (resamples: default_resamples(n))."""
     x = np.asarray(samples, dtype=np.float64)
     x = x[np.isfinite(x)]
-    if len(x) == 0:
-        return Interval(float("nan"), float("nan"), float("nan"))
+    if len(x) < 2:
+        return Interval(float(statistic(x)) if len(x) else float("nan"), float("nan"), float("nan"))
     resamples = resamples or default_resamples(len(x))
     idx = np.random.default_rng(seed).integers(0, len(x), size=(resamples, len(x)))
     if statistic in (np.mean, np.median):  # vectorised over the resamples
@@ -69,6 +70,8 @@ def paired_ratio(ours: np.ndarray, theirs: np.ndarray, *, statistic: str = "mean
     a, b = a[keep], b[keep]
     if len(a) == 0 or stat(b) == 0:
         return Interval(float("nan"), float("nan"), float("nan"))
+    if len(a) == 1:
+        return Interval(float(a[0] / b[0]), float("nan"), float("nan"))
     resamples = resamples or default_resamples(len(a))
     idx = np.random.default_rng(seed).integers(0, len(a), size=(resamples, len(a)))
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -78,9 +81,11 @@ def paired_ratio(ours: np.ndarray, theirs: np.ndarray, *, statistic: str = "mean
 
 
 def verdict(ratio: Interval, lower_is_better: bool = True) -> str:
-    """How a ratio ours / peer reads: 'no difference' when its interval spans 1.0."""
+    """How a ratio ours / peer reads: 'no difference' when its interval spans 1.0, 'one sample' without one."""
     if not np.isfinite(ratio.value):
         return "n/a"
+    if not (np.isfinite(ratio.low) and np.isfinite(ratio.high)):
+        return "one sample"
     if ratio.spans(1.0):
         return "no difference"
     better = ratio.high < 1.0 if lower_is_better else ratio.low > 1.0

@@ -41,3 +41,11 @@ def test_verdicts():
     assert verdict(Interval(1.2, 1.1, 1.3)) == "worse"
     assert verdict(Interval(1.2, 1.1, 1.3), lower_is_better=False) == "better"
     assert bootstrap(np.array([np.nan])).value != bootstrap(np.array([np.nan])).value  # nan: nothing to say
+
+
+def test_one_unit_has_a_value_and_no_interval():
+    """One repeat's throughput: resampling it would give a zero-width interval and a verdict it cannot carry."""
+    one = bootstrap(np.array([4.2]))
+    assert one.value == 4.2 and np.isnan(one.low) and np.isnan(one.high)
+    ratio = paired_ratio(np.array([3.0]), np.array([4.0]))
+    assert ratio.value == 0.75 and np.isnan(ratio.low) and verdict(ratio) == "one sample"

@@ -4,7 +4,7 @@ and what a serving engineer reads from them.
 - e2e_compare: ours against each peer per load point, every metric with its 95% bootstrap interval and the
   paired ratio ours / peer with its interval (requests paired by (repeat, request), repeats by repeat,
   iterations by (repeat, iteration): the same schedule replayed by both); a ratio whose interval spans 1.0
-  reads "no difference".
+  reads "no difference", one over a single unit (a throughput of one repeat) "one sample".
 - e2e_iteration_kinds: per backend and iteration kind (decode, mixed, prefill) the median iteration, GPU and
   host time and the launches per layer: the stable signal beside latency under a queue.
 - e2e_slo: per backend the highest swept rate it sustains within the SLO, and its goodput there.
@@ -118,7 +118,8 @@ _REPEAT_METRICS = (("throughput", "tok/s", "throughput_tok_s"), ("goodput", "req
 def e2e_compare_table(summary: pd.DataFrame, requests: pd.DataFrame, iterations: pd.DataFrame,
                       ours: str = OURS_BACKEND) -> pd.DataFrame:
     """Ours against each peer per load point: every metric's value with its 95% bootstrap interval for both,
-    the paired ratio ours / peer with its interval, and the verdict ('better', 'worse', 'no difference')."""
+    the paired ratio ours / peer with its interval, and the verdict ('better', 'worse', 'no difference',
+    'one sample')."""
     summary, requests, iterations = _with_repeat(summary.copy()), _with_repeat(requests.copy()), iterations
     ok = summary[summary["status"] == "ok"]
     rows = []
