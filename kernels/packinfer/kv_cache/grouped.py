@@ -194,8 +194,7 @@ class GroupedKVCache(KVCacheBase):
         with room for its tokens plus max(reserve.get(request, 0), headroom) plus its share (by its tokens) of
         `relayout_slack` of the space left free beyond `keep_free` tokens (what the allocation that asked for the
         re-layout needs): packed tight, a full cache would be re-laid out again within a few steps. Moves data
-        with one GPU copy kernel through a scratch buffer of the moved tokens. Returns the
-        bytes of K+V moved."""
+        with one GPU copy kernel through a scratch buffer of the moved tokens. Returns the bytes of K+V moved."""
         reserve = dict(reserve or {})
         for rid in reserve:
             self._request(rid)
@@ -204,12 +203,12 @@ class GroupedKVCache(KVCacheBase):
             order.append(("prefix", pid))
             order += [("request", rid) for rid, r in self._requests.items() if r.prefix_id == pid]
         order += [("request", rid) for rid, r in self._requests.items() if r.prefix_id is None]
-        def room(rid, r):
+
+        def room(rid) -> int:
             return max(reserve.get(rid, 0), self.headroom)
 
         own = {rid: r.length - r.prefix_len for rid, r in self._requests.items()}
-        needed = sum(p.length for p in self._prefixes.values()) + sum(own[k] + room(k, r)
-                                                                      for k, r in self._requests.items())
+        needed = sum(p.length for p in self._prefixes.values()) + sum(own[k] + room(k) for k in self._requests)
         slack = max(self.capacity_tokens - needed - keep_free, 0) * self.relayout_slack / max(sum(own.values()), 1)
         plan, cursor = [], 0
         for kind, key in order:
@@ -219,7 +218,7 @@ class GroupedKVCache(KVCacheBase):
             else:
                 r = self._requests[key]
                 used = r.length - r.prefix_len
-                size = used + room(key, r) + int(slack * used)
+                size = used + room(key) + int(slack * used)
                 old = r.start
             plan.append((kind, key, old, cursor, used, size))
             cursor += size
