@@ -36,6 +36,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from packinfer.cache_plan import ITEM_FIELDS, ROW_FIELDS, CachePlan, PlanBuffers
+from packinfer.device import upload
 from packinfer.launch import Bound
 from packinfer.scoring import NO_OPTIONS, ScoreOptions
 from packinfer.triton_common import (
@@ -308,10 +309,8 @@ def plan_arrays(plan: CachePlan, device: torch.device, head_dim: int) -> dict[st
     key = ("arrays", str(device), head_dim)
     cache = plan._device_cache
     if key not in cache:
-        def dev(a) -> torch.Tensor:  # pinned and non-blocking: the host does not wait for queued GPU work
-            host = torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32))
-            return host.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" \
-                else host.to(device)
+        def dev(a) -> torch.Tensor:
+            return upload(torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32)), device)
 
         table = plan.block_table if plan.block_table is not None and plan.layout == "paged" else np.zeros((1, 1))
         cache[key] = {

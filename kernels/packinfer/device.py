@@ -1,5 +1,5 @@
-"""What the library asks of the device: its SM count, which the planners balance work over, and its shared memory
-per block, which bounds the tile shapes the planners may pick."""
+"""What the library asks of the device: its SM count, which the planners balance work over, its shared memory
+per block, which bounds the tile shapes the planners may pick, and a host-to-device copy that does not wait."""
 
 from __future__ import annotations
 
@@ -40,3 +40,11 @@ def shared_memory(device: torch.device | str | None = None) -> int:
 def _cuda_shared_memory(index: int) -> int:
     props = torch.cuda.get_device_properties(index)
     return int(getattr(props, "shared_memory_per_block_optin", FALLBACK_SHARED_MEMORY))
+
+
+def upload(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A CPU tensor on `device`, copied without making the host wait for queued GPU work: through pinned memory,
+    non-blocking, on a CUDA device (a plain .to(cuda) from pageable memory synchronises the stream, which would
+    stall a serving loop preparing the next iteration while the GPU runs this one); a plain copy elsewhere."""
+    device = torch.device(device)
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)

@@ -5,9 +5,8 @@ Tiling: each program copies BLOCK_T tokens x BLOCK_W elements of one range; prog
 (num_kv_heads * head_dim elements).
 
 The ranges go to the device once (token_ranges) and serve any number of copies: a cache moves every layer's K
-and V pools by the same addresses. The upload is non-blocking from pinned memory, so moving data never makes
-the host wait for queued GPU work (a plain .to(cuda) of a CPU tensor does: it would stall a serving loop that
-prepares the next iteration while the GPU runs this one).
+and V pools by the same addresses. The upload does not make the host wait for queued GPU work
+(packinfer.device.upload), so moving data never stalls a serving loop that prepares the next iteration.
 """
 
 from __future__ import annotations
@@ -17,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from packinfer.device import upload
 
 BLOCK_T = 32
 BLOCK_W = 256
@@ -64,9 +65,7 @@ def token_ranges(src_start, dst_start, lengths, device: torch.device | str) -> T
     host = torch.cat([torch.stack([which, offset], 1).reshape(-1), src_start, dst_start, lengths])
     if len(host) and int((torch.maximum(src_start, dst_start) + lengths).max()) >= 2 ** 31:
         raise ValueError("token addresses must fit in int32")
-    host = host.to(torch.int32)
-    device = torch.device(device)
-    dev = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
+    dev = upload(host.to(torch.int32), device)
     nb, nr = len(which), len(lengths)
     return TokenRanges(dev[:2 * nb].view(nb, 2), *dev[2 * nb:].split(nr))
 
