@@ -328,13 +328,18 @@ def test_reset_empties_the_cache_and_keeps_its_pools(layout):
     assert len(cache.extend(0, 200)) == 200
 
 
-def test_copy_token_ranges_moves_exactly_the_ranges_and_names_bad_ranges():
-    """The re-layout copy on ranges of length 0, 1 and the token block +-1, to a buffer poisoned first."""
+@pytest.mark.parametrize("path", ["kernel", "host"])
+def test_copy_token_ranges_moves_exactly_the_ranges_and_names_bad_ranges(path, device, monkeypatch):
+    """The re-layout copy on ranges of length 0, 1 and the token block +-1, to a buffer poisoned first: the Triton
+    kernel on the test device, and the torch copy a CPU pool takes outside the interpreter."""
+    if path == "host":
+        device = torch.device("cpu")
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     gen = torch.Generator().manual_seed(7)
-    src = torch.randn(400, 24, generator=gen)
-    dst = torch.full((400, 24), float("nan"))
+    src = torch.randn(400, 24, generator=gen).to(device)
+    dst = torch.full((400, 24), float("nan"), device=device)
     starts, lengths, to = [0, 5, 40, 100, 300], [1, 0, BLOCK_T - 1, BLOCK_T + 1, 2 * BLOCK_T], [399, 7, 10, 200, 120]
-    copy_token_ranges(src, dst, token_ranges(starts, to, lengths, "cpu"))
+    copy_token_ranges(src, dst, token_ranges(starts, to, lengths, device))
     expect = torch.full_like(dst, float("nan"))
     for s, n, d in zip(starts, lengths, to):
         expect[d:d + n] = src[s:s + n]

@@ -11,6 +11,7 @@ and V pools by the same addresses. The upload does not make the host wait for qu
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -72,7 +73,8 @@ def token_ranges(src_start, dst_start, lengths, device: torch.device | str) -> T
 
 def copy_token_ranges(src: torch.Tensor, dst: torch.Tensor, ranges: TokenRanges) -> None:
     """Copy `ranges` from src to dst, 2-D tensors [tokens, width] with unit last stride. Ranges must not overlap
-    between src and dst (copy through a scratch buffer to move data inside one pool)."""
+    between src and dst (copy through a scratch buffer to move data inside one pool). A pool in CPU memory
+    (where Triton cannot launch outside its interpreter) is copied with torch indexing instead."""
     if src.dim() != 2 or dst.dim() != 2 or src.shape[1] != dst.shape[1] or src.stride(1) != 1 or dst.stride(1) != 1:
         raise ValueError(f"src and dst must be [tokens, width] with the same width and unit last stride, got "
                          f"{tuple(src.shape)} and {tuple(dst.shape)}")
@@ -80,6 +82,16 @@ def copy_token_ranges(src: torch.Tensor, dst: torch.Tensor, ranges: TokenRanges)
         raise ValueError(f"src and dst dtypes differ: {src.dtype}, {dst.dtype}")
     if ranges.num_blocks == 0:
         return
+    if not src.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        _copy_on_host(src, dst, ranges)
+        return
     grid = (ranges.num_blocks, triton.cdiv(src.shape[1], BLOCK_W))
     _copy_ranges[grid](src, dst, ranges.blocks, ranges.src_start, ranges.dst_start, ranges.lengths, src.shape[1],
                        src.stride(0), dst.stride(0), BLOCK_T=BLOCK_T, BLOCK_W=BLOCK_W)
+
+
+def _copy_on_host(src: torch.Tensor, dst: torch.Tensor, ranges: TokenRanges) -> None:
+    lengths = ranges.lengths.long()
+    offset = torch.arange(int(lengths.sum())) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
+    dst[torch.repeat_interleave(ranges.dst_start.long(), lengths) + offset] = (
+        src[torch.repeat_interleave(ranges.src_start.long(), lengths) + offset])
