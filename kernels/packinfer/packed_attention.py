@@ -70,7 +70,7 @@ def _load_kv(K, V, k_base, v_base, start, keys, kv_head, k_end, dmask, stride_kt
 def _attend(q, K, V, kv_head, first, mask_end, nomask_end, k_end, lo, hi, diag, slope, qk_scale, cap, stride_kt,
             stride_kh, stride_vt, stride_vh, DIM: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
             BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr, USE_TMA: tl.constexpr, SAFE: tl.constexpr,
-            SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+            SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, FUSED_SCALE: tl.constexpr, WARP_SPEC: tl.constexpr):
     """The tile's slots over its key range: masked blocks [first, mask_end) (a window's left edge), unmasked
     blocks [mask_end, nomask_end) every slot sees whole, masked blocks [nomask_end, k_end). Returns (max, sum, acc)."""
     dims = tl.arange(0, HEAD_DIM)
@@ -93,20 +93,21 @@ def _attend(q, K, V, kv_head, first, mask_end, nomask_end, k_end, lo, hi, diag, 
                         True, EVEN_D, USE_TMA)
         valid = (keys[None, :] >= lo[:, None]) & (keys[None, :] <= hi[:, None])
         m_i, l_i, acc = online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, cap, keys, diag, slope, valid, True,
-                                            SAFE, DOT_F32, SOFTCAP, ALIBI)
-    for start in range(mask_end, nomask_end, BLOCK_N):  # keys every slot sees
+                                            SAFE, DOT_F32, SOFTCAP, ALIBI, FUSED_SCALE)
+    # keys every slot sees (WARP_SPEC: Triton's warp-specialized pipeline, loads and math in separate warps)
+    for start in tl.range(mask_end, nomask_end, BLOCK_N, warp_specialize=WARP_SPEC):
         keys = start + cols
         k, v = _load_kv(K, V, k_base, v_base, start, keys, kv_head, k_end, dmask, stride_kt, stride_vt, HEAD_DIM,
                         False, EVEN_D, USE_TMA)
         m_i, l_i, acc = online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, cap, keys, diag, slope, 0, False,
-                                            False, DOT_F32, SOFTCAP, ALIBI)
+                                            False, DOT_F32, SOFTCAP, ALIBI, FUSED_SCALE)
     for start in range(nomask_end, k_end, BLOCK_N):
         keys = start + cols
         k, v = _load_kv(K, V, k_base, v_base, start, keys, kv_head, k_end, dmask, stride_kt, stride_vt, HEAD_DIM,
                         True, EVEN_D, USE_TMA)
         valid = (keys[None, :] >= lo[:, None]) & (keys[None, :] <= hi[:, None])
         m_i, l_i, acc = online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, cap, keys, diag, slope, valid, True,
-                                            SAFE, DOT_F32, SOFTCAP, ALIBI)
+                                            SAFE, DOT_F32, SOFTCAP, ALIBI, FUSED_SCALE)
     return m_i, l_i, acc
 
 
@@ -118,7 +119,7 @@ def _packed_attention_fwd(
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, PACK_GQA: tl.constexpr, CAUSAL: tl.constexpr,
     DIM: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
     DOT_F32: tl.constexpr, USE_TMA: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-    ALIBI: tl.constexpr, RETURN_LSE: tl.constexpr,
+    ALIBI: tl.constexpr, RETURN_LSE: tl.constexpr, FUSED_SCALE: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
     tile, kv_head, slot_row, heads = program_slots(tl.program_id(0), NUM_HEADS, GROUP, PACK_GQA, BLOCK_M)
     run = tl.load(tile_run + tile)
@@ -180,11 +181,11 @@ def _packed_attention_fwd(
         q = q.to(tl.float32)
     m_i, l_i, acc = _attend(q, K, V, kv_head, first, mask_end, nomask_end, k_end, lo, hi, diag, slope, qk_scale,
                             cap, stride_kt, stride_kh, stride_vt, stride_vh, DIM, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_F32,
-                            USE_TMA, False, SOFTCAP, ALIBI)
+                            USE_TMA, False, SOFTCAP, ALIBI, FUSED_SCALE, WARP_SPEC)
     if any_nonfinite(acc, l_i, row_ok):  # rare: the isolating re-run (see the module's docstring)
         m_i, l_i, acc = _attend(q, K, V, kv_head, first, mask_end, nomask_end, k_end, lo, hi, diag, slope,
                                 qk_scale, cap, stride_kt, stride_kh, stride_vt, stride_vh, DIM, HEAD_DIM, BLOCK_M,
-                                BLOCK_N, DOT_F32, USE_TMA, True, SOFTCAP, ALIBI)
+                                BLOCK_N, DOT_F32, USE_TMA, True, SOFTCAP, ALIBI, FUSED_SCALE, False)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row that sees no key writes zeros
     o_offs = rows.to(tl.int64) * stride_ot + heads * stride_oh
@@ -237,5 +238,7 @@ def _bind(q, k, v, out, plan: Plan, softmax_scale: float, use_tma: bool, options
          "HEAD_DIM": head_dim_padded(dim), "BLOCK_M": plan.block_m * (group if plan.pack_gqa else 1),
          "BLOCK_N": plan.block_n, "ROWS": plan.block_m, "DOT_F32": interpreter_needs_f32_dot(q.dtype),
          "USE_TMA": use_tma, "WINDOW": plan.window != (-1, -1), "SOFTCAP": softcap_mode(options.softcap),
-         "ALIBI": options.alibi_slopes is not None, "RETURN_LSE": lse is not None},
-        {"num_warps": plan.num_warps, "num_stages": plan.num_stages})
+         "ALIBI": options.alibi_slopes is not None, "RETURN_LSE": lse is not None,
+         "FUSED_SCALE": plan.fused_scale and qk_scale > 0, "WARP_SPEC": plan.warp_specialize},
+        {"num_warps": plan.num_warps, "num_stages": plan.num_stages,
+         **({"maxnreg": plan.maxnreg} if plan.maxnreg else {})})

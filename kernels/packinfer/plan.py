@@ -53,6 +53,9 @@ class Plan:
     window: tuple[int, int] = (-1, -1)
     num_warps: int = 4
     num_stages: int = 3
+    fused_scale: bool = True
+    warp_specialize: bool = False
+    maxnreg: int = 0
     plan_ms: float = 0.0
     _device_cache: dict = field(default_factory=dict, repr=False)
 

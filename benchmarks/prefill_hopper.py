@@ -1,0 +1,139 @@
+"""The prefill kernel's Hopper knobs, one at a time, against FlashAttention-3 and FlashInfer's fa3 backend on the
+kernel sweep's prefill batches (ShareGPT and Azure conv b32-b256, Mooncake conv b32/b64) and, for regressions,
+its mixed batches: the data behind issue 20's ablation. Every candidate is packinfer's planned batch (the tile
+shape choose_config picks) with one launch setting changed; every output is checked against the float32
+reference. Rows go to records.csv (the harness's schema; a candidate is a packinfer variant) as they are
+measured, and a second call with the same --out skips what is there, so a killed run resumes.
+
+    python benchmarks/prefill_hopper.py --out results/prefill-hopper/<name>    # on a Hopper GPU
+    python benchmarks/prefill_hopper.py --smoke --out /tmp/ph                  # CPU: tiny, interpreter
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from collections.abc import Callable
+
+if "--smoke" in sys.argv:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np
+import packinfer
+import pandas as pd
+from common import setup
+
+from packinfer_bench.backends import BACKENDS, Backend, Inputs
+from packinfer_bench.reference import reference_attention
+from packinfer_bench.report.tables import load_records
+from packinfer_bench.run_folder.records import Record, RecordStore
+from packinfer_bench.runner import make_inputs, measure_one, record_base
+from packinfer_bench.traces import load_trace
+from packinfer_bench.workload import Batch, StaticSpec, static_batches
+
+#: name -> the change to the batch's plan (a dataclasses.replace of packinfer.Plan fields, or a new tile shape).
+CANDIDATES: dict[str, dict] = {
+    "base": {"fused_scale": False},
+    "fused-scale": {},
+    "stages-2": {"num_stages": 2},
+    "stages-4": {"num_stages": 4},
+    "warp-spec": {"warp_specialize": True},
+    "warp-spec-s2": {"warp_specialize": True, "num_stages": 2},
+    "maxnreg-128": {"maxnreg": 128},
+    "maxnreg-232": {"maxnreg": 232},
+    "tile-128x128x8": {"config": packinfer.KernelConfig(128, 128, 8, 3, False)},
+    "tile-128x128x8+gqa": {"config": packinfer.KernelConfig(128, 128, 8, 3, True)},
+    "tile-128x64x4+gqa": {"config": packinfer.KernelConfig(128, 64, 4, 3, True)},
+    "tile-256x64x8+gqa": {"config": packinfer.KernelConfig(256, 64, 8, 3, True)},
+    "tile-64x128x4+gqa": {"config": packinfer.KernelConfig(64, 128, 4, 3, True)},
+    "warp-spec+tile-128x128x8": {"config": packinfer.KernelConfig(128, 128, 8, 3, False), "warp_specialize": True},
+}
+PEERS = (("fa3", "varlen"), ("flashinfer", "fa3"))
+
+
+def make_batches(smoke: bool) -> list[Batch]:
+    if smoke:
+        trace = load_trace(None, "synthetic", name="tiny", num_requests=6,
+                           prompt={"dist": "uniform", "low": 1, "high": 40}, seed=0)
+        return list(static_batches(trace, StaticSpec(phases=["prefill", "mixed"], batch_sizes=[6], chunk_size=16)))
+    out: list[Batch] = []
+    for name in ("sharegpt", "azure-conv"):
+        trace = load_trace(name)
+        out += static_batches(trace, StaticSpec(phases=["prefill"], batch_sizes=[32, 64, 128, 256], seed=0))
+    out += static_batches(load_trace("mooncake-conv"), StaticSpec(phases=["prefill"], batch_sizes=[32, 64],
+                                                                   max_len=32768, seed=0))
+    for name in ("sharegpt", "azure-conv"):
+        out += static_batches(load_trace(name), StaticSpec(phases=["mixed"], batch_sizes=[128], decode_fraction=0.75,
+                                                           chunk_size=512, seed=0))
+    return out
+
+
+def candidate(change: dict) -> Callable[[Inputs, str], Callable]:
+    """prepare(inputs, variant) for packinfer with `change` applied to the batch's plan."""
+
+    def prepare(x: Inputs, variant: str):
+        s, change_ = x.shape, dict(change)
+        plan = packinfer.plan_for(x.cu_q_cpu, x.cu_k_cpu, s.num_heads, s.num_kv_heads, s.head_dim, causal=True,
+                                  config=change_.pop("config", None))
+        plan = dataclasses.replace(plan, **change_)
+        return lambda: packinfer.varlen_attention(x.q, x.k, x.v, x.cu_q, x.cu_k, x.max_q, x.max_k, causal=True,
+                                                  plan=plan, validate=False)
+
+    return prepare
+
+
+def summary(records: pd.DataFrame) -> str:
+    """Per candidate: geomean TFLOP/s ratio to fa3 and to FlashInfer fa3 over the prefill batches both ran, to
+    `base` over the mixed batches, and geomean prefill TFLOP/s (the roofline: 989 dense bf16 on H100/H200)."""
+    ok = records[records.status == "ok"]
+    t = ok.pivot_table(index="batch_id", columns="system", values="tflops")
+    prefill, mixed = t[t.index.str.endswith("prefill")], t[t.index.str.endswith("mixed")]
+
+    def ratio(frame: pd.DataFrame, system: str, peer: str) -> str:
+        if system not in frame or peer not in frame:
+            return "-"
+        r = (frame[system] / frame[peer]).dropna()
+        return f"{np.exp(np.log(r).mean()):.3f} ({len(r)})" if len(r) else "-"
+
+    lines = [f"{'candidate':<30}{'prefill/fa3':>13}{'/fi-fa3':>13}{'mixed/base':>13}{'TFLOP/s':>9}"]
+    for system in [f"packinfer:{c}" for c in CANDIDATES] + [f"{b}:{v}" for b, v in PEERS]:
+        tf = prefill[system].dropna() if system in prefill else pd.Series(dtype=float)
+        lines.append(f"{system:<30}{ratio(prefill, system, 'fa3:varlen'):>13}"
+                     f"{ratio(prefill, system, 'flashinfer:fa3'):>13}{ratio(mixed, system, 'packinfer:base'):>13}"
+                     f"{np.exp(np.log(tf).mean()) if len(tf) else float('nan'):>9.0f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    s = setup(__doc__, "benchmarks/prefill_hopper.py", 20, "(unused)")
+    batches = s.select(make_batches(s.args.smoke))
+    store = RecordStore(s.args.out)
+    done = store.keys()
+    for batch in batches:
+        x = ref = None
+        todo = [(BACKENDS[b], v) for b, v in PEERS] + [
+            (Backend("packinfer", (name,), lambda d: None, candidate(change)), name)
+            for name, change in CANDIDATES.items()]
+        for backend, variant in todo:
+            base = record_base(batch, s.shape)
+            if (base["batch_id"], base["shape"], backend.name, variant) in done:
+                continue
+            if x is None:
+                print(f"batch {batch.batch_id}: {len(batch)} requests, {int(batch.q_lens.sum())} q tokens",
+                      flush=True)
+                x = make_inputs(batch, s.shape, s.device)
+                ref = reference_attention(x)
+            reason = backend.available(s.device)
+            rec = (Record(**base, backend=backend.name, variant=variant, status="skipped", reason=reason,
+                          timing=s.timer.method) if reason else measure_one(backend, variant, x, ref, s.timer, base))
+            store.append(rec)
+            print(f"  {backend.name}:{variant:<22} {rec.kernel_ms} ms {rec.tflops} TFLOP/s {rec.status} "
+                  f"{rec.reason[:80]}", flush=True)
+        del x, ref
+    table = summary(load_records(s.args.out))
+    (s.args.out / "summary.txt").write_text(table + "\n")
+    print("\n" + table)
+
+if __name__ == "__main__":
+    main()
