@@ -32,22 +32,22 @@ from packinfer_bench.runner import make_inputs, measure_one, record_base
 from packinfer_bench.traces import load_trace
 from packinfer_bench.workload import Batch, StaticSpec, static_batches
 
-#: name -> the change to the batch's plan (a dataclasses.replace of packinfer.Plan fields, or a new tile shape).
+K = packinfer.KernelConfig
+#: name -> the change to the batch's plan: a tile shape (`config`, else choose_config's) and Plan fields.
+#: Measured at 00fd9b1 and dropped (results/prefill-hopper/NOTES.md): Triton's warp-specialized loop, maxnreg,
+#: the scale inside the exponent alone, 4 stages.
 CANDIDATES: dict[str, dict] = {
-    "base": {"fused_scale": False},
-    "fused-scale": {},
-    "stages-2": {"num_stages": 2},
-    "stages-4": {"num_stages": 4},
-    "warp-spec": {"warp_specialize": True},
-    "warp-spec-s2": {"warp_specialize": True, "num_stages": 2},
-    "maxnreg-128": {"maxnreg": 128},
-    "maxnreg-232": {"maxnreg": 232},
-    "tile-128x128x8": {"config": packinfer.KernelConfig(128, 128, 8, 3, False)},
-    "tile-128x128x8+gqa": {"config": packinfer.KernelConfig(128, 128, 8, 3, True)},
-    "tile-128x64x4+gqa": {"config": packinfer.KernelConfig(128, 64, 4, 3, True)},
-    "tile-256x64x8+gqa": {"config": packinfer.KernelConfig(256, 64, 8, 3, True)},
-    "tile-64x128x4+gqa": {"config": packinfer.KernelConfig(64, 128, 4, 3, True)},
-    "warp-spec+tile-128x128x8": {"config": packinfer.KernelConfig(128, 128, 8, 3, False), "warp_specialize": True},
+    "chosen": {},
+    "chosen+overlap": {"overlap": True},
+    "128x128x8+gqa": {"config": K(128, 128, 8, 3, True)},
+    "128x128x8+gqa+overlap": {"config": K(128, 128, 8, 3, True, True)},
+    "128x128x8+gqa-s2+overlap": {"config": K(128, 128, 8, 2, True, True)},
+    "128x64x8+gqa": {"config": K(128, 64, 8, 3, True)},
+    "128x64x8+gqa+overlap": {"config": K(128, 64, 8, 3, True, True)},
+    "128x128x8": {"config": K(128, 128, 8, 3, False)},
+    "128x128x8+overlap": {"config": K(128, 128, 8, 3, False, True)},
+    "64x64x4+gqa-s2": {"config": K(64, 64, 4, 2, True)},
+    "64x64x4+gqa-s2+overlap": {"config": K(64, 64, 4, 2, True, True)},
 }
 PEERS = (("fa3", "varlen"), ("flashinfer", "fa3"))
 
@@ -85,7 +85,8 @@ def candidate(change: dict) -> Callable[[Inputs, str], Callable]:
 
 def summary(records: pd.DataFrame) -> str:
     """Per candidate: geomean TFLOP/s ratio to fa3 and to FlashInfer fa3 over the prefill batches both ran, to
-    `base` over the mixed batches, and geomean prefill TFLOP/s (the roofline: 989 dense bf16 on H100/H200)."""
+    `chosen` (choose_config's tile, as shipped) over the mixed batches, and geomean prefill TFLOP/s (the
+    roofline: 989 dense bf16 on H100/H200)."""
     ok = records[records.status == "ok"]
     t = ok.pivot_table(index="batch_id", columns="system", values="tflops")
     prefill, mixed = t[t.index.str.endswith("prefill")], t[t.index.str.endswith("mixed")]
@@ -96,11 +97,11 @@ def summary(records: pd.DataFrame) -> str:
         r = (frame[system] / frame[peer]).dropna()
         return f"{np.exp(np.log(r).mean()):.3f} ({len(r)})" if len(r) else "-"
 
-    lines = [f"{'candidate':<30}{'prefill/fa3':>13}{'/fi-fa3':>13}{'mixed/base':>13}{'TFLOP/s':>9}"]
+    lines = [f"{'candidate':<34}{'prefill/fa3':>13}{'/fi-fa3':>13}{'mixed/chosen':>13}{'TFLOP/s':>9}"]
     for system in [f"packinfer:{c}" for c in CANDIDATES] + [f"{b}:{v}" for b, v in PEERS]:
         tf = prefill[system].dropna() if system in prefill else pd.Series(dtype=float)
-        lines.append(f"{system:<30}{ratio(prefill, system, 'fa3:varlen'):>13}"
-                     f"{ratio(prefill, system, 'flashinfer:fa3'):>13}{ratio(mixed, system, 'packinfer:base'):>13}"
+        lines.append(f"{system:<34}{ratio(prefill, system, 'fa3:varlen'):>13}"
+                     f"{ratio(prefill, system, 'flashinfer:fa3'):>13}{ratio(mixed, system, 'packinfer:chosen'):>13}"
                      f"{np.exp(np.log(tf).mean()) if len(tf) else float('nan'):>9.0f}")
     return "\n".join(lines)
 

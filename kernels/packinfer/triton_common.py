@@ -89,44 +89,31 @@ def scores(q, k, qk_scale, cap, keys, diag, slope, SOFTCAP: tl.constexpr, ALIBI:
 
 @triton.jit
 def online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, cap, keys, diag, slope, valid, MASKED: tl.constexpr,
-                        SAFE: tl.constexpr, DOT_F32: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-                        FUSED_SCALE: tl.constexpr = False):
+                        SAFE: tl.constexpr, DOT_F32: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
     """One online-softmax step (base 2, fp32 state) of the query slots over a block of keys, shared by both
     kernels (scores: see `scores`). MASKED: only keys where `valid` [slots, keys] count, so a slot may have seen
     no key yet; its max then stays -inf and is kept out of the exponents. A masked key gets weight exactly 0, but
     0 times a NaN/inf value is NaN, so SAFE (a masked step of the isolating re-run) also zeroes non-finite V
     elements before the dot and gives the scores of a slot's visible keys whose V is not finite NaN instead: no
     masked key's NaN/inf reaches any slot, a visible one makes its slot NaN. With finite V, SAFE changes no bit.
-    FUSED_SCALE (plain scores only: no soft cap, no ALiBi): the scale is applied inside the exponent,
-    exp2(s * qk_scale - m), one FMA per score instead of a multiply and a subtract, and to the row max (one
-    multiply per row; max(s) * c = max(s * c) for c > 0). Returns (max, sum, acc)."""
+    Returns (max, sum, acc)."""
     if SAFE:
         v_ok = finite(v)
         bad_key = tl.max(tl.where(v_ok, 0, 1), 1) > 0
         v = tl.where(v_ok, v, 0.0)
     if DOT_F32:
         k, v = k.to(tl.float32), v.to(tl.float32)
-    FUSE: tl.constexpr = FUSED_SCALE and not SOFTCAP and not ALIBI
-    if FUSE:
-        qk = tl.dot(q, tl.trans(k))
-    else:
-        qk = scores(q, k, qk_scale, cap, keys, diag, slope, SOFTCAP, ALIBI)
+    qk = scores(q, k, qk_scale, cap, keys, diag, slope, SOFTCAP, ALIBI)
     if MASKED:
         qk = tl.where(valid, qk, float("-inf"))
         if SAFE:
             qk = tl.where(valid & bad_key[None, :], float("nan"), qk)
-    if FUSE:
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    else:
         m_new = tl.maximum(m_i, tl.max(qk, 1))
-    if MASKED:
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_ref = m_new
-    if FUSE:
-        p = tl.math.exp2(qk * qk_scale - m_ref[:, None])
-    else:
-        p = tl.math.exp2(qk - m_ref[:, None])
+    p = tl.math.exp2(qk - m_ref[:, None])
     alpha = tl.math.exp2(m_i - m_ref)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
