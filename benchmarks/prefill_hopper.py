@@ -1,9 +1,10 @@
-"""The prefill kernel's Hopper knobs, one at a time, against FlashAttention-3 and FlashInfer's fa3 backend on the
-kernel sweep's prefill batches (ShareGPT and Azure conv b32-b256, Mooncake conv b32/b64) and, for regressions,
-its mixed batches: the data behind issue 20's ablation. Every candidate is packinfer's planned batch (the tile
-shape choose_config picks) with one launch setting changed; every output is checked against the float32
-reference. Rows go to records.csv (the harness's schema; a candidate is a packinfer variant) as they are
-measured, and a second call with the same --out skips what is there, so a killed run resumes.
+"""Prefill tile shapes of the packed kernel on Hopper against FlashAttention-3 and FlashInfer's fa3 backend: the
+kernel sweep's prefill batches (ShareGPT and Azure conv b32-b256, Mooncake conv b32/b64), prompt-length families
+outside the traces, and, for regressions, the sweep's mixed batches. The data behind issue 20's ablation and
+choose_config. Every output is checked against the float32 reference; the log gives each candidate's compiled
+registers, spills and shared memory. Rows go to records.csv (the harness's schema; a candidate is a packinfer
+variant) as they are measured, and a second call with the same --out skips what is there, so a killed run
+resumes; summary.txt holds the geomean table.
 
     python benchmarks/prefill_hopper.py --out results/prefill-hopper/<name>    # on a Hopper GPU
     python benchmarks/prefill_hopper.py --smoke --out /tmp/ph                  # CPU: tiny, interpreter
@@ -11,7 +12,6 @@ measured, and a second call with the same --out skips what is there, so a killed
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 from collections.abc import Callable
@@ -33,23 +33,28 @@ from packinfer_bench.traces import load_trace
 from packinfer_bench.workload import Batch, StaticSpec, static_batches
 
 K = packinfer.KernelConfig
-#: name -> the change to the batch's plan: a tile shape (`config`, else choose_config's) and Plan fields.
-#: Measured at 00fd9b1 and dropped (results/prefill-hopper/NOTES.md): Triton's warp-specialized loop, maxnreg,
-#: the scale inside the exponent alone, 4 stages.
-CANDIDATES: dict[str, dict] = {
-    "chosen": {},
-    "chosen+overlap": {"overlap": True},
-    "128x128x8+gqa": {"config": K(128, 128, 8, 3, True)},
-    "128x128x8+gqa+overlap": {"config": K(128, 128, 8, 3, True, True)},
-    "128x128x8+gqa-s2+overlap": {"config": K(128, 128, 8, 2, True, True)},
-    "128x64x8+gqa": {"config": K(128, 64, 8, 3, True)},
-    "128x64x8+gqa+overlap": {"config": K(128, 64, 8, 3, True, True)},
-    "128x128x8": {"config": K(128, 128, 8, 3, False)},
-    "128x128x8+overlap": {"config": K(128, 128, 8, 3, False, True)},
-    "64x64x4+gqa-s2": {"config": K(64, 64, 4, 2, True)},
-    "64x64x4+gqa-s2+overlap": {"config": K(64, 64, 4, 2, True, True)},
+#: name -> the tile shape (KernelConfig) of the candidate; "chosen" is choose_config's for the batch. Launch
+#: knobs measured before and dropped (results/prefill-hopper/NOTES.md): Triton's warp-specialized loop, maxnreg,
+#: the scale inside the exponent, 4 stages (00fd9b1), the software-pipelined unmasked loop (4d8e8b5).
+CANDIDATES: dict[str, K | None] = {
+    "chosen": None,
+    "128x128x8+gqa": K(128, 128, 8, 3, True),
+    "128x64x8+gqa": K(128, 64, 8, 3, True),
+    "128x128x8": K(128, 128, 8, 3, False),
+    "64x64x4+gqa": K(64, 64, 4, 3, True),
+    "64x64x4+gqa-s2": K(64, 64, 4, 2, True),
+    "64x128x4+gqa-s2": K(64, 128, 4, 2, True),
 }
 PEERS = (("fa3", "varlen"), ("flashinfer", "fa3"))
+#: Prompt-length families outside the traces (DESIGN §5's mixes and the straggler), for choosing the tile shape:
+#: (name, requests, prompt distribution).
+SYNTHETIC = (
+    ("sharegpt-like-lognormal", 256, {"dist": "lognormal", "median": 250, "sigma": 1.0, "max": 8192}),
+    ("short-lognormal", 256, {"dist": "lognormal", "median": 500, "sigma": 0.6, "max": 8192}),
+    ("azure-like-lognormal", 64, {"dist": "lognormal", "median": 1000, "sigma": 0.8, "max": 8192}),
+    ("uniform-4096", 16, {"dist": "constant", "value": 4096}),
+    ("straggler-32k", 128, {"dist": "bimodal", "long": 32768, "short": 512, "num_long": 1}),
+)
 
 
 def make_batches(smoke: bool) -> list[Batch]:
@@ -63,22 +68,38 @@ def make_batches(smoke: bool) -> list[Batch]:
         out += static_batches(trace, StaticSpec(phases=["prefill"], batch_sizes=[32, 64, 128, 256], seed=0))
     out += static_batches(load_trace("mooncake-conv"), StaticSpec(phases=["prefill"], batch_sizes=[32, 64],
                                                                    max_len=32768, seed=0))
+    for name, n, prompt in SYNTHETIC:
+        trace = load_trace(None, "synthetic", name=name, num_requests=n, prompt=prompt, seed=0)
+        out += static_batches(trace, StaticSpec(phases=["prefill"], batch_sizes=[n]))
     for name in ("sharegpt", "azure-conv"):
         out += static_batches(load_trace(name), StaticSpec(phases=["mixed"], batch_sizes=[128], decode_fraction=0.75,
                                                            chunk_size=512, seed=0))
     return out
 
 
-def candidate(change: dict) -> Callable[[Inputs, str], Callable]:
-    """prepare(inputs, variant) for packinfer with `change` applied to the batch's plan."""
+def candidate(config: K | None, resources: dict) -> Callable[[Inputs, str], Callable]:
+    """prepare(inputs, variant) for packinfer with this tile shape (None: choose_config's); the compiled
+    kernel's registers, spills and shared memory land in `resources` after the first call."""
 
     def prepare(x: Inputs, variant: str):
-        s, change_ = x.shape, dict(change)
+        s = x.shape
         plan = packinfer.plan_for(x.cu_q_cpu, x.cu_k_cpu, s.num_heads, s.num_kv_heads, s.head_dim, causal=True,
-                                  config=change_.pop("config", None))
-        plan = dataclasses.replace(plan, **change_)
-        return lambda: packinfer.varlen_attention(x.q, x.k, x.v, x.cu_q, x.cu_k, x.max_q, x.max_k, causal=True,
-                                                  plan=plan, validate=False)
+                                  config=config)
+
+        def run():
+            out = packinfer.varlen_attention(x.q, x.k, x.v, x.cu_q, x.cu_k, x.max_q, x.max_k, causal=True,
+                                             plan=plan, validate=False)
+            if not resources:
+                for bound in plan._device_cache.values():
+                    c = getattr(bound, "compiled", None)
+                    if c is not None:
+                        resources.update(tile=f"{plan.block_m}x{plan.block_n}x{plan.num_warps}x{plan.num_stages}"
+                                         f"{'+gqa' if plan.pack_gqa else ''}", regs=getattr(c, "n_regs", None),
+                                         spills=getattr(c, "n_spills", None),
+                                         shared=getattr(getattr(c, "metadata", None), "shared", None))
+            return out
+
+        return run
 
     return prepare
 
@@ -111,11 +132,12 @@ def main() -> None:
     batches = s.select(make_batches(s.args.smoke))
     store = RecordStore(s.args.out)
     done = store.keys()
+    resources: dict[str, dict] = {}  # per candidate: the compiled kernel's resources, printed with its record
     for batch in batches:
         x = ref = None
         todo = [(BACKENDS[b], v) for b, v in PEERS] + [
-            (Backend("packinfer", (name,), lambda d: None, candidate(change)), name)
-            for name, change in CANDIDATES.items()]
+            (Backend("packinfer", (name,), lambda d: None, candidate(config, resources.setdefault(name, {}))), name)
+            for name, config in CANDIDATES.items()]
         for backend, variant in todo:
             base = record_base(batch, s.shape)
             if (base["batch_id"], base["shape"], backend.name, variant) in done:
@@ -130,7 +152,7 @@ def main() -> None:
                           timing=s.timer.method) if reason else measure_one(backend, variant, x, ref, s.timer, base))
             store.append(rec)
             print(f"  {backend.name}:{variant:<22} {rec.kernel_ms} ms {rec.tflops} TFLOP/s {rec.status} "
-                  f"{rec.reason[:80]}", flush=True)
+                  f"{rec.reason[:80]} {resources.pop(variant, '') if backend.name == 'packinfer' else ''}", flush=True)
         del x, ref
     table = summary(load_records(s.args.out))
     (s.args.out / "summary.txt").write_text(table + "\n")

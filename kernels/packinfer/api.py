@@ -21,15 +21,13 @@ from packinfer.validate import check_head_dim, check_qkv, check_score_options, c
 @dataclass(frozen=True)
 class KernelConfig:
     """Tile shape and launch configuration: `slots` (query row x head pairs per tile: rows with pack_gqa off,
-    rows x GQA group with it on), block_n keys per step, warps, pipeline stages; overlap: the next key block's
-    scores issued before this block's softmax (packed_attention's OVERLAP)."""
+    rows x GQA group with it on), block_n keys per step, warps, pipeline stages."""
 
     slots: int
     block_n: int
     num_warps: int
     num_stages: int
     pack_gqa: bool
-    overlap: bool = False
 
 
 #: FA2-like fixed tiles (128 query rows x 64 keys): the `triton_unpacked` baseline's configuration.
@@ -88,8 +86,7 @@ def plan_for(cu_seqlens_q, cu_seqlens_k, num_heads: int, num_kv_heads: int, head
     group = num_heads // num_kv_heads if config.pack_gqa else 1
     return plan_varlen(cu_q, cu_k, num_heads, num_kv_heads, head_dim, causal=causal, window=window,
                        block_m=config.slots // group, block_n=config.block_n, packing=packing, balancing=balancing,
-                       pack_gqa=config.pack_gqa, num_warps=config.num_warps, num_stages=config.num_stages,
-                       overlap=config.overlap)
+                       pack_gqa=config.pack_gqa, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,

@@ -11,9 +11,6 @@ Tiles run in the plan's launch order, the heads of a tile side by side; a tile f
 (ROWS = rows per tile; the run's columns are RUN_FIELDS) and its key range from cu_seqlens. Each slot's key
 interval [lo, hi] (its request's keys, cut at the bottom-right causal limit) is built once per tile; key blocks
 inside [k_start, k_nomask_end) are valid for every slot and skip the mask.
-OVERLAP (plain scores: no soft cap, no ALiBi) software-pipelines those unmasked blocks: the scores of block j+1
-are issued before the softmax of block j, so on Hopper the asynchronous tensor-core work runs under the
-exponentials (FlashAttention-3's intra-warpgroup overlap, written at the source level).
 Isolation: a masked key gets weight 0, and 0 x NaN/inf is NaN, so a NaN/inf value of another request in a packed
 tile's key blocks (or past k_end, TMA loads) could reach a slot that never sees it. Rather than clean every
 masked block, a tile whose result holds a NaN/inf (never, for finite inputs) is computed again with the masked
@@ -70,62 +67,10 @@ def _load_kv(K, V, k_base, v_base, start, keys, kv_head, k_end, dmask, stride_kt
 
 
 @triton.jit
-def _load_block(X, base, start, keys, kv_head, stride_t, dmask, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
-                USE_TMA: tl.constexpr):
-    """One unmasked block of K or V at keys (= start + 0..BLOCK_N-1), through its TMA descriptor or pointers."""
-    if USE_TMA:
-        x = X.load([start, kv_head * HEAD_DIM])
-    elif EVEN_D:
-        x = tl.load(base + keys.to(tl.int64)[:, None] * stride_t)
-    else:
-        x = tl.load(base + keys.to(tl.int64)[:, None] * stride_t, mask=dmask[None, :], other=0.0)
-    return x
-
-
-@triton.jit
-def _unmasked_update(qk, v, m_i, l_i, acc, qk_scale, DOT_F32: tl.constexpr):
-    """The online-softmax step of raw scores qk that every slot sees whole, the scale inside the exponent (one
-    FMA per score; max(s) * c = max(s * c) for c > 0, the only scales the launch passes here)."""
-    if DOT_F32:
-        v = v.to(tl.float32)
-    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
-    return m_new, l_i * alpha + tl.sum(p, 1), tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-
-
-@triton.jit
-def _overlapped_blocks(q, K, V, k_base, v_base, kv_head, start0, end, m_i, l_i, acc, qk_scale, dmask, stride_kt,
-                       stride_vt, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
-                       EVEN_D: tl.constexpr, USE_TMA: tl.constexpr):
-    """Unmasked key blocks [start0, end) with the scores of the next block issued before this block's softmax
-    (see OVERLAP in the module's docstring). Returns (max, sum, acc)."""
-    cols = tl.arange(0, BLOCK_N)
-    if end > start0:
-        k = _load_block(K, k_base, start0, start0 + cols, kv_head, stride_kt, dmask, HEAD_DIM, EVEN_D, USE_TMA)
-        if DOT_F32:
-            k = k.to(tl.float32)
-        qk = tl.dot(q, tl.trans(k))
-        for start in range(start0, end - BLOCK_N, BLOCK_N):
-            nxt = start + BLOCK_N
-            k = _load_block(K, k_base, nxt, nxt + cols, kv_head, stride_kt, dmask, HEAD_DIM, EVEN_D, USE_TMA)
-            if DOT_F32:
-                k = k.to(tl.float32)
-            qk_next = tl.dot(q, tl.trans(k))
-            v = _load_block(V, v_base, start, start + cols, kv_head, stride_vt, dmask, HEAD_DIM, EVEN_D, USE_TMA)
-            m_i, l_i, acc = _unmasked_update(qk, v, m_i, l_i, acc, qk_scale, DOT_F32)
-            qk = qk_next
-        last = end - BLOCK_N
-        v = _load_block(V, v_base, last, last + cols, kv_head, stride_vt, dmask, HEAD_DIM, EVEN_D, USE_TMA)
-        m_i, l_i, acc = _unmasked_update(qk, v, m_i, l_i, acc, qk_scale, DOT_F32)
-    return m_i, l_i, acc
-
-
-@triton.jit
 def _attend(q, K, V, kv_head, first, mask_end, nomask_end, k_end, lo, hi, diag, slope, qk_scale, cap, stride_kt,
             stride_kh, stride_vt, stride_vh, DIM: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
             BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr, USE_TMA: tl.constexpr, SAFE: tl.constexpr,
-            SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, OVERLAP: tl.constexpr):
+            SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
     """The tile's slots over its key range: masked blocks [first, mask_end) (a window's left edge), unmasked
     blocks [mask_end, nomask_end) every slot sees whole, masked blocks [nomask_end, k_end). Returns (max, sum, acc)."""
     dims = tl.arange(0, HEAD_DIM)
@@ -149,17 +94,12 @@ def _attend(q, K, V, kv_head, first, mask_end, nomask_end, k_end, lo, hi, diag, 
         valid = (keys[None, :] >= lo[:, None]) & (keys[None, :] <= hi[:, None])
         m_i, l_i, acc = online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, cap, keys, diag, slope, valid, True,
                                             SAFE, DOT_F32, SOFTCAP, ALIBI)
-    if OVERLAP and not SOFTCAP and not ALIBI:  # keys every slot sees
-        m_i, l_i, acc = _overlapped_blocks(q, K, V, k_base, v_base, kv_head, mask_end, nomask_end, m_i, l_i, acc,
-                                           qk_scale, dmask, stride_kt, stride_vt, HEAD_DIM, BLOCK_N, DOT_F32,
-                                           EVEN_D, USE_TMA)
-    else:
-        for start in range(mask_end, nomask_end, BLOCK_N):
-            keys = start + cols
-            k, v = _load_kv(K, V, k_base, v_base, start, keys, kv_head, k_end, dmask, stride_kt, stride_vt,
-                            HEAD_DIM, False, EVEN_D, USE_TMA)
-            m_i, l_i, acc = online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, cap, keys, diag, slope, 0, False,
-                                                False, DOT_F32, SOFTCAP, ALIBI)
+    for start in range(mask_end, nomask_end, BLOCK_N):  # keys every slot sees
+        keys = start + cols
+        k, v = _load_kv(K, V, k_base, v_base, start, keys, kv_head, k_end, dmask, stride_kt, stride_vt, HEAD_DIM,
+                        False, EVEN_D, USE_TMA)
+        m_i, l_i, acc = online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, cap, keys, diag, slope, 0, False,
+                                            False, DOT_F32, SOFTCAP, ALIBI)
     for start in range(nomask_end, k_end, BLOCK_N):
         keys = start + cols
         k, v = _load_kv(K, V, k_base, v_base, start, keys, kv_head, k_end, dmask, stride_kt, stride_vt, HEAD_DIM,
@@ -178,7 +118,7 @@ def _packed_attention_fwd(
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, PACK_GQA: tl.constexpr, CAUSAL: tl.constexpr,
     DIM: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
     DOT_F32: tl.constexpr, USE_TMA: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-    ALIBI: tl.constexpr, RETURN_LSE: tl.constexpr, OVERLAP: tl.constexpr,
+    ALIBI: tl.constexpr, RETURN_LSE: tl.constexpr,
 ):
     tile, kv_head, slot_row, heads = program_slots(tl.program_id(0), NUM_HEADS, GROUP, PACK_GQA, BLOCK_M)
     run = tl.load(tile_run + tile)
@@ -240,11 +180,11 @@ def _packed_attention_fwd(
         q = q.to(tl.float32)
     m_i, l_i, acc = _attend(q, K, V, kv_head, first, mask_end, nomask_end, k_end, lo, hi, diag, slope, qk_scale,
                             cap, stride_kt, stride_kh, stride_vt, stride_vh, DIM, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_F32,
-                            USE_TMA, False, SOFTCAP, ALIBI, OVERLAP)
+                            USE_TMA, False, SOFTCAP, ALIBI)
     if any_nonfinite(acc, l_i, row_ok):  # rare: the isolating re-run (see the module's docstring)
         m_i, l_i, acc = _attend(q, K, V, kv_head, first, mask_end, nomask_end, k_end, lo, hi, diag, slope,
                                 qk_scale, cap, stride_kt, stride_kh, stride_vt, stride_vh, DIM, HEAD_DIM, BLOCK_M,
-                                BLOCK_N, DOT_F32, USE_TMA, True, SOFTCAP, ALIBI, OVERLAP)
+                                BLOCK_N, DOT_F32, USE_TMA, True, SOFTCAP, ALIBI)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row that sees no key writes zeros
     o_offs = rows.to(tl.int64) * stride_ot + heads * stride_oh
@@ -297,6 +237,5 @@ def _bind(q, k, v, out, plan: Plan, softmax_scale: float, use_tma: bool, options
          "HEAD_DIM": head_dim_padded(dim), "BLOCK_M": plan.block_m * (group if plan.pack_gqa else 1),
          "BLOCK_N": plan.block_n, "ROWS": plan.block_m, "DOT_F32": interpreter_needs_f32_dot(q.dtype),
          "USE_TMA": use_tma, "WINDOW": plan.window != (-1, -1), "SOFTCAP": softcap_mode(options.softcap),
-         "ALIBI": options.alibi_slopes is not None, "RETURN_LSE": lse is not None,
-         "OVERLAP": plan.overlap and qk_scale > 0},
+         "ALIBI": options.alibi_slopes is not None, "RETURN_LSE": lse is not None},
         {"num_warps": plan.num_warps, "num_stages": plan.num_stages})

@@ -53,7 +53,6 @@ class Plan:
     window: tuple[int, int] = (-1, -1)
     num_warps: int = 4
     num_stages: int = 3
-    overlap: bool = False
     plan_ms: float = 0.0
     _device_cache: dict = field(default_factory=dict, repr=False)
 
@@ -110,7 +109,7 @@ def as_numpy(x, name: str) -> np.ndarray:
 def plan_varlen(cu_seqlens_q, cu_seqlens_k, num_heads: int, num_kv_heads: int, head_dim: int, *,
                 causal: bool, block_m: int = 128, block_n: int = 64, packing: bool = True,
                 balancing: bool = True, pack_gqa: bool = False, window: tuple[int, int] = (-1, -1),
-                num_warps: int = 4, num_stages: int = 3, overlap: bool = False) -> Plan:
+                num_warps: int = 4, num_stages: int = 3) -> Plan:
     """Plan a varlen attention batch from its cu_seqlens (int32 [B+1], tensors or arrays; read on the CPU).
 
     causal: bottom-right aligned mask (FlashAttention's; rows of a request with q_len > kv_len that see no key
@@ -118,8 +117,7 @@ def plan_varlen(cu_seqlens_q, cu_seqlens_k, num_heads: int, num_kv_heads: int, h
     position (-1: unbounded), FlashAttention's sliding window; tiles read only the keys some row sees.
     packing=False gives FlashAttention-2's grid (one request per tile); balancing=False keeps batch order;
     pack_gqa=True puts the query heads of a KV head in one program (block_m rows x group heads per tile).
-    num_warps / num_stages / overlap: the kernel's launch configuration for this plan (overlap: see
-    packed_attention's OVERLAP).
+    num_warps / num_stages: the kernel's launch configuration for this plan.
     """
     import time
 
@@ -149,7 +147,7 @@ def plan_varlen(cu_seqlens_q, cu_seqlens_k, num_heads: int, num_kv_heads: int, h
                 cu_seqlens_q=cu_q.astype(np.int32), cu_seqlens_k=cu_k.astype(np.int32), causal=causal,
                 num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, block_m=block_m,
                 block_n=block_n, packing=packing, balancing=balancing, pack_gqa=pack_gqa, window=window,
-                num_warps=num_warps, num_stages=num_stages, overlap=overlap)
+                num_warps=num_warps, num_stages=num_stages)
     plan.plan_ms = (time.perf_counter() - t0) * 1e3
     return plan
 
