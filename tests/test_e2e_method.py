@@ -2,6 +2,8 @@
 sustained rate; the closed-loop client's dependencies; backends interleaved across repeats; a replay that fails
 half-way leaves an error row and the next one runs; intervals and verdicts in the comparison table."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -183,7 +185,13 @@ def test_a_time_limit_starts_no_replay_that_would_not_end_and_resume_does_the_re
     assert list(zip(rows["rate"], rows["backend"], rows["status"])) == [("30", "packinfer", "ok"),
                                                                          ("30", "reference", "ok")]
 
-    resumed = run_experiment(cfg, out, resume=True, log=lambda _: None)
+    # the piece after it estimates from the paces and preparations stored by the first (a 10 s replay of a 5 s
+    # schedule: pace 2.0; 5 s to prepare), not from FIRST_PREPARE_S: 40 req/s needs 15 s per backend
+    (model,) = json.loads((out / "e2e" / "pace.json").read_text()).values()
+    assert model == {"packinfer": {"pace": 2.0, "prepare_s": 5.0}, "reference": {"pace": 2.0, "prepare_s": 5.0}}
+    monkeypatch.setattr(stage, "FIRST_PREPARE_S", 1000.0)
+    clock.now = 0.0
+    resumed = run_experiment(cfg, out, resume=True, log=lambda _: None, deadline=Deadline(31.0, start=0.0))
     assert resumed.stopped is None
     rows = pd.read_csv(out / "e2e" / "summary.csv", keep_default_na=False, dtype={"rate": str})
     assert list(zip(rows["rate"], rows["backend"])) == [("30", "packinfer"), ("30", "reference"),

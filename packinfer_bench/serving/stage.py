@@ -55,9 +55,29 @@ _log = get_logger(__name__)
 #: The calibration's file in e2e/ (one step-time model per entry).
 STEP_TIME_FILE = "step_time.json"
 #: Under a time limit (Deadline), what a replay is assumed to take before one of its backend has run in this
-#: process: PACE x the schedule's modelled duration, plus FIRST_PREPARE_S for compiling and capturing graphs
+#: run: PACE x the schedule's modelled duration, plus FIRST_PREPARE_S for compiling and capturing graphs
 #: (replays on an H200 took 0.95-1.44x the modelled time, first preparations 20-50 s). Calibration: CALIBRATE_S.
 PACE, FIRST_PREPARE_S, CALIBRATE_S = 2.0, 120.0, 120.0
+#: The slowest pace and preparation each backend has shown in the run (e2e/, per model), kept so that a resumed
+#: piece under a time limit estimates from them instead of PACE and FIRST_PREPARE_S.
+PACE_FILE = "pace.json"
+
+
+def _stored_paces(path: Path) -> dict[str, dict[str, tuple[float, float]]]:
+    """PACE_FILE's {model: {backend: (pace, prepare_s)}}; entries that are not numbers are left out, and an absent
+    or unreadable file gives {} (the estimates then fall back to PACE and FIRST_PREPARE_S)."""
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    out: dict[str, dict[str, tuple[float, float]]] = {}
+    for key, seen in (stored.items() if isinstance(stored, dict) else ()):
+        for backend, v in (seen.items() if isinstance(seen, dict) else ()):
+            try:
+                out.setdefault(key, {})[backend] = (float(v["pace"]), float(v["prepare_s"]))
+            except (TypeError, KeyError, ValueError):
+                continue
+    return out
 
 
 @dataclasses.dataclass
@@ -248,6 +268,24 @@ class _Entry:
         self.current: E2ERecord | None = None  # the replay in progress (what a failure in a group is charged to)
         self.commit = envinfo.git_sha() or ""
         self.slo = Slo(entry.slo.ttft_ms, entry.slo.tpot_ms, entry.slo.attainment)
+        self._pace_key = f"{self.cfg.name}/{self.cfg.num_layers}"
+        stored = self.world.from_writer(lambda: _stored_paces(self.store.dir / PACE_FILE))
+        for backend, (pace, prepare_s) in stored.get(self._pace_key, {}).items():
+            self.shared.pace[backend] = max(pace, self.shared.pace.get(backend, 0.0))
+            self.shared.prepare_s.setdefault(backend, prepare_s)
+
+    def _remember_pace(self, backend: str) -> None:
+        """Store the backend's slowest pace and preparation time of the run so far (PACE_FILE)."""
+        if not self.world.writer:
+            return
+        path = self.store.dir / PACE_FILE
+        stored = _stored_paces(path)
+        pace, prepare_s = stored.setdefault(self._pace_key, {}).get(backend, (0.0, 0.0))
+        stored[self._pace_key][backend] = (max(pace, self.shared.pace.get(backend, 0.0)),
+                                           max(prepare_s, self.shared.prepare_s.get(backend, 0.0)))
+        text = {key: {b: {"pace": round(p, 3), "prepare_s": round(t, 1)} for b, (p, t) in seen.items()}
+                for key, seen in stored.items()}
+        write_atomic(path, json.dumps(text, indent=2) + "\n")
 
     @property
     def graphs(self) -> Graphs | None:
@@ -382,6 +420,7 @@ class _Entry:
                             t0 = time.monotonic()
                             prepared[backend] = server.prepare(scen.schedule, e.warmup)
                             self.shared.prepare_s[backend] = time.monotonic() - t0
+                            self._remember_pace(backend)
                     except Exception as ex:  # noqa: BLE001 -- compilation or capture failed: this backend only
                         self._fatal_in_a_group(ex)
                         record = dataclasses.replace(record, status="error", reason=f"warm-up / graphs: "
@@ -396,7 +435,7 @@ class _Entry:
 
     def _in_time(self, scen: Scenario, backend: str, prepared: bool, what: str) -> bool:
         """Whether the replay (and, unless `prepared`, its backend's preparation) ends before the deadline, by
-        the slowest pace this backend has shown in this process."""
+        the slowest pace and preparation this backend has shown in the run (this process or one before it)."""
         if self.deadline.seconds is None:
             return True
         estimate = scen.modelled_s * self.shared.pace.get(backend, PACE)
@@ -442,6 +481,7 @@ class _Entry:
         if scen.modelled_s > 0:
             pace = (time.perf_counter() - t0) / scen.modelled_s
             self.shared.pace[base.backend] = max(pace, self.shared.pace.get(base.backend, 0.0))
+            self._remember_pace(base.backend)
         record = _summary(base, scen, result, reference, self.slo, e.percentiles, graph_failure)
         self.store.append(REQUESTS_FILE, [{**labels, **r} for r in record.requests])
         self.log(f"  {base.backend} #{base.repeat}: {record.record.status}, mean e2e {record.record.e2e_ms_mean:.1f} "
