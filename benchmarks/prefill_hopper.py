@@ -128,7 +128,7 @@ def summary(records: pd.DataFrame) -> str:
 
 
 def main() -> None:
-    s = setup(__doc__, "benchmarks/prefill_hopper.py", 20, "(unused)")
+    s = setup(__doc__, "benchmarks/prefill_hopper.py", 20, "no effect here (every candidate is timed)")
     batches = s.select(make_batches(s.args.smoke))
     store = RecordStore(s.args.out)
     done = store.keys()
