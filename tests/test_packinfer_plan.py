@@ -184,9 +184,9 @@ def test_choose_config_follows_the_batch_shape():
     short_prompts = choose_config(np.array([300] * 64), np.array([300] * 64), 32, 8, 128)
     assert decode_mix == short_prompts and short_prompts.slots == 64 and short_prompts.pack_gqa
     assert long_prompts.slots == 128 and long_prompts.block_n == 128
-    # the long tile from 768 keys per query row on average (causal prompts of n tokens: (n + 1) / 2 keys a row)
-    assert choose_config(np.array([1600] * 32), np.array([1600] * 32), 32, 8, 128) == long_prompts
-    assert choose_config(np.array([1400] * 32), np.array([1400] * 32), 32, 8, 128) == short_prompts
+    # the long tile from 1500 keys per query row on average (causal prompts of n tokens: (n + 1) / 2 keys a row)
+    assert choose_config(np.array([3100] * 32), np.array([3100] * 32), 32, 8, 128) == long_prompts
+    assert choose_config(np.array([2900] * 32), np.array([2900] * 32), 32, 8, 128) == short_prompts
     # a GQA group that is no power of two cannot be packed into one program
     assert not choose_config(np.array([300] * 4), np.array([300] * 4), 12, 4, 128).pack_gqa
     plan = plan_for(_cu([300] * 64), _cu([300] * 64), 32, 8, 128, causal=True)

@@ -33,16 +33,16 @@ class KernelConfig:
 #: FA2-like fixed tiles (128 query rows x 64 keys): the `triton_unpacked` baseline's configuration.
 FA2_LIKE = KernelConfig(128, 64, 8, 3, False)
 
-# Head dim 128, from the H200 runs of benchmarks/prefill_hopper.py (results/prefill-hopper/h200-tiles; bf16,
-# H=32, Hkv=8, TMA loads): prompts of >= 768 keys per query row on average (Azure conv's ~1000 and up) want
-# 128-slot tiles (32 rows x 4 heads) and 128-key steps, 5-42% over 64 slots; shorter prompts and decode/chunk
-# mixes want 64 slots (16 rows x 4 heads), where less causal-diagonal and block-diagonal work is wasted per tile.
-# The short shape pipelines 2 stages, not 3: with 3 its 113 KiB of shared memory fit one program per SM instead
-# of two (1.2-1.3x slower). The H100 sweep before (results/prefill-kernel/h100-tune-tma) had put the long shape
-# at >= 1500 keys per row. GQA packing helped on every mix but uniform 4k prompts (-1.5%, H100).
+# Head dim 128 (bf16, H=32, Hkv=8, TMA loads), from the H100 sweep results/prefill-kernel/h100-tune-tma and
+# confirmed on the H200 (results/prefill-hopper/h200-smem): long prompts (>= 1500 keys per query row on average)
+# want 128-slot tiles and 128-key steps; shorter prompts and decode/chunk mixes want 64 slots (16 rows x 4 heads),
+# where less causal-diagonal and block-diagonal work is wasted per tile. The 64-slot tile's 3 stages take 115,712
+# bytes of shared memory, exactly what lets two programs share a Hopper SM (2 x (115,712 + 1 KiB) = 228 KiB;
+# tests/test_kernel_resources.py): 48 bytes more held one program per SM and cost 1.2-1.4x. GQA packing helped
+# on every mix but uniform 4k prompts (-1.5%, H100).
 _LONG = KernelConfig(128, 128, 8, 3, True)
-_SHORT = KernelConfig(64, 64, 4, 2, True)
-_LONG_KEYS_PER_ROW = 768
+_SHORT = KernelConfig(64, 64, 4, 3, True)
+_LONG_KEYS_PER_ROW = 1500
 # Other head dims, from the H200 sweep results/fa-features/h200/tune.csv (bf16; ShareGPT, Azure conv, Mooncake
 # prompts): at 256 one shape won every batch, 3-5.6x the half-slot 32-key shape used before; it needs ~193 KiB of
 # shared memory (Hopper has 227), so a GPU with less (A100: 163) takes the runner-up that needs ~97 (not measured
