@@ -1,7 +1,7 @@
 """Hopper shared-memory budgets of the packed kernel's head-dim-128 tile shapes, compiled for sm_90 on the CPU
 (Triton's compiler and the ptxas it ships; no GPU needed) in a process without the Triton interpreter. Shared
-memory decides how many programs share an SM: 48 bytes too many once held the 64-slot tile to one program per SM,
-1.1-1.4x slower on the H200 (results/prefill-hopper/NOTES.md)."""
+memory decides how many programs share an SM: 48 bytes too many once held the 64-slot tile to one program per SM
+(results/prefill-hopper/NOTES.md)."""
 
 import json
 import os

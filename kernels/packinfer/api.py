@@ -38,8 +38,9 @@ FA2_LIKE = KernelConfig(128, 64, 8, 3, False)
 # want 128-slot tiles and 128-key steps; shorter prompts and decode/chunk mixes want 64 slots (16 rows x 4 heads),
 # where less causal-diagonal and block-diagonal work is wasted per tile. The 64-slot tile's 3 stages take 115,712
 # bytes of shared memory, exactly what lets two programs share a Hopper SM (2 x (115,712 + 1 KiB) = 228 KiB;
-# tests/test_kernel_resources.py): 48 bytes more held one program per SM and cost 1.2-1.4x. GQA packing helped
-# on every mix but uniform 4k prompts (-1.5%, H100).
+# tests/test_kernel_resources.py). With 48 bytes more it held one program per SM and fell 1.06-1.42x behind the
+# same tile at 2 stages, which it beats by 1.10-1.25x at two programs. GQA packing helped on every mix but uniform
+# 4k prompts (-1.5%, H100).
 _LONG = KernelConfig(128, 128, 8, 3, True)
 _SHORT = KernelConfig(64, 64, 4, 3, True)
 _LONG_KEYS_PER_ROW = 1500
