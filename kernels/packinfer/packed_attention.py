@@ -76,9 +76,9 @@ def _attend(q, K, V, kv_head, first, mask_end, nomask_end, k_end, lo, hi, diag, 
     dims = tl.arange(0, HEAD_DIM)
     dmask = dims < DIM
     EVEN_D: tl.constexpr = DIM == HEAD_DIM
-    # the isolating re-run's masked loops are not pipelined: their cleaned V blocks pass through registers, and
-    # the extra buffers of a pipelined copy raised the kernel's peak shared memory by 16-48 bytes, enough to keep
-    # two 64-slot, 3-stage programs off one Hopper SM (tests/test_kernel_resources.py)
+    # the isolating re-run's masked loops are not pipelined: they reduce V per key and pass the cleaned V block
+    # through registers, and pipelined they raised the kernel's peak shared memory by 48 bytes, enough to keep two
+    # 64-slot, 3-stage programs off one Hopper SM (tests/test_kernel_resources.py)
     SAFE_STAGES: tl.constexpr = 1 if SAFE else None
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -91,7 +91,7 @@ def _attend(q, K, V, kv_head, first, mask_end, nomask_end, k_end, lo, hi, diag, 
         k_base = K + kv_head * stride_kh + dims[None, :]
         v_base = V + kv_head * stride_vh + dims[None, :]
 
-    # keys some slots have left behind (only with a window); SAFE_STAGES: see below
+    # keys some slots have left behind (only with a window); SAFE_STAGES: see above
     for start in tl.range(first, mask_end, BLOCK_N, num_stages=SAFE_STAGES):
         keys = start + cols
         k, v = _load_kv(K, V, k_base, v_base, start, keys, kv_head, k_end, dmask, stride_kt, stride_vt, HEAD_DIM,
