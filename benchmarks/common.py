@@ -69,25 +69,34 @@ def write_env(out: Path, script: str, shape: ShapeConfig, timer: Timer) -> None:
 
 
 def measure_batches(batches: list[Batch], variants: Callable[[Batch], list[tuple[Backend, str]]],
-                    shape: ShapeConfig, device: torch.device, timer: Timer, out: Path) -> list[Record]:
-    """Every (backend, variant) of each batch on the batch's tensors; batches.csv and records.csv under out."""
+                    shape: ShapeConfig, device: torch.device, timer: Timer, out: Path, *, resume: bool = False,
+                    on_record: Callable[[Record], None] | None = None) -> list[Record]:
+    """Every (backend, variant) of each batch on the batch's tensors; batches.csv and records.csv under out.
+    resume: skip what records.csv already holds (a batch with nothing left makes no tensors); on_record: called
+    with each new record as it is stored. Returns the new records."""
     with open(out / "batches.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(batches[0].stats()))
         writer.writeheader()
         writer.writerows(b.stats() for b in batches)
     store, records = RecordStore(out), []
+    done = store.keys() if resume else set()
     for batch in batches:
+        base = record_base(batch, shape)
+        todo = [(b, v) for b, v in variants(batch) if (base["batch_id"], base["shape"], b.name, v) not in done]
+        if not todo:
+            continue
         print(f"batch {batch.batch_id}: {len(batch)} requests, {int(batch.q_lens.sum())} q tokens, "
               f"{int(batch.kv_lens.sum())} kv tokens", flush=True)
         x = make_inputs(batch, shape, device)
         ref = reference_attention(x)
-        for backend, variant in variants(batch):
+        for backend, variant in todo:
             reason = backend.available(device)
-            rec = (Record(**record_base(batch, shape), backend=backend.name, variant=variant, status="skipped",
-                          reason=reason, timing=timer.method) if reason
-                   else measure_one(backend, variant, x, ref, timer, record_base(batch, shape)))
+            rec = (Record(**base, backend=backend.name, variant=variant, status="skipped", reason=reason,
+                          timing=timer.method) if reason else measure_one(backend, variant, x, ref, timer, base))
             store.append(rec)
             records.append(rec)
+            if on_record is not None:
+                on_record(rec)
         del x, ref
     return records
 

@@ -22,13 +22,12 @@ if "--smoke" in sys.argv:
 import numpy as np
 import packinfer
 import pandas as pd
-from common import setup
+from common import measure_batches, setup
+from prefill_kernel import PREFILL_MIXES, synthetic
 
 from packinfer_bench.backends import BACKENDS, Backend, Inputs
-from packinfer_bench.reference import reference_attention
 from packinfer_bench.report.tables import load_records
-from packinfer_bench.run_folder.records import Record, RecordStore
-from packinfer_bench.runner import make_inputs, measure_one, record_base
+from packinfer_bench.run_folder.records import Record
 from packinfer_bench.traces import load_trace
 from packinfer_bench.workload import Batch, StaticSpec, static_batches
 
@@ -46,21 +45,14 @@ CANDIDATES: dict[str, K | None] = {
     "64x128x4+gqa-s2": K(64, 128, 4, 2, True),
 }
 PEERS = (("fa3", "varlen"), ("flashinfer", "fa3"))
-#: Prompt-length families outside the traces (DESIGN §5's mixes and the straggler), for choosing the tile shape:
-#: (name, requests, prompt distribution).
-SYNTHETIC = (
-    ("sharegpt-like-lognormal", 256, {"dist": "lognormal", "median": 250, "sigma": 1.0, "max": 8192}),
-    ("short-lognormal", 256, {"dist": "lognormal", "median": 500, "sigma": 0.6, "max": 8192}),
-    ("azure-like-lognormal", 64, {"dist": "lognormal", "median": 1000, "sigma": 0.8, "max": 8192}),
-    ("uniform-4096", 16, {"dist": "constant", "value": 4096}),
-    ("straggler-32k", 128, {"dist": "bimodal", "long": 32768, "short": 512, "num_long": 1}),
-)
+#: Prompt-length families outside the traces, for choosing the tile shape: prefill_kernel's mixes and short
+#: lognormal prompts (name, requests, prompt distribution).
+SYNTHETIC = (*PREFILL_MIXES, ("short-lognormal", 256, {"dist": "lognormal", "median": 500, "sigma": 0.6, "max": 8192}))
 
 
 def make_batches(smoke: bool) -> list[Batch]:
     if smoke:
-        trace = load_trace(None, "synthetic", name="tiny", num_requests=6,
-                           prompt={"dist": "uniform", "low": 1, "high": 40}, seed=0)
+        trace = synthetic("tiny", 6, {"dist": "uniform", "low": 1, "high": 40})
         return list(static_batches(trace, StaticSpec(phases=["prefill", "mixed"], batch_sizes=[6], chunk_size=16)))
     out: list[Batch] = []
     for name in ("sharegpt", "azure-conv"):
@@ -69,17 +61,16 @@ def make_batches(smoke: bool) -> list[Batch]:
     out += static_batches(load_trace("mooncake-conv"), StaticSpec(phases=["prefill"], batch_sizes=[32, 64],
                                                                    max_len=32768, seed=0))
     for name, n, prompt in SYNTHETIC:
-        trace = load_trace(None, "synthetic", name=name, num_requests=n, prompt=prompt, seed=0)
-        out += static_batches(trace, StaticSpec(phases=["prefill"], batch_sizes=[n]))
+        out += static_batches(synthetic(name, n, prompt), StaticSpec(phases=["prefill"], batch_sizes=[n]))
     for name in ("sharegpt", "azure-conv"):
         out += static_batches(load_trace(name), StaticSpec(phases=["mixed"], batch_sizes=[128], decode_fraction=0.75,
                                                            chunk_size=512, seed=0))
     return out
 
 
-def candidate(config: K | None, resources: dict) -> Callable[[Inputs, str], Callable]:
+def candidate(config: K | None, resources: dict, name: str) -> Callable[[Inputs, str], Callable]:
     """prepare(inputs, variant) for packinfer with this tile shape (None: choose_config's); the compiled
-    kernel's registers, spills and shared memory land in `resources` after the first call."""
+    kernel's registers, spills and shared memory land in resources[name] after its first call on a batch."""
 
     def prepare(x: Inputs, variant: str):
         s = x.shape
@@ -89,14 +80,14 @@ def candidate(config: K | None, resources: dict) -> Callable[[Inputs, str], Call
         def run():
             out = packinfer.varlen_attention(x.q, x.k, x.v, x.cu_q, x.cu_k, x.max_q, x.max_k, causal=True,
                                              plan=plan, validate=False)
-            if not resources:
+            if name not in resources:
                 for bound in plan._device_cache.values():
                     c = getattr(bound, "compiled", None)
                     if c is not None:
-                        resources.update(tile=f"{plan.block_m}x{plan.block_n}x{plan.num_warps}x{plan.num_stages}"
-                                         f"{'+gqa' if plan.pack_gqa else ''}", regs=getattr(c, "n_regs", None),
-                                         spills=getattr(c, "n_spills", None),
-                                         shared=getattr(getattr(c, "metadata", None), "shared", None))
+                        tile = f"{plan.block_m}x{plan.block_n}x{plan.num_warps}x{plan.num_stages}"
+                        resources[name] = dict(tile=tile + ("+gqa" if plan.pack_gqa else ""),
+                                               regs=getattr(c, "n_regs", None), spills=getattr(c, "n_spills", None),
+                                               shared=getattr(getattr(c, "metadata", None), "shared", None))
             return out
 
         return run
@@ -130,33 +121,20 @@ def summary(records: pd.DataFrame) -> str:
 def main() -> None:
     s = setup(__doc__, "benchmarks/prefill_hopper.py", 20, "no effect here (every candidate is timed)")
     batches = s.select(make_batches(s.args.smoke))
-    store = RecordStore(s.args.out)
-    done = store.keys()
     resources: dict[str, dict] = {}  # per candidate: the compiled kernel's resources, printed with its record
-    for batch in batches:
-        x = ref = None
-        todo = [(BACKENDS[b], v) for b, v in PEERS] + [
-            (Backend("packinfer", (name,), lambda d: None, candidate(config, resources.setdefault(name, {}))), name)
-            for name, config in CANDIDATES.items()]
-        for backend, variant in todo:
-            base = record_base(batch, s.shape)
-            if (base["batch_id"], base["shape"], backend.name, variant) in done:
-                continue
-            if x is None:
-                print(f"batch {batch.batch_id}: {len(batch)} requests, {int(batch.q_lens.sum())} q tokens",
-                      flush=True)
-                x = make_inputs(batch, s.shape, s.device)
-                ref = reference_attention(x)
-            reason = backend.available(s.device)
-            rec = (Record(**base, backend=backend.name, variant=variant, status="skipped", reason=reason,
-                          timing=s.timer.method) if reason else measure_one(backend, variant, x, ref, s.timer, base))
-            store.append(rec)
-            print(f"  {backend.name}:{variant:<22} {rec.kernel_ms} ms {rec.tflops} TFLOP/s {rec.status} "
-                  f"{rec.reason[:80]} {resources.pop(variant, '') if backend.name == 'packinfer' else ''}", flush=True)
-        del x, ref
+    todo = [(BACKENDS[b], v) for b, v in PEERS] + [
+        (Backend("packinfer", (name,), lambda d: None, candidate(config, resources, name)), name)
+        for name, config in CANDIDATES.items()]
+
+    def show(rec: Record) -> None:
+        print(f"  {rec.backend}:{rec.variant:<22} {rec.kernel_ms} ms {rec.tflops} TFLOP/s {rec.status} "
+              f"{rec.reason[:80]} {resources.pop(rec.variant, '') if rec.backend == 'packinfer' else ''}", flush=True)
+
+    measure_batches(batches, lambda b: todo, s.shape, s.device, s.timer, s.args.out, resume=True, on_record=show)
     table = summary(load_records(s.args.out))
     (s.args.out / "summary.txt").write_text(table + "\n")
     print("\n" + table)
+
 
 if __name__ == "__main__":
     main()

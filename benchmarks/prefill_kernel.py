@@ -34,6 +34,15 @@ NO_TMA = Backend("packinfer", ("no-tma",), packinfer_backend.BACKEND.available,
                  lambda x, variant: packinfer_backend.prepare(x, "full", use_tma=False))
 
 
+#: DESIGN §5's prompt mixes and the straggler: (name, requests, prompt distribution), one prefill batch each.
+PREFILL_MIXES = (
+    ("sharegpt-like-lognormal", 256, {"dist": "lognormal", "median": 250, "sigma": 1.0, "max": 8192}),
+    ("azure-like-lognormal", 64, {"dist": "lognormal", "median": 1000, "sigma": 0.8, "max": 8192}),
+    ("uniform-4096", 16, {"dist": "constant", "value": 4096}),
+    ("straggler-32k", 128, {"dist": "bimodal", "long": 32768, "short": 512, "num_long": 1}),
+)
+
+
 def synthetic(name: str, n: int, prompt: dict):
     return load_trace(None, "synthetic", name=name, num_requests=n, prompt=prompt, seed=0)
 
@@ -48,13 +57,7 @@ def make_batches(smoke: bool) -> list[Batch]:
         out += static_batches(trace, StaticSpec(phases=["prefill"], batch_sizes=[32, 64, 128, 256], seed=0))
         out += static_batches(trace, StaticSpec(phases=["mixed"], batch_sizes=[128], decode_fraction=0.75,
                                                 chunk_size=512, seed=0))
-    designs = [  # DESIGN §5's mixes, and the straggler
-        ("sharegpt-like-lognormal", 256, {"dist": "lognormal", "median": 250, "sigma": 1.0, "max": 8192}),
-        ("azure-like-lognormal", 64, {"dist": "lognormal", "median": 1000, "sigma": 0.8, "max": 8192}),
-        ("uniform-4096", 16, {"dist": "constant", "value": 4096}),
-        ("straggler-32k", 128, {"dist": "bimodal", "long": 32768, "short": 512, "num_long": 1}),
-    ]
-    for name, n, prompt in designs:
+    for name, n, prompt in PREFILL_MIXES:
         out += static_batches(synthetic(name, n, prompt), StaticSpec(phases=["prefill"], batch_sizes=[n]))
     return out
 

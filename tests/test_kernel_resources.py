@@ -51,7 +51,8 @@ TILES = {"short": (300, 300), "long": (4096, 4096)}  # a prompt length that gets
 
 @pytest.fixture(scope="module")
 def shared_bytes():
-    """{tile: (config, shared bytes)}, compiled in a child process (the interpreter cannot compile for a GPU)."""
+    """{tile: ((slots, stages), shared bytes)}, compiled in a child process (the interpreter cannot compile for a
+    GPU)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(sys.path)
     done = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=600)
