@@ -43,10 +43,13 @@ class Setup:
         return [b for b in batches if any(s in b.batch_id for s in self.args.only.split(","))]
 
 
-def setup(doc: str, script: str, repeats: int, tune_help: str) -> Setup:
-    """The common command line (--out, --smoke, --tune, --only, --warmup, --repeats), the output folder with
-    env.json, the device, shape and timer."""
+def setup(doc: str, script: str, repeats: int, tune_help: str,
+          more: Callable[[argparse.ArgumentParser], None] | None = None) -> Setup:
+    """The common command line (--out, --smoke, --tune, --only, --warmup, --repeats, and what `more` adds), the
+    output folder with env.json, the device, shape and timer."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if more is not None:
+        more(ap)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU under the Triton interpreter")
     ap.add_argument("--tune", action="store_true", help=tune_help)

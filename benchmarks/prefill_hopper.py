@@ -23,6 +23,7 @@ import numpy as np
 import packinfer
 import pandas as pd
 from common import measure_batches, setup
+from packinfer import hopper_attention
 from prefill_kernel import PREFILL_MIXES, synthetic
 
 from packinfer_bench.backends import BACKENDS, Backend, Inputs
@@ -37,6 +38,11 @@ K = packinfer.KernelConfig
 #: the scale inside the exponent, 4 stages (00fd9b1), the software-pipelined unmasked loop (4d8e8b5).
 CANDIDATES: dict[str, K | None] = {
     "chosen": None,
+    "gluon": K(128, 128, 4, 2, True, engine="gluon"),  # the warp-specialized Hopper kernel (hopper_attention)
+    "gluon-nogqa": K(128, 128, 4, 2, False, engine="gluon"),
+    "gluon-pp": K(128, 128, 4, 2, True, engine="gluon"),
+    "gluon-s3": K(128, 128, 4, 3, True, engine="gluon"),
+    "gluon-pp-s3": K(128, 128, 4, 3, True, engine="gluon"),
     "128x128x8+gqa": K(128, 128, 8, 3, True),
     "128x64x8+gqa": K(128, 64, 8, 3, True),
     "128x128x8": K(128, 128, 8, 3, False),
@@ -44,6 +50,9 @@ CANDIDATES: dict[str, K | None] = {
     "64x64x4+gqa-s2": K(64, 64, 4, 2, True),
     "64x128x4+gqa-s2": K(64, 128, 4, 2, True),
 }
+#: Variants of the Gluon kernel under measurement (packinfer.hopper_attention.TUNING), per candidate.
+TUNINGS = {"gluon-pp": {"pingpong": True}, "gluon-s3": {"stages": 3},
+           "gluon-pp-s3": {"pingpong": True, "stages": 3}}
 PEERS = (("fa3", "varlen"), ("flashinfer", "fa3"))
 #: Prompt-length families outside the traces, for choosing the tile shape: prefill_kernel's mixes and short
 #: lognormal prompts (name, requests, prompt distribution).
@@ -78,6 +87,8 @@ def candidate(config: K | None, resources: dict, name: str) -> Callable[[Inputs,
                                   config=config)
 
         def run():
+            hopper_attention.TUNING.update({"pingpong": False, "stages": hopper_attention.STAGES,
+                                            **TUNINGS.get(name, {})})
             out = packinfer.varlen_attention(x.q, x.k, x.v, x.cu_q, x.cu_k, x.max_q, x.max_k, causal=True,
                                              plan=plan, validate=False)
             if name not in resources:
@@ -119,12 +130,18 @@ def summary(records: pd.DataFrame) -> str:
 
 
 def main() -> None:
-    s = setup(__doc__, "benchmarks/prefill_hopper.py", 20, "no effect here (every candidate is timed)")
+    s = setup(__doc__, "benchmarks/prefill_hopper.py", 20, "no effect here (every candidate is timed)",
+              lambda ap: ap.add_argument("--candidates", default=",".join(CANDIDATES),
+                                         help="comma-separated packinfer candidates (default: all)"))
     batches = s.select(make_batches(s.args.smoke))
     resources: dict[str, dict] = {}  # per candidate: the compiled kernel's resources, printed with its record
+    names = s.args.candidates.split(",")
+    unknown = sorted(set(names) - set(CANDIDATES))
+    if unknown:
+        raise SystemExit(f"--candidates: unknown {unknown}; choose from {list(CANDIDATES)}")
     todo = [(BACKENDS[b], v) for b, v in PEERS] + [
-        (Backend("packinfer", (name,), lambda d: None, candidate(config, resources, name)), name)
-        for name, config in CANDIDATES.items()]
+        (Backend("packinfer", (name,), lambda d: None, candidate(CANDIDATES[name], resources, name)), name)
+        for name in names]
 
     def show(rec: Record) -> None:
         print(f"  {rec.backend}:{rec.variant:<22} {rec.kernel_ms} ms {rec.tflops} TFLOP/s {rec.status} "

@@ -21,13 +21,15 @@ from packinfer.validate import check_head_dim, check_qkv, check_score_options, c
 @dataclass(frozen=True)
 class KernelConfig:
     """Tile shape and launch configuration: `slots` (query row x head pairs per tile: rows with pack_gqa off,
-    rows x GQA group with it on), block_n keys per step, warps, pipeline stages."""
+    rows x GQA group with it on), block_n keys per step, warps, pipeline stages, and the kernel (`engine`,
+    plan_varlen's: "triton" or Hopper's warp-specialized "gluon", which has its own warps and stages)."""
 
     slots: int
     block_n: int
     num_warps: int
     num_stages: int
     pack_gqa: bool
+    engine: str = "triton"
 
 
 #: FA2-like fixed tiles (128 query rows x 64 keys): the `triton_unpacked` baseline's configuration.
@@ -91,7 +93,8 @@ def plan_for(cu_seqlens_q, cu_seqlens_k, num_heads: int, num_kv_heads: int, head
     group = num_heads // num_kv_heads if config.pack_gqa else 1
     return plan_varlen(cu_q, cu_k, num_heads, num_kv_heads, head_dim, causal=causal, window=window,
                        block_m=config.slots // group, block_n=config.block_n, packing=packing, balancing=balancing,
-                       pack_gqa=config.pack_gqa, num_warps=config.num_warps, num_stages=config.num_stages)
+                       pack_gqa=config.pack_gqa, num_warps=config.num_warps, num_stages=config.num_stages,
+                       engine=config.engine)
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,

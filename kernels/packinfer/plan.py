@@ -25,6 +25,8 @@ from packinfer.validate import check_cu_seqlens, check_window
 RUN_FIELDS = ("row_start", "row_end", "seq_first", "seq_last", "num_tiles", "first_tile")
 #: Columns of Plan.tile_table().
 TILE_FIELDS = ("row_start", "row_end", "seq_first", "seq_last", "k_start", "k_nomask_end", "k_end")
+#: Kernels that run a Plan (see plan_varlen's engine).
+ENGINES = ("triton", "gluon")
 #: Tile cost of its fixed work (load Q, write O, launch), in key blocks.
 TILE_OVERHEAD_BLOCKS = 2.0
 
@@ -53,6 +55,7 @@ class Plan:
     window: tuple[int, int] = (-1, -1)
     num_warps: int = 4
     num_stages: int = 3
+    engine: str = "triton"
     plan_ms: float = 0.0
     _device_cache: dict = field(default_factory=dict, repr=False)
 
@@ -109,7 +112,7 @@ def as_numpy(x, name: str) -> np.ndarray:
 def plan_varlen(cu_seqlens_q, cu_seqlens_k, num_heads: int, num_kv_heads: int, head_dim: int, *,
                 causal: bool, block_m: int = 128, block_n: int = 64, packing: bool = True,
                 balancing: bool = True, pack_gqa: bool = False, window: tuple[int, int] = (-1, -1),
-                num_warps: int = 4, num_stages: int = 3) -> Plan:
+                num_warps: int = 4, num_stages: int = 3, engine: str = "triton") -> Plan:
     """Plan a varlen attention batch from its cu_seqlens (int32 [B+1], tensors or arrays; read on the CPU).
 
     causal: bottom-right aligned mask (FlashAttention's; rows of a request with q_len > kv_len that see no key
@@ -117,7 +120,9 @@ def plan_varlen(cu_seqlens_q, cu_seqlens_k, num_heads: int, num_kv_heads: int, h
     position (-1: unbounded), FlashAttention's sliding window; tiles read only the keys some row sees.
     packing=False gives FlashAttention-2's grid (one request per tile); balancing=False keeps batch order;
     pack_gqa=True puts the query heads of a KV head in one program (block_m rows x group heads per tile).
-    num_warps / num_stages: the kernel's launch configuration for this plan.
+    num_warps / num_stages: the kernel's launch configuration for this plan. engine: which kernel runs it,
+    "triton" (packed_attention, any GPU and the interpreter) or "gluon" (hopper_attention: 128-slot tiles of
+    128-key steps on a Hopper GPU; elsewhere, or for options it lacks, the Triton kernel runs the same plan).
     """
     import time
 
@@ -132,6 +137,8 @@ def plan_varlen(cu_seqlens_q, cu_seqlens_k, num_heads: int, num_kv_heads: int, h
     slots = block_m * group if pack_gqa else block_m
     if pack_gqa and group & (group - 1):
         raise ValueError(f"pack_gqa needs a power-of-two GQA group, got num_heads/num_kv_heads = {group}")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     for name, b in (("block_m (x group with pack_gqa)", slots), ("block_n", block_n)):
         if b < 16 or b & (b - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {b}")
@@ -147,7 +154,7 @@ def plan_varlen(cu_seqlens_q, cu_seqlens_k, num_heads: int, num_kv_heads: int, h
                 cu_seqlens_q=cu_q.astype(np.int32), cu_seqlens_k=cu_k.astype(np.int32), causal=causal,
                 num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, block_m=block_m,
                 block_n=block_n, packing=packing, balancing=balancing, pack_gqa=pack_gqa, window=window,
-                num_warps=num_warps, num_stages=num_stages)
+                num_warps=num_warps, num_stages=num_stages, engine=engine)
     plan.plan_ms = (time.perf_counter() - t0) * 1e3
     return plan
 
@@ -161,7 +168,10 @@ def key_bounds(row_start, row_end, seq_first, seq_last, cu_q, cu_k, causal, bloc
     first_diag = cu_k[seq_first + 1] - cu_q[seq_first + 1] + row_start
     last_diag = cu_k[seq_last + 1] - cu_q[seq_last + 1] + last_row
     if causal:  # query i of a request sees keys up to kv_len - q_len + i
-        k_end = np.maximum(np.minimum(cu_k[seq_last + 1], last_diag + 1), k_start)
+        # a pack's earlier requests bring all their rows, the last of which sees all their keys; the last one
+        # brings its head rows, which may see fewer (or none, with q_len > kv_len)
+        k_end = np.maximum(np.minimum(cu_k[seq_last + 1], last_diag + 1),
+                           np.where(seq_first != seq_last, cu_k[seq_last], k_start))
         first_hi = first_diag  # inclusive bound of the tile's first row
     else:
         k_end = cu_k[seq_last + 1]
