@@ -13,11 +13,13 @@ Partitions: the loader (a warpgroup, few registers) issues the TMA loads and cle
 (c = 0: the default partition, c = 1: a worker) computes S = Q K^T and O += P V with wgmma, issuing a block's
 Q K^T together with the previous block's P V, whose product then runs under this block's softmax (FA3's
 intra-warpgroup overlap). Both consumers read every K/V block; a stage is free again when both have released it.
-Isolation: a masked key gets weight 0, but 0 x NaN is NaN, so another request's NaN/inf value in a masked block
-would reach slots that never see it. The loader cleans every masked block (keys from the tile's first masked
-step on) before the consumers read it: non-finite V elements become 0 and the block's flags mark those keys;
-a slot that does see a flagged key scores it NaN, as the reference would give. Unmasked blocks are seen whole by
-every slot and need no cleaning. With finite inputs cleaning changes nothing.
+Isolation: a masked key gets weight 0, but 0 x NaN is NaN, so another request's NaN/inf value in a key block
+would reach slots that never see it. The loader cleans every block that may hold another request's keys (all
+blocks of a packed tile, and a block that runs past the end of its request's keys) before the consumers read
+it: non-finite V elements become 0 and the block's flags mark those keys; a slot that does see a flagged key
+scores it NaN, as the reference would give. Other blocks hold only the tile's own request's keys, as in the
+reference (where a NaN value also reaches that request's earlier rows). With finite inputs cleaning changes
+nothing.
 """
 
 from __future__ import annotations
@@ -107,6 +109,23 @@ if gluon is not None:
         return row_start, row_end, seq_first, seq_last, k_start, nomask_end, k_end, k_stop
 
     @gluon.jit
+    def _load_q(Q, item, num_items, runs, tile_run, cu_q, cu_k, stride_qt, stride_qh, C: gl.constexpr,
+                M: gl.constexpr, UNITS: gl.constexpr, GROUP: gl.constexpr, PACK_GQA: gl.constexpr,
+                CAUSAL: gl.constexpr, ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr,
+                layout: gl.constexpr):
+        """Consumer C's query rows [M, HEAD_DIM] of a work item (zeros past its rows, or when item >= num_items):
+        loaded a tile ahead, so the load runs under the previous tile's last product."""
+        tile = gl.minimum(item, num_items - 1) // UNITS
+        row_start, row_end, _, _, _, _, _, _ = _tile_keys(tile, runs, tile_run, cu_q, cu_k, ROWS, BLOCK, CAUSAL)
+        HALF: gl.constexpr = M // GROUP if PACK_GQA else M
+        rows, heads = _slot_rows_heads(row_start + C * HALF, item % UNITS, M, GROUP, PACK_GQA,
+                                       gl.SliceLayout(1, layout))
+        dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, layout))
+        offs = rows.to(gl.int64) * stride_qt + heads * stride_qh
+        return gl.load(Q + gl.expand_dims(offs, 1) + gl.expand_dims(dims, 0),
+                       mask=gl.expand_dims((rows < row_end) & (item < num_items), 1), other=0.0)
+
+    @gluon.jit
     def _foreign(start, seq_first, seq_last, k_stop, BLOCK: gl.constexpr):
         """Whether the key block at `start` may hold keys of a request other than its rows' own: in a packed tile
         (several requests), or past the end of its request's keys."""
@@ -159,7 +178,7 @@ if gluon is not None:
                     mbarrier.expect(v_ready.index(s), nbytes)
                     _tma_load(v_desc, [start, kv_head * HEAD_DIM], v_ready.index(s),
                                                     v_smem.index(s))
-                    if start >= nomask_end:  # a masked block: clean it before the consumers read it
+                    if _foreign(start, seq_first, seq_last, k_stop, BLOCK):  # clean it before the consumers read it
                         mbarrier.wait(v_ready.index(s), phase)
                         _clean(v_smem.index(s), flags.index(s), BLOCK, HEAD_DIM, EXP_MASK, 4)
                         fence_async_shared()
@@ -228,6 +247,8 @@ if gluon is not None:
         P = gl.num_programs(0)
         it = 0
         my_turn = 1 - C  # parity of this consumer's next wait for its turn to issue (PINGPONG)
+        q = _load_q(Q, _work_item(p_id, 0, P), num_items, runs, tile_run, cu_q, cu_k, stride_qt, stride_qh, C, M,
+                    UNITS, GROUP, PACK_GQA, CAUSAL, ROWS, HEAD_DIM, BLOCK, q_layout)
         for i in range(gl.cdiv(num_items, P)):
             item = _work_item(p_id, i, P)
             if item < num_items:
@@ -237,13 +258,7 @@ if gluon is not None:
                     tile, runs, tile_run, cu_q, cu_k, ROWS, BLOCK, CAUSAL)
                 base = row_start + C * HALF
 
-                # the slots' query rows, into this consumer's shared buffer
-                q_rows, q_heads = _slot_rows_heads(base, unit, M, GROUP, PACK_GQA, gl.SliceLayout(1, q_layout))
-                q_dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, q_layout))
-                q_offs = q_rows.to(gl.int64) * stride_qt + q_heads * stride_qh
-                q = gl.load(Q + gl.expand_dims(q_offs, 1) + gl.expand_dims(q_dims, 0),
-                            mask=gl.expand_dims(q_rows < row_end, 1), other=0.0)
-                my_q.store(q)
+                my_q.store(q)  # the slots' query rows, into this consumer's shared buffer
                 fence_async_shared()
                 _barrier()
 
@@ -279,7 +294,7 @@ if gluon is not None:
                     if start >= nomask_end:
                         mbarrier.wait(v_clean.index(s), phase)
                         p, m_i, l_i, alpha = _softmax(sc, m_i, l_i, qk_scale, start, lo, hi, flags.index(s),
-                                                      True, True,
+                                                      _foreign(start, seq_first, seq_last, k_stop, BLOCK), True,
                                                       cols_s)
                     else:
                         p, m_i, l_i, alpha = _softmax(sc, m_i, l_i, qk_scale, start, lo, hi, flags.index(s), False,
@@ -301,7 +316,7 @@ if gluon is not None:
                         if nxt >= nomask_end:
                             mbarrier.wait(v_clean.index(s2), phase2)
                             p, m_i, l_i, alpha = _softmax(sc, m_i, l_i, qk_scale, nxt, lo, hi, flags.index(s2),
-                                                          True, True,
+                                                          _foreign(nxt, seq_first, seq_last, k_stop, BLOCK), True,
                                                           cols_s)
                         else:
                             p, m_i, l_i, alpha = _softmax(sc, m_i, l_i, qk_scale, nxt, lo, hi, flags.index(s2),
@@ -318,9 +333,14 @@ if gluon is not None:
                     my_turn = _take_turn(turn, C, my_turn, PINGPONG)
                     acc = warpgroup_mma(p_op_val, v_smem.index(s), acc, is_async=True)
                     _pass_turn(turn, C, PINGPONG)
+                    q = _load_q(Q, _work_item(p_id, i + 1, P), num_items, runs, tile_run, cu_q, cu_k, stride_qt,
+                                stride_qh, C, M, UNITS, GROUP, PACK_GQA, CAUSAL, ROWS, HEAD_DIM, BLOCK, q_layout)
                     acc, p_op_val = warpgroup_mma_wait(0, deps=[acc, p_op_val])
                     mbarrier.arrive(v_empty.index(s))
                     it += 1
+                else:
+                    q = _load_q(Q, _work_item(p_id, i + 1, P), num_items, runs, tile_run, cu_q, cu_k, stride_qt,
+                                stride_qh, C, M, UNITS, GROUP, PACK_GQA, CAUSAL, ROWS, HEAD_DIM, BLOCK, q_layout)
 
                 # a slot that sees no key writes zeros
                 l_o = gl.convert_layout(l_i, rows_o)
