@@ -38,11 +38,12 @@ K = packinfer.KernelConfig
 #: the scale inside the exponent, 4 stages (00fd9b1), the software-pipelined unmasked loop (4d8e8b5).
 CANDIDATES: dict[str, K | None] = {
     "chosen": None,
-    "gluon": K(128, 128, 4, 2, True, engine="gluon"),  # the warp-specialized Hopper kernel (hopper_attention)
-    "gluon-nogqa": K(128, 128, 4, 2, False, engine="gluon"),
-    "gluon-pp": K(128, 128, 4, 2, True, engine="gluon"),
-    "gluon-s3": K(128, 128, 4, 3, True, engine="gluon"),
-    "gluon-pp-s3": K(128, 128, 4, 3, True, engine="gluon"),
+    # the warp-specialized Hopper kernel (hopper_attention; warps and stages here are the Triton fallback's)
+    "gluon": K(128, 128, 8, 3, True, engine="gluon"),
+    "gluon-nogqa": K(128, 128, 8, 3, False, engine="gluon"),
+    "gluon-pp": K(128, 128, 8, 3, True, engine="gluon"),
+    "gluon-s3": K(128, 128, 8, 3, True, engine="gluon"),
+    "gluon-pp-s3": K(128, 128, 8, 3, True, engine="gluon"),
     "128x128x8+gqa": K(128, 128, 8, 3, True),
     "128x64x8+gqa": K(128, 64, 8, 3, True),
     "128x128x8": K(128, 128, 8, 3, False),

@@ -1,6 +1,8 @@
 """The planner's invariants: every query row is computed exactly once, each tile's key range holds every key
 its rows need and no key block that none of them needs, and balancing orders tiles longest first."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -61,6 +63,20 @@ def test_invariants_on_random_batches(packing, causal):
         if q.sum() == 0:
             q[0] = 1
         _check_invariants(q, kv, causal=causal, packing=packing)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_invariants_when_requests_have_more_rows_than_keys(causal):
+    """A pack that ends in the head rows of a request with more rows than keys (so they see few keys or none)
+    still spans its earlier requests' keys."""
+    _check_invariants([3, 300], [300, 5], causal=causal, block_m=128, block_n=128)
+    _check_invariants([1, 200], [100, 1], causal=causal, block_m=128, block_n=128)
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        n = int(rng.integers(1, 30))
+        q = rng.integers(1, 400, size=n)
+        kv = np.where(rng.random(n) < 0.5, q, rng.integers(1, 400, size=n))
+        _check_invariants(q, kv, causal=causal)
 
 
 @pytest.mark.parametrize("lengths", [[64, 128, 64], [64], [10, 20]])
@@ -174,6 +190,23 @@ def test_bad_plan_arguments():
         plan_varlen(CU.numpy(), CU.numpy(), 6, 2, 64, pack_gqa=True, causal=True)
     with pytest.raises(ValueError, match="cu_seqlens_q must be int32"):
         plan_varlen(CU.numpy().astype(np.int64), CU.numpy(), 4, 2, 64, causal=True)
+
+
+def test_the_gluon_kernel_takes_only_head_dim_128s_long_tiles():
+    """Asked for (PACKINFER_GLUON=1 on a Hopper GPU), head dim 128's long tiles run Hopper's warp-specialized
+    kernel (the Triton kernel keeps the same launch configuration for the plans it runs instead); every other
+    shape stays with the Triton kernel."""
+    from packinfer import choose_config
+
+    long_q = np.array([4096] * 16)
+    short_q = np.array([300] * 64)
+    on_hopper = choose_config(long_q, long_q, 32, 8, 128, gluon=True)
+    elsewhere = choose_config(long_q, long_q, 32, 8, 128, gluon=False)
+    assert on_hopper.engine == "gluon" and elsewhere.engine == "triton"
+    assert dataclasses.replace(on_hopper, engine="triton") == elsewhere
+    assert choose_config(short_q, short_q, 32, 8, 128, gluon=True).engine == "triton"
+    assert choose_config(long_q, long_q, 32, 8, 64, gluon=True).engine == "triton"  # measured at 128 only
+    assert choose_config(long_q, long_q, 32, 8, 128).engine == "triton"  # not asked for, and no Hopper GPU here
 
 
 def test_choose_config_follows_the_batch_shape():

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from packinfer import hopper_attention
 from packinfer.cache_attention import launch as launch_cache
 from packinfer.cache_plan import CachePlan, PlanBuffers
 from packinfer.device import shared_memory as device_shared_memory
@@ -21,8 +23,9 @@ from packinfer.validate import check_head_dim, check_qkv, check_score_options, c
 @dataclass(frozen=True)
 class KernelConfig:
     """Tile shape and launch configuration: `slots` (query row x head pairs per tile: rows with pack_gqa off,
-    rows x GQA group with it on), block_n keys per step, warps, pipeline stages, and the kernel (`engine`,
-    plan_varlen's: "triton" or Hopper's warp-specialized "gluon", which has its own warps and stages)."""
+    rows x GQA group with it on), block_n keys per step, the Triton kernel's warps and pipeline stages, and the
+    kernel (`engine`, plan_varlen's: "triton", or Hopper's warp-specialized "gluon", which has its own warps and
+    stages and leaves the plan to the Triton kernel where it cannot run)."""
 
     slots: int
     block_n: int
@@ -46,6 +49,11 @@ FA2_LIKE = KernelConfig(128, 64, 8, 3, False)
 _LONG = KernelConfig(128, 128, 8, 3, True)
 _SHORT = KernelConfig(64, 64, 4, 3, True)
 _LONG_KEYS_PER_ROW = 1500
+# With PACKINFER_GLUON=1, on Hopper, the long tile runs the warp-specialized Gluon kernel (hopper_attention) where
+# it can (head dim 128): 1.04x the Triton kernel's long tile, geomean of the five batches that take it in
+# results/prefill-hopper/h100-gluon-v2 (0.974 ShareGPT b64 to 1.099 uniform 4k prompts); on the short tile's
+# batches it lost (0.87-1.02). Opt-in until a whole GPU test pass of that version (NOTES.md there).
+_LONG_GLUON = dataclasses.replace(_LONG, engine="gluon")
 # Other head dims, from the H200 sweep results/fa-features/h200/tune.csv (bf16; ShareGPT, Azure conv, Mooncake
 # prompts): at 256 one shape won every batch, 3-5.6x the half-slot 32-key shape used before; it needs ~193 KiB of
 # shared memory (Hopper has 227), so a GPU with less (A100: 163) takes the runner-up that needs ~97 (not measured
@@ -57,12 +65,14 @@ _D256_SHARED_MEMORY = 200 << 10
 
 
 def choose_config(q_lens: np.ndarray, kv_lens: np.ndarray, num_heads: int, num_kv_heads: int,
-                  head_dim: int, causal: bool = True, shared_memory: int | None = None) -> KernelConfig:
+                  head_dim: int, causal: bool = True, shared_memory: int | None = None,
+                  gluon: bool | None = None) -> KernelConfig:
     """Tile shape for a batch from two statistics: mean keys attended per query row, and mean query rows per
     request (small for decode and chunked prefill, which keep the small tiles whatever their context). A head dim
     that is not a power of two gets the tiles of the power of two it is padded to, with 64-key steps. Head dim
     256 takes its own shape, a smaller one where the GPU's shared memory per block (default: the current CUDA
-    device's, see packinfer.device) cannot hold it."""
+    device's, see packinfer.device) cannot hold it. gluon: give head dim 128's long tiles to Hopper's Gluon kernel
+    (default: with PACKINFER_GLUON=1 where the current CUDA device runs it)."""
     check_head_dim(head_dim)
     q_total = max(int(q_lens.sum()), 1)
     if causal:
@@ -79,7 +89,15 @@ def choose_config(q_lens: np.ndarray, kv_lens: np.ndarray, num_heads: int, num_k
     group = num_heads // num_kv_heads
     if cfg.pack_gqa and (group & (group - 1) or group > cfg.slots // 16):
         cfg = dataclasses.replace(cfg, pack_gqa=False)
+    if cfg == _LONG and head_dim == 128 and (_gluon_asked() if gluon is None else gluon):
+        cfg = _LONG_GLUON
     return cfg
+
+
+def _gluon_asked() -> bool:
+    """PACKINFER_GLUON=1 and the current CUDA device runs Hopper's Gluon kernel (hopper_attention.available)."""
+    return (os.environ.get("PACKINFER_GLUON") == "1" and torch.cuda.is_available()
+            and hopper_attention.available(torch.device("cuda", torch.cuda.current_device())))
 
 
 def plan_for(cu_seqlens_q, cu_seqlens_k, num_heads: int, num_kv_heads: int, head_dim: int, *, causal: bool,

@@ -25,7 +25,6 @@ nothing.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
@@ -394,10 +393,8 @@ if gluon is not None:
 
 @functools.cache
 def available(device: torch.device) -> bool:
-    """A Hopper GPU (compute capability 9.x) and a Triton with Gluon's Hopper language; PACKINFER_NO_GLUON=1
-    turns the kernel off."""
-    return (gluon is not None and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
-            and os.environ.get("PACKINFER_NO_GLUON") != "1")
+    """A Hopper GPU (compute capability 9.x) and a Triton with Gluon's Hopper language."""
+    return gluon is not None and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
 
 
 def supports(plan: Plan, q: torch.Tensor) -> bool:
