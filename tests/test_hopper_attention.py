@@ -22,22 +22,13 @@ from packinfer import (
     reference_varlen_attention,
     varlen_attention,
 )
+from test_packinfer_kernel import _batch
 
-GLUON = KernelConfig(128, 128, 4, 2, True, engine="gluon")
+GLUON = KernelConfig(128, 128, 8, 3, True, engine="gluon")
 TOL = {torch.float16: 4e-3, torch.bfloat16: 3e-2}
 ON_HOPPER = os.environ.get("PACKINFER_TEST_GPU") == "1" and torch.cuda.is_available() and \
     torch.cuda.get_device_capability()[0] == 9
 gpu = pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper GPU (PACKINFER_TEST_GPU=1)")
-
-
-def _batch(q_lens, kv_lens, heads, kv_heads, dim, dtype, device, seed):
-    gen = torch.Generator().manual_seed(seed)
-    cu_q = torch.tensor(np.concatenate([[0], np.cumsum(q_lens)]), dtype=torch.int32)
-    cu_k = torch.tensor(np.concatenate([[0], np.cumsum(kv_lens)]), dtype=torch.int32)
-    q = torch.randn(int(cu_q[-1]), heads, dim, generator=gen).to(device, dtype)
-    k = torch.randn(int(cu_k[-1]), kv_heads, dim, generator=gen).to(device, dtype)
-    v = torch.randn(int(cu_k[-1]), kv_heads, dim, generator=gen).to(device, dtype)
-    return q, k, v, cu_q.to(device), cu_k.to(device)
 
 
 def _gluon_plan(cu_q, cu_k, heads, kv_heads, dim, causal=True, pack_gqa=True, **kw):

@@ -222,6 +222,21 @@ if gluon is not None:
         return p, m_new, l_i, alpha
 
     @gluon.jit
+    def _block_softmax(sc, m_i, l_i, qk_scale, start, nomask_end, lo, hi, flag_buf, clean_bar, phase, seq_first,
+                       seq_last, k_stop, col_layout: gl.constexpr):
+        """_softmax of the key block at `start`: masked from the tile's first masked block on, once the loader has
+        released it (clean_bar: cleaned where it may hold another request's keys), unmasked before."""
+        if start >= nomask_end:
+            mbarrier.wait(clean_bar, phase)
+            p, m_new, l_new, alpha = _softmax(sc, m_i, l_i, qk_scale, start, lo, hi, flag_buf,
+                                              _foreign(start, seq_first, seq_last, k_stop, sc.shape[1]), True,
+                                              col_layout)
+        else:
+            p, m_new, l_new, alpha = _softmax(sc, m_i, l_i, qk_scale, start, lo, hi, flag_buf, False, False,
+                                              col_layout)
+        return p, m_new, l_new, alpha
+
+    @gluon.jit
     def _consumer(C: gl.constexpr, Q, Out, runs, tile_run, cu_q, cu_k, num_items, qk_scale, stride_qt, stride_qh,
                   stride_ot, stride_oh, q_smem, k_smem, v_smem, flags, k_ready, k_empty, v_ready, v_empty, v_clean,
                   turn, UNITS: gl.constexpr, GROUP: gl.constexpr, PACK_GQA: gl.constexpr, CAUSAL: gl.constexpr,
@@ -289,15 +304,9 @@ if gluon is not None:
                     _pass_turn(turn, C, PINGPONG)
                     sc = warpgroup_mma_wait(0, deps=[sc])
                     mbarrier.arrive(k_empty.index(s))
-                    start = k_start
-                    if start >= nomask_end:
-                        mbarrier.wait(v_clean.index(s), phase)
-                        p, m_i, l_i, alpha = _softmax(sc, m_i, l_i, qk_scale, start, lo, hi, flags.index(s),
-                                                      _foreign(start, seq_first, seq_last, k_stop, BLOCK), True,
-                                                      cols_s)
-                    else:
-                        p, m_i, l_i, alpha = _softmax(sc, m_i, l_i, qk_scale, start, lo, hi, flags.index(s), False,
-                                                      False, cols_s)
+                    p, m_i, l_i, alpha = _block_softmax(sc, m_i, l_i, qk_scale, k_start, nomask_end, lo, hi,
+                                                        flags.index(s), v_clean.index(s), phase, seq_first, seq_last,
+                                                        k_stop, cols_s)
                     for nxt in range(k_start + BLOCK, k_end, BLOCK):
                         s2 = (it + 1) % STAGES
                         phase2 = (it + 1) // STAGES & 1
@@ -312,14 +321,9 @@ if gluon is not None:
                         _pass_turn(turn, C, PINGPONG)
                         sc = warpgroup_mma_wait(1, deps=[sc])
                         mbarrier.arrive(k_empty.index(s2))
-                        if nxt >= nomask_end:
-                            mbarrier.wait(v_clean.index(s2), phase2)
-                            p, m_i, l_i, alpha = _softmax(sc, m_i, l_i, qk_scale, nxt, lo, hi, flags.index(s2),
-                                                          _foreign(nxt, seq_first, seq_last, k_stop, BLOCK), True,
-                                                          cols_s)
-                        else:
-                            p, m_i, l_i, alpha = _softmax(sc, m_i, l_i, qk_scale, nxt, lo, hi, flags.index(s2),
-                                                          False, False, cols_s)
+                        p, m_i, l_i, alpha = _block_softmax(sc, m_i, l_i, qk_scale, nxt, nomask_end, lo, hi,
+                                                            flags.index(s2), v_clean.index(s2), phase2, seq_first,
+                                                            seq_last, k_stop, cols_s)
                         acc, p_op_val = warpgroup_mma_wait(0, deps=[acc, p_op_val])
                         mbarrier.arrive(v_empty.index(s))
                         acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
