@@ -9,10 +9,13 @@ of K and V blocks that TMA fills.
 Program id: persistent, one program per SM (grid = min(work items, SMs)); program p takes work items p,
 2P - 1 - p, 2P + p, ... (snake order over the plan's heaviest-first list), a work item being (tile, KV head)
 with PACK_GQA, else (tile, query head).
-Partitions: the loader (a warpgroup, few registers) issues the TMA loads and cleans masked V blocks; consumer c
+Partitions: the loader (a warpgroup, few registers) issues the TMA loads and cleans V blocks (below); consumer c
 (c = 0: the default partition, c = 1: a worker) computes S = Q K^T and O += P V with wgmma, issuing a block's
 Q K^T together with the previous block's P V, whose product then runs under this block's softmax (FA3's
-intra-warpgroup overlap). Both consumers read every K/V block; a stage is free again when both have released it.
+intra-warpgroup overlap), and loads its next tile's query rows under its last product. Both consumers read every
+K/V block; a stage is free again when both have released it. TUNING["pingpong"] makes the consumers take turns
+to issue their products (FA3's inter-warpgroup overlap), TUNING["stages"] sets the ring's depth: ablation knobs,
+measured in results/prefill-hopper/NOTES.md.
 Isolation: a masked key gets weight 0, but 0 x NaN is NaN, so another request's NaN/inf value in a key block
 would reach slots that never see it. The loader cleans every block that may hold another request's keys (all
 blocks of a packed tile, and a block that runs past the end of its request's keys) before the consumers read

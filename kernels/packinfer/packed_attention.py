@@ -206,14 +206,13 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     use_tma: load K/V tiles with the Hopper tensor-memory accelerator (None: where the GPU has one; never for a
     head dim that is not a power of two). options: soft cap, ALiBi (the window is the plan's). lse: fp32
     [heads, tokens] receives the natural-log softmax normaliser of every row (+inf for a row that sees no key).
-    A plan for the "gluon" engine runs Hopper's warp-specialized kernel (hopper_attention) where it can, with
-    no options and no lse; elsewhere this kernel runs it.
+    A plan for the "gluon" engine runs Hopper's warp-specialized kernel (hopper_attention) where it can (not with
+    use_tma=False, options or lse); elsewhere this kernel runs it.
     The launch is bound to the plan (launch.Bound): every layer of a batch reuses it."""
     if plan.num_tiles == 0:
         return
     if (plan.engine == "gluon" and use_tma is not False and options.softcap <= 0 and options.alibi_slopes is None
-            and lse is None
-            and hopper_attention.available(q.device) and hopper_attention.supports(plan, q)):
+            and lse is None and hopper_attention.available(q.device) and hopper_attention.supports(plan, q)):
         hopper_attention.launch(q, k, v, out, plan, softmax_scale)
         return
     kv_heads, dim = k.shape[1], q.shape[2]
