@@ -81,6 +81,8 @@ def test_what_the_gluon_kernel_supports():
     assert not hopper_attention.supports(plan_for(cu, cu, 32, 8, 128, causal=True, window=(64, 0), config=GLUON), q)
     short = KernelConfig(64, 64, 4, 3, True, engine="gluon")
     assert not hopper_attention.supports(plan_for(cu, cu, 32, 8, 128, causal=True, config=short), q)
+    no_keys = torch.tensor([0, 0, 0], dtype=torch.int32)
+    assert not hopper_attention.supports(plan_for(cu, no_keys, 32, 8, 128, causal=False, config=GLUON), q)
     assert not hopper_attention.available(torch.device("cpu"))
     with pytest.raises(ValueError, match="engine"):
         plan_varlen(cu, cu, 32, 8, 128, causal=True, engine="cuda")

@@ -406,11 +406,12 @@ def available(device: torch.device) -> bool:
 
 def supports(plan: Plan, q: torch.Tensor) -> bool:
     """Whether this kernel runs the plan: 128-slot tiles, 128-key steps, a head dim it has, bf16/fp16, no
-    window."""
+    window, and some keys (a TMA descriptor needs a non-empty tensor)."""
     group = plan.num_heads // plan.num_kv_heads
     slots = plan.block_m * (group if plan.pack_gqa else 1)
     return (slots == SLOTS and plan.block_n == BLOCK_N and plan.head_dim in HEAD_DIMS and plan.window == (-1, -1)
-            and q.dtype in (torch.bfloat16, torch.float16) and (not plan.pack_gqa or group <= 64))
+            and q.dtype in (torch.bfloat16, torch.float16) and (not plan.pack_gqa or group <= 64)
+            and int(plan.cu_seqlens_k[-1]) > 0)
 
 
 def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, plan: Plan,
