@@ -174,12 +174,10 @@ if gluon is not None:
                     phase = it // STAGES & 1
                     mbarrier.wait(k_empty.index(s), phase ^ 1)
                     mbarrier.expect(k_ready.index(s), nbytes)
-                    _tma_load(k_desc, [start, kv_head * HEAD_DIM], k_ready.index(s),
-                                                    k_smem.index(s))
+                    _tma_load(k_desc, [start, kv_head * HEAD_DIM], k_ready.index(s), k_smem.index(s))
                     mbarrier.wait(v_empty.index(s), phase ^ 1)
                     mbarrier.expect(v_ready.index(s), nbytes)
-                    _tma_load(v_desc, [start, kv_head * HEAD_DIM], v_ready.index(s),
-                                                    v_smem.index(s))
+                    _tma_load(v_desc, [start, kv_head * HEAD_DIM], v_ready.index(s), v_smem.index(s))
                     if _foreign(start, seq_first, seq_last, k_stop, BLOCK):  # clean it before the consumers read it
                         mbarrier.wait(v_ready.index(s), phase)
                         _clean(v_smem.index(s), flags.index(s), BLOCK, HEAD_DIM, EXP_MASK, 4)
@@ -283,16 +281,16 @@ if gluon is not None:
                 rows, _ = _slot_rows_heads(base, unit, M, GROUP, PACK_GQA, rows_s)
                 lo = gl.zeros([M], gl.int32, rows_s)
                 hi = gl.full([M], -1, gl.int32, rows_s)
-                for s in range(seq_first, seq_last + 1):
-                    q_stop = gl.load(cu_q + s + 1)
-                    k_begin = gl.load(cu_k + s)
-                    k_stop = gl.load(cu_k + s + 1)
-                    mine = (rows >= gl.load(cu_q + s)) & (rows < q_stop)
-                    lo = gl.where(mine, k_begin, lo)
+                for req in range(seq_first, seq_last + 1):
+                    req_q_stop = gl.load(cu_q + req + 1)
+                    req_k_begin = gl.load(cu_k + req)
+                    req_k_stop = gl.load(cu_k + req + 1)
+                    mine = (rows >= gl.load(cu_q + req)) & (rows < req_q_stop)
+                    lo = gl.where(mine, req_k_begin, lo)
                     if CAUSAL:
-                        hi = gl.where(mine, k_stop - q_stop + rows, hi)
+                        hi = gl.where(mine, req_k_stop - req_q_stop + rows, hi)
                     else:
-                        hi = gl.where(mine, k_stop - 1, hi)
+                        hi = gl.where(mine, req_k_stop - 1, hi)
 
                 m_i = gl.full([M], float("-inf"), gl.float32, rows_s)
                 l_i = gl.zeros([M], gl.float32, rows_s)
