@@ -33,17 +33,21 @@ from packinfer_bench.traces import load_trace
 from packinfer_bench.workload import Batch, StaticSpec, static_batches
 
 K = packinfer.KernelConfig
-#: name -> the tile shape (KernelConfig) of the candidate; "chosen" is choose_config's for the batch. Launch
+#: name -> the tile shape (KernelConfig) of the candidate; "chosen" is choose_config's for the batch (on Hopper: the
+#: Gluon kernel for long tiles), "chosen-triton" the same with the Triton kernel for every tile. Launch
 #: knobs measured before and dropped (results/prefill-hopper/NOTES.md): Triton's warp-specialized loop, maxnreg,
 #: the scale inside the exponent, 4 stages (00fd9b1), the software-pipelined unmasked loop (4d8e8b5).
 CANDIDATES: dict[str, K | None] = {
     "chosen": None,
+    "chosen-triton": None,
     # the warp-specialized Hopper kernel (hopper_attention; warps and stages here are the Triton fallback's)
     "gluon": K(128, 128, 8, 3, True, engine="gluon"),
     "gluon-nogqa": K(128, 128, 8, 3, False, engine="gluon"),
     "gluon-pp": K(128, 128, 8, 3, True, engine="gluon"),
     "gluon-s3": K(128, 128, 8, 3, True, engine="gluon"),
     "gluon-pp-s3": K(128, 128, 8, 3, True, engine="gluon"),
+    "gluon-r240": K(128, 128, 8, 3, True, engine="gluon"),
+    "gluon-pp-r240": K(128, 128, 8, 3, True, engine="gluon"),
     "128x128x8+gqa": K(128, 128, 8, 3, True),
     "128x64x8+gqa": K(128, 64, 8, 3, True),
     "128x128x8": K(128, 128, 8, 3, False),
@@ -53,7 +57,8 @@ CANDIDATES: dict[str, K | None] = {
 }
 #: Variants of the Gluon kernel under measurement (packinfer.hopper_attention.TUNING), per candidate.
 TUNINGS = {"gluon-pp": {"pingpong": True}, "gluon-s3": {"stages": 3},
-           "gluon-pp-s3": {"pingpong": True, "stages": 3}}
+           "gluon-pp-s3": {"pingpong": True, "stages": 3}, "gluon-r240": {"regs": (240, 24)},
+           "gluon-pp-r240": {"pingpong": True, "regs": (240, 24)}}
 PEERS = (("fa3", "varlen"), ("flashinfer", "fa3"))
 #: Prompt-length families outside the traces, for choosing the tile shape: prefill_kernel's mixes and short
 #: lognormal prompts (name, requests, prompt distribution).
@@ -84,11 +89,16 @@ def candidate(config: K | None, resources: dict, name: str) -> Callable[[Inputs,
 
     def prepare(x: Inputs, variant: str):
         s = x.shape
+        chosen = config
+        if name == "chosen-triton":
+            chosen = packinfer.choose_config(x.batch.q_lens, x.batch.kv_lens, s.num_heads, s.num_kv_heads,
+                                             s.head_dim, gluon=False)
         plan = packinfer.plan_for(x.cu_q_cpu, x.cu_k_cpu, s.num_heads, s.num_kv_heads, s.head_dim, causal=True,
-                                  config=config)
+                                  config=chosen)
 
         def run():
             hopper_attention.TUNING.update({"pingpong": False, "stages": hopper_attention.STAGES,
+                                            "regs": (hopper_attention.CONSUMER_REGS, hopper_attention.LOADER_REGS),
                                             **TUNINGS.get(name, {})})
             out = packinfer.varlen_attention(x.q, x.k, x.v, x.cu_q, x.cu_k, x.max_q, x.max_k, causal=True,
                                              plan=plan, validate=False)

@@ -42,7 +42,9 @@ def _fill(layout, kv_lens, prefix_of, prefix_lens, *, kv_heads, dim, dtype, devi
 
 
 def _check(layout, kv_lens, q_lens, prefix_of=None, prefix_lens=None, *, heads=4, kv_heads=2, dim=64,
-           dtype=torch.float16, device="cpu", use_tma=None, **plan_kw):
+           dtype=torch.float16, device="cpu", use_tma=None, fresh=False, **plan_kw):
+    """The launch against the reference over the cache's tokens. fresh: the rows' own K/V are given to the
+    launch (k_new / v_new) and their cache positions hold NaN until it stores them there."""
     prefix_of = prefix_of or [None] * len(kv_lens)
     cache = _fill(layout, kv_lens, prefix_of, prefix_lens or {}, kv_heads=kv_heads, dim=dim, dtype=dtype,
                   device=device)
@@ -50,8 +52,18 @@ def _check(layout, kv_lens, q_lens, prefix_of=None, prefix_lens=None, *, heads=4
     plan = plan_cache_attention(view, q_lens, heads, block_n=BN, **plan_kw)
     q = torch.randn(sum(q_lens), heads, dim, generator=torch.Generator().manual_seed(1)).to(device, dtype)
     out = torch.full_like(q, float("nan"))
-    cache_attention(q, view, plan, out=out, use_tma=use_tma)
     k, v = (torch.cat(t) for t in zip(*(cache.read(r) for r in range(len(kv_lens)))))
+    new = {}
+    if fresh:
+        rows = np.concatenate([np.arange(c - n, c) for n, c in zip(q_lens, np.cumsum(kv_lens))])
+        new = {"k_new": k[rows].clone(), "v_new": v[rows].clone()}
+        slots = np.concatenate([cache.addresses(r)[-n:] for r, n in enumerate(q_lens)])
+        cache.k[torch.from_numpy(slots).to(device)] = float("nan")
+        cache.v[torch.from_numpy(slots).to(device)] = float("nan")
+    cache_attention(q, view, plan, out=out, use_tma=use_tma, **new)
+    if fresh:
+        k2, v2 = (torch.cat(t) for t in zip(*(cache.read(r) for r in range(len(kv_lens)))))
+        assert torch.equal(k2, k) and torch.equal(v2, v), "the launch stored every new row's K/V at its position"
     cu = [torch.tensor(np.concatenate([[0], np.cumsum(x)]), dtype=torch.int32) for x in (q_lens, kv_lens)]
     ref = reference_varlen_attention(q, k, v, *cu, causal=True)
     assert not out.isnan().any(), "some output elements were never written"
@@ -98,6 +110,46 @@ def test_shared_and_unshared_prefixes(layout, prefix_grouping, split, device):
 def test_gqa_ratios(group, pack_gqa, device):
     _check("grouped", [5, 40, 17], [1, 4, 1], [None, 0, 0], {0: 9}, heads=2 * group, kv_heads=2, device=device,
            pack_gqa=pack_gqa, kv_chunk=BN)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout, use_tma", [("paged", False), ("grouped", False), ("grouped", True)])
+def test_the_launch_stores_the_new_rows_and_reads_them_from_k_new(layout, use_tma, dtype, device):
+    """k_new / v_new: decode rows, appends and fresh prompts at block edges, split and not, a shared prefix read
+    by a group; the cache holds NaN at the new positions, so a read of one before its store would show."""
+    kv = EDGE_KV + [40, 41, 3 * BN]
+    q = EDGE_Q + [1, 2, 3 * BN]
+    _check(layout, kv, q, [None] * 7 + [0, 0, None], {0: 2 * BN + 3}, heads=8, kv_heads=2, dtype=dtype,
+           device=device, use_tma=use_tma, fresh=True, kv_chunk=2 * BN)
+    _check(layout, kv, q, [None] * 7 + [0, 0, None], {0: 2 * BN + 3}, heads=8, kv_heads=2, dtype=dtype,
+           device=device, use_tma=use_tma, fresh=True, slots=16, pack_gqa=False)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_new_rows_stored_in_the_launch_any_iteration_mix(seed, device):
+    rng = np.random.default_rng(200 + seed)
+    kv, q, prefix_of, prefixes = _iteration(rng, int(rng.integers(3, 9)))
+    group = [1, 4, 8][seed % 3]
+    _check(["paged", "grouped"][seed % 2], kv, q, prefix_of, prefixes, heads=2 * group, kv_heads=2,
+           dtype=[torch.float16, torch.bfloat16][seed // 2], device=device, fresh=True,
+           kv_chunk=BN * int(rng.integers(1, 4)) if seed % 3 else None, slots=[None, 16, 32][seed % 3])
+
+
+def test_new_rows_cannot_be_stored_in_the_launch_when_a_row_is_a_prefix_position():
+    """A request whose rows reach into its shared prefix would write positions other requests read."""
+    cache = _fill("grouped", [30, 31, 24], [0, 0, 0], {0: 21}, kv_heads=2, dim=64, dtype=torch.float16,
+                  device="cpu")
+    view = cache.view(range(3))
+    plan = plan_cache_attention(view, [1, 1, 6], 4)
+    assert not plan.writes_new
+    q = torch.randn(8, 4, 64, dtype=torch.float16)
+    k = torch.randn(8, 2, 64, dtype=torch.float16)
+    with pytest.raises(ValueError, match="writes_new is False"):
+        cache_attention(q, view, plan, k_new=k, v_new=k)
+    with pytest.raises(ValueError, match=r"k_new must be \[rows of q, KV heads, head_dim\] = \[8, 2, 64\]"):
+        cache_attention(q, view, plan, k_new=k[:7], v_new=k[:7])
+    with pytest.raises(ValueError, match="give both k_new and v_new"):
+        cache_attention(q, view, plan, k_new=k)
 
 
 def test_tensor_descriptor_loads_on_the_grouped_layout(device):

@@ -193,7 +193,7 @@ def test_bad_plan_arguments():
 
 
 def test_the_gluon_kernel_takes_only_head_dim_128s_long_tiles():
-    """Asked for (PACKINFER_GLUON=1 on a Hopper GPU), head dim 128's long tiles run Hopper's warp-specialized
+    """On a Hopper GPU (unless PACKINFER_GLUON=0), head dim 128's long tiles run Hopper's warp-specialized
     kernel (the Triton kernel keeps the same launch configuration for the plans it runs instead); every other
     shape stays with the Triton kernel."""
     from packinfer import choose_config
@@ -206,7 +206,7 @@ def test_the_gluon_kernel_takes_only_head_dim_128s_long_tiles():
     assert dataclasses.replace(on_hopper, engine="triton") == elsewhere
     assert choose_config(short_q, short_q, 32, 8, 128, gluon=True).engine == "triton"
     assert choose_config(long_q, long_q, 32, 8, 64, gluon=True).engine == "triton"  # measured at 128 only
-    assert choose_config(long_q, long_q, 32, 8, 128).engine == "triton"  # not asked for, and no Hopper GPU here
+    assert choose_config(long_q, long_q, 32, 8, 128).engine == "triton"  # no Hopper GPU here
 
 
 def test_choose_config_follows_the_batch_shape():

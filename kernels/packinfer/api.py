@@ -49,10 +49,10 @@ FA2_LIKE = KernelConfig(128, 64, 8, 3, False)
 _LONG = KernelConfig(128, 128, 8, 3, True)
 _SHORT = KernelConfig(64, 64, 4, 3, True)
 _LONG_KEYS_PER_ROW = 1500
-# With PACKINFER_GLUON=1, on Hopper, the long tile runs the warp-specialized Gluon kernel (hopper_attention) where
-# it can (head dim 128): 1.04x the Triton kernel's long tile, geomean of the five batches that take it in
-# results/prefill-hopper/h100-gluon-v2 (0.974 ShareGPT b64 to 1.099 uniform 4k prompts); on the short tile's
-# batches it lost (0.87-1.02). Opt-in until a whole GPU test pass of that version (NOTES.md there).
+# On Hopper the long tile runs the warp-specialized Gluon kernel (hopper_attention) where it can (head dim 128;
+# PACKINFER_GLUON=0 keeps the Triton kernel): ahead of the Triton kernel's long tile on the batches that take it,
+# in two H100 runs (results/prefill-hopper/h100-gluon-v2: geomean 1.04x, 0.974 ShareGPT b64 to 1.099 uniform 4k
+# prompts; h100-gluon-v3: 1.00-1.13x); on the short tile's batches it lost (0.87-1.02), so they keep that tile.
 _LONG_GLUON = dataclasses.replace(_LONG, engine="gluon")
 # Other head dims, from the H200 sweep results/fa-features/h200/tune.csv (bf16; ShareGPT, Azure conv, Mooncake
 # prompts): at 256 one shape won every batch, 3-5.6x the half-slot 32-key shape used before; it needs ~193 KiB of
@@ -72,7 +72,7 @@ def choose_config(q_lens: np.ndarray, kv_lens: np.ndarray, num_heads: int, num_k
     that is not a power of two gets the tiles of the power of two it is padded to, with 64-key steps. Head dim
     256 takes its own shape, a smaller one where the GPU's shared memory per block (default: the current CUDA
     device's, see packinfer.device) cannot hold it. gluon: give head dim 128's long tiles to Hopper's Gluon kernel
-    (default: with PACKINFER_GLUON=1 where the current CUDA device runs it)."""
+    (default: where the current CUDA device runs it, unless PACKINFER_GLUON=0)."""
     check_head_dim(head_dim)
     q_total = max(int(q_lens.sum()), 1)
     if causal:
@@ -95,8 +95,9 @@ def choose_config(q_lens: np.ndarray, kv_lens: np.ndarray, num_heads: int, num_k
 
 
 def _gluon_asked() -> bool:
-    """PACKINFER_GLUON=1 and the current CUDA device runs Hopper's Gluon kernel (hopper_attention.available)."""
-    return (os.environ.get("PACKINFER_GLUON") == "1" and torch.cuda.is_available()
+    """The current CUDA device runs Hopper's Gluon kernel (hopper_attention.available), and PACKINFER_GLUON is not
+    0."""
+    return (os.environ.get("PACKINFER_GLUON") != "0" and torch.cuda.is_available()
             and hopper_attention.available(torch.device("cuda", torch.cuda.current_device())))
 
 
@@ -161,7 +162,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
 def cache_attention(q: torch.Tensor, view: KVView, plan: CachePlan, *, softmax_scale: float | None = None,
                     softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None, return_lse: bool = False,
                     out: torch.Tensor | None = None, validate: bool = True, use_tma: bool | None = None,
-                    buffers: PlanBuffers | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                    buffers: PlanBuffers | None = None, k_new: torch.Tensor | None = None,
+                    v_new: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of new query rows over a KV cache, any mix of decode rows, prompt chunks and fresh prompts
     (their K/V written to the cache first): q [sum(q_lens), H, D], the rows of each request of `view` in order,
     each the last q_lens[i] positions of its request (bottom-right; the plan says causal or not, and its window).
@@ -170,9 +172,16 @@ def cache_attention(q: torch.Tensor, view: KVView, plan: CachePlan, *, softmax_s
     graphs). softcap / alibi_slopes ([H] or [requests, H]) / return_lse as in varlen_attention (lse fp32
     [H, rows]). Returns out like q; validate=False skips the checks (for calls whose arguments were checked
     before). use_tma: load K/V of the grouped layout through Hopper's TMA (None: where the GPU has it, unless
-    PACKINFER_NO_TMA=1)."""
+    PACKINFER_NO_TMA=1).
+    k_new / v_new [rows of q, Hkv, D]: the rows' own K/V, not yet in the cache (whose positions the view already
+    counts): the same launch stores them at their positions and attends with them, saving the separate cache
+    write. Needs plan.writes_new (no query row is a position of a prefix)."""
+    if (k_new is None) != (v_new is None):
+        raise ValueError("give both k_new and v_new, or neither")
     if validate:
         _check_cache_call(q, view, plan, out)
+        if k_new is not None and v_new is not None:
+            _check_new_kv(q, view, plan, k_new, v_new)
         check_score_options(softcap, alibi_slopes, q.shape[1], len(plan.q_lens), q.device)
         if buffers is not None and buffers.plan is not plan:
             raise ValueError("buffers hold another plan: load(plan) them first")
@@ -187,8 +196,23 @@ def cache_attention(q: torch.Tensor, view: KVView, plan: CachePlan, *, softmax_s
         out[torch.from_numpy(empty.astype(np.int64)).to(q.device)] = 0
     scale = softmax_scale if softmax_scale is not None else q.shape[2] ** -0.5
     launch_cache(q if q.stride(-1) == 1 else q.contiguous(), view.k, view.v, out, plan, scale, use_tma, buffers,
-                 options=ScoreOptions(softcap, alibi_slopes), lse=lse)
+                 options=ScoreOptions(softcap, alibi_slopes), lse=lse, k_new=k_new, v_new=v_new)
     return out if lse is None else (out, lse)  # lse is set exactly when return_lse
+
+
+def _check_new_kv(q: torch.Tensor, view: KVView, plan: CachePlan, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+    want = (q.shape[0], view.k.shape[1], view.k.shape[2])
+    for name, t in (("k_new", k_new), ("v_new", v_new)):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != want:
+            raise ValueError(f"{name} must be [rows of q, KV heads, head_dim] = {list(want)}, got "
+                             f"{list(getattr(t, 'shape', ()))}")
+        if t.dtype != view.k.dtype or t.device != view.k.device or t.stride(-1) != 1:
+            raise ValueError(f"{name} must be {view.k.dtype} on {view.k.device} with a contiguous last dim, got "
+                             f"{t.dtype} on {t.device}, strides {t.stride()}")
+    if not plan.writes_new:
+        raise ValueError("k_new / v_new: the plan's writes_new is False (some query row is a position of a shared "
+                         "prefix, which other requests read): write the new K/V to the cache first and call "
+                         "without them")
 
 
 def _output(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:

@@ -18,6 +18,11 @@ partial_base + m // GROUP (m with PACK_GQA off), then adds one to the slot's cou
 counter to the row's part_count merges that row's partials (listed in merge_idx) into Out and zeroes the counter.
 Ordering: a CTA barrier between the partial stores and the counter increments (acq_rel, GPU scope), and another
 before the merge, whose partial loads bypass L1 (.cg).
+New K/V (FRESH, the launch given k_new / v_new): the slots whose own position is one of the item's keys store
+their row's K/V there (the first query head of each GQA group: once per KV head), and keys j >= new_j (this
+iteration's positions) are read from k_new / v_new, never from the cache that this launch is writing: no
+program waits for another. The plan's writes_new says every such position is its own request's, which no other
+request reads.
 Isolation: an item reads one request's positions (or a shared prefix all its rows see), pointer loads past the
 item are masked and TMA blocks past it have their V zeroed (unwritten pool space may hold NaN bits), so only
 positions past a row's causal limit can be masked in a block. As in the packed kernel, a program whose result
@@ -61,6 +66,7 @@ ITEM_POS_START = field_offset(ITEM_FIELDS, "pos_start")
 ITEM_KV_LEN = field_offset(ITEM_FIELDS, "kv_len")
 ITEM_TABLE_ROW = field_offset(ITEM_FIELDS, "table_row")
 ITEM_PARTIAL_BASE = field_offset(ITEM_FIELDS, "partial_base")
+ITEM_NEW_J = field_offset(ITEM_FIELDS, "new_j")
 ROW_WIDTH = tl.constexpr(len(ROW_FIELDS))
 ROW_Q_ROW = field_offset(ROW_FIELDS, "q_row")
 ROW_LIMIT = field_offset(ROW_FIELDS, "limit")
@@ -82,11 +88,13 @@ def _addresses(table, kv_addr, pos_start, j, in_range, PAGED: tl.constexpr, PAGE
 
 @triton.jit
 def _load_kv(K, V, k_base, v_base, table, kv_addr, pos_start, start, j, kv_head, kv_len, dmask, stride_kt, stride_vt,
-             HEAD_DIM: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, MASK_KEYS: tl.constexpr,
-             EVEN_D: tl.constexpr, USE_TMA: tl.constexpr):
+             K_new, V_new, stride_nt, stride_nh, stride_vnt, stride_vnh, new_j, row0, HEAD_DIM: tl.constexpr,
+             PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, MASK_KEYS: tl.constexpr, EVEN_D: tl.constexpr,
+             USE_TMA: tl.constexpr, FRESH: tl.constexpr):
     """The block of K and V at item keys j (= start + 0..BLOCK_N-1): TMA (V past the item zeroed: unwritten pool
     space may hold NaN bits, and a masked key's weight 0 times NaN is NaN) or pointer loads masked to j < kv_len
-    (MASK_KEYS) and to the real head dims (unless EVEN_D)."""
+    (MASK_KEYS) and to the real head dims (unless EVEN_D). FRESH: keys j >= new_j come from the new rows' K/V
+    instead (K_new / V_new row row0 + j): this launch stores them in the cache, which may not hold them yet."""
     if USE_TMA:  # (one return at the end: the compiler generates every branch of a constexpr if-return)
         k = K.load([kv_addr + start, kv_head * HEAD_DIM])
         v = V.load([kv_addr + start, kv_head * HEAD_DIM])
@@ -97,17 +105,29 @@ def _load_kv(K, V, k_base, v_base, table, kv_addr, pos_start, start, j, kv_head,
         addr = _addresses(table, kv_addr, pos_start, j, in_range, PAGED, PAGE_SIZE)
         k, v = load_kv(k_base + addr[:, None] * stride_kt, v_base + addr[:, None] * stride_vt, in_range, dmask,
                        MASK_KEYS, EVEN_D)
+    if FRESH:
+        if start + j.shape[0] > new_j:  # a block holding new keys (only masked blocks do: see _attend)
+            fresh = (j >= new_j) & (j < kv_len)
+            dims = tl.arange(0, HEAD_DIM)
+            rows = (row0 + j).to(tl.int64)
+            m = fresh[:, None] & dmask[None, :]
+            k_new = tl.load(K_new + kv_head * stride_nh + rows[:, None] * stride_nt + dims[None, :], mask=m)
+            v_new = tl.load(V_new + kv_head * stride_vnh + rows[:, None] * stride_vnt + dims[None, :], mask=m)
+            k = tl.where(fresh[:, None], k_new.to(k.dtype), k)
+            v = tl.where(fresh[:, None], v_new.to(v.dtype), v)
     return k, v
 
 
 @triton.jit
 def _attend(q, K, V, table, kv_head, kv_addr, pos_start, kv_len, low, limit, diag, slope, row_ok, qk_scale, cap,
-            stride_kt, stride_kh, stride_vt, stride_vh, DIM: tl.constexpr, HEAD_DIM: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
-            DOT_F32: tl.constexpr, USE_TMA: tl.constexpr, SAFE: tl.constexpr, WINDOW: tl.constexpr,
-            SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+            stride_kt, stride_kh, stride_vt, stride_vh, K_new, V_new, stride_nt, stride_nh, stride_vnt, stride_vnh,
+            new_j, row0, DIM: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, DOT_F32: tl.constexpr, USE_TMA: tl.constexpr,
+            SAFE: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+            FRESH: tl.constexpr):
     """The item's slots over its positions (slot m sees item keys low[m] <= j <= limit[m]; low only with a
-    window). Returns (max, sum, acc)."""
+    window). Returns (max, sum, acc). FRESH: keys j >= new_j are read from K_new / V_new (_load_kv), in the
+    masked blocks only."""
     dims = tl.arange(0, HEAD_DIM)
     dmask = dims < DIM
     EVEN_D: tl.constexpr = DIM == HEAD_DIM
@@ -119,6 +139,8 @@ def _attend(q, K, V, table, kv_head, kv_addr, pos_start, kv_len, low, limit, dia
         mask_end = 0
         nomask_end = tl.minimum(tl.maximum(tl.min(limit, 0) + 1, 0), kv_len) // BLOCK_N * BLOCK_N
         end = tl.minimum(tl.max(tl.where(row_ok, limit, -1), 0) + 1, kv_len)
+    if FRESH:  # blocks holding new keys go to the masked loop, which reads them from K_new / V_new
+        nomask_end = tl.maximum(tl.minimum(nomask_end, tl.maximum(new_j, 0) // BLOCK_N * BLOCK_N), mask_end)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -133,20 +155,23 @@ def _attend(q, K, V, table, kv_head, kv_addr, pos_start, kv_len, low, limit, dia
     for start in range(first, mask_end, BLOCK_N):  # only with a window: keys some slots have left behind
         j = start + cols
         k, v = _load_kv(K, V, k_base, v_base, table, kv_addr, pos_start, start, j, kv_head, kv_len, dmask, stride_kt,
-                        stride_vt, HEAD_DIM, PAGED, PAGE_SIZE, True, EVEN_D, USE_TMA)
+                        stride_vt, K_new, V_new, stride_nt, stride_nh, stride_vnt, stride_vnh, new_j, row0, HEAD_DIM,
+                        PAGED, PAGE_SIZE, True, EVEN_D, USE_TMA, FRESH)
         valid = (j < kv_len)[None, :] & (j[None, :] <= limit[:, None]) & (j[None, :] >= low[:, None])
         m_i, l_i, acc = online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, cap, pos_start + j, diag, slope, valid,
                                             True, SAFE, DOT_F32, SOFTCAP, ALIBI)
     for start in range(mask_end, nomask_end, BLOCK_N):
         j = start + cols
         k, v = _load_kv(K, V, k_base, v_base, table, kv_addr, pos_start, start, j, kv_head, kv_len, dmask, stride_kt,
-                        stride_vt, HEAD_DIM, PAGED, PAGE_SIZE, False, EVEN_D, USE_TMA)
+                        stride_vt, K_new, V_new, stride_nt, stride_nh, stride_vnt, stride_vnh, new_j, row0, HEAD_DIM,
+                        PAGED, PAGE_SIZE, False, EVEN_D, USE_TMA, False)
         m_i, l_i, acc = online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, cap, pos_start + j, diag, slope, 0,
                                             False, False, DOT_F32, SOFTCAP, ALIBI)
     for start in range(nomask_end, end, BLOCK_N):
         j = start + cols
         k, v = _load_kv(K, V, k_base, v_base, table, kv_addr, pos_start, start, j, kv_head, kv_len, dmask, stride_kt,
-                        stride_vt, HEAD_DIM, PAGED, PAGE_SIZE, True, EVEN_D, USE_TMA)
+                        stride_vt, K_new, V_new, stride_nt, stride_nh, stride_vnt, stride_vnh, new_j, row0, HEAD_DIM,
+                        PAGED, PAGE_SIZE, True, EVEN_D, USE_TMA, FRESH)
         valid = (j < kv_len)[None, :] & (j[None, :] <= limit[:, None])
         if WINDOW:
             valid = valid & (j[None, :] >= low[:, None])
@@ -183,13 +208,13 @@ def _merge(O_part, LSE_part, merge_idx, part_first, part_count, heads, last, NUM
 
 @triton.jit
 def _cache_attention(
-    Q, K, V, Out, LSE, Slopes, O_part, LSE_part, counters, header, items, rows, merge_idx, block_table, qk_scale,
-    cap, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_table,
-    stride_lh, stride_st, stride_sh,
+    Q, K, V, Out, LSE, Slopes, K_new, V_new, K_pool, V_pool, O_part, LSE_part, counters, header, items, rows,
+    merge_idx, block_table, qk_scale, cap, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot,
+    stride_oh, stride_table, stride_lh, stride_st, stride_sh, stride_nt, stride_nh, stride_vnt, stride_vnh,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, PACK_GQA: tl.constexpr, DIM: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr,
     PAGE_SIZE: tl.constexpr, DOT_F32: tl.constexpr, USE_TMA: tl.constexpr, WINDOW: tl.constexpr,
-    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, RETURN_LSE: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, RETURN_LSE: tl.constexpr, FRESH: tl.constexpr,
 ):
     item, kv_head, slot_row, heads = program_slots(tl.program_id(0), NUM_HEADS, GROUP, PACK_GQA, BLOCK_M)
     if item >= tl.load(header):
@@ -214,8 +239,9 @@ def _cache_attention(
         low = tl.load(r + ROW_LOW, mask=row_ok, other=0) - pos_start
     diag = tl.zeros([BLOCK_M], dtype=tl.int32)
     slope = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if ALIBI:  # the slot's own position, and its slope (x log2 e) from [rows or 1, heads]
+    if ALIBI or FRESH:  # the slot's own position
         diag = tl.load(r + ROW_DIAG, mask=row_ok, other=0)
+    if ALIBI:  # the slot's slope (x log2 e) from [rows or 1, heads]
         slope = tl.load(Slopes + q_rows.to(tl.int64) * stride_st + heads * stride_sh, mask=row_ok, other=0.0)
     dims = tl.arange(0, HEAD_DIM)
     dmask = dims < DIM
@@ -224,13 +250,30 @@ def _cache_attention(
     if DOT_F32:
         q = q.to(tl.float32)
     table = block_table + table_row.to(tl.int64) * stride_table
+    new_j = 0
+    row0 = 0
+    if FRESH:  # store the new K/V of the slots whose own position is one of this item's keys (one head per group)
+        new_j = tl.load(it + ITEM_NEW_J)
+        r0 = rows + row_first * ROW_WIDTH
+        row0 = tl.load(r0 + ROW_Q_ROW) - tl.load(r0 + ROW_DIAG) + pos_start  # new row of item key 0
+        own = diag - pos_start
+        writer = row_ok & (own >= 0) & (own < kv_len) & (heads % GROUP == 0)
+        addr = _addresses(table, kv_addr, pos_start, own, writer, PAGED, PAGE_SIZE)
+        w_mask = writer[:, None] & dmask[None, :]
+        src = q_rows.to(tl.int64)[:, None]
+        tl.store(K_pool + addr[:, None] * stride_kt + kv_head * stride_kh + dims[None, :],
+                 tl.load(K_new + src * stride_nt + kv_head * stride_nh + dims[None, :], mask=w_mask), mask=w_mask)
+        tl.store(V_pool + addr[:, None] * stride_vt + kv_head * stride_vh + dims[None, :],
+                 tl.load(V_new + src * stride_vnt + kv_head * stride_vnh + dims[None, :], mask=w_mask), mask=w_mask)
     m_i, l_i, acc = _attend(q, K, V, table, kv_head, kv_addr, pos_start, kv_len, low, limit, diag, slope, row_ok,
-                            qk_scale, cap, stride_kt, stride_kh, stride_vt, stride_vh, DIM, HEAD_DIM, BLOCK_M, BLOCK_N,
-                            PAGED, PAGE_SIZE, DOT_F32, USE_TMA, False, WINDOW, SOFTCAP, ALIBI)
+                            qk_scale, cap, stride_kt, stride_kh, stride_vt, stride_vh, K_new, V_new, stride_nt,
+                            stride_nh, stride_vnt, stride_vnh, new_j, row0, DIM, HEAD_DIM, BLOCK_M, BLOCK_N, PAGED,
+                            PAGE_SIZE, DOT_F32, USE_TMA, False, WINDOW, SOFTCAP, ALIBI, FRESH)
     if any_nonfinite(acc, l_i, row_ok):  # rare: the isolating re-run (see the module's docstring)
         m_i, l_i, acc = _attend(q, K, V, table, kv_head, kv_addr, pos_start, kv_len, low, limit, diag, slope, row_ok,
-                                qk_scale, cap, stride_kt, stride_kh, stride_vt, stride_vh, DIM, HEAD_DIM, BLOCK_M,
-                                BLOCK_N, PAGED, PAGE_SIZE, DOT_F32, USE_TMA, True, WINDOW, SOFTCAP, ALIBI)
+                                qk_scale, cap, stride_kt, stride_kh, stride_vt, stride_vh, K_new, V_new, stride_nt,
+                                stride_nh, stride_vnt, stride_vnh, new_j, row0, DIM, HEAD_DIM, BLOCK_M, BLOCK_N, PAGED,
+                                PAGE_SIZE, DOT_F32, USE_TMA, True, WINDOW, SOFTCAP, ALIBI, FRESH)
 
     empty = l_i == 0  # a slot that saw no key (a NaN sum stays NaN, and so does its log-sum-exp)
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -266,7 +309,8 @@ def _cache_attention(
 def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, plan: CachePlan | None,
            softmax_scale: float, use_tma: bool | None = None, buffers: PlanBuffers | None = None,
            grid_items: int | None = None, options: ScoreOptions = NO_OPTIONS,
-           lse: torch.Tensor | None = None) -> None:
+           lse: torch.Tensor | None = None, k_new: torch.Tensor | None = None,
+           v_new: torch.Tensor | None = None) -> None:
     """Run the plan's items over q and the cache pools k/v [tokens, Hkv, D] into out (like q), one launch.
     Without `buffers` the launch covers exactly the plan's items, from arrays copied once per plan; with them
     it covers `grid_items` items (default: their capacity; every plan loaded must have at most that many) and
@@ -274,7 +318,9 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     CUDA graph and replayed with any later plan loaded (plan may then be None). Programs past the loaded plan's
     items return at once, but are launched: size grid_items to the iterations the graph serves.
     options: soft cap, ALiBi (the window is the plan's); lse: fp32 [heads, rows of q] receives each row's
-    natural-log softmax normaliser. The launch is bound (launch.Bound): every layer reuses it."""
+    natural-log softmax normaliser. k_new / v_new [rows of q, Hkv, D]: the rows' own K/V, which the launch also
+    stores in the cache at each row's position, reading them from k_new / v_new meanwhile (the plan must have
+    writes_new; the caller checks it). The launch is bound (launch.Bound): every layer reuses it."""
     spec: CachePlan | PlanBuffers
     if buffers is None:
         if plan is None:
@@ -290,17 +336,23 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     use_tma = (bool(use_tma) and spec.layout != "paged" and k.is_contiguous() and v.is_contiguous()
                and q.shape[2] == head_dim_padded(q.shape[2]))
     slopes, *slope_strides = options.slopes(out)
+    k_pool, v_pool = k, v
+    new_strides = None
+    if k_new is None or v_new is None:  # (never read: FRESH is off)
+        k_new, v_new = k, v
+    else:
+        new_strides = (*k_new.stride()[:2], *v_new.stride()[:2])
     key = ("launch", q.device, q.dtype, q.shape[1:], k.shape[1:], q.stride(), k.stride(), v.stride(), out.stride(),
-           softmax_scale, use_tma, grid_items, options.key(), None if lse is None else lse.stride())
+           softmax_scale, use_tma, grid_items, options.key(), None if lse is None else lse.stride(), new_strides)
     bound = holder.get(key)
     if bound is None:
         bound = holder[key] = _bind(q, k, v, out, spec, softmax_scale, use_tma, buffers, grid_items, options, lse,
-                                    slope_strides)
+                                    slope_strides, new_strides)
     if use_tma:
         dim = q.shape[2]
         k, v = (TensorDescriptor.from_tensor(t.view(t.shape[0], -1), block_shape=[spec.block_n, dim])
                 for t in (k, v))
-    bound(q, k, v, out, out if lse is None else lse, slopes)
+    bound(q, k, v, out, out if lse is None else lse, slopes, k_new, v_new, k_pool, v_pool)
 
 
 def plan_arrays(plan: CachePlan, device: torch.device, head_dim: int) -> dict[str, torch.Tensor]:
@@ -325,7 +377,7 @@ def plan_arrays(plan: CachePlan, device: torch.device, head_dim: int) -> dict[st
 
 def _bind(q, k, v, out, spec: CachePlan | PlanBuffers, softmax_scale: float, use_tma: bool,
           buffers: PlanBuffers | None, grid_items: int | None, options: ScoreOptions, lse: torch.Tensor | None,
-          slope_strides: list[int]) -> Bound:
+          slope_strides: list[int], new_strides: tuple[int, ...] | None) -> Bound:
     heads, kv_heads, dim = q.shape[1], k.shape[1], q.shape[2]
     if buffers is None:
         assert isinstance(spec, CachePlan)  # launch passes the plan itself when there are no buffers
@@ -344,10 +396,11 @@ def _bind(q, k, v, out, spec: CachePlan | PlanBuffers, softmax_scale: float, use
     return Bound(_cache_attention, grid, (
         a["o_part"], a["lse_part"], a["counters"], a["header"], a["items"], a["rows"], a["merge_idx"], table,
         qk_scale, cap, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1), table.stride(0), 0 if lse is None else lse.stride(0), *slope_strides),
+        out.stride(0), out.stride(1), table.stride(0), 0 if lse is None else lse.stride(0), *slope_strides,
+        *(new_strides or (0, 0, 0, 0))),
         {"NUM_HEADS": heads, "GROUP": heads // kv_heads, "PACK_GQA": pack_gqa, "DIM": dim,
          "HEAD_DIM": head_dim_padded(dim), "BLOCK_M": slots, "BLOCK_N": block_n, "PAGED": spec.layout == "paged",
          "PAGE_SIZE": max(spec.page_size, 1), "DOT_F32": interpreter_needs_f32_dot(q.dtype), "USE_TMA": use_tma,
          "WINDOW": windowed, "SOFTCAP": softcap_mode(options.softcap), "ALIBI": options.alibi_slopes is not None,
-         "RETURN_LSE": lse is not None},
+         "RETURN_LSE": lse is not None, "FRESH": new_strides is not None},
         {"num_warps": num_warps, "num_stages": num_stages})

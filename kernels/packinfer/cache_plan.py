@@ -35,8 +35,10 @@ from packinfer.device import FALLBACK_SMS, shared_memory
 from packinfer.kv_cache import KVView
 from packinfer.validate import check_window, head_dim_padded
 
-#: Columns of CachePlan.items (partial_base -1: the item writes its rows' outputs directly).
-ITEM_FIELDS = ("row_first", "num_rows", "kv_addr", "pos_start", "kv_len", "table_row", "partial_base")
+#: Columns of CachePlan.items (partial_base -1: the item writes its rows' outputs directly; new_j: the first of its
+#: keys j that is a position of this iteration's rows (their request's kv_len - q_len - pos_start; >= kv_len:
+#: none), where a launch given the new rows' K/V reads them from there instead of the cache).
+ITEM_FIELDS = ("row_first", "num_rows", "kv_addr", "pos_start", "kv_len", "table_row", "partial_base", "new_j")
 #: Columns of CachePlan.rows, by plan position.
 ROW_FIELDS = ("q_row", "limit", "part_first", "part_count", "low", "diag")
 #: The finest split the planner weighs: about this many programs per SM (the serving batches of
@@ -81,9 +83,12 @@ class CostModel:
 
 @dataclass
 class CachePlan:
-    """A batch's work list: items int32 [W, 7] (ITEM_FIELDS) in launch order, rows int32 [R, 4] (ROW_FIELDS) by
+    """A batch's work list: items int32 [W, 8] (ITEM_FIELDS) in launch order, rows int32 [R, 6] (ROW_FIELDS) by
     plan position, merge_idx int32 [M]: the partial rows of each split row (rows[i].part_first onwards).
-    slots = query (row, head) pairs per program, block_n keys per step; estimate_us: the cost model's time."""
+    slots = query (row, head) pairs per program, block_n keys per step; estimate_us: the cost model's time.
+    writes_new: every row's own position lies in its request's own segment (no row is a position of a prefix),
+    so one launch may also store the rows' new K/V (cache_attention's k_new / v_new): each key is written
+    where only its own request reads it."""
 
     items: np.ndarray
     rows: np.ndarray
@@ -108,6 +113,7 @@ class CachePlan:
     num_warps: int = 4
     num_stages: int = 3
     plan_ms: float = 0.0
+    writes_new: bool = False
     _device_cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -257,9 +263,17 @@ def plan_cache_attention(view: KVView, q_lens, num_heads: int, *, prefix_groupin
                      pack_gqa=bool(pack_gqa), kv_chunk=kv_chunk, split=bool(split), page_size=view.page_size,
                      block_table=view.block_table, kv_tokens_read=int(table[:, 4].sum()), num_partials=num_partials,
                      estimate_us=float(estimate), causal=causal, window=(left, -1 if causal else right),
-                     num_warps=warps, num_stages=stages)
+                     num_warps=warps, num_stages=stages, writes_new=rows_in_own_positions(view, q))
     plan.plan_ms = (time.perf_counter() - t0) * 1e3
     return plan
+
+
+def rows_in_own_positions(view: KVView, q_lens) -> bool:
+    """Whether every request's new rows lie past its prefix (kv_len - q_len >= prefix_len): their positions are
+    its own, read by no other request, so a launch may store their K/V while others read the cache
+    (CachePlan.writes_new)."""
+    own = view.kv_lens - np.asarray(q_lens, np.int64) >= np.where(view.prefix_ids >= 0, view.prefix_lens, 0)
+    return bool(own.all())
 
 
 def _batch_segments(view: KVView, q: np.ndarray, prefix_grouping: bool, left: int,
@@ -279,6 +293,7 @@ def _batch_segments(view: KVView, q: np.ndarray, prefix_grouping: bool, left: in
     first_limit = (diag0 + right if right else diag0) if right >= 0 else np.full_like(diag0, NO_TRIM)
     first_low = diag0 - left if left >= 0 else -NO_TRIM
     segs = _segments(view, q, shared, order, perm_start, first_limit, first_low, windowed=left >= 0)
+    segs.table[:, SEG_FIRST_NEW] = diag0[segs.owner]
     return order, q_plan, start_plan, diag0, segs
 
 
@@ -334,9 +349,11 @@ def _ragged_arange(counts: np.ndarray) -> np.ndarray:
 #: first position the first row sees under a window (-NO_TRIM: none; ascends by one per row too); then which of
 #: its rows see it (counted from its first row): reach, the first whose causal limit reaches its first position
 #: (pos_start - first_limit, may be negative or past the last row), and [see_first, see_end), those that see
-#: any of it. The first six are ITEM_FIELDS'. A KV piece (a chunk of a segment) has a row of its own.
+#: any of it; first_new, its request's first position of this iteration (kv_len - q_len). The first six are
+#: ITEM_FIELDS'. A KV piece (a chunk of a segment) has a row of its own.
 SEG_FIELDS = ("row_first", "num_rows", "kv_addr", "pos_start", "kv_len", "table_row", "first_limit", "first_low",
-              "reach", "see_first", "see_end")
+              "reach", "see_first", "see_end", "first_new")
+SEG_FIRST_NEW = SEG_FIELDS.index("first_new")
 #: Kinds of segment: a request's own positions, its unshared prefix (grouped layout), a shared prefix.
 OWN, PREFIX, SHARED = 0, 1, 2
 
@@ -500,7 +517,9 @@ def _build_items(pieces: _Pieces, rows_per_item: int, windowed: bool) -> tuple[n
     keys = np.minimum(end, n_keys + reach) - reach  # up to the last row's limit (at least 1 for a seen piece)
     if windowed:  # from the first row's window start on
         keys = np.minimum(keys, n_keys - np.clip(table[:, 7] + first - table[:, 3], 0, n_keys))
-    items = table[:, :len(ITEM_FIELDS)].astype(np.int32)
+    items = np.empty((len(table), len(ITEM_FIELDS)), np.int32)
+    items[:, :6] = table[:, :6]
+    items[:, 7] = np.clip(table[:, SEG_FIRST_NEW] - table[:, 3], -(1 << 30), 1 << 30)
     items[:, 0] += first
     np.subtract(end, first, out=items[:, 1], casting="unsafe")
     return items, keys

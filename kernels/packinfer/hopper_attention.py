@@ -14,7 +14,8 @@ Partitions: the loader (a warpgroup, few registers) issues the TMA loads and cle
 Q K^T together with the previous block's P V, whose product then runs under this block's softmax (FA3's
 intra-warpgroup overlap), and loads its next tile's query rows under its last product. Both consumers read every
 K/V block; a stage is free again when both have released it. TUNING["pingpong"] makes the consumers take turns
-to issue their products (FA3's inter-warpgroup overlap), TUNING["stages"] sets the ring's depth: ablation knobs,
+to issue their products (FA3's inter-warpgroup overlap), TUNING["stages"] sets the ring's depth and TUNING["regs"]
+the (consumer, loader) register split: ablation knobs,
 measured in results/prefill-hopper/NOTES.md.
 Isolation: a masked key gets weight 0, but 0 x NaN is NaN, so another request's NaN/inf value in a key block
 would reach slots that never see it. The loader cleans every block that may hold another request's keys (all
@@ -57,7 +58,7 @@ MAXNREG = 168
 LOADER_REGS = 32
 CONSUMER_REGS = 232
 #: Variants under measurement (benchmarks/prefill_hopper.py sets them per candidate).
-TUNING = {"pingpong": False, "stages": STAGES}
+TUNING: dict = {"pingpong": False, "stages": STAGES, "regs": (CONSUMER_REGS, LOADER_REGS)}
 
 if gluon is not None:
     _RUN_WIDTH = gl.constexpr(len(RUN_FIELDS))
@@ -450,7 +451,7 @@ def _constants(dtype: torch.dtype, dim: int, group: int, pack_gqa: bool, causal:
     """The kernel's constexprs (but UNITS) and launch options."""
     return (dict(GROUP=group, PACK_GQA=pack_gqa, CAUSAL=causal, ROWS=SLOTS // group if pack_gqa else SLOTS,
                  HEAD_DIM=dim, STAGES=TUNING["stages"], EXP_MASK=0x7F80 if dtype == torch.bfloat16 else 0x7C00,
-                 PINGPONG=TUNING["pingpong"], LOADER_REGS=LOADER_REGS, CONSUMER_REGS=CONSUMER_REGS),
+                 PINGPONG=TUNING["pingpong"], CONSUMER_REGS=TUNING["regs"][0], LOADER_REGS=TUNING["regs"][1]),
             dict(num_warps=4, maxnreg=MAXNREG))
 
 

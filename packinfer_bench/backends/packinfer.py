@@ -83,13 +83,16 @@ def prepare(x: Inputs, variant: str, use_tma: bool | None = None):
 class PackinferAttention(ServingAttention):
     """Serving: the grouped (group-contiguous) cache; every iteration - decode rows, prompt chunks, fresh prompts
     (their K/V written first), shared prefixes read once - is one cache-attention launch per layer over the cache
-    in place, planned once per iteration (the planner picks tile shape and splitting). In a CUDA graph (decode,
-    mixed and prefill iterations alike) the plan goes into fixed buffers of the tile shape the graph was captured
-    with, decided once per (padded size, iteration kind) by the planner on the first such iteration."""
+    in place, planned once per iteration (the planner picks tile shape and splitting). A decode iteration's K/V
+    is stored by that same launch (k_new / v_new: one launch per layer in all; variant "unfused" writes it first,
+    as other iterations do). In a CUDA graph (decode, mixed and prefill iterations alike) the plan goes into fixed
+    buffers of the tile shape the graph was captured with, decided once per (padded size, iteration kind) by the
+    planner on the first such iteration."""
 
     name, layout = "packinfer", "grouped"
     graph_kinds = frozenset({"decode", "mixed", "prefill"})
-    kernel = "packinfer cache attention (1 launch: packed tiles + split-KV merged by the last program)"
+    kernel = ("packinfer cache attention (1 launch: packed tiles + split-KV merged by the last program; decode "
+              "iterations store their K/V in it)")
 
     def __init__(self, *args, **options):
         super().__init__(*args, **options)
@@ -98,6 +101,8 @@ class PackinferAttention(ServingAttention):
         self._planner = {k: options[k] for k in ("split", "prefix_grouping", "balancing", "pack_gqa")
                          if k in options}
         self._fixed_slots = options.get("slots")
+        self._fuse = options.get("fuse_write", True)
+        self._fresh = False  # this iteration's launch stores the new K/V itself
         self._sms = packinfer.num_sms(self.device)
         self._tiles: dict[tuple[int, str], int] = {}  # (padded, kind) -> slots of its graph
         self._buffers: dict[tuple, packinfer.PlanBuffers] = {}
@@ -131,11 +136,15 @@ class PackinferAttention(ServingAttention):
                                               max_partials=capacity[1] if capacity else None, **self._planner)
 
     def graph_key(self, step):
+        """(slots of the graph's tile shape, whether its launch stores the K/V: decode iterations whose rows are
+        their requests' own positions)."""
         key = (step.padded, step.kind)
         if key not in self._tiles:  # the planner's own choice for the first iteration of this size and kind
             self._tiles[key] = self._plan_step(_view_like(step.batch, self.num_kv_heads, self.head_dim),
                                                step.batch.q_lens, None, None).slots
-        return self._tiles[key]
+        b = step.batch  # (the cache may not hold the batch yet; a request's stored prefix is at most its prefix_len)
+        fresh = self._fuse and step.kind == "decode" and bool((b.kv_lens - b.q_lens >= b.prefix_lens).all())
+        return self._tiles[key], fresh
 
     def _buffers_for(self, slots: int, cache) -> packinfer.PlanBuffers:
         """The plan buffers of the tile shape the planner gives plans of `slots` slots over this cache."""
@@ -162,24 +171,42 @@ class PackinferAttention(ServingAttention):
         view = step.cache.view(self._request_order())
         if step.padded is None:
             self._plan, self._bufs = self._plan_step(view, step.batch.q_lens, None, None), None
+            self._set_fresh(self._fuse and step.kind == "decode" and step.rows is None and self._plan.writes_new)
             return
-        slots = self.graph_key(step)
+        slots, fresh = self.graph_key(step)
         capacity = self._capacity(slots, step.padded)
         plan = self._plan_step(view, step.batch.q_lens, slots, capacity)
+        if fresh and not plan.writes_new:
+            raise RuntimeError("graph_key said the launch stores the K/V, but the plan has writes_new False")
         self._bufs, self._grid_items = self._buffers_for(slots, step.cache), capacity[0]
         self._bufs.load(plan)
         self._plan = plan
+        self._set_fresh(fresh)
 
     def capture_begin(self, padded, key, cache):
-        self._bufs, self._grid_items = self._buffers_for(key, cache), self._capacity(key, padded)[0]
+        slots, fresh = key
+        self._bufs, self._grid_items = self._buffers_for(slots, cache), self._capacity(slots, padded)[0]
         self._bufs.clear()
         self._plan = None
+        self._set_fresh(fresh)
+
+    def _set_fresh(self, fresh: bool) -> None:
+        self._fresh = fresh
+        self.launches_per_layer = 1 if fresh else 3
+
+    def __call__(self, layer, q, k, v):
+        if not self._fresh:  # write the K/V (two launches), then attend
+            return super().__call__(layer, q, k, v)
+        return self._launch(layer, q, k_new=k, v_new=v)
 
     def attend(self, layer, q):
+        return self._launch(layer, q)
+
+    def _launch(self, layer, q, **new):
         c = self.step.cache
         out = torch.empty_like(q)
         launch_cache(q, c.k_pools[layer], c.v_pools[layer], out, self._plan, self.head_dim ** -0.5,
-                     use_tma=self._use_tma, buffers=self._bufs, grid_items=self._grid_items)
+                     use_tma=self._use_tma, buffers=self._bufs, grid_items=self._grid_items, **new)
         return out
 
 
@@ -200,11 +227,12 @@ def _view_like(batch, num_kv_heads: int, head_dim: int) -> packinfer.KVView:
 
 
 #: The serving call's variants (kernel sweep, scheduler batches): the full planner, one switch off each, the tile
-#: shape fixed (16 or 128 slots: what the cost model chooses between), TMA loads off (on by default on Hopper).
+#: shape fixed (16 or 128 slots: what the cost model chooses between), TMA loads off (on by default on Hopper),
+#: the decode K/V written by two launches before attention instead of by the attention launch.
 SERVING_VARIANTS = {"full": {}, "no-split": {"split": False}, "no-prefix-grouping": {"prefix_grouping": False},
                     "no-balancing": {"balancing": False}, "no-gqa-packing": {"pack_gqa": False},
                     "paged": {"layout": "paged"}, "tiles-16": {"slots": 16}, "tiles-128": {"slots": 128},
-                    "no-tma": {"use_tma": False}}
+                    "no-tma": {"use_tma": False}, "unfused": {"fuse_write": False}}
 BACKEND = Backend("packinfer", PACKINFER_VARIANTS, _available, prepare, serving=PackinferAttention,
                   serving_variants=SERVING_VARIANTS)
 UNPACKED = Backend("triton_unpacked", ("fa2-grid",), _available, prepare)
