@@ -189,6 +189,21 @@ def test_cuda_graph_timing_is_a_gpu_method_and_the_cpu_keeps_its_wall_clock(writ
     assert {r["timing"] for r in _rows(tmp_path / "run") if r["status"] == "ok"} == {"wall-clock-cpu"}
 
 
+def test_the_serving_call_holds_a_batch_of_long_contexts_in_its_cache():
+    """The serving call's cache is sized to the batch: every request must fit, however long (spread placement
+    once split this cache so that a ShareGPT batch of 2-3k-token contexts errored)."""
+    from packinfer_bench.backends.serving_call import _cached
+    from packinfer_bench.runner import make_inputs
+    from packinfer_bench.workload import Batch
+
+    kv = np.array([1200, 2100, 900, 2511, 1700, 2300, 800, 2600])
+    batch = Batch("b", "t", "w", np.ones(len(kv), np.int64), kv, np.arange(10, 10 + len(kv)))
+    x = make_inputs(batch, ShapeConfig("s", 4, 2, 64, "fp16"), torch.device("cpu"))
+    attention = BACKENDS["packinfer"].serving(torch.device("cpu"), 4, 2, 64)
+    cache, slots, new = _cached(x, attention)
+    assert len(slots) == len(new) == len(kv) and set(cache.request_ids) >= set(batch.request_ids.tolist())
+
+
 def test_scheduler_batches_run_through_each_backends_serving_call(write, tmp_path):
     """A continuous workload's batches (decode rows, chunks, fresh prompts of requests with any ids) are measured
     through the serving call - the backend's own cache holding the batch, the new K/V written, attention - for

@@ -48,8 +48,11 @@ def _cached(x: Inputs, attention):
             if length > 0:
                 shared.update({m: (first, length) for m in members})
     capacity = int(b.kv_lens.sum()) + 2 * attention.page_size * (len(b) + 2) + 64 * len(b)
+    # first fit: the batch is placed once, packed as after a re-layout (spread placement, made for requests that
+    # grow, splits the free space so that this exact-size cache cannot hold the batch)
     cache = packinfer.make_cache(attention.layout, capacity, x.shape.num_kv_heads, x.shape.head_dim,
-                                 dtype=x.k.dtype, device=x.k.device, block_size=attention.page_size, headroom=0)
+                                 dtype=x.k.dtype, device=x.k.device, block_size=attention.page_size, headroom=0,
+                                 placement="first-fit")
     add_scratch(cache)
     for first, length in set(shared.values()):
         cache.add_prefix(first, x.k[cu[first]:cu[first] + length], x.v[cu[first]:cu[first] + length])
