@@ -48,7 +48,6 @@ CANDIDATES: dict[str, K | None] = {
     "gluon-pp-s3": K(128, 128, 8, 3, True, engine="gluon"),
     "gluon-r240": K(128, 128, 8, 3, True, engine="gluon"),
     "gluon-pp-r240": K(128, 128, 8, 3, True, engine="gluon"),
-    "gluon-runs": K(128, 128, 8, 3, True, engine="gluon"),
     "128x128x8+gqa": K(128, 128, 8, 3, True),
     "128x64x8+gqa": K(128, 64, 8, 3, True),
     "128x128x8": K(128, 128, 8, 3, False),
@@ -59,7 +58,7 @@ CANDIDATES: dict[str, K | None] = {
 #: Variants of the Gluon kernel under measurement (packinfer.hopper_attention.TUNING), per candidate.
 TUNINGS = {"gluon-pp": {"pingpong": True}, "gluon-s3": {"stages": 3},
            "gluon-pp-s3": {"pingpong": True, "stages": 3}, "gluon-r240": {"regs": (240, 24)},
-           "gluon-pp-r240": {"pingpong": True, "regs": (240, 24)}, "gluon-runs": {"table": False}}
+           "gluon-pp-r240": {"pingpong": True, "regs": (240, 24)}}
 PEERS = (("fa3", "varlen"), ("flashinfer", "fa3"))
 #: Prompt-length families outside the traces, for choosing the tile shape: prefill_kernel's mixes and short
 #: lognormal prompts (name, requests, prompt distribution).
@@ -100,7 +99,6 @@ def candidate(config: K | None, resources: dict, name: str) -> Callable[[Inputs,
         def run():
             hopper_attention.TUNING.update({"pingpong": False, "stages": hopper_attention.STAGES,
                                             "regs": (hopper_attention.CONSUMER_REGS, hopper_attention.LOADER_REGS),
-                                            "table": True,
                                             **TUNINGS.get(name, {})})
             out = packinfer.varlen_attention(x.q, x.k, x.v, x.cu_q, x.cu_k, x.max_q, x.max_k, causal=True,
                                              plan=plan, validate=False)

@@ -48,10 +48,6 @@ def _check_invariants(q_lens, kv_lens, causal=True, block_m=64, block_n=32, **kw
         for block in range(k_start, k_end, block_n):
             assert ((lo[rows] < block + block_n) & (hi[rows] >= block)).any(), (t, block)
     assert (covered == 1).all(), "every query row is computed exactly once"
-    bounds = plan.device_tile_bounds(torch.device("cpu")).numpy()  # what the Gluon kernel reads per tile
-    last = plan.tile_table()[:, F["seq_last"]] + 1
-    assert (bounds[:, :7] == plan.tile_table()).all()
-    assert (bounds[:, 7] == cu_k[last]).all() and (bounds[:, 8] == cu_q[last]).all()
     return plan
 
 

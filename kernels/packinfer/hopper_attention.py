@@ -58,7 +58,7 @@ MAXNREG = 168
 LOADER_REGS = 32
 CONSUMER_REGS = 232
 #: Variants under measurement (benchmarks/prefill_hopper.py sets them per candidate).
-TUNING: dict = {"pingpong": False, "stages": STAGES, "regs": (CONSUMER_REGS, LOADER_REGS), "table": True}
+TUNING: dict = {"pingpong": False, "stages": STAGES, "regs": (CONSUMER_REGS, LOADER_REGS)}
 
 if gluon is not None:
     _RUN_WIDTH = gl.constexpr(len(RUN_FIELDS))
@@ -86,56 +86,40 @@ if gluon is not None:
         return rows, heads
 
     @gluon.jit
-    def _tile_keys(tile, runs, tile_run, cu_q, cu_k, bounds, ROWS: gl.constexpr, BLOCK: gl.constexpr,
-                   CAUSAL: gl.constexpr, TABLE: gl.constexpr):
-        """(row_start, row_end, seq_first, seq_last, k_start, k_nomask_end, k_end, k_stop, q_stop) of a tile:
-        plan.key_bounds, scalar, and the end of its last request's keys and rows. Keys [k_start, k_nomask_end)
-        are seen whole by every row of the tile. TABLE: read from the plan's tile bounds (independent loads),
-        else derived from its runs (a chain of dependent loads)."""
-        if TABLE:
-            b = bounds + tile * 9
-            row_start = gl.load(b)
-            row_end = gl.load(b + 1)
-            seq_first = gl.load(b + 2)
-            seq_last = gl.load(b + 3)
-            k_start = gl.load(b + 4)
-            nomask_end = gl.load(b + 5)
-            k_end = gl.load(b + 6)
-            k_stop = gl.load(b + 7)
-            q_stop = gl.load(b + 8)
+    def _tile_keys(tile, runs, tile_run, cu_q, cu_k, ROWS: gl.constexpr, BLOCK: gl.constexpr, CAUSAL: gl.constexpr):
+        """(row_start, row_end, seq_first, seq_last, k_start, k_nomask_end, k_end, k_stop) of a tile:
+        plan.key_bounds, scalar, and k_stop, the end of its last request's keys. Keys [k_start, k_nomask_end) are
+        seen whole by every row of the tile."""
+        r = runs + gl.load(tile_run + tile) * _RUN_WIDTH
+        run_start = gl.load(r)
+        row_end = gl.load(r + 1) - (tile - gl.load(r + 5)) * ROWS  # a run's tiles launch from its last rows
+        row_start = gl.maximum(run_start, row_end - ROWS)
+        seq_first = gl.load(r + 2)
+        seq_last = gl.load(r + 3)
+        k_start = gl.load(cu_k + seq_first)
+        k_stop = gl.load(cu_k + seq_last + 1)
+        if CAUSAL:  # bottom-right: row i of request s sees keys < cu_k[s+1] - cu_q[s+1] + i + 1
+            k_end = gl.maximum(gl.minimum(k_stop, k_stop - gl.load(cu_q + seq_last + 1) + row_end), k_start)
+            if seq_first != seq_last:  # a pack's earlier requests: their last rows see all their keys
+                k_end = gl.maximum(k_end, gl.load(cu_k + seq_last))
+            first_hi = gl.load(cu_k + seq_first + 1) - gl.load(cu_q + seq_first + 1) + row_start
         else:
-            r = runs + gl.load(tile_run + tile) * _RUN_WIDTH
-            run_start = gl.load(r)
-            row_end = gl.load(r + 1) - (tile - gl.load(r + 5)) * ROWS  # a run's tiles launch from its last rows
-            row_start = gl.maximum(run_start, row_end - ROWS)
-            seq_first = gl.load(r + 2)
-            seq_last = gl.load(r + 3)
-            k_start = gl.load(cu_k + seq_first)
-            k_stop = gl.load(cu_k + seq_last + 1)
-            q_stop = gl.load(cu_q + seq_last + 1)
-            if CAUSAL:  # bottom-right: row i of request s sees keys < cu_k[s+1] - cu_q[s+1] + i + 1
-                k_end = gl.maximum(gl.minimum(k_stop, k_stop - q_stop + row_end), k_start)
-                if seq_first != seq_last:  # a pack's earlier requests: their last rows see all their keys
-                    k_end = gl.maximum(k_end, gl.load(cu_k + seq_last))
-                first_hi = gl.load(cu_k + seq_first + 1) - gl.load(cu_q + seq_first + 1) + row_start
-            else:
-                k_end = k_stop
-                first_hi = gl.load(cu_k + seq_first + 1) - 1
-            nomask_end = k_start
-            if seq_first == seq_last:
-                nomask_end = gl.minimum(k_start + gl.maximum(first_hi + 1 - k_start, 0) // BLOCK * BLOCK, k_end)
-        return row_start, row_end, seq_first, seq_last, k_start, nomask_end, k_end, k_stop, q_stop
+            k_end = k_stop
+            first_hi = gl.load(cu_k + seq_first + 1) - 1
+        nomask_end = k_start
+        if seq_first == seq_last:
+            nomask_end = gl.minimum(k_start + gl.maximum(first_hi + 1 - k_start, 0) // BLOCK * BLOCK, k_end)
+        return row_start, row_end, seq_first, seq_last, k_start, nomask_end, k_end, k_stop
 
     @gluon.jit
-    def _load_q(Q, item, num_items, runs, tile_run, cu_q, cu_k, bounds, stride_qt, stride_qh, C: gl.constexpr,
+    def _load_q(Q, item, num_items, runs, tile_run, cu_q, cu_k, stride_qt, stride_qh, C: gl.constexpr,
                 M: gl.constexpr, UNITS: gl.constexpr, GROUP: gl.constexpr, PACK_GQA: gl.constexpr,
                 CAUSAL: gl.constexpr, ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr,
-                TABLE: gl.constexpr, layout: gl.constexpr):
+                layout: gl.constexpr):
         """Consumer C's query rows [M, HEAD_DIM] of a work item (zeros past its rows, or when item >= num_items):
         loaded a tile ahead, so the load runs under the previous tile's last product."""
         tile = gl.minimum(item, num_items - 1) // UNITS
-        row_start, row_end, _, _, _, _, _, _, _ = _tile_keys(tile, runs, tile_run, cu_q, cu_k, bounds, ROWS, BLOCK,
-                                                             CAUSAL, TABLE)
+        row_start, row_end, _, _, _, _, _, _ = _tile_keys(tile, runs, tile_run, cu_q, cu_k, ROWS, BLOCK, CAUSAL)
         HALF: gl.constexpr = M // GROUP if PACK_GQA else M
         rows, heads = _slot_rows_heads(row_start + C * HALF, item % UNITS, M, GROUP, PACK_GQA,
                                        gl.SliceLayout(1, layout))
@@ -167,10 +151,10 @@ if gluon is not None:
             flag_buf.slice(r, CHUNK).store(bad)
 
     @gluon.jit
-    def _loader(k_desc, v_desc, runs, tile_run, cu_q, cu_k, bounds, num_items, k_smem, v_smem, flags, k_ready,
-                k_empty, v_ready, v_empty, v_clean, UNITS: gl.constexpr, GROUP: gl.constexpr, PACK_GQA: gl.constexpr,
+    def _loader(k_desc, v_desc, runs, tile_run, cu_q, cu_k, num_items, k_smem, v_smem, flags, k_ready, k_empty,
+                v_ready, v_empty, v_clean, UNITS: gl.constexpr, GROUP: gl.constexpr, PACK_GQA: gl.constexpr,
                 CAUSAL: gl.constexpr, ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-                EXP_MASK: gl.constexpr, TABLE: gl.constexpr):
+                EXP_MASK: gl.constexpr):
         BLOCK: gl.constexpr = k_smem.shape[1]
         nbytes: gl.constexpr = BLOCK * HEAD_DIM * k_desc.dtype.primitive_bitwidth // 8
         p = gl.program_id(0)
@@ -184,8 +168,8 @@ if gluon is not None:
                     kv_head = item % UNITS
                 else:
                     kv_head = item % UNITS // GROUP
-                _, _, seq_first, seq_last, k_start, nomask_end, k_end, k_stop, _ = _tile_keys(
-                    tile, runs, tile_run, cu_q, cu_k, bounds, ROWS, BLOCK, CAUSAL, TABLE)
+                _, _, seq_first, seq_last, k_start, nomask_end, k_end, k_stop = _tile_keys(
+                    tile, runs, tile_run, cu_q, cu_k, ROWS, BLOCK, CAUSAL)
                 for start in range(k_start, k_end, BLOCK):
                     s = it % STAGES
                     phase = it // STAGES & 1
@@ -255,11 +239,10 @@ if gluon is not None:
         return p, m_new, l_new, alpha
 
     @gluon.jit
-    def _consumer(C: gl.constexpr, Q, Out, runs, tile_run, cu_q, cu_k, bounds, num_items, qk_scale, stride_qt,
-                  stride_qh, stride_ot, stride_oh, q_smem, k_smem, v_smem, flags, k_ready, k_empty, v_ready, v_empty,
-                  v_clean, turn, UNITS: gl.constexpr, GROUP: gl.constexpr, PACK_GQA: gl.constexpr,
-                  CAUSAL: gl.constexpr, ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-                  PINGPONG: gl.constexpr, TABLE: gl.constexpr):
+    def _consumer(C: gl.constexpr, Q, Out, runs, tile_run, cu_q, cu_k, num_items, qk_scale, stride_qt, stride_qh,
+                  stride_ot, stride_oh, q_smem, k_smem, v_smem, flags, k_ready, k_empty, v_ready, v_empty, v_clean,
+                  turn, UNITS: gl.constexpr, GROUP: gl.constexpr, PACK_GQA: gl.constexpr, CAUSAL: gl.constexpr,
+                  ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr):
         BLOCK: gl.constexpr = k_smem.shape[1]
         M: gl.constexpr = 64
         dtype: gl.constexpr = q_smem.dtype
@@ -280,15 +263,15 @@ if gluon is not None:
         P = gl.num_programs(0)
         it = 0
         my_turn = 1 - C  # parity of this consumer's next wait for its turn to issue (PINGPONG)
-        q = _load_q(Q, _work_item(p_id, 0, P), num_items, runs, tile_run, cu_q, cu_k, bounds, stride_qt, stride_qh, C,
-                    M, UNITS, GROUP, PACK_GQA, CAUSAL, ROWS, HEAD_DIM, BLOCK, TABLE, q_layout)
+        q = _load_q(Q, _work_item(p_id, 0, P), num_items, runs, tile_run, cu_q, cu_k, stride_qt, stride_qh, C, M,
+                    UNITS, GROUP, PACK_GQA, CAUSAL, ROWS, HEAD_DIM, BLOCK, q_layout)
         for i in range(gl.cdiv(num_items, P)):
             item = _work_item(p_id, i, P)
             if item < num_items:
                 tile = item // UNITS
                 unit = item % UNITS
-                row_start, row_end, seq_first, seq_last, k_start, nomask_end, k_end, k_stop, q_stop = _tile_keys(
-                    tile, runs, tile_run, cu_q, cu_k, bounds, ROWS, BLOCK, CAUSAL, TABLE)
+                row_start, row_end, seq_first, seq_last, k_start, nomask_end, k_end, k_stop = _tile_keys(
+                    tile, runs, tile_run, cu_q, cu_k, ROWS, BLOCK, CAUSAL)
                 base = row_start + C * HALF
 
                 my_q.store(q)  # the slots' query rows, into this consumer's shared buffer
@@ -299,24 +282,16 @@ if gluon is not None:
                 rows, _ = _slot_rows_heads(base, unit, M, GROUP, PACK_GQA, rows_s)
                 lo = gl.zeros([M], gl.int32, rows_s)
                 hi = gl.full([M], -1, gl.int32, rows_s)
-                if seq_first == seq_last:  # one request: its bounds are the tile's
-                    mine = rows < row_end
-                    lo = gl.where(mine, k_start, lo)
+                for req in range(seq_first, seq_last + 1):
+                    req_q_stop = gl.load(cu_q + req + 1)
+                    req_k_begin = gl.load(cu_k + req)
+                    req_k_stop = gl.load(cu_k + req + 1)
+                    mine = (rows >= gl.load(cu_q + req)) & (rows < req_q_stop)
+                    lo = gl.where(mine, req_k_begin, lo)
                     if CAUSAL:
-                        hi = gl.where(mine, k_stop - q_stop + rows, hi)
+                        hi = gl.where(mine, req_k_stop - req_q_stop + rows, hi)
                     else:
-                        hi = gl.where(mine, k_stop - 1, hi)
-                else:  # a pack: each slot's request
-                    for req in range(seq_first, seq_last + 1):
-                        req_q_stop = gl.load(cu_q + req + 1)
-                        req_k_begin = gl.load(cu_k + req)
-                        req_k_stop = gl.load(cu_k + req + 1)
-                        mine = (rows >= gl.load(cu_q + req)) & (rows < req_q_stop)
-                        lo = gl.where(mine, req_k_begin, lo)
-                        if CAUSAL:
-                            hi = gl.where(mine, req_k_stop - req_q_stop + rows, hi)
-                        else:
-                            hi = gl.where(mine, req_k_stop - 1, hi)
+                        hi = gl.where(mine, req_k_stop - 1, hi)
 
                 m_i = gl.full([M], float("-inf"), gl.float32, rows_s)
                 l_i = gl.zeros([M], gl.float32, rows_s)
@@ -363,16 +338,14 @@ if gluon is not None:
                     my_turn = _take_turn(turn, C, my_turn, PINGPONG)
                     acc = warpgroup_mma(p_op_val, v_smem.index(s), acc, is_async=True)
                     _pass_turn(turn, C, PINGPONG)
-                    q = _load_q(Q, _work_item(p_id, i + 1, P), num_items, runs, tile_run, cu_q, cu_k, bounds,
-                                stride_qt, stride_qh, C, M, UNITS, GROUP, PACK_GQA, CAUSAL, ROWS, HEAD_DIM, BLOCK,
-                                TABLE, q_layout)
+                    q = _load_q(Q, _work_item(p_id, i + 1, P), num_items, runs, tile_run, cu_q, cu_k, stride_qt,
+                                stride_qh, C, M, UNITS, GROUP, PACK_GQA, CAUSAL, ROWS, HEAD_DIM, BLOCK, q_layout)
                     acc, p_op_val = warpgroup_mma_wait(0, deps=[acc, p_op_val])
                     mbarrier.arrive(v_empty.index(s))
                     it += 1
                 else:
-                    q = _load_q(Q, _work_item(p_id, i + 1, P), num_items, runs, tile_run, cu_q, cu_k, bounds,
-                                stride_qt, stride_qh, C, M, UNITS, GROUP, PACK_GQA, CAUSAL, ROWS, HEAD_DIM, BLOCK,
-                                TABLE, q_layout)
+                    q = _load_q(Q, _work_item(p_id, i + 1, P), num_items, runs, tile_run, cu_q, cu_k, stride_qt,
+                                stride_qh, C, M, UNITS, GROUP, PACK_GQA, CAUSAL, ROWS, HEAD_DIM, BLOCK, q_layout)
 
                 # a slot that sees no key writes zeros
                 l_o = gl.convert_layout(l_i, rows_o)
@@ -384,12 +357,11 @@ if gluon is not None:
                          mask=gl.expand_dims(o_rows < row_end, 1))
 
     @gluon.jit
-    def _hopper_attention_fwd(Q, k_desc, v_desc, Out, runs, tile_run, cu_q, cu_k, bounds, num_items, qk_scale,
-                              stride_qt, stride_qh, stride_ot, stride_oh, UNITS: gl.constexpr, GROUP: gl.constexpr,
+    def _hopper_attention_fwd(Q, k_desc, v_desc, Out, runs, tile_run, cu_q, cu_k, num_items, qk_scale, stride_qt,
+                              stride_qh, stride_ot, stride_oh, UNITS: gl.constexpr, GROUP: gl.constexpr,
                               PACK_GQA: gl.constexpr, CAUSAL: gl.constexpr, ROWS: gl.constexpr,
                               HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, EXP_MASK: gl.constexpr,
-                              PINGPONG: gl.constexpr, LOADER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                              TABLE: gl.constexpr):
+                              PINGPONG: gl.constexpr, LOADER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr):
         BLOCK: gl.constexpr = k_desc.block_type.shape[0]
         dtype: gl.constexpr = k_desc.dtype
         q_smem = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], k_desc.layout)
@@ -413,15 +385,15 @@ if gluon is not None:
             mbarrier.init(v_empty.index(i), count=2)
         fence_async_shared()
         gl.warp_specialize([
-            (_consumer, (0, Q, Out, runs, tile_run, cu_q, cu_k, bounds, num_items, qk_scale, stride_qt, stride_qh,
-                         stride_ot, stride_oh, q_smem, k_smem, v_smem, flags, k_ready, k_empty, v_ready, v_empty,
-                         v_clean, turn, UNITS, GROUP, PACK_GQA, CAUSAL, ROWS, HEAD_DIM, STAGES, PINGPONG, TABLE)),
-            (_consumer, (1, Q, Out, runs, tile_run, cu_q, cu_k, bounds, num_items, qk_scale, stride_qt, stride_qh,
-                         stride_ot, stride_oh, q_smem, k_smem, v_smem, flags, k_ready, k_empty, v_ready, v_empty,
-                         v_clean, turn, UNITS, GROUP, PACK_GQA, CAUSAL, ROWS, HEAD_DIM, STAGES, PINGPONG, TABLE)),
-            (_loader, (k_desc, v_desc, runs, tile_run, cu_q, cu_k, bounds, num_items, k_smem, v_smem, flags,
-                       k_ready, k_empty, v_ready, v_empty, v_clean, UNITS, GROUP, PACK_GQA, CAUSAL, ROWS, HEAD_DIM,
-                       STAGES, EXP_MASK, TABLE)),
+            (_consumer, (0, Q, Out, runs, tile_run, cu_q, cu_k, num_items, qk_scale, stride_qt, stride_qh, stride_ot,
+                         stride_oh, q_smem, k_smem, v_smem, flags, k_ready, k_empty, v_ready, v_empty, v_clean,
+                         turn, UNITS, GROUP, PACK_GQA, CAUSAL, ROWS, HEAD_DIM, STAGES, PINGPONG)),
+            (_consumer, (1, Q, Out, runs, tile_run, cu_q, cu_k, num_items, qk_scale, stride_qt, stride_qh, stride_ot,
+                         stride_oh, q_smem, k_smem, v_smem, flags, k_ready, k_empty, v_ready, v_empty, v_clean,
+                         turn, UNITS, GROUP, PACK_GQA, CAUSAL, ROWS, HEAD_DIM, STAGES, PINGPONG)),
+            (_loader, (k_desc, v_desc, runs, tile_run, cu_q, cu_k, num_items, k_smem, v_smem, flags, k_ready,
+                       k_empty, v_ready, v_empty, v_clean, UNITS, GROUP, PACK_GQA, CAUSAL, ROWS, HEAD_DIM, STAGES,
+                       EXP_MASK)),
         ], [4, 4], [CONSUMER_REGS, LOADER_REGS])
 
 
@@ -450,11 +422,10 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     k, v = (t if t.stride() == (kv_heads * dim, dim, 1) else t.contiguous() for t in (k, v))
     k_desc, v_desc = (_descriptor(t) for t in (k, v))
     runs, tile_run, cu_q, cu_k = plan.device_arrays(q.device)
-    bounds = plan.device_tile_bounds(q.device)
     constexprs, options = _constants(q.dtype, dim, heads // kv_heads, plan.pack_gqa, plan.causal)
     num_items = plan.num_tiles * (kv_heads if plan.pack_gqa else heads)
     _hopper_attention_fwd[(min(num_items, _sms(q.device)),)](
-        q, k_desc, v_desc, out, runs, tile_run, cu_q, cu_k, bounds, num_items, softmax_scale * LOG2E, q.stride(0),
+        q, k_desc, v_desc, out, runs, tile_run, cu_q, cu_k, num_items, softmax_scale * LOG2E, q.stride(0),
         q.stride(1), out.stride(0), out.stride(1), UNITS=kv_heads if plan.pack_gqa else heads, **constexprs,
         **options)
 
@@ -480,8 +451,7 @@ def _constants(dtype: torch.dtype, dim: int, group: int, pack_gqa: bool, causal:
     """The kernel's constexprs (but UNITS) and launch options."""
     return (dict(GROUP=group, PACK_GQA=pack_gqa, CAUSAL=causal, ROWS=SLOTS // group if pack_gqa else SLOTS,
                  HEAD_DIM=dim, STAGES=TUNING["stages"], EXP_MASK=0x7F80 if dtype == torch.bfloat16 else 0x7C00,
-                 PINGPONG=TUNING["pingpong"], CONSUMER_REGS=TUNING["regs"][0], LOADER_REGS=TUNING["regs"][1],
-                 TABLE=TUNING["table"]),
+                 PINGPONG=TUNING["pingpong"], CONSUMER_REGS=TUNING["regs"][0], LOADER_REGS=TUNING["regs"][1]),
             dict(num_warps=4, maxnreg=MAXNREG))
 
 
@@ -497,7 +467,7 @@ def compile_source(dim: int, dtype: torch.dtype, heads: int = 32, kv_heads: int 
     desc = mangle_type(_descriptor(torch.empty(BLOCK_N, kv_heads, dim, dtype=dtype)))
     element = "*bf16" if dtype == torch.bfloat16 else "*fp16"
     kinds = {"Q": element, "Out": element, "k_desc": desc, "v_desc": desc, "runs": "*i32", "tile_run": "*i32",
-             "cu_q": "*i32", "cu_k": "*i32", "bounds": "*i32", "qk_scale": "fp32"}
+             "cu_q": "*i32", "cu_k": "*i32", "qk_scale": "fp32"}
     kernel = _hopper_attention_fwd
     signature = {n: "constexpr" if n in constexprs else kinds.get(n, "i32") for n in kernel.arg_names}
     source = GluonASTSource(kernel, signature,

@@ -83,18 +83,6 @@ class Plan:
         table = self.tile_table()
         return tile_costs(table[:, 4], table[:, 6], self.block_n)
 
-    def device_tile_bounds(self, device: torch.device) -> torch.Tensor:
-        """int32 [T, 9] on `device` (copied once per device): tile_table()'s columns, then the end of the tile's
-        last request's keys and rows (cu_seqlens_k / cu_seqlens_q at seq_last + 1), so a kernel reads a tile's
-        bounds in one step instead of a chain of dependent loads."""
-        key = ("tile_bounds", str(device))
-        if key not in self._device_cache:
-            table = self.tile_table()
-            last = table[:, 3] + 1
-            bounds = np.concatenate([table, self.cu_seqlens_k[last, None], self.cu_seqlens_q[last, None]], axis=1)
-            self._device_cache[key] = torch.from_numpy(np.ascontiguousarray(bounds, dtype=np.int32)).to(device)
-        return self._device_cache[key]
-
     def device_arrays(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         """(runs, tile_run, cu_seqlens_q, cu_seqlens_k) as int32 tensors on `device`, copied once per device."""
         key = str(device)
