@@ -80,12 +80,19 @@ def prepare(x: Inputs, variant: str, use_tma: bool | None = None):
     return run
 
 
+#: Iterations whose requests have at most this many new rows each store their K/V in the attention launch: decode
+#: iterations, where it was measured (results/serving-h100: 7.8-8.7 us less per call on small batches). The kernel
+#: stores and reads any rows' K/V alike (tests), but its speed on prompts and chunks is not yet measured: their
+#: blocks of new keys take the masked step, with pointer loads from k_new / v_new.
+FUSE_MAX_Q = 1
+
+
 class PackinferAttention(ServingAttention):
     """Serving: the grouped (group-contiguous) cache; every iteration - decode rows, prompt chunks, fresh prompts
     (their K/V written first), shared prefixes read once - is one cache-attention launch per layer over the cache
-    in place, planned once per iteration (the planner picks tile shape and splitting). A decode iteration's K/V
-    is stored by that same launch (k_new / v_new: one launch per layer in all; variant "unfused" writes it first,
-    as other iterations do). In a CUDA graph (decode, mixed and prefill iterations alike) the plan goes into fixed
+    in place, planned once per iteration (the planner picks tile shape and splitting). The K/V of an iteration
+    of up to FUSE_MAX_Q rows per request (decode) is stored by that same launch (k_new / v_new: one launch per
+    layer in all; variant "unfused" writes it first, as other iterations do). In a CUDA graph (decode, mixed and prefill iterations alike) the plan goes into fixed
     buffers of the tile shape the graph was captured with, decided once per (padded size, iteration kind) by the
     planner on the first such iteration."""
 
@@ -136,15 +143,19 @@ class PackinferAttention(ServingAttention):
                                               max_partials=capacity[1] if capacity else None, **self._planner)
 
     def graph_key(self, step):
-        """(slots of the graph's tile shape, whether its launch stores the K/V: decode iterations whose rows are
-        their requests' own positions)."""
+        """(slots of the graph's tile shape, whether its launch stores the K/V: _fusable iterations whose rows
+        are their requests' own positions)."""
         key = (step.padded, step.kind)
         if key not in self._tiles:  # the planner's own choice for the first iteration of this size and kind
             self._tiles[key] = self._plan_step(_view_like(step.batch, self.num_kv_heads, self.head_dim),
                                                step.batch.q_lens, None, None).slots
         b = step.batch  # (the cache may not hold the batch yet; a request's stored prefix is at most its prefix_len)
-        fresh = self._fuse and step.kind == "decode" and bool((b.kv_lens - b.q_lens >= b.prefix_lens).all())
+        fresh = self._fusable(b) and bool((b.kv_lens - b.q_lens >= b.prefix_lens).all())
         return self._tiles[key], fresh
+
+    def _fusable(self, batch) -> bool:
+        """Whether the attention launch stores this iteration's K/V: at most FUSE_MAX_Q rows per request."""
+        return self._fuse and int(batch.q_lens.max()) <= FUSE_MAX_Q
 
     def _buffers_for(self, slots: int, cache) -> packinfer.PlanBuffers:
         """The plan buffers of the tile shape the planner gives plans of `slots` slots over this cache."""
@@ -171,7 +182,7 @@ class PackinferAttention(ServingAttention):
         view = step.cache.view(self._request_order())
         if step.padded is None:
             self._plan, self._bufs = self._plan_step(view, step.batch.q_lens, None, None), None
-            self._set_fresh(self._fuse and step.kind == "decode" and step.rows is None and self._plan.writes_new)
+            self._set_fresh(self._fusable(step.batch) and step.rows is None and self._plan.writes_new)
             return
         slots, fresh = self.graph_key(step)
         capacity = self._capacity(slots, step.padded)
@@ -228,7 +239,7 @@ def _view_like(batch, num_kv_heads: int, head_dim: int) -> packinfer.KVView:
 
 #: The serving call's variants (kernel sweep, scheduler batches): the full planner, one switch off each, the tile
 #: shape fixed (16 or 128 slots: what the cost model chooses between), TMA loads off (on by default on Hopper),
-#: the decode K/V written by two launches before attention instead of by the attention launch.
+#: the K/V written by two launches before attention instead of by the attention launch.
 SERVING_VARIANTS = {"full": {}, "no-split": {"split": False}, "no-prefix-grouping": {"prefix_grouping": False},
                     "no-balancing": {"balancing": False}, "no-gqa-packing": {"pack_gqa": False},
                     "paged": {"layout": "paged"}, "tiles-16": {"slots": 16}, "tiles-128": {"slots": 128},
