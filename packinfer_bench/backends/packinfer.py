@@ -92,9 +92,9 @@ class PackinferAttention(ServingAttention):
     (their K/V written first), shared prefixes read once - is one cache-attention launch per layer over the cache
     in place, planned once per iteration (the planner picks tile shape and splitting). The K/V of an iteration
     of up to FUSE_MAX_Q rows per request (decode) is stored by that same launch (k_new / v_new: one launch per
-    layer in all; variant "unfused" writes it first, as other iterations do). In a CUDA graph (decode, mixed and prefill iterations alike) the plan goes into fixed
-    buffers of the tile shape the graph was captured with, decided once per (padded size, iteration kind) by the
-    planner on the first such iteration."""
+    layer in all; variant "unfused" writes it first, as other iterations do). In a CUDA graph (decode, mixed and
+    prefill iterations alike) the plan goes into fixed buffers of the tile shape the graph was captured with,
+    decided once per (padded size, iteration kind) by the planner on the first such iteration."""
 
     name, layout = "packinfer", "grouped"
     graph_kinds = frozenset({"decode", "mixed", "prefill"})
