@@ -4,6 +4,7 @@ made-up clock, and a replay that outgrows its KV cache ends in an error record t
 
 import dataclasses
 import math
+import os
 
 import numpy as np
 import pandas as pd
@@ -26,6 +27,10 @@ from packinfer_bench.serving.stage import _compare, scenario
 from packinfer_bench.traces.synthetic import load as synthetic
 from packinfer_bench.workload import Batch
 from packinfer_bench.workload.continuous import ContinuousSpec
+
+# every replay here runs a model on the CPU, whose kernels need the Triton interpreter (off with PACKINFER_TEST_GPU=1)
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="CPU replays: the kernels need TRITON_INTERPRET=1")
 
 
 def _trace(num_requests=10):
