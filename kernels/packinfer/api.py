@@ -51,8 +51,8 @@ _SHORT = KernelConfig(64, 64, 4, 3, True)
 _LONG_KEYS_PER_ROW = 1500
 # On Hopper the long tile runs the warp-specialized Gluon kernel (hopper_attention) where it can (head dim 128;
 # PACKINFER_GLUON=0 keeps the Triton kernel): ahead of the Triton kernel's long tile on the batches that take it,
-# in two H100 runs (results/prefill-hopper/h100-gluon-v2: geomean 1.04x, 0.974 ShareGPT b64 to 1.099 uniform 4k
-# prompts; h100-gluon-v3: 1.00-1.13x); on the short tile's batches it lost (0.87-1.02), so they keep that tile.
+# in three H100 runs (results/prefill-hopper/h100-gluon-v2, -v3, -v4: geomeans 1.04x, 1.07x, 1.03x); on the short
+# tile's batches it lost (0.87-1.02), so they keep that tile.
 _LONG_GLUON = dataclasses.replace(_LONG, engine="gluon")
 # Other head dims, from the H200 sweep results/fa-features/h200/tune.csv (bf16; ShareGPT, Azure conv, Mooncake
 # prompts): at 256 one shape won every batch, 3-5.6x the half-slot 32-key shape used before; it needs ~193 KiB of
