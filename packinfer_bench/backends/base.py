@@ -163,6 +163,11 @@ class ServingAttention:
     def configure(self, *, max_rows: int, max_seqs: int, max_kv_len: int, capacity_tokens: int) -> None:
         """Sizes for the fixed graph buffers (a backend without graph_kinds ignores them)."""
 
+    def variant_skip(self, batch) -> str | None:
+        """Why this serving variant runs the same code as the default one on `batch` (the kernel sweep then skips
+        it), or None."""
+        return None
+
     def begin(self, step: Step) -> None:
         self.step = step
 

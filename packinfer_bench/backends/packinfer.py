@@ -108,7 +108,7 @@ class PackinferAttention(ServingAttention):
         self._planner = {k: options[k] for k in ("split", "prefix_grouping", "balancing", "pack_gqa")
                          if k in options}
         self._fixed_slots = options.get("slots")
-        self._fuse = options.get("fuse_write", True)
+        self._fuse_max_q = options.get("fuse_max_q", FUSE_MAX_Q)  # 0: never (variant "unfused")
         self._fresh = False  # this iteration's launch stores the new K/V itself
         self._sms = packinfer.num_sms(self.device)
         self._tiles: dict[tuple[int, str], int] = {}  # (padded, kind) -> slots of its graph
@@ -153,9 +153,16 @@ class PackinferAttention(ServingAttention):
         fresh = self._fusable(b) and bool((b.kv_lens - b.q_lens >= b.prefix_lens).all())
         return self._tiles[key], fresh
 
+    def variant_skip(self, batch) -> str | None:
+        if "fuse_max_q" in self.options and self._fusable(batch) == (int(batch.q_lens.max()) <= FUSE_MAX_Q):
+            return (f"fuse_max_q {self._fuse_max_q} stores this batch's K/V as the default ({FUSE_MAX_Q}) does: "
+                    f"up to {int(batch.q_lens.max())} rows per request")
+        return None
+
     def _fusable(self, batch) -> bool:
-        """Whether the attention launch stores this iteration's K/V: at most FUSE_MAX_Q rows per request."""
-        return self._fuse and int(batch.q_lens.max()) <= FUSE_MAX_Q
+        """Whether the attention launch stores this iteration's K/V: at most fuse_max_q (FUSE_MAX_Q) rows per
+        request."""
+        return int(batch.q_lens.max()) <= self._fuse_max_q
 
     def _buffers_for(self, slots: int, cache) -> packinfer.PlanBuffers:
         """The plan buffers of the tile shape the planner gives plans of `slots` slots over this cache."""
@@ -239,11 +246,13 @@ def _view_like(batch, num_kv_heads: int, head_dim: int) -> packinfer.KVView:
 
 #: The serving call's variants (kernel sweep, scheduler batches): the full planner, one switch off each, the tile
 #: shape fixed (16 or 128 slots: what the cost model chooses between), TMA loads off (on by default on Hopper),
-#: the K/V written by two launches before attention instead of by the attention launch.
+#: the K/V written by two launches before attention instead of by the attention launch ("unfused"), or by the
+#: attention launch on every iteration, prompts and chunks too ("fuse-all").
 SERVING_VARIANTS = {"full": {}, "no-split": {"split": False}, "no-prefix-grouping": {"prefix_grouping": False},
                     "no-balancing": {"balancing": False}, "no-gqa-packing": {"pack_gqa": False},
                     "paged": {"layout": "paged"}, "tiles-16": {"slots": 16}, "tiles-128": {"slots": 128},
-                    "no-tma": {"use_tma": False}, "unfused": {"fuse_write": False}}
+                    "no-tma": {"use_tma": False}, "unfused": {"fuse_max_q": 0},
+                    "fuse-all": {"fuse_max_q": 1 << 30}}
 BACKEND = Backend("packinfer", PACKINFER_VARIANTS, _available, prepare, serving=PackinferAttention,
                   serving_variants=SERVING_VARIANTS)
 UNPACKED = Backend("triton_unpacked", ("fa2-grid",), _available, prepare)

@@ -22,6 +22,9 @@ def serving_call(backend: Backend, x: Inputs, variant: str) -> Callable[[], torc
     s = x.shape
     attention = backend.serving(x.q.device, s.num_heads, s.num_kv_heads, s.head_dim,
                                 **backend.serving_variants[variant])
+    same = attention.variant_skip(x.batch)
+    if same:
+        raise NotApplicable(same)
     cache, slots, new = _cached(x, attention)
     b = x.batch
     attention.configure(max_rows=int(b.q_lens.sum()), max_seqs=len(b), max_kv_len=int(b.kv_lens.max()),
