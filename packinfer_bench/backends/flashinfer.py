@@ -86,7 +86,9 @@ class FlashInferAttention(ServingAttention):
     CUDA graphs through FlashInfer's CUDA-graph wrappers (one per padded batch size, fixed buffers; padding
     requests read one token of a scratch page); other iterations: batch prefill over the paged cache, with the fa3
     backend on Hopper (fa2 where fa3 cannot plan this cache), eager between the model's graph pieces. FlashInfer's
-    plan runs once per iteration; one float workspace serves every wrapper (one call runs at a time)."""
+    plan runs once per iteration; one float workspace serves every wrapper (one call runs at a time). The new
+    tokens' K/V go in by the harness's two index_copy_ launches, as for every peer; serving variant "append" (eager
+    iterations) uses FlashInfer's own append_paged_kv_cache instead, one launch for K and V."""
 
     name = "flashinfer"
     graph_kinds = frozenset({"decode"})
@@ -107,6 +109,9 @@ class FlashInferAttention(ServingAttention):
         self._max_pages = 1
         self._planned = torch.cuda.Event()  # FlashInfer's plan reuses pinned host memory: one plan in flight
         self._planned.record()
+        self._append = bool(options.get("append"))  # variant "append"
+        self._appending = False  # this iteration writes through append_paged_kv_cache
+        self._append_args: tuple = ()
         self.launches_per_layer = 3
         self._set_kernel()
 
@@ -140,6 +145,10 @@ class FlashInferAttention(ServingAttention):
         self._planned.synchronize()
         dt = step.cache.dtype
         (h, hkv, d, ps), kw = self._plan_args(dt)
+        self._appending = self._append and step.padded is None
+        self.launches_per_layer = 2 if self._appending else 3
+        if self._appending:
+            self._plan_append(step)
         if step.padded is not None:  # decode inside a graph
             indptr, indices, last = self._table(step, step.padded)
             self._wrapper = self._graph_wrappers[step.padded]
@@ -164,6 +173,34 @@ class FlashInferAttention(ServingAttention):
             self._wrapper = wrapper
         self._planned.record()
 
+    def _plan_append(self, step) -> None:
+        """append_paged_kv_cache's arguments for this iteration: each new token's request (in the batch's order)
+        and position, and the page table on the device."""
+        b = step.batch
+        q = b.q_lens.astype(np.int64)
+        batch_indices = np.repeat(np.arange(len(b)), q)
+        positions = np.repeat(b.kv_lens - q, q) + np.arange(int(q.sum())) - np.repeat(np.cumsum(q) - q, q)
+        indptr, indices, last = self._table(step, None)
+        to = self.staging.to_device
+        self._append_args = (to(batch_indices.astype(np.int32)), to(positions.astype(np.int32)), indices,
+                             to(indptr.numpy()), to(last.numpy()))
+
+    def __call__(self, layer, q, k, v):
+        if not self._appending:
+            return super().__call__(layer, q, k, v)
+        s = self.step
+        if s.rows is not None:
+            k, v = k[s.rows], v[s.rows]
+        batch_indices, positions, indices, indptr, last = self._append_args
+        self._fi.append_paged_kv_cache(k, v, batch_indices, positions, self._pools(layer), indices, indptr, last,
+                                       kv_layout="NHD")
+        return self.attend(layer, q)
+
+    def _pools(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.step.cache
+        shape = (-1, self.page_size, self.num_kv_heads, self.head_dim)
+        return c.k_pools[layer].view(shape), c.v_pools[layer].view(shape)
+
     def _prefill_wrapper(self, backend: str):
         if backend not in self._prefills:
             self._prefills[backend] = self._fi.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD",
@@ -187,10 +224,9 @@ class FlashInferAttention(ServingAttention):
         self._wrapper.plan(indptr, indices, last, h, hkv, d, ps, **kw)
 
     def attend(self, layer, q):
-        c = self.step.cache
-        shape = (-1, self.page_size, self.num_kv_heads, self.head_dim)
-        return self._wrapper.run(q, (c.k_pools[layer].view(shape), c.v_pools[layer].view(shape)))
+        return self._wrapper.run(q, self._pools(layer))
 
 
 BACKEND = Backend("flashinfer", ("fa2", "fa3", "decode", "cascade"), _available, _prepare,
-                  serving=FlashInferAttention, serving_variants={"serving": {}, "serving-fa2": {"prefill": "fa2"}})
+                  serving=FlashInferAttention, serving_variants={"serving": {}, "serving-fa2": {"prefill": "fa2"},
+                                    "append": {"append": True}})

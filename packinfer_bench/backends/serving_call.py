@@ -31,6 +31,8 @@ def serving_call(backend: Backend, x: Inputs, variant: str) -> Callable[[], torc
                         capacity_tokens=cache.capacity_tokens)
     attention.begin(Step(b, cache, None, slots, b.cu_seqlens()[0]))
     k, v = x.k[new], x.v[new]
+    poison = torch.full_like(k, float("nan"))  # the call stores the new K/V itself: a missed write shows as NaN
+    cache.write(slots, poison, poison, layer=0)
     return lambda: attention(0, x.q, k, v)
 
 
