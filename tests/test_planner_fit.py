@@ -50,3 +50,15 @@ def test_the_tuning_grid_has_the_planner_first_and_each_tile_unsplit():
     split = [opts for _, opts in grid if "kv_chunk" in opts]
     assert split and all(o["kv_chunk"] < 2000 and o["kv_chunk"] % o["block_n"] == 0 for o in split), \
         "chunks are multiples of the key step, shorter than the longest context"
+
+
+def test_other_forms_of_the_estimate_plug_in_through_launch_us():
+    """benchmarks/cost_model_forms.py weighs max(total, slowest) + overlap x min(total, slowest): overlap 1 is the
+    shipped sum (the same picks), overlap 0 another planner."""
+    from cost_model_forms import blend
+
+    batches, times, sms = fit.load(SWEEP)
+    shipped = fit.regrets(batches, times, sms, CostModel())
+    assert fit.regrets(batches, times, sms, blend(CostModel(), 1.0)) == shipped
+    assert [pick for *_, pick in fit.regrets(batches, times, sms, blend(CostModel(), 0.0))] != \
+        [pick for *_, pick in shipped]

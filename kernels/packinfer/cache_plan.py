@@ -80,6 +80,11 @@ class CostModel:
         eff = dict(self.efficiency)
         return self.flops_per_us * eff.get(slots, min(eff.values()))
 
+    def launch_us(self, total: float, slowest: float) -> float:
+        """The launch's time from its two parts (_estimate): their sum. Other forms can be weighed against a
+        tuning sweep by overriding this (benchmarks/cost_model_forms.py)."""
+        return total + slowest
+
 
 @dataclass
 class CachePlan:
@@ -239,8 +244,7 @@ def plan_cache_attention(view: KVView, q_lens, num_heads: int, *, prefix_groupin
             if (max_items is not None and work.items > max_items) or (
                     max_partials is not None and work.partial_rows > max_partials):
                 continue
-            total, slowest = _estimate(work, s, ppi, head_dim, elem_bytes, num_sms, num_heads, cost)
-            t = total + slowest
+            t = cost.launch_us(*_estimate(work, s, ppi, head_dim, elem_bytes, num_sms, num_heads, cost))
             if best is None or t < best[0] - 1e-9:
                 best = (t, s, chunk)
             lowest = t if lowest is None else min(lowest, t)
