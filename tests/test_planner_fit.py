@@ -53,12 +53,11 @@ def test_the_tuning_grid_has_the_planner_first_and_each_tile_unsplit():
 
 
 def test_other_forms_of_the_estimate_plug_in_through_launch_us():
-    """benchmarks/cost_model_forms.py weighs max(total, slowest) + overlap x min(total, slowest): overlap 1 is the
-    shipped sum (the same picks), overlap 0 another planner."""
+    """benchmarks/cost_model_forms.py weighs max(total, slowest) + overlap x min(total, slowest) through
+    CostModel.launch_us: the larger part alone (overlap 0) is another planner."""
     from cost_model_forms import blend
 
     batches, times, sms = fit.load(SWEEP)
     shipped = fit.regrets(batches, times, sms, CostModel())
-    assert fit.regrets(batches, times, sms, blend(CostModel(), 1.0)) == shipped
     assert [pick for *_, pick in fit.regrets(batches, times, sms, blend(CostModel(), 0.0))] != \
         [pick for *_, pick in shipped]

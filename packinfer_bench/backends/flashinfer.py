@@ -208,6 +208,8 @@ class FlashInferAttention(ServingAttention):
         return self._prefills[backend]
 
     def capture_begin(self, padded, key, cache):
+        self._appending = False
+        self.launches_per_layer = 3
         if padded not in self._graph_wrappers:
             dev = self.device
             self._graph_wrappers[padded] = self._fi.BatchDecodeWithPagedKVCacheWrapper(

@@ -154,9 +154,10 @@ class PackinferAttention(ServingAttention):
         return self._tiles[key], fresh
 
     def variant_skip(self, batch) -> str | None:
-        if "fuse_max_q" in self.options and self._fusable(batch) == (int(batch.q_lens.max()) <= FUSE_MAX_Q):
-            return (f"fuse_max_q {self._fuse_max_q} stores this batch's K/V as the default ({FUSE_MAX_Q}) does: "
-                    f"up to {int(batch.q_lens.max())} rows per request")
+        fused = self._fusable(batch)
+        if "fuse_max_q" in self.options and fused == (int(batch.q_lens.max()) <= FUSE_MAX_Q):
+            return (f"stores this batch's K/V as the default does, {'in' if fused else 'before'} the attention "
+                    f"launch (up to {int(batch.q_lens.max())} rows per request)")
         return None
 
     def _fusable(self, batch) -> bool:
