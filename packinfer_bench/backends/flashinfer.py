@@ -147,18 +147,17 @@ class FlashInferAttention(ServingAttention):
         (h, hkv, d, ps), kw = self._plan_args(dt)
         self._appending = self._append and step.padded is None
         self.launches_per_layer = 2 if self._appending else 3
+        table = self._table(step, step.padded)
         if self._appending:
-            self._plan_append(step)
+            self._plan_append(step, table)
         if step.padded is not None:  # decode inside a graph
-            indptr, indices, last = self._table(step, step.padded)
             self._wrapper = self._graph_wrappers[step.padded]
-            self._wrapper.plan(indptr, indices, last, h, hkv, d, ps, **kw)
+            self._wrapper.plan(*table, h, hkv, d, ps, **kw)
         elif int(step.batch.q_lens.max()) == 1:
             self._wrapper = self._decode
-            self._decode.plan(*self._table(step, None), h, hkv, d, ps, **kw)
+            self._decode.plan(*table, h, hkv, d, ps, **kw)
         else:
             qo = torch.from_numpy(step.cu_q.astype(np.int32)).pin_memory()
-            table = self._table(step, None)
             while True:
                 backend = self._prefill_backends[0]
                 try:
@@ -173,17 +172,14 @@ class FlashInferAttention(ServingAttention):
             self._wrapper = wrapper
         self._planned.record()
 
-    def _plan_append(self, step) -> None:
+    def _plan_append(self, step, table) -> None:
         """append_paged_kv_cache's arguments for this iteration: each new token's request (in the batch's order)
-        and position, and the page table on the device."""
+        and position, and the page table (`table`, from _table) on the device."""
         b = step.batch
-        q = b.q_lens.astype(np.int64)
-        batch_indices = np.repeat(np.arange(len(b)), q)
-        positions = np.repeat(b.kv_lens - q, q) + np.arange(int(q.sum())) - np.repeat(np.cumsum(q) - q, q)
-        indptr, indices, last = self._table(step, None)
+        indptr, indices, last = table
         to = self.staging.to_device
-        self._append_args = (to(batch_indices.astype(np.int32)), to(positions.astype(np.int32)), indices,
-                             to(indptr.numpy()), to(last.numpy()))
+        self._append_args = (to(np.repeat(np.arange(len(b)), b.q_lens).astype(np.int32)),
+                             to(b.query_positions().astype(np.int32)), indices, to(indptr.numpy()), to(last.numpy()))
 
     def __call__(self, layer, q, k, v):
         if not self._appending:
