@@ -13,7 +13,7 @@ import torch
 from conftest import REPO
 
 from packinfer_bench.backends.base import iteration_kind
-from packinfer_bench.backends.packinfer import PackinferAttention
+from packinfer_bench.backends.packinfer import FUSE_MAX_Q, PackinferAttention
 from packinfer_bench.config import load_config
 from packinfer_bench.errors import ConfigError
 from packinfer_bench.experiment import run_experiment
@@ -63,9 +63,13 @@ def test_packinfer_attention_reproduces_the_reference_model_outputs_over_a_whole
     assert err < (1e-2 if bf16 else 2e-3) and match >= (0.9 if bf16 else 1.0)
     assert sum(len(h) for h in got.hidden.values()) == sum(int(b.sampled.sum()) for b in scen.schedule)
     assert [it.q_tokens for it in got.iterations] == [int(b.q_lens.sum()) for b in scen.schedule]
-    # decode iterations stored their K/V in the attention launch (later iterations read it from the cache)
+    # iterations of short rows store their K/V in the attention launch (later iterations read it from the cache);
+    # rows that may be positions of a shared prefix (not past their request's prefix) can keep the two writes
     launches = [it.launches_per_layer for it in got.iterations]
-    assert launches == [1 if iteration_kind(b) == "decode" else 3 for b in scen.schedule]
+    for n, b in zip(launches, scen.schedule):
+        past_prefix = (b.kv_lens - b.q_lens >= b.prefix_lens).all()
+        assert n == 1 if past_prefix and b.q_lens.max() <= FUSE_MAX_Q else n in (1, 3), (iteration_kind(b), n)
+    assert any(n == 1 for n, b in zip(launches, scen.schedule) if iteration_kind(b) != "decode")
 
 
 def test_latency_arithmetic_on_a_made_up_clock():

@@ -164,8 +164,8 @@ class ServingAttention:
         """Sizes for the fixed graph buffers (a backend without graph_kinds ignores them)."""
 
     def variant_skip(self, batch) -> str | None:
-        """Why this serving variant runs the same code as the default one on `batch` (the kernel sweep then skips
-        it), or None."""
+        """Why this serving variant is not measured on `batch` (the kernel sweep then skips it): it runs the same
+        code as the default one there, or a part of it cannot run on this machine; None: it is measured."""
         return None
 
     def begin(self, step: Step) -> None:

@@ -21,6 +21,8 @@ from packinfer_bench.backends.base import (
 from packinfer_bench.backends.kv_layouts import cache_for, page_table
 
 WORKSPACE_BYTES = 256 << 20
+#: Per device: why FlashInfer's append_paged_kv_cache cannot run there (None: it can). Probed once (_append_problem).
+_APPEND_PROBLEMS: dict[str, str | None] = {}
 
 
 def _available(device: torch.device) -> str | None:
@@ -81,6 +83,31 @@ def _prepare(x: Inputs, variant: str):
     return lambda: wrapper.run(x.q, kv)
 
 
+def _append_problem(fi, device: torch.device) -> str | None:
+    """Why FlashInfer's append_paged_kv_cache cannot run on `device`, or None: tried once on one token. Its page
+    module is compiled on first use, and an offline FlashInfer bundle may lack the sources (the H100 machine's
+    did: "flashinfer_page_binding.cu ... missing"), so serving variant "append" is skipped there, not an error."""
+    key = str(device)
+    if key not in _APPEND_PROBLEMS:
+        def ints(*values: int) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int32, device=device)
+
+        token = torch.ones(1, 1, 8, dtype=torch.float16, device=device)
+        pages = tuple(torch.zeros(1, PAGE_SIZE, 1, 8, dtype=torch.float16, device=device) for _ in range(2))
+        try:
+            fi.append_paged_kv_cache(token, token, ints(0), ints(0), pages, ints(0), ints(0, 1), ints(1),
+                                     kv_layout="NHD")
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            _APPEND_PROBLEMS[key] = None
+        except Exception as e:  # noqa: BLE001 -- any failure: the variant cannot run here, whatever the cause
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            detail = next((line for line in lines if "error" in line.lower()), lines[0] if lines else "")
+            _APPEND_PROBLEMS[key] = (f"FlashInfer's append_paged_kv_cache does not run here "
+                                     f"({type(e).__name__}: {detail})")
+    return _APPEND_PROBLEMS[key]
+
+
 class FlashInferAttention(ServingAttention):
     """Serving: a paged cache of PAGE_SIZE-token pages. Decode iterations: batch decode with tensor cores, inside
     CUDA graphs through FlashInfer's CUDA-graph wrappers (one per padded batch size, fixed buffers; padding
@@ -114,6 +141,9 @@ class FlashInferAttention(ServingAttention):
         self._append_args: tuple = ()
         self.launches_per_layer = 3
         self._set_kernel()
+
+    def variant_skip(self, batch) -> str | None:
+        return _append_problem(self._fi, self.device) if self._append else None
 
     def _set_kernel(self) -> None:
         self.kernel = (f"FlashInfer {self._fi.__version__}: decode (tensor cores, CUDA-graph wrappers), prefill over "
