@@ -5,8 +5,9 @@ slot choice with the planner's KV chunk), and both kernels run the same plan on 
 alternating rounds (L2 flushed), each output checked against the float32 reference. A kernel change is judged
 by these ratios, never by two runs on two machines.
 
-Writes ab.csv (one row per batch x plan: shape, both times, before / after, both errors) and env.json to --out;
-resumes where a killed run stopped.
+Writes ab.csv (one row per batch x plan: the before file's hash, shape, both times, before / after, both errors)
+and env.json to --out; resumes where a killed run stopped. The launches are the non-fused form (the batch's K/V
+already in the cache; no k_new / v_new), which serving uses for iterations past its fusing threshold.
 
     git show 0d9d3cf:kernels/packinfer/cache_attention.py > /tmp/before.py   # then copy it into the tree
     python benchmarks/cache_kernel_ab.py --before before.py --out DIR [--only serving-8/sharegpt/it0,...]
@@ -16,6 +17,7 @@ resumes where a killed run stopped.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
 import importlib.util
 import os
@@ -42,7 +44,7 @@ from packinfer_bench.run_folder import CsvRows
 from packinfer_bench.runner import MAX_REL_ERR, make_inputs
 from packinfer_bench.workload import Batch
 
-FIELDS = ("batch_id", "kind", "batch_size", "num_tokens", "max_q", "max_kv", "plan", "slots", "kv_chunk",
+FIELDS = ("batch_id", "before", "kind", "batch_size", "num_tokens", "max_q", "max_kv", "plan", "slots", "kv_chunk",
           "num_items", "before_ms", "after_ms", "speedup", "rel_err_before", "rel_err_after", "status", "measured_at")
 #: Alternating rounds per plan (each a median of --repeats launches); the times kept are the rounds' medians.
 ROUNDS = 4
@@ -50,14 +52,22 @@ ROUNDS = 4
 
 def _kernel_from(path: Path):
     """The `launch` of a cache_attention.py file, imported beside this tree's packinfer (whose other modules it
-    uses)."""
+    uses), and the file's hash (rows of another file are not taken as done)."""
     spec = importlib.util.spec_from_file_location("cache_attention_before", path)
     module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.launch
+    return module.launch, hashlib.sha1(path.read_bytes()).hexdigest()[:12]
 
 
-def ab_batch(batch: Batch, s, before, rows: CsvRows, done: set, sms: int) -> None:
+def ab_batch(batch: Batch, s, before, version: str, rows: CsvRows, done: set, sms: int) -> None:
+    """Both kernels on every plan of the batch not yet in `done` (the non-fused launch: the cache holds the
+    batch's K/V, as for a prompt longer than the serving call's fusing threshold)."""
+    group = s.shape.num_heads // s.shape.num_kv_heads
+    widest = int(batch.q_lens.max()) * group
+    plans = [("planner", None)] + [(f"s{n}", n) for n in SLOT_CHOICES if n >= group and (n < 2 * widest or n == 16)]
+    plans = [(name, fixed) for name, fixed in plans if (batch.batch_id, version, name) not in done]
+    if not plans:
+        return
     after = importlib.import_module("packinfer.cache_attention").launch
     x = make_inputs(batch, s.shape, s.device)
     ref = reference_attention(x)
@@ -67,12 +77,7 @@ def ab_batch(batch: Batch, s, before, rows: CsvRows, done: set, sms: int) -> Non
     attention.begin(Step(batch, cache, None, slots, batch.cu_seqlens()[0]))
     attention(0, x.q, x.k[new], x.v[new])  # the new rows' K/V into the cache, as the serving call writes them
     view = cache.view(batch.request_ids.tolist())
-    group = shape.num_heads // shape.num_kv_heads
-    widest = int(batch.q_lens.max()) * group
-    plans = [("planner", None)] + [(f"s{n}", n) for n in SLOT_CHOICES if n >= group and (n < 2 * widest or n == 16)]
     for name, fixed in plans:
-        if (batch.batch_id, name) in done:
-            continue
         plan = packinfer.plan_cache_attention(view, batch.q_lens, shape.num_heads, num_sms=sms, slots=fixed)
         runs, errors = {}, {}
         for side, launch in (("before", before), ("after", after)):
@@ -86,7 +91,8 @@ def ab_batch(batch: Batch, s, before, rows: CsvRows, done: set, sms: int) -> Non
                 times[side].append(float(np.median(s.timer(runs[side]))))
         b, a = float(np.median(times["before"])), float(np.median(times["after"]))
         ok = all(np.isfinite(e) and e <= MAX_REL_ERR for e in errors.values())
-        row = {"batch_id": batch.batch_id, "kind": "decode" if int(batch.q_lens.max()) == 1 else batch.phase,
+        row = {"batch_id": batch.batch_id, "before": version,
+               "kind": "decode" if int(batch.q_lens.max()) == 1 else batch.phase,
                "batch_size": len(batch), "num_tokens": int(batch.q_lens.sum()), "max_q": int(batch.q_lens.max()),
                "max_kv": int(batch.kv_lens.max()), "plan": name, "slots": plan.slots, "kv_chunk": plan.kv_chunk,
                "num_items": plan.num_items, "before_ms": round(b, 5), "after_ms": round(a, 5),
@@ -117,17 +123,17 @@ def main() -> None:
         ap.add_argument("--before", type=Path, required=True, help="the other version's cache_attention.py")
 
     s = setup(__doc__, "benchmarks/cache_kernel_ab.py", 10, "(no effect)", more)
-    before = _kernel_from(s.args.before)
+    before, version = _kernel_from(s.args.before)
     config = load_config(Path("experiments/serving.yaml"))
     batches = list(experiment_batches(config, load_traces(config.traces)))
     if s.args.smoke:
         batches = [b for b in batches if int(b.kv_lens.sum()) <= 600][:2]
     rows = CsvRows(s.args.out / "ab.csv", list(FIELDS))  # appended and flushed row by row
-    done = {(r["batch_id"], r["plan"]) for r in rows.read()[0]}
+    done = {(r["batch_id"], r["before"], r["plan"]) for r in rows.read()[0]}
     sms = packinfer.num_sms(s.device)
     for batch in s.select(batches):
-        ab_batch(batch, s, before, rows, done, sms)
-    summarize(rows.read()[0])
+        ab_batch(batch, s, before, version, rows, done, sms)
+    summarize([r for r in rows.read()[0] if r["before"] == version])
 
 
 if __name__ == "__main__":

@@ -208,11 +208,11 @@ def test_scheduler_batches_run_through_each_backends_serving_call(write, tmp_pat
     """A continuous workload's batches (decode rows, chunks, fresh prompts of requests with any ids) are measured
     through the serving call - the backend's own cache holding the batch, the new K/V written, attention - for
     every serving variant, against the same float32 reference. The fusing threshold is lowered so that these
-    small batches fall on both sides of it."""
+    small batches fall on both sides of it (their most rows per request: 1, 47 or 48)."""
     from packinfer_bench.backends import packinfer as ours_module
     from packinfer_bench.backends.packinfer import SERVING_VARIANTS
 
-    fuse_max_q = 8
+    fuse_max_q = 47
     monkeypatch.setattr(ours_module, "FUSE_MAX_Q", fuse_max_q)
 
     config = """
@@ -245,14 +245,16 @@ timing: {warmup: 0, repeats: 1, flush_l2: false}
             assert r["status"] == "skipped" and "as the default" in r["reason"], r
         else:
             assert r["status"] == "ok" and float(r["rel_err"]) < 1e-2, r
-    kinds = {int(b.q_lens.max()) <= fuse_max_q for b in batches.values()}
-    assert kinds == {True, False}, "batches on both sides of the threshold: each fusing variant measured somewhere"
+    most = [int(b.q_lens.max()) for b in batches.values()]
+    assert {m <= fuse_max_q for m in most} == {True, False}, "each fusing variant measured somewhere"
+    assert any(1 < m <= fuse_max_q for m in most), "the default fuses a batch of prompt or chunk rows too"
     assert {r["status"] for r in rows if r["backend"] == "fa2"} == {"skipped"}
 
 
 def test_flashinfers_append_variant_is_skipped_with_the_reason_where_its_module_cannot_build(monkeypatch):
-    """FlashInfer's append_paged_kv_cache is tried once per device; where it fails (an offline bundle without
-    the page module's sources) variant "append" gets the build's own error line as its skip reason."""
+    """FlashInfer's append_paged_kv_cache is tried once per device and KV shape, at that shape; where it fails (an
+    offline bundle without the page module's sources) variant "append" gets the build's own error line as its
+    skip reason."""
     from packinfer_bench.backends import flashinfer as fi_backend
 
     class Unbuildable:
@@ -262,15 +264,19 @@ def test_flashinfers_append_variant_is_skipped_with_the_reason_where_its_module_
             Unbuildable.calls += 1
             raise RuntimeError("Ninja build failed. Ninja output:\nninja: error: 'csrc/page.cu' missing")
 
-    class Working:
+    class Working:  # FlashInfer's page kernels take head dims 64, 128, 256 and 512 only
         def append_paged_kv_cache(self, k, v, batch_indices, positions, pages, indices, indptr, last, kv_layout):
+            if k.shape[-1] not in (64, 128, 256, 512):
+                raise RuntimeError(f"Unsupported head_dim: {k.shape[-1]}")
+            assert kv_layout == "NHD" and pages[0].shape[2:] == k.shape[1:]
             pages[0][indices[batch_indices], positions].copy_(k)
 
     monkeypatch.setattr(fi_backend, "_APPEND_PROBLEMS", {})
     cpu = torch.device("cpu")
-    first = fi_backend._append_problem(Unbuildable(), cpu)
+    first = fi_backend._append_problem(Unbuildable(), cpu, 8, 128)
     assert first == ("FlashInfer's append_paged_kv_cache does not run here "
                      "(RuntimeError: ninja: error: 'csrc/page.cu' missing)")
-    assert fi_backend._append_problem(Unbuildable(), cpu) == first and Unbuildable.calls == 1  # probed once
-    monkeypatch.setattr(fi_backend, "_APPEND_PROBLEMS", {})
-    assert fi_backend._append_problem(Working(), cpu) is None
+    assert fi_backend._append_problem(Unbuildable(), cpu, 8, 128) == first and Unbuildable.calls == 1  # once
+    assert fi_backend._append_problem(Working(), cpu, 8, 128) == first  # (cached per device and shape)
+    assert fi_backend._append_problem(Working(), cpu, 2, 128) is None
+    assert "Unsupported head_dim: 80" in fi_backend._append_problem(Working(), cpu, 2, 80)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from test_serving import _trace
 
+from packinfer_bench.backends import packinfer as packinfer_backend
 from packinfer_bench.backends.packinfer import PackinferAttention
 from packinfer_bench.models import preset
 from packinfer_bench.serving.graphs import Graphs, bucket
@@ -40,9 +41,9 @@ class ReplayedByRunning(Graphs):
         fn()
 
 
-def _replays(device, graphs_cls):
+def _replays(device, graphs_cls, num_requests=8):
     spec = ContinuousSpec(num_requests=None, max_num_batched_tokens=64, max_num_seqs=6, max_kv_tokens=260)
-    scen = scenario(_trace(8), spec)
+    scen = scenario(_trace(num_requests), spec)
     model = Decoder(preset("tiny"), device, torch.float16)
 
     def run(graphs):
@@ -62,8 +63,13 @@ def _replays(device, graphs_cls):
 
 
 @pytest.mark.skipif(GPU, reason="the CPU stand-in for capture; on a GPU the real graphs are tested below")
-def test_full_graph_bookkeeping_gives_the_eager_outputs_on_the_cpu():
-    scen, eager, graphed = _replays("cpu", ReplayedByRunning)
+@pytest.mark.parametrize("fuse_max_q, num_requests", [(None, 8), (8, 16)], ids=["default", "fusing-up-to-8-rows"])
+def test_full_graph_bookkeeping_gives_the_eager_outputs_on_the_cpu(fuse_max_q, num_requests, monkeypatch):
+    """With a fusing threshold of 8 rows, two mixed iterations of 16 padded rows differ in graph key (one's
+    launch stores the K/V, the other's does not): each key gets its own graph."""
+    if fuse_max_q is not None:
+        monkeypatch.setattr(packinfer_backend, "FUSE_MAX_Q", fuse_max_q)
+    scen, eager, graphed = _replays("cpu", ReplayedByRunning, num_requests)
     assert {it.graph for it in graphed.iterations} == {"full"}, "every iteration fits a captured size"
     assert {it.padded_rows for it in graphed.iterations} <= {bucket(n) for n in range(1, 65)}
     assert any(it.padded_rows > it.q_tokens for it in graphed.iterations), "some iterations are padded"

@@ -21,8 +21,8 @@ from packinfer_bench.backends.base import (
 from packinfer_bench.backends.kv_layouts import cache_for, page_table
 
 WORKSPACE_BYTES = 256 << 20
-#: Per device: why FlashInfer's append_paged_kv_cache cannot run there (None: it can). Probed once (_append_problem).
-_APPEND_PROBLEMS: dict[str, str | None] = {}
+#: Per (device, KV heads, head dim): why FlashInfer's append_paged_kv_cache cannot run there (None: it can).
+_APPEND_PROBLEMS: dict[tuple[str, int, int], str | None] = {}
 
 
 def _available(device: torch.device) -> str | None:
@@ -83,17 +83,19 @@ def _prepare(x: Inputs, variant: str):
     return lambda: wrapper.run(x.q, kv)
 
 
-def _append_problem(fi, device: torch.device) -> str | None:
-    """Why FlashInfer's append_paged_kv_cache cannot run on `device`, or None: tried once on one token. Its page
-    module is compiled on first use, and an offline FlashInfer bundle may lack the sources (the H100 machine's
-    did: "flashinfer_page_binding.cu ... missing"), so serving variant "append" is skipped there, not an error."""
-    key = str(device)
+def _append_problem(fi, device: torch.device, num_kv_heads: int, head_dim: int) -> str | None:
+    """Why FlashInfer's append_paged_kv_cache cannot run on `device` at this KV shape, or None: tried once on
+    one bf16 token. Its page module is compiled on first use, and an offline FlashInfer bundle may lack the
+    sources (the H100 machine's did: "flashinfer_page_binding.cu ... missing"), so serving variant "append" is
+    skipped there, not an error."""
+    key = (str(device), num_kv_heads, head_dim)
     if key not in _APPEND_PROBLEMS:
         def ints(*values: int) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.int32, device=device)
 
-        token = torch.ones(1, 1, 8, dtype=torch.float16, device=device)
-        pages = tuple(torch.zeros(1, PAGE_SIZE, 1, 8, dtype=torch.float16, device=device) for _ in range(2))
+        token = torch.ones(1, num_kv_heads, head_dim, dtype=torch.bfloat16, device=device)
+        pages = tuple(torch.zeros(1, PAGE_SIZE, num_kv_heads, head_dim, dtype=torch.bfloat16, device=device)
+                      for _ in range(2))
         try:
             fi.append_paged_kv_cache(token, token, ints(0), ints(0), pages, ints(0), ints(0, 1), ints(1),
                                      kv_layout="NHD")
@@ -143,7 +145,9 @@ class FlashInferAttention(ServingAttention):
         self._set_kernel()
 
     def variant_skip(self, batch) -> str | None:
-        return _append_problem(self._fi, self.device) if self._append else None
+        if not self._append:
+            return None
+        return _append_problem(self._fi, self.device, self.num_kv_heads, self.head_dim)
 
     def _set_kernel(self) -> None:
         self.kernel = (f"FlashInfer {self._fi.__version__}: decode (tensor cores, CUDA-graph wrappers), prefill over "

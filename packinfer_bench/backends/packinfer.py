@@ -82,10 +82,10 @@ def prepare(x: Inputs, variant: str, use_tma: bool | None = None):
 
 #: Iterations whose requests have at most this many new rows each store their K/V in the attention launch, which
 #: reads those keys from k_new / v_new in its masked step (pointer loads, one block after another) and so saves the
-#: two K/V write launches. On an H100 (results/serving-h100-fuse, variant fuse-all against the default of the
-#: time, which fused decode only): 7.7-13.2 us less per decode call (results/serving-h100), 30% less on a 74-token
-#: prompt (22.6 -> 15.7 us), 16% on a 242-row chunk among decode rows; 7% more on a 374-token prompt and 23-201% more
-#: on Mooncake's long prompts and chunks, whose new keys then all take the masked step.
+#: two K/V write launches: 7.7-13.2 us per decode call on an H100 (results/serving-h100). Prompts and chunks, same
+#: GPU (results/serving-h100-fuse, variant fuse-all): 30% less on a 74-token prompt (22.6 -> 15.7 us), 16% on a
+#: 242-row chunk among decode rows; 7% more on a 374-token prompt (the crossover, not located more finely, lies
+#: between) and 23-201% more on Mooncake's long prompts and chunks, whose new keys then all take the masked step.
 FUSE_MAX_Q = 256
 
 

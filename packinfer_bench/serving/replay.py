@@ -102,14 +102,16 @@ def prepare_graphs(graphs: Graphs, schedule: Sequence[Batch], attention: Serving
     graph mode (GraphCaptureError: it then runs piecewise; returns why), the pieces otherwise."""
     failure = graphs.failed.get(attention.name, "")
     scratch = scratch_slot(cache)
-    needs: dict[tuple, Batch] = {}
+    needs: dict[tuple, None] = {}  # (padded size, kind, graph key): iterations of one size and kind may differ in key
     for batch in schedule:
         padded = graphs.padded(int(batch.q_lens.sum()))
         if padded is not None:
-            needs.setdefault((padded, iteration_kind(batch)), batch)
-    for (padded, kind), batch in sorted(needs.items(), key=lambda kv: -kv[0][0]):
+            kind, key = iteration_kind(batch), None
+            if kind in attention.graph_kinds and not failure:
+                key = attention.graph_key(Step(batch, cache, None, None, batch.cu_seqlens()[0], padded))
+            needs[padded, kind, key] = None
+    for padded, kind, key in sorted(needs, key=lambda need: -need[0]):
         if kind in attention.graph_kinds and not failure:
-            key = attention.graph_key(Step(batch, cache, None, None, batch.cu_seqlens()[0], padded))
             try:
                 graphs.capture_full(attention, padded, key, cache, scratch)
                 continue
