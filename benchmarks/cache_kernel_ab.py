@@ -31,17 +31,13 @@ if "--smoke" in sys.argv:
 import numpy as np
 import packinfer
 import torch
-from common import setup
+from common import held_in_cache, setup, slot_choices
 from packinfer.cache_plan import SLOT_CHOICES
 
-from packinfer_bench.backends.base import Step
-from packinfer_bench.backends.packinfer import PackinferAttention
-from packinfer_bench.backends.serving_call import _cached
 from packinfer_bench.config import load_config
 from packinfer_bench.experiment import experiment_batches, load_traces
-from packinfer_bench.reference import reference_attention
 from packinfer_bench.run_folder import CsvRows
-from packinfer_bench.runner import MAX_REL_ERR, make_inputs
+from packinfer_bench.runner import MAX_REL_ERR
 from packinfer_bench.workload import Batch
 
 FIELDS = ("batch_id", "before", "kind", "batch_size", "num_tokens", "max_q", "max_kv", "plan", "slots", "kv_chunk",
@@ -62,21 +58,13 @@ def _kernel_from(path: Path):
 def ab_batch(batch: Batch, s, before, version: str, rows: CsvRows, done: set, sms: int) -> None:
     """Both kernels on every plan of the batch not yet in `done` (the non-fused launch: the cache holds the
     batch's K/V, as for a prompt longer than the serving call's fusing threshold)."""
-    group = s.shape.num_heads // s.shape.num_kv_heads
-    widest = int(batch.q_lens.max()) * group
-    plans = [("planner", None)] + [(f"s{n}", n) for n in SLOT_CHOICES if n >= group and (n < 2 * widest or n == 16)]
+    plans = [("planner", None)] + [(f"s{n}", n) for n in slot_choices(batch, s.shape.num_heads, s.shape.num_kv_heads)]
     plans = [(name, fixed) for name, fixed in plans if (batch.batch_id, version, name) not in done]
     if not plans:
         return
     after = importlib.import_module("packinfer.cache_attention").launch
-    x = make_inputs(batch, s.shape, s.device)
-    ref = reference_attention(x)
+    x, ref, cache, view = held_in_cache(batch, s.shape, s.device)
     shape = x.shape
-    attention = PackinferAttention(s.device, shape.num_heads, shape.num_kv_heads, shape.head_dim)
-    cache, slots, new = _cached(x, attention)
-    attention.begin(Step(batch, cache, None, slots, batch.cu_seqlens()[0]))
-    attention(0, x.q, x.k[new], x.v[new])  # the new rows' K/V into the cache, as the serving call writes them
-    view = cache.view(batch.request_ids.tolist())
     for name, fixed in plans:
         plan = packinfer.plan_cache_attention(view, batch.q_lens, shape.num_heads, num_sms=sms, slots=fixed)
         runs, errors = {}, {}

@@ -13,9 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from packinfer.cache_plan import SLOT_CHOICES
 
 from packinfer_bench import envinfo
 from packinfer_bench.backends import Backend
+from packinfer_bench.backends.base import Step
+from packinfer_bench.backends.packinfer import PackinferAttention
+from packinfer_bench.backends.serving_call import _cached
 from packinfer_bench.config import ShapeConfig
 from packinfer_bench.reference import reference_attention
 from packinfer_bench.run_folder.records import FIELDS, Record, RecordStore
@@ -142,3 +146,24 @@ def print_table(records: list[Record], metric: str = "tflops") -> None:
         value = f"{value:.2f}" if value is not None else ""
         print(f"{r.batch_id:<42}{r.backend + ':' + r.variant:<32}{r.kernel_ms or '':>9}{value:>9}"
               f"{speed:>8}{err:>10}  {r.status} {r.reason[:60]}")
+
+
+def slot_choices(batch: Batch, num_heads: int, num_kv_heads: int) -> list[int]:
+    """The query-slot counts worth timing on a batch: a whole GQA group at least, and narrower than twice the
+    widest request's slots (16 always)."""
+    group = num_heads // num_kv_heads
+    widest = int(batch.q_lens.max()) * group
+    return [n for n in SLOT_CHOICES if n >= group and (n < 2 * widest or n == 16)]
+
+
+def held_in_cache(batch: Batch, shape: ShapeConfig, device: torch.device):
+    """The batch as packinfer's serving call holds it: (inputs, float32 reference, grouped cache with the new rows'
+    K/V written too, the cache's view of the batch's requests)."""
+    x = make_inputs(batch, shape, device)
+    ref = reference_attention(x)
+    s = x.shape
+    attention = PackinferAttention(device, s.num_heads, s.num_kv_heads, s.head_dim)
+    cache, slots, new = _cached(x, attention)
+    attention.begin(Step(batch, cache, None, slots, batch.cu_seqlens()[0]))
+    attention(0, x.q, x.k[new], x.v[new])  # the new rows' K/V into the cache, as the serving call writes them
+    return x, ref, cache, cache.view(batch.request_ids.tolist())

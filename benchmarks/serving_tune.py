@@ -27,19 +27,15 @@ if "--smoke" in sys.argv:
 import numpy as np
 import packinfer
 import torch
-from common import setup
+from common import held_in_cache, setup, slot_choices
 from packinfer.cache_attention import launch as launch_cache
-from packinfer.cache_plan import SLOT_CHOICES, launch_config
+from packinfer.cache_plan import launch_config
 from packinfer.device import shared_memory
 
-from packinfer_bench.backends.base import Step
-from packinfer_bench.backends.packinfer import PackinferAttention
-from packinfer_bench.backends.serving_call import _cached
 from packinfer_bench.config import load_config
 from packinfer_bench.experiment import experiment_batches, load_traces
-from packinfer_bench.reference import reference_attention
 from packinfer_bench.run_folder import CsvRows
-from packinfer_bench.runner import MAX_REL_ERR, make_inputs
+from packinfer_bench.runner import MAX_REL_ERR
 from packinfer_bench.workload import Batch
 
 FIELDS = ("batch_id", "kind", "batch_size", "num_tokens", "num_kv_tokens", "max_q", "max_kv", "candidate", "slots",
@@ -53,12 +49,9 @@ def candidates(batch: Batch, num_heads: int, num_kv_heads: int, head_dim: int, s
                memory: int) -> list[tuple[str, dict]]:
     """(name, plan/launch options) of the grid; the planner's own choice first ("planner")."""
     group = num_heads // num_kv_heads
-    widest = int(batch.q_lens.max()) * group
     longest = int(batch.kv_lens.max())
     out: list[tuple[str, dict]] = [("planner", {})]
-    for slots in SLOT_CHOICES:
-        if slots < group or not (slots < 2 * widest or slots == 16):
-            continue
+    for slots in slot_choices(batch, num_heads, num_kv_heads):
         for block_n in (32, 64, 128):
             if launch_config(slots, block_n, head_dim, 2, memory) is None:
                 continue
@@ -80,14 +73,8 @@ def candidates(batch: Batch, num_heads: int, num_kv_heads: int, head_dim: int, s
 
 
 def tune_batch(batch: Batch, shape, device, timer, rows: CsvRows, done: set, sms: int, memory: int) -> None:
-    x = make_inputs(batch, shape, device)
-    ref = reference_attention(x)
+    x, ref, cache, view = held_in_cache(batch, shape, device)
     s = x.shape
-    attention = PackinferAttention(device, s.num_heads, s.num_kv_heads, s.head_dim)
-    cache, slots, new = _cached(x, attention)
-    attention.begin(Step(batch, cache, None, slots, batch.cu_seqlens()[0]))
-    attention(0, x.q, x.k[new], x.v[new])  # the new rows' K/V into the cache, as the serving call writes them
-    view = cache.view(batch.request_ids.tolist())
     base = {"batch_id": batch.batch_id, "kind": "decode" if int(batch.q_lens.max()) == 1 else batch.phase,
             "batch_size": len(batch), "num_tokens": int(batch.q_lens.sum()), "num_kv_tokens": int(batch.kv_lens.sum()),
             "max_q": int(batch.q_lens.max()), "max_kv": int(batch.kv_lens.max())}
