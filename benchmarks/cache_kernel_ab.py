@@ -63,7 +63,7 @@ def ab_batch(batch: Batch, s, before, version: str, rows: CsvRows, done: set, sm
     if not plans:
         return
     after = importlib.import_module("packinfer.cache_attention").launch
-    x, ref, cache, view = held_in_cache(batch, s.shape, s.device)
+    x, ref, cache, view, _ = held_in_cache(batch, s.shape, s.device)
     shape = x.shape
     for name, fixed in plans:
         plan = packinfer.plan_cache_attention(view, batch.q_lens, shape.num_heads, num_sms=sms, slots=fixed)

@@ -158,7 +158,7 @@ def slot_choices(batch: Batch, num_heads: int, num_kv_heads: int) -> list[int]:
 
 def held_in_cache(batch: Batch, shape: ShapeConfig, device: torch.device):
     """The batch as packinfer's serving call holds it: (inputs, float32 reference, grouped cache with the new rows'
-    K/V written too, the cache's view of the batch's requests)."""
+    K/V written too, the cache's view of the batch's requests, the new rows' (K, V) as a fused launch takes them)."""
     x = make_inputs(batch, shape, device)
     ref = reference_attention(x)
     s = x.shape
@@ -166,4 +166,4 @@ def held_in_cache(batch: Batch, shape: ShapeConfig, device: torch.device):
     cache, slots, new = _cached(x, attention)
     attention.begin(Step(batch, cache, None, slots, batch.cu_seqlens()[0]))
     attention(0, x.q, x.k[new], x.v[new])  # the new rows' K/V into the cache, as the serving call writes them
-    return x, ref, cache, cache.view(batch.request_ids.tolist())
+    return x, ref, cache, cache.view(batch.request_ids.tolist()), (x.k[new], x.v[new])

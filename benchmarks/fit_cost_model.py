@@ -33,8 +33,8 @@ GRID = {"bytes_per_us": [30e3, 36.4e3, 45e3], "lone_speedup": [1.5, 2.3, 3.0], "
 
 
 def load(folder: Path) -> tuple[list[Batch], dict[str, dict[tuple[int, int], float]], int]:
-    """The sweep's batches, per batch the measured ms of each (slots, kv_chunk) at the default launch with
-    pointer loads, and the GPU's SM count."""
+    """The sweep's batches, per batch the measured ms of each (slots, kv_chunk) at the default launch (the loads
+    its code defaulted to: tune.csv's `tma`), and the GPU's SM count."""
     batches = [Batch.from_record(json.loads(line)) for line in open(folder / "batches.jsonl")]
     times: dict[str, dict[tuple[int, int], float]] = {}
     with open(folder / "tune.csv", newline="") as f:

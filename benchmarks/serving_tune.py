@@ -1,8 +1,10 @@
 """Data for the cache planner's cost model, on the serving path: scheduler batches of a serving experiment
 (experiments/serving.yaml), each held in packinfer's grouped KV cache exactly as the serving call holds it, and
 the attention launch timed under a grid of plans - query slots x keys per step x KV chunk (unsplit included),
-TMA loads, and warps x pipeline stages at the planner's own tile - beside the planner's choice. Every
-candidate's output is checked against the float32 reference. The planner's regret on a batch is its time over
+TMA loads, and warps x pipeline stages at the planner's own tile - beside the planner's choice. Where the serving
+call stores the new rows' K/V in the attention launch (at most FUSE_MAX_Q rows per request), every candidate is
+timed as that fused launch (column `fused`), as the serving call runs it. Every candidate's output is checked
+against the float32 reference. The planner's regret on a batch is its time over
 the best candidate's; CostModel is fit to these rows (benchmarks/fit_cost_model.py).
 
 Writes tune.csv (one row per batch x candidate: the plan's shape, items, partials, the cost model's estimate,
@@ -31,7 +33,9 @@ from common import held_in_cache, setup, slot_choices
 from packinfer.cache_attention import launch as launch_cache
 from packinfer.cache_plan import launch_config
 from packinfer.device import shared_memory
+from packinfer.triton_common import tma_available
 
+from packinfer_bench.backends.packinfer import FUSE_MAX_Q
 from packinfer_bench.config import load_config
 from packinfer_bench.experiment import experiment_batches, load_traces
 from packinfer_bench.run_folder import CsvRows
@@ -39,20 +43,21 @@ from packinfer_bench.runner import MAX_REL_ERR
 from packinfer_bench.workload import Batch
 
 FIELDS = ("batch_id", "kind", "batch_size", "num_tokens", "num_kv_tokens", "max_q", "max_kv", "candidate", "slots",
-          "block_n", "kv_chunk", "tma", "num_warps", "num_stages", "num_items", "num_partials", "estimate_us",
+          "block_n", "kv_chunk", "tma", "fused", "num_warps", "num_stages", "num_items", "num_partials", "estimate_us",
           "status", "reason", "ms_median", "ms_p10", "ms_p90", "rel_err", "measured_at")
 #: Most programs a candidate may launch (finer chunks only add per-program cost).
 MAX_PROGRAMS_PER_SM = 32
 
 
 def candidates(batch: Batch, num_heads: int, num_kv_heads: int, head_dim: int, sms: int,
-               memory: int) -> list[tuple[str, dict]]:
-    """(name, plan/launch options) of the grid; the planner's own choice first ("planner")."""
+               memory: int, plans_only: bool = False) -> list[tuple[str, dict]]:
+    """(name, plan/launch options) of the grid; the planner's own choice first ("planner"). plans_only: the plans
+    the planner chooses from (its 64 keys per step) at the default launch, and nothing else."""
     group = num_heads // num_kv_heads
     longest = int(batch.kv_lens.max())
     out: list[tuple[str, dict]] = [("planner", {})]
     for slots in slot_choices(batch, num_heads, num_kv_heads):
-        for block_n in (32, 64, 128):
+        for block_n in (64,) if plans_only else (32, 64, 128):
             if launch_config(slots, block_n, head_dim, 2, memory) is None:
                 continue
             out.append((f"s{slots}-n{block_n}-whole", {"slots": slots, "block_n": block_n, "split": False}))
@@ -65,23 +70,28 @@ def candidates(batch: Batch, num_heads: int, num_kv_heads: int, head_dim: int, s
                     out.append((f"s{slots}-n{block_n}-c{chunk}", {"slots": slots, "block_n": block_n,
                                                                   "kv_chunk": chunk}))
                 chunk *= 2
-    out.append(("planner-tma", {"use_tma": True}))
+    out.append(("planner-pointer", {"use_tma": False}))  # (where the default is TMA loads: Hopper)
+    if plans_only:
+        return out
     for warps in (4, 8):
         for stages in (2, 3, 4):
             out.append((f"planner-w{warps}s{stages}", {"launch": (warps, stages)}))
     return out
 
 
-def tune_batch(batch: Batch, shape, device, timer, rows: CsvRows, done: set, sms: int, memory: int) -> None:
-    x, ref, cache, view = held_in_cache(batch, shape, device)
+def tune_batch(batch: Batch, shape, device, timer, rows: CsvRows, done: set, sms: int, memory: int,
+               plans_only: bool = False) -> None:
+    x, ref, cache, view, (k_new, v_new) = held_in_cache(batch, shape, device)
+    fusable = int(batch.q_lens.max()) <= FUSE_MAX_Q
     s = x.shape
     base = {"batch_id": batch.batch_id, "kind": "decode" if int(batch.q_lens.max()) == 1 else batch.phase,
             "batch_size": len(batch), "num_tokens": int(batch.q_lens.sum()), "num_kv_tokens": int(batch.kv_lens.sum()),
             "max_q": int(batch.q_lens.max()), "max_kv": int(batch.kv_lens.max())}
-    for name, opts in candidates(batch, s.num_heads, s.num_kv_heads, s.head_dim, sms, memory):
+    for name, opts in candidates(batch, s.num_heads, s.num_kv_heads, s.head_dim, sms, memory, plans_only):
         if (batch.batch_id, name) in done:
             continue
-        row = dict(base, candidate=name, status="ok", reason="", tma=bool(opts.get("use_tma")))
+        use_tma = opts.get("use_tma", tma_available(device))  # the launch's own default
+        row = dict(base, candidate=name, status="ok", reason="", tma=use_tma)
         try:
             plan_opts = {k: opts[k] for k in ("slots", "block_n", "kv_chunk", "split") if k in opts}
             plan = packinfer.plan_cache_attention(view, batch.q_lens, s.num_heads, num_sms=sms, **plan_opts)
@@ -91,9 +101,12 @@ def tune_batch(batch: Batch, shape, device, timer, rows: CsvRows, done: set, sms
             row.update(slots=plan.slots, block_n=plan.block_n, kv_chunk=plan.kv_chunk, num_warps=plan.num_warps,
                        num_stages=plan.num_stages, num_items=plan.num_items, num_partials=plan.num_partials,
                        estimate_us=round(plan.estimate_us, 3))
+            fused = fusable and plan.writes_new  # (re-stores the K/V the cache holds: same bytes, same work)
+            new = {"k_new": k_new, "v_new": v_new} if fused else {}
+            row["fused"] = fused
             out = torch.full_like(x.q, float("nan"))  # poisoned: every row must be written
             run = functools.partial(launch_cache, x.q, cache.k, cache.v, out, plan, s.head_dim ** -0.5,
-                                    use_tma=opts.get("use_tma"))
+                                    use_tma=use_tma, **new)
 
             run()
             diff = out.float() - ref
@@ -110,11 +123,13 @@ def tune_batch(batch: Batch, shape, device, timer, rows: CsvRows, done: set, sms
         print(f"{batch.batch_id:<32} {name:<22} {row.get('ms_median', '')!s:>9} ms  plan {row.get('slots')}x"
               f"{row.get('block_n')} chunk {row.get('kv_chunk')} items {row.get('num_items')} {row['status']}",
               flush=True)
-    del x, ref, cache
+    del x, ref, cache, k_new, v_new
 
 
 def main() -> None:
-    s = setup(__doc__, "benchmarks/serving_tune.py", 20, "(no effect: this script only tunes)")
+    s = setup(__doc__, "benchmarks/serving_tune.py", 20, "(no effect: this script only tunes)",
+              lambda ap: ap.add_argument("--plans-only", action="store_true",
+                                         help="only the plans the planner chooses from, at the default launch"))
     config = load_config(Path(os.environ.get("SERVING_TUNE_CONFIG", "experiments/serving.yaml")))
     batches = list(experiment_batches(config, load_traces(config.traces)))
     if s.args.smoke:
@@ -127,7 +142,7 @@ def main() -> None:
     sms = packinfer.num_sms(s.device)
     memory = shared_memory(s.device)
     for batch in batches:
-        tune_batch(batch, s.shape, s.device, s.timer, rows, done, sms, memory)
+        tune_batch(batch, s.shape, s.device, s.timer, rows, done, sms, memory, s.args.plans_only)
 
 
 if __name__ == "__main__":

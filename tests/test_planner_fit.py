@@ -46,10 +46,13 @@ def test_the_tuning_grid_has_the_planner_first_and_each_tile_unsplit():
     grid = candidates(batch, 32, 8, 128, sms=132, memory=232448)
     names = [name for name, _ in grid]
     assert names[0] == "planner" and len(set(names)) == len(names)
-    assert {"s16-n64-whole", "s128-n64-whole", "planner-tma", "planner-w8s3"} <= set(names)
+    assert {"s16-n64-whole", "s128-n64-whole", "planner-pointer", "planner-w8s3"} <= set(names)
     split = [opts for _, opts in grid if "kv_chunk" in opts]
     assert split and all(o["kv_chunk"] < 2000 and o["kv_chunk"] % o["block_n"] == 0 for o in split), \
         "chunks are multiples of the key step, shorter than the longest context"
+    plans = candidates(batch, 32, 8, 128, sms=132, memory=232448, plans_only=True)
+    assert {o.get("block_n", 64) for _, o in plans} == {64} and "planner-w8s3" not in dict(plans)
+    assert [n for n, _ in plans if "-n64-" in n] == [n for n in names if "-n64-" in n], "the same 64-key plans"
 
 
 def test_other_forms_of_the_estimate_plug_in_through_launch_us():

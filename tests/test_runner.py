@@ -210,7 +210,7 @@ def test_scheduler_batches_run_through_each_backends_serving_call(write, tmp_pat
     every serving variant, against the same float32 reference. The fusing threshold is lowered so that these
     small batches fall on both sides of it (their most rows per request: 1, 47 or 48)."""
     from packinfer_bench.backends import packinfer as ours_module
-    from packinfer_bench.backends.packinfer import SERVING_VARIANTS
+    from packinfer_bench.backends.packinfer import PLANNER_OPTIONS, SERVING_VARIANTS
 
     fuse_max_q = 47
     monkeypatch.setattr(ours_module, "FUSE_MAX_Q", fuse_max_q)
@@ -243,12 +243,33 @@ timing: {warmup: 0, repeats: 1, flush_l2: false}
         fused = int(batches[r["batch_id"]].q_lens.max()) <= fuse_max_q
         if (r["variant"], fused) in {("unfused", False), ("fuse-all", True)}:  # the default's code: not re-timed
             assert r["status"] == "skipped" and "as the default" in r["reason"], r
+        elif r["status"] == "skipped":  # a planner switch that changes nothing on this batch
+            assert set(SERVING_VARIANTS[r["variant"]]) <= PLANNER_OPTIONS, r
+            assert "plans this batch as the default does" in r["reason"], r
         else:
             assert r["status"] == "ok" and float(r["rel_err"]) < 1e-2, r
+    measured = {r["variant"] for r in ours if r["status"] == "ok"}
+    assert measured >= {"full", "tiles-16", "no-gqa-packing", "paged"}, measured
     most = [int(b.q_lens.max()) for b in batches.values()]
     assert {m <= fuse_max_q for m in most} == {True, False}, "each fusing variant measured somewhere"
     assert any(1 < m <= fuse_max_q for m in most), "the default fuses a batch of prompt or chunk rows too"
     assert {r["status"] for r in rows if r["backend"] == "fa2"} == {"skipped"}
+
+
+def test_a_planner_ablation_that_plans_a_batch_as_the_default_does_is_skipped_not_timed_twice():
+    """One short decode request: nothing to split, balance or share, so those switches give the default's plan
+    (timing it again would only measure noise); a fixed tile shape the planner did not choose is measured."""
+    from packinfer_bench.backends.packinfer import SERVING_VARIANTS
+
+    batch = Batch("b", "t", "w", np.ones(1, np.int64), np.array([40]), np.arange(1))
+    attention = {name: BACKENDS["packinfer"].serving(torch.device("cpu"), 8, 2, 64, **options)
+                 for name, options in SERVING_VARIANTS.items()}
+    assert attention["full"].variant_skip(batch) is None
+    for name in ("no-split", "no-balancing", "no-prefix-grouping"):
+        assert attention[name].variant_skip(batch).startswith("plans this batch as the default does"), name
+    assert attention["tiles-128"].variant_skip(batch) is None  # the planner picks the narrowest tile here
+    assert attention["no-gqa-packing"].variant_skip(batch) is None
+    assert attention["paged"].variant_skip(batch) is None  # another layout: never compared by plan
 
 
 def test_flashinfers_append_variant_is_skipped_with_the_reason_where_its_module_cannot_build(monkeypatch):

@@ -157,10 +157,20 @@ class PackinferAttention(ServingAttention):
         return self._tiles[key], fresh
 
     def variant_skip(self, batch) -> str | None:
+        """A variant that runs the default's code on `batch`: the same K/V store (fuse_max_q on the same side of
+        the batch's rows), or a planner switch whose plan is the default's, item for item (its time would be the
+        default's measured twice)."""
         fused = self._fusable(batch)
         if "fuse_max_q" in self.options and fused == (int(batch.q_lens.max()) <= FUSE_MAX_Q):
             return (f"stores this batch's K/V as the default does, {'in' if fused else 'before'} the attention "
                     f"launch (up to {int(batch.q_lens.max())} rows per request)")
+        if self.options and set(self.options) <= PLANNER_OPTIONS:
+            view = _view_like(batch, self.num_kv_heads, self.head_dim)
+            mine = self._plan_step(view, batch.q_lens, None, None)
+            default = packinfer.plan_cache_attention(view, batch.q_lens, self.num_heads, num_sms=self._sms)
+            if same_launch(mine, default):
+                return (f"plans this batch as the default does ({mine.slots} slots, KV chunk {mine.kv_chunk}, "
+                        f"{mine.num_items} items)")
         return None
 
     def _fusable(self, batch) -> bool:
@@ -232,6 +242,12 @@ class PackinferAttention(ServingAttention):
         return out
 
 
+def same_launch(a: packinfer.CachePlan, b: packinfer.CachePlan) -> bool:
+    """Whether two plans of one view make the same launch: tile shape, items in order, rows and merge lists."""
+    return a.tile == b.tile and all(np.array_equal(getattr(a, f), getattr(b, f))
+                                    for f in ("items", "rows", "merge_idx"))
+
+
 def _view_like(batch, num_kv_heads: int, head_dim: int) -> packinfer.KVView:
     """A grouped-layout view with the batch's lengths and prefix groups (addresses made up): what the planner's
     choices depend on, for deciding a graph's tile shape before the cache holds the batch."""
@@ -257,6 +273,9 @@ SERVING_VARIANTS = {"full": {}, "no-split": {"split": False}, "no-prefix-groupin
                     "paged": {"layout": "paged"}, "tiles-16": {"slots": 16}, "tiles-128": {"slots": 128},
                     "no-tma": {"use_tma": False}, "unfused": {"fuse_max_q": 0},
                     "fuse-all": {"fuse_max_q": 1 << 30}}
+#: The options of SERVING_VARIANTS that change only the plan (variant_skip compares such a variant's plan with
+#: the default's).
+PLANNER_OPTIONS = {"split", "prefix_grouping", "balancing", "pack_gqa", "slots"}
 BACKEND = Backend("packinfer", PACKINFER_VARIANTS, _available, prepare, serving=PackinferAttention,
                   serving_variants=SERVING_VARIANTS)
 UNPACKED = Backend("triton_unpacked", ("fa2-grid",), _available, prepare)
