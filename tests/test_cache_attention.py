@@ -44,7 +44,8 @@ def _fill(layout, kv_lens, prefix_of, prefix_lens, *, kv_heads, dim, dtype, devi
 def _check(layout, kv_lens, q_lens, prefix_of=None, prefix_lens=None, *, heads=4, kv_heads=2, dim=64,
            dtype=torch.float16, device="cpu", use_tma=None, fresh=False, **plan_kw):
     """The launch against the reference over the cache's tokens. fresh: the rows' own K/V are given to the
-    launch (k_new / v_new) and their cache positions hold NaN until it stores them there."""
+    launch (k_new / v_new) and their cache positions hold NaN until it stores them there; fresh="strided": as
+    slices of a wider tensor (heads apart by twice the head dim, as TMA cannot read them)."""
     prefix_of = prefix_of or [None] * len(kv_lens)
     cache = _fill(layout, kv_lens, prefix_of, prefix_lens or {}, kv_heads=kv_heads, dim=dim, dtype=dtype,
                   device=device)
@@ -57,6 +58,8 @@ def _check(layout, kv_lens, q_lens, prefix_of=None, prefix_lens=None, *, heads=4
     if fresh:
         rows = np.concatenate([np.arange(c - n, c) for n, c in zip(q_lens, np.cumsum(kv_lens))])
         new = {"k_new": k[rows].clone(), "v_new": v[rows].clone()}
+        if fresh == "strided":
+            new = {name: torch.cat([t, torch.full_like(t, float("nan"))], 2)[..., :dim] for name, t in new.items()}
         slots = np.concatenate([cache.addresses(r)[-n:] for r, n in enumerate(q_lens)])
         cache.k[torch.from_numpy(slots).to(device)] = float("nan")
         cache.v[torch.from_numpy(slots).to(device)] = float("nan")
@@ -123,6 +126,19 @@ def test_the_launch_stores_the_new_rows_and_reads_them_from_k_new(layout, use_tm
            device=device, use_tma=use_tma, fresh=True, kv_chunk=2 * BN)
     _check(layout, kv, q, [None] * 7 + [0, 0, None], {0: 2 * BN + 3}, heads=8, kv_heads=2, dtype=dtype,
            device=device, use_tma=use_tma, fresh=True, slots=16, pack_gqa=False)
+
+
+@pytest.mark.parametrize("use_tma, fresh", [(False, True), (True, True), (True, "strided")])
+def test_long_runs_of_new_rows_are_read_from_k_new_whole_blocks_included(use_tma, fresh, device):
+    """Chunks and prompts of several blocks: the key blocks every row of an item sees whole and that hold new
+    keys only are read from k_new / v_new alone (TMA where they allow it); the block straddling the cached and
+    the new keys mixes the two; the cache holds NaN at every new position until the launch stores it."""
+    kv = [5 * BN + 7, 4 * BN, 3 * BN + 1, 2 * BN + 2]
+    q = [3 * BN + 2, 4 * BN, 2 * BN, BN + 1]  # an unaligned chunk, a fresh prompt, aligned and unaligned chunks
+    _check("grouped", kv, q, heads=8, kv_heads=2, dtype=torch.bfloat16, device=device, use_tma=use_tma, fresh=fresh,
+           slots=16, pack_gqa=False)
+    _check("grouped", kv, q, heads=8, kv_heads=2, dtype=torch.float16, device=device, use_tma=use_tma, fresh=fresh,
+           kv_chunk=2 * BN)
 
 
 @pytest.mark.parametrize("seed", range(4))

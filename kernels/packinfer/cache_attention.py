@@ -21,8 +21,9 @@ before the merge, whose partial loads bypass L1 (.cg).
 New K/V (FRESH, the launch given k_new / v_new): the slots whose own position is one of the item's keys store
 their row's K/V there (the first query head of each GQA group: once per KV head), and keys j >= new_j (this
 iteration's positions) are read from k_new / v_new, never from the cache that this launch is writing: no
-program waits for another. The plan's writes_new says every such position is its own request's, which no other
-request reads.
+program waits for another. Blocks of new keys only that every slot sees whole come from k_new / v_new alone
+(through TMA descriptors over them where the pool's loads are TMA and their layout allows: NEW_TMA). The
+plan's writes_new says every such position is its own request's, which no other request reads.
 Isolation: an item reads one request's positions (or a shared prefix all its rows see), pointer loads past the
 item are masked and TMA blocks past it have their V zeroed (unwritten pool space may hold NaN bits), so only
 positions past a row's causal limit can be masked in a block. As in the packed kernel, a program whose result
@@ -120,14 +121,15 @@ def _load_kv(K, V, k_base, v_base, table, kv_addr, pos_start, start, j, kv_head,
 
 @triton.jit
 def _attend(q, K, V, table, kv_head, kv_addr, pos_start, kv_len, low, limit, diag, slope, row_ok, qk_scale, cap,
-            stride_kt, stride_kh, stride_vt, stride_vh, K_new, V_new, stride_nt, stride_nh, stride_vnt, stride_vnh,
-            new_j, row0, DIM: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, DOT_F32: tl.constexpr, USE_TMA: tl.constexpr,
-            SAFE: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-            FRESH: tl.constexpr):
+            stride_kt, stride_kh, stride_vt, stride_vh, K_new, V_new, KN_tma, VN_tma, stride_nt, stride_nh,
+            stride_vnt, stride_vnh, new_j, row0, DIM: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK_N: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, DOT_F32: tl.constexpr,
+            USE_TMA: tl.constexpr, SAFE: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+            ALIBI: tl.constexpr, FRESH: tl.constexpr, NEW_TMA: tl.constexpr):
     """The item's slots over its positions (slot m sees item keys low[m] <= j <= limit[m]; low only with a
-    window). Returns (max, sum, acc). FRESH: keys j >= new_j are read from K_new / V_new (_load_kv), in the
-    masked blocks only."""
+    window). Returns (max, sum, acc). FRESH: keys j >= new_j are read from K_new / V_new: blocks that every slot
+    sees whole and that hold new keys only, from there alone (TMA through KN_tma / VN_tma with NEW_TMA); the one
+    block that straddles new_j and the masked blocks mix them into the cache's (_load_kv)."""
     dims = tl.arange(0, HEAD_DIM)
     dmask = dims < DIM
     EVEN_D: tl.constexpr = DIM == HEAD_DIM
@@ -139,8 +141,16 @@ def _attend(q, K, V, table, kv_head, kv_addr, pos_start, kv_len, low, limit, dia
         mask_end = 0
         nomask_end = tl.minimum(tl.maximum(tl.min(limit, 0) + 1, 0), kv_len) // BLOCK_N * BLOCK_N
         end = tl.minimum(tl.max(tl.where(row_ok, limit, -1), 0) + 1, kv_len)
-    if FRESH:  # blocks holding new keys go to the masked loop, which reads them from K_new / V_new
-        nomask_end = tl.maximum(tl.minimum(nomask_end, tl.maximum(new_j, 0) // BLOCK_N * BLOCK_N), mask_end)
+    # unmasked blocks: [mask_end, cache_end) from the cache; with FRESH, [cache_end, mixed_end) is the block that
+    # straddles new_j (cached and new keys) and [mixed_end, nomask_end) holds new keys only
+    cache_end = nomask_end
+    mixed_end = nomask_end
+    if FRESH:
+        first_new = tl.maximum(new_j, 0) // BLOCK_N * BLOCK_N
+        cache_end = tl.maximum(tl.minimum(nomask_end, first_new), mask_end)
+        all_new = (tl.maximum(new_j, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+        mixed_end = tl.maximum(tl.minimum(all_new, nomask_end), cache_end)
+        nomask_end = tl.maximum(nomask_end, mixed_end)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -160,13 +170,33 @@ def _attend(q, K, V, table, kv_head, kv_addr, pos_start, kv_len, low, limit, dia
         valid = (j < kv_len)[None, :] & (j[None, :] <= limit[:, None]) & (j[None, :] >= low[:, None])
         m_i, l_i, acc = online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, cap, pos_start + j, diag, slope, valid,
                                             True, SAFE, DOT_F32, SOFTCAP, ALIBI)
-    for start in range(mask_end, nomask_end, BLOCK_N):
+    for start in range(mask_end, cache_end, BLOCK_N):
         j = start + cols
         k, v = _load_kv(K, V, k_base, v_base, table, kv_addr, pos_start, start, j, kv_head, kv_len, dmask, stride_kt,
                         stride_vt, K_new, V_new, stride_nt, stride_nh, stride_vnt, stride_vnh, new_j, row0, HEAD_DIM,
                         PAGED, PAGE_SIZE, False, EVEN_D, USE_TMA, False)
         m_i, l_i, acc = online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, cap, pos_start + j, diag, slope, 0,
                                             False, False, DOT_F32, SOFTCAP, ALIBI)
+    if FRESH:
+        for start in range(cache_end, mixed_end, BLOCK_N):  # at most one block
+            j = start + cols
+            k, v = _load_kv(K, V, k_base, v_base, table, kv_addr, pos_start, start, j, kv_head, kv_len, dmask,
+                            stride_kt, stride_vt, K_new, V_new, stride_nt, stride_nh, stride_vnt, stride_vnh, new_j,
+                            row0, HEAD_DIM, PAGED, PAGE_SIZE, False, EVEN_D, USE_TMA, True)
+            m_i, l_i, acc = online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, cap, pos_start + j, diag, slope, 0,
+                                                False, False, DOT_F32, SOFTCAP, ALIBI)
+        kn_base = K_new + kv_head * stride_nh + dims[None, :]
+        vn_base = V_new + kv_head * stride_vnh + dims[None, :]
+        for start in range(mixed_end, nomask_end, BLOCK_N):  # this iteration's keys, all of them seen by all slots
+            j = start + cols
+            if NEW_TMA:
+                k = KN_tma.load([row0 + start, kv_head * HEAD_DIM])
+                v = VN_tma.load([row0 + start, kv_head * HEAD_DIM])
+            else:
+                rows = (row0 + j).to(tl.int64)[:, None]
+                k, v = load_kv(kn_base + rows * stride_nt, vn_base + rows * stride_vnt, None, dmask, False, EVEN_D)
+            m_i, l_i, acc = online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, cap, pos_start + j, diag, slope, 0,
+                                                False, False, DOT_F32, SOFTCAP, ALIBI)
     for start in range(nomask_end, end, BLOCK_N):
         j = start + cols
         k, v = _load_kv(K, V, k_base, v_base, table, kv_addr, pos_start, start, j, kv_head, kv_len, dmask, stride_kt,
@@ -208,13 +238,15 @@ def _merge(O_part, LSE_part, merge_idx, part_first, part_count, heads, last, NUM
 
 @triton.jit
 def _cache_attention(
-    Q, K, V, Out, LSE, Slopes, K_new, V_new, K_pool, V_pool, O_part, LSE_part, counters, header, items, rows,
+    Q, K, V, Out, LSE, Slopes, K_new, V_new, K_pool, V_pool, KN_tma, VN_tma, O_part, LSE_part, counters, header,
+    items, rows,
     merge_idx, block_table, qk_scale, cap, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot,
     stride_oh, stride_table, stride_lh, stride_st, stride_sh, stride_nt, stride_nh, stride_vnt, stride_vnh,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, PACK_GQA: tl.constexpr, DIM: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr,
     PAGE_SIZE: tl.constexpr, DOT_F32: tl.constexpr, USE_TMA: tl.constexpr, WINDOW: tl.constexpr,
     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, RETURN_LSE: tl.constexpr, FRESH: tl.constexpr,
+    NEW_TMA: tl.constexpr,
 ):
     item, kv_head, slot_row, heads = program_slots(tl.program_id(0), NUM_HEADS, GROUP, PACK_GQA, BLOCK_M)
     if item >= tl.load(header):
@@ -266,14 +298,15 @@ def _cache_attention(
         tl.store(V_pool + addr[:, None] * stride_vt + kv_head * stride_vh + dims[None, :],
                  tl.load(V_new + src * stride_vnt + kv_head * stride_vnh + dims[None, :], mask=w_mask), mask=w_mask)
     m_i, l_i, acc = _attend(q, K, V, table, kv_head, kv_addr, pos_start, kv_len, low, limit, diag, slope, row_ok,
-                            qk_scale, cap, stride_kt, stride_kh, stride_vt, stride_vh, K_new, V_new, stride_nt,
-                            stride_nh, stride_vnt, stride_vnh, new_j, row0, DIM, HEAD_DIM, BLOCK_M, BLOCK_N, PAGED,
-                            PAGE_SIZE, DOT_F32, USE_TMA, False, WINDOW, SOFTCAP, ALIBI, FRESH)
+                            qk_scale, cap, stride_kt, stride_kh, stride_vt, stride_vh, K_new, V_new, KN_tma, VN_tma,
+                            stride_nt, stride_nh, stride_vnt, stride_vnh, new_j, row0, DIM, HEAD_DIM, BLOCK_M, BLOCK_N,
+                            PAGED, PAGE_SIZE, DOT_F32, USE_TMA, False, WINDOW, SOFTCAP, ALIBI, FRESH, NEW_TMA)
     if any_nonfinite(acc, l_i, row_ok):  # rare: the isolating re-run (see the module's docstring)
         m_i, l_i, acc = _attend(q, K, V, table, kv_head, kv_addr, pos_start, kv_len, low, limit, diag, slope, row_ok,
-                                qk_scale, cap, stride_kt, stride_kh, stride_vt, stride_vh, K_new, V_new, stride_nt,
-                                stride_nh, stride_vnt, stride_vnh, new_j, row0, DIM, HEAD_DIM, BLOCK_M, BLOCK_N, PAGED,
-                                PAGE_SIZE, DOT_F32, USE_TMA, True, WINDOW, SOFTCAP, ALIBI, FRESH)
+                                qk_scale, cap, stride_kt, stride_kh, stride_vt, stride_vh, K_new, V_new, KN_tma, VN_tma,
+                                stride_nt, stride_nh, stride_vnt, stride_vnh, new_j, row0, DIM, HEAD_DIM, BLOCK_M,
+                                BLOCK_N, PAGED, PAGE_SIZE, DOT_F32, USE_TMA, True, WINDOW, SOFTCAP, ALIBI, FRESH,
+                                NEW_TMA)
 
     empty = l_i == 0  # a slot that saw no key (a NaN sum stays NaN, and so does its log-sum-exp)
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -340,19 +373,36 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     new_strides = None
     if k_new is None or v_new is None:  # (never read: FRESH is off)
         k_new, v_new = k, v
+        new_tma = False
     else:
         new_strides = (*k_new.stride()[:2], *v_new.stride()[:2])
+        new_tma = use_tma and all(_tma_rows(t) for t in (k_new, v_new))
     key = ("launch", q.device, q.dtype, q.shape[1:], k.shape[1:], q.stride(), k.stride(), v.stride(), out.stride(),
-           softmax_scale, use_tma, grid_items, options.key(), None if lse is None else lse.stride(), new_strides)
+           softmax_scale, use_tma, grid_items, options.key(), None if lse is None else lse.stride(), new_strides,
+           new_tma)
     bound = holder.get(key)
     if bound is None:
         bound = holder[key] = _bind(q, k, v, out, spec, softmax_scale, use_tma, buffers, grid_items, options, lse,
-                                    slope_strides, new_strides)
+                                    slope_strides, new_strides, new_tma)
+    kn_tma, vn_tma = k_new, v_new  # (never read without NEW_TMA)
     if use_tma:
-        dim = q.shape[2]
-        k, v = (TensorDescriptor.from_tensor(t.view(t.shape[0], -1), block_shape=[spec.block_n, dim])
-                for t in (k, v))
-    bound(q, k, v, out, out if lse is None else lse, slopes, k_new, v_new, k_pool, v_pool)
+        k, v = (_descriptor(t, spec.block_n) for t in (k, v))
+    if new_tma:
+        kn_tma, vn_tma = (_descriptor(t, spec.block_n) for t in (k_new, v_new))
+    bound(q, k, v, out, out if lse is None else lse, slopes, k_new, v_new, k_pool, v_pool, kn_tma, vn_tma)
+
+
+def _descriptor(t: torch.Tensor, block_n: int) -> TensorDescriptor:
+    """A TMA descriptor over [tokens, heads, dim] as [tokens, heads x dim], in blocks of block_n tokens x dim."""
+    return TensorDescriptor.from_tensor(t.view(t.shape[0], -1), block_shape=[block_n, t.shape[2]])
+
+
+def _tma_rows(t: torch.Tensor) -> bool:
+    """Whether TMA can read t [tokens, heads, dim] as [tokens, heads x dim]: heads and dims packed, 16-byte
+    aligned start and token stride."""
+    size = t.element_size()
+    return (t.stride(2) == 1 and t.stride(1) == t.shape[2] and t.data_ptr() % 16 == 0
+            and t.stride(0) * size % 16 == 0)
 
 
 def plan_arrays(plan: CachePlan, device: torch.device, head_dim: int) -> dict[str, torch.Tensor]:
@@ -377,7 +427,7 @@ def plan_arrays(plan: CachePlan, device: torch.device, head_dim: int) -> dict[st
 
 def _bind(q, k, v, out, spec: CachePlan | PlanBuffers, softmax_scale: float, use_tma: bool,
           buffers: PlanBuffers | None, grid_items: int | None, options: ScoreOptions, lse: torch.Tensor | None,
-          slope_strides: list[int], new_strides: tuple[int, ...] | None) -> Bound:
+          slope_strides: list[int], new_strides: tuple[int, ...] | None, new_tma: bool) -> Bound:
     heads, kv_heads, dim = q.shape[1], k.shape[1], q.shape[2]
     if buffers is None:
         assert isinstance(spec, CachePlan)  # launch passes the plan itself when there are no buffers
@@ -402,5 +452,5 @@ def _bind(q, k, v, out, spec: CachePlan | PlanBuffers, softmax_scale: float, use
          "HEAD_DIM": head_dim_padded(dim), "BLOCK_M": slots, "BLOCK_N": block_n, "PAGED": spec.layout == "paged",
          "PAGE_SIZE": max(spec.page_size, 1), "DOT_F32": interpreter_needs_f32_dot(q.dtype), "USE_TMA": use_tma,
          "WINDOW": windowed, "SOFTCAP": softcap_mode(options.softcap), "ALIBI": options.alibi_slopes is not None,
-         "RETURN_LSE": lse is not None, "FRESH": new_strides is not None},
+         "RETURN_LSE": lse is not None, "FRESH": new_strides is not None, "NEW_TMA": new_tma},
         {"num_warps": num_warps, "num_stages": num_stages})
