@@ -14,6 +14,7 @@ from packinfer_bench.cli import main
 from packinfer_bench.errors import PackinferBenchError
 from packinfer_bench.report import (
     ablation_table,
+    ablation_wins_table,
     compare_table,
     correctness_table,
     e2e_gains_table,
@@ -71,6 +72,20 @@ def test_speedups_are_geomeans_over_batches_where_both_are_ok(run):
 def test_ablation_is_the_variants_slowdown_against_full(run):
     row = ablation_table(load_records(run)).set_index("system").loc["packinfer:no-packing"]
     assert row["batches"] == 2 and row["slowdown_geomean"] == pytest.approx(1.1)
+
+
+def test_ablation_wins_list_each_batch_where_a_variant_beat_full_by_more_than_the_margin(tmp_path):
+    rows = [_record("b1", "packinfer", "full", kernel_ms=1.0), _record("b1", "packinfer", "tiles-16", kernel_ms=0.9),
+            _record("b1", "packinfer", "no-split", kernel_ms=0.98), _record("b1", "fa2", "varlen", kernel_ms=0.5),
+            _record("b2", "packinfer", "full", kernel_ms=2.0), _record("b2", "packinfer", "tiles-16", kernel_ms=2.4),
+            _record("b2", "packinfer", "no-split", kernel_ms=1.9),
+            _record("b3", "packinfer", "full", "error"), _record("b3", "packinfer", "tiles-16", kernel_ms=0.1)]
+    pd.DataFrame(rows, columns=FIELDS).to_csv(tmp_path / RECORDS_FILE, index=False)
+    table = ablation_wins_table(load_records(tmp_path))
+    # b1's no-split is within 3%; fa2 is a peer, not an ablation; b3's full did not run
+    assert table[["batch_id", "system"]].values.tolist() == [["b1", "packinfer:tiles-16"], ["b2", "packinfer:no-split"]]
+    assert table["variant_over_full"].tolist() == pytest.approx([0.9, 0.95])
+    assert ablation_wins_table(load_records(tmp_path), margin=0.2).empty
 
 
 def test_correctness_counts_every_status(run):

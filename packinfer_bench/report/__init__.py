@@ -29,6 +29,7 @@ from packinfer_bench.report.tables import (
     OURS_BACKEND,
     OURS_SYSTEM,
     ablation_table,
+    ablation_wins_table,
     compare_table,
     correctness_table,
     load_records,
@@ -38,7 +39,8 @@ from packinfer_bench.report.tables import (
     speedup_table,
 )
 
-__all__ = ["FIGURE_FORMATS", "FORMATS", "OURS", "OURS_BACKEND", "OURS_SYSTEM", "ablation_table", "all_figures",
+__all__ = ["FIGURE_FORMATS", "FORMATS", "OURS", "OURS_BACKEND", "OURS_SYSTEM", "ablation_table",
+           "ablation_wins_table", "all_figures",
            "compare_table", "correctness_table", "e2e_compare_table", "e2e_figures", "e2e_gains_table",
            "e2e_iteration_kinds_table", "e2e_slo_table", "e2e_summary_table", "has_e2e", "load_e2e",
            "load_e2e_iterations", "load_records", "load_workload", "paired_speedups", "plan_cost_table",

@@ -22,7 +22,13 @@ from packinfer_bench.report.e2e_tables import (
     load_e2e,
     load_e2e_iterations,
 )
-from packinfer_bench.report.tables import ablation_table, best_variant_wins_table, load_records, speedup_table
+from packinfer_bench.report.tables import (
+    ablation_table,
+    ablation_wins_table,
+    best_variant_wins_table,
+    load_records,
+    speedup_table,
+)
 from packinfer_bench.run_folder import CONFIG_FILE, RECORDS_FILE, JsonLines, write_atomic
 from packinfer_bench.run_folder.files import SESSIONS_FILE
 
@@ -52,7 +58,7 @@ def metrics(run: Path) -> dict:
     if (run / RECORDS_FILE).is_file():
         df = load_records(run)
         out.update(kernel_speedups=_rows(speedup_table(df)), kernel_ablation=_rows(ablation_table(df)),
-                   serving_wins=_rows(best_variant_wins_table(df)))
+                   kernel_ablation_wins=_rows(ablation_wins_table(df)), serving_wins=_rows(best_variant_wins_table(df)))
     if has_e2e(run):
         summary, requests = load_e2e(run)
         iterations = load_e2e_iterations(run)

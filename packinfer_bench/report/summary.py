@@ -25,9 +25,11 @@ from packinfer_bench.report.e2e_tables import (
 from packinfer_bench.report.figures import FIGURE_FORMATS, e2e_figures, save_figures, write_figures
 from packinfer_bench.report.formats import FORMATS, check_formats, markdown_table, write_tables
 from packinfer_bench.report.tables import (
+    ABLATION_MARGIN,
     OURS_BACKEND,
     OURS_SYSTEM,
     ablation_table,
+    ablation_wins_table,
     best_variant_wins_table,
     compare_table,
     correctness_table,
@@ -78,7 +80,8 @@ def write_report(run: Path, out: Path | None = None, formats: tuple[str, ...] = 
                        "e2e_gains": e2e_gains_table(e2e_summary), "e2e_summary": e2e_summary_table(e2e_summary)})
     if kernel:
         tables.update({"speedups": speedup_table(df), "ablation": ablation_table(df),
-                       "plan_cost": plan_cost_table(df), "correctness": correctness_table(df)})
+                       "ablation_wins": ablation_wins_table(df), "plan_cost": plan_cost_table(df),
+                       "correctness": correctness_table(df)})
         if (df["phase"] == "serving").any():
             tables["serving_wins"] = best_variant_wins_table(df[df["phase"] == "serving"])
     if compare and kernel:
@@ -114,6 +117,8 @@ def summary_lines(run: Path, df: pd.DataFrame | None, e2e: bool, tables: dict[st
               "e2e_summary": "End-to-end replays (latencies in ms, throughput in output tokens/s)",
               "speedups": f"Speed-up of {OURS_SYSTEM} (other time / ours)",
               "ablation": "Ablation: slow-down with one feature off (variant time / full time)",
+              "ablation_wins": f"Batches where an ablation ran more than {ABLATION_MARGIN:.0%} faster than "
+                               f"{OURS_SYSTEM}",
               "plan_cost": "Plan cost (CPU, once per batch)",
               "serving_wins": f"Serving call on scheduler batches: {OURS_SYSTEM} against each peer's best variant",
               "correctness": "Records by status, largest relative error against the float32 reference",

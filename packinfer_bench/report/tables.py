@@ -130,6 +130,25 @@ def ablation_table(df: pd.DataFrame, ours: tuple[str, str] = OURS) -> pd.DataFra
     return _geomean_table(pairs, ["phase", "system"]).rename(columns={"geomean": "slowdown_geomean"})
 
 
+#: An ablation variant this much faster than the full system on a batch is listed (the issue's bound for the
+#: planner: never beaten by its own ablations by more than 3%).
+ABLATION_MARGIN = 0.03
+
+
+def ablation_wins_table(df: pd.DataFrame, ours: tuple[str, str] = OURS,
+                        margin: float = ABLATION_MARGIN) -> pd.DataFrame:
+    """Every batch where an ablation variant of `ours` ran more than `margin` faster than the full system: its
+    time and the full system's (ms), and variant time / full time (< 1 - margin); empty when the full system
+    is within the margin of every variant on every batch."""
+    pairs = paired_speedups(df, ":".join(ours))
+    pairs = pairs[pairs["system"].str.startswith(ours[0] + ":")]
+    wins = pairs[pairs["speedup"] < 1.0 - margin]
+    table = wins.rename(columns={"kernel_ms_ours": "full_ms", "kernel_ms_other": "variant_ms",
+                                 "speedup": "variant_over_full"})
+    columns = ["trace", "phase", "batch_id", "shape", "system", "full_ms", "variant_ms", "variant_over_full"]
+    return table[columns].sort_values("variant_over_full").reset_index(drop=True)
+
+
 def correctness_table(df: pd.DataFrame) -> pd.DataFrame:
     """Per system: records by status and the largest relative error of its ok records."""
     counts = df.pivot_table(index="system", columns="status", values="batch_id", aggfunc="count", fill_value=0)
