@@ -31,9 +31,9 @@ import packinfer
 import torch
 from common import held_in_cache, setup, slot_choices
 from packinfer.cache_attention import launch as launch_cache
+from packinfer.cache_attention import tma_loads
 from packinfer.cache_plan import launch_config
 from packinfer.device import shared_memory
-from packinfer.triton_common import tma_available
 
 from packinfer_bench.backends.packinfer import FUSE_MAX_Q
 from packinfer_bench.config import load_config
@@ -52,7 +52,8 @@ MAX_PROGRAMS_PER_SM = 32
 def candidates(batch: Batch, num_heads: int, num_kv_heads: int, head_dim: int, sms: int,
                memory: int, plans_only: bool = False) -> list[tuple[str, dict]]:
     """(name, plan/launch options) of the grid; the planner's own choice first ("planner"). plans_only: the plans
-    the planner chooses from (its 64 keys per step) at the default launch, and nothing else."""
+    the planner chooses from (its 64 keys per step) at the default launch, and the planner's own plan with
+    pointer loads ("planner-pointer"); no other key step or launch shape."""
     group = num_heads // num_kv_heads
     longest = int(batch.kv_lens.max())
     out: list[tuple[str, dict]] = [("planner", {})]
@@ -90,7 +91,7 @@ def tune_batch(batch: Batch, shape, device, timer, rows: CsvRows, done: set, sms
     for name, opts in candidates(batch, s.num_heads, s.num_kv_heads, s.head_dim, sms, memory, plans_only):
         if (batch.batch_id, name) in done:
             continue
-        use_tma = opts.get("use_tma", tma_available(device))  # the launch's own default
+        use_tma = tma_loads(opts.get("use_tma"), x.q, cache.k, cache.v, cache.layout)  # what the launch runs
         row = dict(base, candidate=name, status="ok", reason="", tma=use_tma)
         try:
             plan_opts = {k: opts[k] for k in ("slots", "block_n", "kv_chunk", "split") if k in opts}

@@ -42,7 +42,7 @@ def _fill(layout, kv_lens, prefix_of, prefix_lens, *, kv_heads, dim, dtype, devi
 
 
 def _check(layout, kv_lens, q_lens, prefix_of=None, prefix_lens=None, *, heads=4, kv_heads=2, dim=64,
-           dtype=torch.float16, device="cpu", use_tma=None, fresh=False, **plan_kw):
+           dtype=torch.float16, device="cpu", use_tma=None, fresh=False, window=(-1, -1), **plan_kw):
     """The launch against the reference over the cache's tokens. fresh: the rows' own K/V are given to the
     launch (k_new / v_new) and their cache positions hold NaN until it stores them there; fresh="strided": as
     slices of a wider tensor (heads apart by twice the head dim, as TMA cannot read them)."""
@@ -50,7 +50,7 @@ def _check(layout, kv_lens, q_lens, prefix_of=None, prefix_lens=None, *, heads=4
     cache = _fill(layout, kv_lens, prefix_of, prefix_lens or {}, kv_heads=kv_heads, dim=dim, dtype=dtype,
                   device=device)
     view = cache.view(range(len(kv_lens)))
-    plan = plan_cache_attention(view, q_lens, heads, block_n=BN, **plan_kw)
+    plan = plan_cache_attention(view, q_lens, heads, block_n=BN, window=window, **plan_kw)
     q = torch.randn(sum(q_lens), heads, dim, generator=torch.Generator().manual_seed(1)).to(device, dtype)
     out = torch.full_like(q, float("nan"))
     k, v = (torch.cat(t) for t in zip(*(cache.read(r) for r in range(len(kv_lens)))))
@@ -68,7 +68,7 @@ def _check(layout, kv_lens, q_lens, prefix_of=None, prefix_lens=None, *, heads=4
         k2, v2 = (torch.cat(t) for t in zip(*(cache.read(r) for r in range(len(kv_lens)))))
         assert torch.equal(k2, k) and torch.equal(v2, v), "the launch stored every new row's K/V at its position"
     cu = [torch.tensor(np.concatenate([[0], np.cumsum(x)]), dtype=torch.int32) for x in (q_lens, kv_lens)]
-    ref = reference_varlen_attention(q, k, v, *cu, causal=True)
+    ref = reference_varlen_attention(q, k, v, *cu, causal=True, window=window)
     assert not out.isnan().any(), "some output elements were never written"
     err = (out.float() - ref).abs().max().item()
     assert err <= TOL[dtype], f"max abs error {err:.3g} > {TOL[dtype]}"
@@ -139,6 +139,14 @@ def test_long_runs_of_new_rows_are_read_from_k_new_whole_blocks_included(use_tma
            slots=16, pack_gqa=False)
     _check("grouped", kv, q, heads=8, kv_heads=2, dtype=torch.float16, device=device, use_tma=use_tma, fresh=fresh,
            kv_chunk=2 * BN)
+
+
+@pytest.mark.parametrize("use_tma", [False, True])
+def test_new_rows_stored_in_a_windowed_launch(use_tma, device):
+    """A sliding window starts a program's key blocks at the first key its slots see, not at a multiple of the
+    block: the cached, straddling and new-only blocks are counted from there (8 rows per item, window 37)."""
+    _check("grouped", [163, 5 * BN + 7, 2 * BN], [101, 3 * BN + 2, 2 * BN], heads=4, kv_heads=2,
+           dtype=torch.bfloat16, device=device, use_tma=use_tma, fresh=True, window=(37, 0), slots=16)
 
 
 @pytest.mark.parametrize("seed", range(4))

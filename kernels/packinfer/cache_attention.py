@@ -107,7 +107,7 @@ def _load_kv(K, V, k_base, v_base, table, kv_addr, pos_start, start, j, kv_head,
         k, v = load_kv(k_base + addr[:, None] * stride_kt, v_base + addr[:, None] * stride_vt, in_range, dmask,
                        MASK_KEYS, EVEN_D)
     if FRESH:
-        if start + j.shape[0] > new_j:  # a block holding new keys (only masked blocks do: see _attend)
+        if start + j.shape[0] > new_j:  # a block holding new keys (the masked ones and the straddling one)
             fresh = (j >= new_j) & (j < kv_len)
             dims = tl.arange(0, HEAD_DIM)
             rows = (row0 + j).to(tl.int64)
@@ -142,15 +142,14 @@ def _attend(q, K, V, table, kv_head, kv_addr, pos_start, kv_len, low, limit, dia
         nomask_end = tl.minimum(tl.maximum(tl.min(limit, 0) + 1, 0), kv_len) // BLOCK_N * BLOCK_N
         end = tl.minimum(tl.max(tl.where(row_ok, limit, -1), 0) + 1, kv_len)
     # unmasked blocks: [mask_end, cache_end) from the cache; with FRESH, [cache_end, mixed_end) is the block that
-    # straddles new_j (cached and new keys) and [mixed_end, nomask_end) holds new keys only
+    # straddles new_j (cached and new keys) and [mixed_end, nomask_end) holds new keys only (block edges counted
+    # from mask_end: with a window the blocks start at the first key a slot sees, not at a multiple of BLOCK_N)
     cache_end = nomask_end
     mixed_end = nomask_end
     if FRESH:
-        first_new = tl.maximum(new_j, 0) // BLOCK_N * BLOCK_N
-        cache_end = tl.maximum(tl.minimum(nomask_end, first_new), mask_end)
-        all_new = (tl.maximum(new_j, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-        mixed_end = tl.maximum(tl.minimum(all_new, nomask_end), cache_end)
-        nomask_end = tl.maximum(nomask_end, mixed_end)
+        cached = tl.maximum(new_j - mask_end, 0)  # keys of the unmasked blocks before the first new one
+        cache_end = tl.minimum(mask_end + cached // BLOCK_N * BLOCK_N, nomask_end)
+        mixed_end = tl.minimum(mask_end + (cached + BLOCK_N - 1) // BLOCK_N * BLOCK_N, nomask_end)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -362,12 +361,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     else:
         spec, holder = buffers, buffers.launches
         grid_items = min(grid_items or buffers.max_items, buffers.max_items)
-    # on the H200's serving batches TMA loads were 1-9% faster than pointer loads at 16 and 128 slots
-    # (results/serving-tune/h200); an older kernel's H100 decode sweep had found them slower
-    if use_tma is None:
-        use_tma = tma_available(q.device) and os.environ.get("PACKINFER_NO_TMA") != "1"
-    use_tma = (bool(use_tma) and spec.layout != "paged" and k.is_contiguous() and v.is_contiguous()
-               and q.shape[2] == head_dim_padded(q.shape[2]))
+    use_tma = tma_loads(use_tma, q, k, v, spec.layout)
     slopes, *slope_strides = options.slopes(out)
     k_pool, v_pool = k, v
     new_strides = None
@@ -403,6 +397,17 @@ def _tma_rows(t: torch.Tensor) -> bool:
     size = t.element_size()
     return (t.stride(2) == 1 and t.stride(1) == t.shape[2] and t.data_ptr() % 16 == 0
             and t.stride(0) * size % 16 == 0)
+
+
+def tma_loads(use_tma: bool | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str) -> bool:
+    """Whether a launch asked for use_tma (None: the default, on from Hopper unless PACKINFER_NO_TMA=1) loads K/V
+    blocks through TMA: only from the grouped layout's contiguous pools at a power-of-two head dim."""
+    # on the H200's serving batches TMA loads were 1-9% faster than pointer loads at 16 and 128 slots
+    # (results/serving-tune/h200); an older kernel's H100 decode sweep had found them slower
+    if use_tma is None:
+        use_tma = tma_available(q.device) and os.environ.get("PACKINFER_NO_TMA") != "1"
+    return (bool(use_tma) and layout != "paged" and k.is_contiguous() and v.is_contiguous()
+            and q.shape[2] == head_dim_padded(q.shape[2]))
 
 
 def plan_arrays(plan: CachePlan, device: torch.device, head_dim: int) -> dict[str, torch.Tensor]:

@@ -123,8 +123,11 @@ def summary_lines(run: Path, df: pd.DataFrame | None, e2e: bool, tables: dict[st
               "serving_wins": f"Serving call on scheduler batches: {OURS_SYSTEM} against each peer's best variant",
               "correctness": "Records by status, largest relative error against the float32 reference",
               "compare": f"Speed-ups of {OURS_SYSTEM} across runs ({', '.join([run.name, *(compare or {})])})"}
+    empty = {"ablation_wins": f"(none: every variant was within {ABLATION_MARGIN:.0%} of {OURS_SYSTEM} or slower, on "
+                              "every batch where both ran)"}
     for name, table in tables.items():
-        lines += [f"## {titles[name]}", "", markdown_table(table) if len(table) else "(no comparable records)", ""]
+        lines += [f"## {titles[name]}", "",
+                  markdown_table(table) if len(table) else empty.get(name, "(no comparable records)"), ""]
     shown = [p for p in figure_paths if p.suffix == ".png"] or figure_paths
     if shown:
         lines += ["## Figures", ""] + [f"![{p.stem}](figures/{p.name})" for p in shown] + [""]
