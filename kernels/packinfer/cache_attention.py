@@ -238,9 +238,9 @@ def _merge(O_part, LSE_part, merge_idx, part_first, part_count, heads, last, NUM
 @triton.jit
 def _cache_attention(
     Q, K, V, Out, LSE, Slopes, K_new, V_new, K_pool, V_pool, KN_tma, VN_tma, O_part, LSE_part, counters, header,
-    items, rows,
-    merge_idx, block_table, qk_scale, cap, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot,
-    stride_oh, stride_table, stride_lh, stride_st, stride_sh, stride_nt, stride_nh, stride_vnt, stride_vnh,
+    items, rows, merge_idx, block_table, qk_scale, cap, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
+    stride_vh, stride_ot, stride_oh, stride_table, stride_lh, stride_st, stride_sh, stride_nt, stride_nh, stride_vnt,
+    stride_vnh,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, PACK_GQA: tl.constexpr, DIM: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr,
     PAGE_SIZE: tl.constexpr, DOT_F32: tl.constexpr, USE_TMA: tl.constexpr, WINDOW: tl.constexpr,

@@ -86,9 +86,9 @@ def prepare(x: Inputs, variant: str, use_tma: bool | None = None):
 #: GPU (results/serving-h100-fuse, variant fuse-all): 30% less on a 74-token prompt (22.6 -> 15.7 us), 16% on a
 #: 242-row chunk among decode rows; 7% more on a 374-token prompt (the crossover, not located more finely, lies
 #: between) and 23-201% more on Mooncake's long prompts and chunks, whose new keys then all took the masked step.
-#: Since the fused launch reads whole blocks of new keys from k_new unmasked (results/serving-h100-fresh): the 6758-
-#: token prompt costs the same either way (0.999), Mooncake's long chunks among decode rows 3-6% more fused. The
-#: 374-token prompt was not measured again, so the threshold rests on the older numbers there.
+#: Since the fused launch reads whole blocks of new keys from k_new unmasked (results/serving-h100-fresh), the
+#: 6758-token prompt costs the same either way (0.999) and Mooncake's long chunks among decode rows 3-6% more
+#: fused. The 374-token prompt was not measured again, so the threshold rests on the older numbers there.
 FUSE_MAX_Q = 256
 
 
