@@ -158,12 +158,15 @@ def slot_choices(batch: Batch, num_heads: int, num_kv_heads: int) -> list[int]:
 
 def held_in_cache(batch: Batch, shape: ShapeConfig, device: torch.device):
     """The batch as packinfer's serving call holds it: (inputs, float32 reference, grouped cache with the new rows'
-    K/V written too, the cache's view of the batch's requests, the new rows' (K, V) as a fused launch takes them)."""
+    K/V written too, the cache's view of the batch's requests, the new rows' (K, V) where the serving call stores
+    them in its attention launch, else None)."""
     x = make_inputs(batch, shape, device)
     ref = reference_attention(x)
     s = x.shape
     attention = PackinferAttention(device, s.num_heads, s.num_kv_heads, s.head_dim)
     cache, slots, new = _cached(x, attention)
     attention.begin(Step(batch, cache, None, slots, batch.cu_seqlens()[0]))
-    attention(0, x.q, x.k[new], x.v[new])  # the new rows' K/V into the cache, as the serving call writes them
-    return x, ref, cache, cache.view(batch.request_ids.tolist()), (x.k[new], x.v[new])
+    k_new, v_new = x.k[new], x.v[new]
+    attention(0, x.q, k_new, v_new)  # the new rows' K/V into the cache, as the serving call writes them
+    fused = (k_new, v_new) if attention.launches_per_layer == 1 else None
+    return x, ref, cache, cache.view(batch.request_ids.tolist()), fused

@@ -35,7 +35,6 @@ from packinfer.cache_attention import tma_loads
 from packinfer.cache_plan import launch_config
 from packinfer.device import shared_memory
 
-from packinfer_bench.backends.packinfer import FUSE_MAX_Q
 from packinfer_bench.config import load_config
 from packinfer_bench.experiment import experiment_batches, load_traces
 from packinfer_bench.run_folder import CsvRows
@@ -82,8 +81,7 @@ def candidates(batch: Batch, num_heads: int, num_kv_heads: int, head_dim: int, s
 
 def tune_batch(batch: Batch, shape, device, timer, rows: CsvRows, done: set, sms: int, memory: int,
                plans_only: bool = False) -> None:
-    x, ref, cache, view, (k_new, v_new) = held_in_cache(batch, shape, device)
-    fusable = int(batch.q_lens.max()) <= FUSE_MAX_Q
+    x, ref, cache, view, new_kv = held_in_cache(batch, shape, device)  # new_kv: where the serving call fuses
     s = x.shape
     base = {"batch_id": batch.batch_id, "kind": "decode" if int(batch.q_lens.max()) == 1 else batch.phase,
             "batch_size": len(batch), "num_tokens": int(batch.q_lens.sum()), "num_kv_tokens": int(batch.kv_lens.sum()),
@@ -102,8 +100,8 @@ def tune_batch(batch: Batch, shape, device, timer, rows: CsvRows, done: set, sms
             row.update(slots=plan.slots, block_n=plan.block_n, kv_chunk=plan.kv_chunk, num_warps=plan.num_warps,
                        num_stages=plan.num_stages, num_items=plan.num_items, num_partials=plan.num_partials,
                        estimate_us=round(plan.estimate_us, 3))
-            fused = fusable and plan.writes_new  # (re-stores the K/V the cache holds: same bytes, same work)
-            new = {"k_new": k_new, "v_new": v_new} if fused else {}
+            fused = new_kv is not None and plan.writes_new  # (re-stores the K/V the cache holds: same work)
+            new = dict(zip(("k_new", "v_new"), new_kv)) if fused else {}
             row["fused"] = fused
             out = torch.full_like(x.q, float("nan"))  # poisoned: every row must be written
             run = functools.partial(launch_cache, x.q, cache.k, cache.v, out, plan, s.head_dim ** -0.5,
@@ -124,7 +122,7 @@ def tune_batch(batch: Batch, shape, device, timer, rows: CsvRows, done: set, sms
         print(f"{batch.batch_id:<32} {name:<22} {row.get('ms_median', '')!s:>9} ms  plan {row.get('slots')}x"
               f"{row.get('block_n')} chunk {row.get('kv_chunk')} items {row.get('num_items')} {row['status']}",
               flush=True)
-    del x, ref, cache, k_new, v_new
+    del x, ref, cache, new_kv
 
 
 def main() -> None:

@@ -123,10 +123,15 @@ def speedup_table(df: pd.DataFrame, ours: tuple[str, str] = OURS) -> pd.DataFram
     return _geomean_table(pairs, ["trace", "phase", "system"])
 
 
+def _ablation_pairs(df: pd.DataFrame, ours: tuple[str, str]) -> pd.DataFrame:
+    """paired_speedups of the full system against its own variants only."""
+    pairs = paired_speedups(df, ":".join(ours))
+    return pairs[pairs["system"].str.startswith(ours[0] + ":")]
+
+
 def ablation_table(df: pd.DataFrame, ours: tuple[str, str] = OURS) -> pd.DataFrame:
     """Slow-down of each ablation variant of `ours` against the full system, per phase (> 1: the feature helps)."""
-    pairs = paired_speedups(df, ":".join(ours))
-    pairs = pairs[pairs["system"].str.startswith(ours[0] + ":")]
+    pairs = _ablation_pairs(df, ours)
     return _geomean_table(pairs, ["phase", "system"]).rename(columns={"geomean": "slowdown_geomean"})
 
 
@@ -140,8 +145,7 @@ def ablation_wins_table(df: pd.DataFrame, ours: tuple[str, str] = OURS,
     """Every batch where an ablation variant of `ours` ran more than `margin` faster than the full system: its
     time and the full system's (ms), and variant time / full time (< 1 - margin); empty when the full system
     is within the margin of every variant on every batch."""
-    pairs = paired_speedups(df, ":".join(ours))
-    pairs = pairs[pairs["system"].str.startswith(ours[0] + ":")]
+    pairs = _ablation_pairs(df, ours)
     wins = pairs[pairs["speedup"] < 1.0 - margin]
     table = wins.rename(columns={"kernel_ms_ours": "full_ms", "kernel_ms_other": "variant_ms",
                                  "speedup": "variant_over_full"})
