@@ -153,8 +153,8 @@ class PackinferAttention(ServingAttention):
         are their requests' own positions)."""
         key = (step.padded, step.kind)
         if key not in self._tiles:  # the planner's own choice for the first iteration of this size and kind
-            self._tiles[key] = self._plan_step(_view_like(step.batch, self.num_kv_heads, self.head_dim),
-                                               step.batch.q_lens, None, None).slots
+            view = _view_like(step.batch, self.num_kv_heads, self.head_dim, self.device)
+            self._tiles[key] = self._plan_step(view, step.batch.q_lens, None, None).slots
         b = step.batch  # (the cache may not hold the batch yet; a request's stored prefix is at most its prefix_len)
         fresh = self._fusable(b) and bool((b.kv_lens - b.q_lens >= b.prefix_lens).all())
         return self._tiles[key], fresh
@@ -168,7 +168,7 @@ class PackinferAttention(ServingAttention):
             return (f"stores this batch's K/V as the default does, {'in' if fused else 'before'} the attention "
                     f"launch (up to {int(batch.q_lens.max())} rows per request)")
         if self.options and set(self.options) <= PLANNER_OPTIONS:
-            view = _view_like(batch, self.num_kv_heads, self.head_dim)
+            view = _view_like(batch, self.num_kv_heads, self.head_dim, self.device)
             mine = self._plan_step(view, batch.q_lens, None, None)
             default = packinfer.plan_cache_attention(view, batch.q_lens, self.num_heads, num_sms=self._sms)
             if same_launch(mine, default):
@@ -251,9 +251,10 @@ def same_launch(a: packinfer.CachePlan, b: packinfer.CachePlan) -> bool:
                                     for f in ("items", "rows", "merge_idx"))
 
 
-def _view_like(batch, num_kv_heads: int, head_dim: int) -> packinfer.KVView:
-    """A grouped-layout view with the batch's lengths and prefix groups (addresses made up): what the planner's
-    choices depend on, for deciding a graph's tile shape before the cache holds the batch."""
+def _view_like(batch, num_kv_heads: int, head_dim: int, device: torch.device | str = "cpu") -> packinfer.KVView:
+    """A grouped-layout view with the batch's lengths and prefix groups (addresses made up) on `device`, whose
+    shared memory bounds the tile shapes: what the planner's choices depend on, for deciding a graph's tile
+    shape before the cache holds the batch."""
     n = len(batch)
     ids, lens = np.full(n, -1, np.int64), np.zeros(n, np.int64)
     cached = batch.kv_lens - batch.q_lens
@@ -262,7 +263,7 @@ def _view_like(batch, num_kv_heads: int, head_dim: int) -> packinfer.KVView:
         length = int(min(min(batch.prefix_lens[m], cached[m]) for m in members))
         if length > 0:
             ids[members], lens[members] = first, length
-    empty = torch.empty(0, num_kv_heads, head_dim, dtype=torch.bfloat16)
+    empty = torch.empty(0, num_kv_heads, head_dim, dtype=torch.bfloat16, device=device)
     return packinfer.KVView("grouped", empty, empty, list(range(n)), batch.kv_lens.copy(), ids, lens,
                             prefix_addr=np.zeros(n, np.int64), own_addr=np.cumsum(batch.kv_lens) - batch.kv_lens)
 
