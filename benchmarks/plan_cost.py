@@ -30,6 +30,7 @@ from typing import TypeVar
 import numpy as np
 import packinfer
 import torch
+from packinfer.cache_plan import ITEM_FIELDS, ROW_FIELDS
 
 from packinfer_bench import envinfo
 from packinfer_bench.traces import load_trace
@@ -97,8 +98,7 @@ def cache_rows(sizes: list[int], repeats: int, before: Callable | None = None) -
             else:
                 old = partial(before, view, batch.q_lens, HEADS, num_sms=SMS)
                 plan, timing, old_plan, old_timing = _alternating(now, old, repeats)
-                same = all(np.array_equal(getattr(plan, f), getattr(old_plan, f))
-                           for f in ("items", "rows", "merge_idx"))
+                same = _same_plan(plan, old_plan, before)
                 extra = {"plan_ms_before": old_timing["plan_ms"], "plan_ms_p90_before": old_timing["plan_ms_p90"],
                          "same_plan_as_before": same}
             rows.append({**_record(batch), "variant": "cache-plan", "items": plan.num_items, "slots": plan.slots,
@@ -108,6 +108,19 @@ def cache_rows(sizes: list[int], repeats: int, before: Callable | None = None) -
                   f"{r['plan_ms']:>9.3f} {r['plan_ms_p90']:>7.3f}"
                   + (f" {r['plan_ms_before']:>9.3f}" if before else ""), flush=True)
     return rows
+
+
+def _same_plan(plan, old_plan, before: Callable) -> bool:
+    """Whether two revisions' plans are the same in every item and row column both name (a revision may add
+    columns) and in merge_idx."""
+    old_module = sys.modules[before.__module__]
+    for table, names, old_names in (("items", ITEM_FIELDS, old_module.ITEM_FIELDS),
+                                    ("rows", ROW_FIELDS, old_module.ROW_FIELDS)):
+        new, old = getattr(plan, table), getattr(old_plan, table)
+        if new.shape[0] != old.shape[0] or any(not np.array_equal(new[:, names.index(f)], old[:, old_names.index(f)])
+                                               for f in names if f in old_names):
+            return False
+    return np.array_equal(plan.merge_idx, old_plan.merge_idx)
 
 
 def _alternating(a: Callable[[], Plan], b: Callable[[], Plan], repeats: int, rounds: int = 5):

@@ -691,7 +691,10 @@ def _merge_lists(items: np.ndarray, rows: np.ndarray, disjoint: bool) -> tuple[n
     num_partials = int(sizes.sum())
     row_of = np.repeat(first[writes] - base, sizes) + np.arange(num_partials)  # the row of each partial
     mine = np.flatnonzero(split[row_of])  # partials of split rows, in launch order
-    return mine[np.argsort(row_of[mine], kind="stable")].astype(np.int32), num_partials
+    key = row_of[mine]
+    if len(rows) <= 1 << 16:  # numpy's stable sort of 16-bit keys is a radix sort, ~1.6x faster here
+        key = key.astype(np.uint16)
+    return mine[np.argsort(key, kind="stable")].astype(np.int32), num_partials
 
 
 def _program_us(keys: np.ndarray, slots: int, head_dim: int, elem_bytes: int, cost: CostModel,
