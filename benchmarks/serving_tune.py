@@ -2,9 +2,9 @@
 (experiments/serving.yaml), each held in packinfer's grouped KV cache exactly as the serving call holds it, and
 the attention launch timed under a grid of plans - query slots x keys per step x KV chunk (unsplit included),
 TMA loads, and warps x pipeline stages at the planner's own tile - beside the planner's choice. Where the serving
-call stores the new rows' K/V in the attention launch (at most FUSE_MAX_Q rows per request), every candidate is
-timed as that fused launch (column `fused`), as the serving call runs it. Every candidate's output is checked
-against the float32 reference. The planner's regret on a batch is its time over
+call stores the new rows' K/V in the attention launch (packinfer_bench.backends.packinfer.fuses), every
+candidate is timed as that fused launch (column `fused`), as the serving call runs it. Every candidate's output
+is checked against the float32 reference. The planner's regret on a batch is its time over
 the best candidate's; CostModel is fit to these rows (benchmarks/fit_cost_model.py).
 
 Writes tune.csv (one row per batch x candidate: the plan's shape, items, partials, the cost model's estimate,

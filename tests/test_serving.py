@@ -12,8 +12,9 @@ import pytest
 import torch
 from conftest import REPO
 
+from packinfer_bench.backends import packinfer as packinfer_backend
 from packinfer_bench.backends.base import iteration_kind
-from packinfer_bench.backends.packinfer import FUSE_MAX_Q, PackinferAttention
+from packinfer_bench.backends.packinfer import PackinferAttention, fuses
 from packinfer_bench.config import load_config
 from packinfer_bench.errors import ConfigError
 from packinfer_bench.experiment import run_experiment
@@ -33,10 +34,10 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="CPU replays: the kernels need TRITON_INTERPRET=1")
 
 
-def _trace(num_requests=10):
+def _trace(num_requests=10, prefixes=True):
     return synthetic(name="t", num_requests=num_requests, prompt={"dist": "uniform", "low": 3, "high": 60},
                      output={"dist": "uniform", "low": 1, "high": 6}, rate=100.0,
-                     prefix={"groups": 2, "length": 20}, seed=1)
+                     prefix={"groups": 2, "length": 20} if prefixes else None, seed=1)
 
 
 def _run(model, scen, attention_cls, keep):
@@ -68,8 +69,36 @@ def test_packinfer_attention_reproduces_the_reference_model_outputs_over_a_whole
     launches = [it.launches_per_layer for it in got.iterations]
     for n, b in zip(launches, scen.schedule):
         past_prefix = (b.kv_lens - b.q_lens >= b.prefix_lens).all()
-        assert n == 1 if past_prefix and b.q_lens.max() <= FUSE_MAX_Q else n in (1, 3), (iteration_kind(b), n)
+        assert n == 1 if past_prefix and fuses(b) else n in (1, 3), (iteration_kind(b), n)
     assert any(n == 1 for n, b in zip(launches, scen.schedule) if iteration_kind(b) != "decode")
+
+
+def test_fresh_prompts_past_the_fusing_threshold_store_their_kv_in_the_launch_and_match_the_reference(monkeypatch):
+    """No shared prefixes, the threshold at 8 rows: iterations of fresh prompts only are one launch per layer
+    whatever their length, other iterations with longer rows three, and the outputs are the reference model's."""
+    monkeypatch.setattr(packinfer_backend, "FUSE_MAX_Q", 8)
+    spec = ContinuousSpec(num_requests=None, max_num_batched_tokens=64, max_num_seqs=6, max_kv_tokens=200)
+    scen = scenario(_trace(prefixes=False), spec)
+    model = Decoder(preset("tiny"), "cpu", torch.float16)
+    n = len(scen.schedule)
+    ref = _run(model, scen, ReferenceAttention, n)
+    got = _run(model, scen, PackinferAttention, n)
+    err, match = _compare(got, ref)
+    assert err < 2e-3 and match == 1.0
+    long = [(bool((b.q_lens == b.kv_lens).all()), it.launches_per_layer)
+            for b, it in zip(scen.schedule, got.iterations) if b.q_lens.max() > 8]
+    assert {n for fresh, n in long if fresh} == {1} and {n for fresh, n in long if not fresh} == {3}
+
+
+def test_an_iteration_stores_its_kv_in_the_attention_launch_if_its_rows_are_few_or_all_fresh_prompts():
+    def batch(q, kv):
+        return Batch("b", "t", "c", q, kv, list(range(len(q))))
+
+    assert fuses(batch([1, 1], [40, 900])) and fuses(batch([256, 1], [600, 40]))  # decode rows, a short chunk
+    assert fuses(batch([374], [374])) and fuses(batch([300, 6758], [300, 6758]))  # fresh prompts, any length
+    assert not fuses(batch([1140, 1], [1140, 800]))  # a long prompt among decode rows
+    assert not fuses(batch([2377], [5954]))  # a long chunk of a prompt begun earlier
+    assert not fuses(batch([1], [40]), fuse_max_q=0) and not fuses(batch([374], [374]), fuse_max_q=0)  # "unfused"
 
 
 def test_latency_arithmetic_on_a_made_up_clock():

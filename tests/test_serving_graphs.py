@@ -41,9 +41,9 @@ class ReplayedByRunning(Graphs):
         fn()
 
 
-def _replays(device, graphs_cls, num_requests=8):
+def _replays(device, graphs_cls, num_requests=8, prefixes=True):
     spec = ContinuousSpec(num_requests=None, max_num_batched_tokens=64, max_num_seqs=6, max_kv_tokens=260)
-    scen = scenario(_trace(num_requests), spec)
+    scen = scenario(_trace(num_requests, prefixes), spec)
     model = Decoder(preset("tiny"), device, torch.float16)
 
     def run(graphs):
@@ -63,13 +63,19 @@ def _replays(device, graphs_cls, num_requests=8):
 
 
 @pytest.mark.skipif(GPU, reason="the CPU stand-in for capture; on a GPU the real graphs are tested below")
-@pytest.mark.parametrize("fuse_max_q, num_requests", [(None, 8), (8, 16)], ids=["default", "fusing-up-to-8-rows"])
-def test_full_graph_bookkeeping_gives_the_eager_outputs_on_the_cpu(fuse_max_q, num_requests, monkeypatch):
+@pytest.mark.parametrize("fuse_max_q, num_requests, prefixes", [(None, 8, True), (8, 16, True), (8, 8, False)],
+                         ids=["default", "fusing-up-to-8-rows", "fresh-prompts-fused"])
+def test_full_graph_bookkeeping_gives_the_eager_outputs_on_the_cpu(fuse_max_q, num_requests, prefixes,
+                                                                   monkeypatch):
     """With a fusing threshold of 8 rows, two mixed iterations of 16 padded rows differ in graph key (one's
-    launch stores the K/V, the other's does not): each key gets its own graph."""
+    launch stores the K/V, the other's does not): each key gets its own graph. Without shared prefixes, fresh
+    prompts of more than 8 rows are graphs whose launch stores the K/V."""
     if fuse_max_q is not None:
         monkeypatch.setattr(packinfer_backend, "FUSE_MAX_Q", fuse_max_q)
-    scen, eager, graphed = _replays("cpu", ReplayedByRunning, num_requests)
+    scen, eager, graphed = _replays("cpu", ReplayedByRunning, num_requests, prefixes)
+    if not prefixes:
+        assert any(it.launches_per_layer == 1 and b.q_lens.max() > 8 for b, it in zip(scen.schedule,
+                                                                                       graphed.iterations))
     assert {it.graph for it in graphed.iterations} == {"full"}, "every iteration fits a captured size"
     assert {it.padded_rows for it in graphed.iterations} <= {bucket(n) for n in range(1, 65)}
     assert any(it.padded_rows > it.q_tokens for it in graphed.iterations), "some iterations are padded"

@@ -81,23 +81,31 @@ def prepare(x: Inputs, variant: str, use_tma: bool | None = None):
 
 
 #: Iterations whose requests have at most this many new rows each store their K/V in the attention launch, which
-#: reads those keys from k_new / v_new in its masked step (pointer loads, one block after another) and so saves the
-#: two K/V write launches: 7.7-13.2 us per decode call on an H100 (results/serving-h100). Prompts and chunks, same
-#: GPU (results/serving-h100-fuse, variant fuse-all): 30% less on a 74-token prompt (22.6 -> 15.7 us), 16% on a
-#: 242-row chunk among decode rows; 7% more on a 374-token prompt (the crossover, not located more finely, lies
-#: between) and 23-201% more on Mooncake's long prompts and chunks, whose new keys then all took the masked step.
-#: Since the fused launch reads whole blocks of new keys from k_new unmasked (results/serving-h100-fresh), the
-#: 6758-token prompt costs the same either way (0.999) and Mooncake's long chunks among decode rows 3-6% more
-#: fused. The 374-token prompt was not measured again, so the threshold rests on the older numbers there.
+#: reads those keys from k_new / v_new (whole blocks of new keys unmasked, the diagonal blocks masked) and so saves
+#: the two K/V write launches: 7.7-13.2 us per decode call on an H100 (results/serving-h100). So do iterations of
+#: fresh prompts only (every key they read is new, so none comes from the cache), at any length (fuses()). Same
+#: GPU, variant fuse-all against the default (results/serving-h100-v2): a 374-token fresh prompt 25% less fused,
+#: a 6758-token one the same (0.994); long chunks or prompts among decode rows 2-9% more on Mooncake's batches
+#: and -2%..+3% on ShareGPT's and Azure's, so those keep the two writes.
 FUSE_MAX_Q = 256
+
+
+def fuses(batch, fuse_max_q: int | None = None) -> bool:
+    """Whether the serving call stores the iteration's K/V in its attention launch: at most fuse_max_q
+    (default FUSE_MAX_Q) new rows per request, or (fuse_max_q > 0) fresh prompts only - each request's rows are
+    its whole sequence."""
+    fuse_max_q = FUSE_MAX_Q if fuse_max_q is None else fuse_max_q
+    q = batch.q_lens
+    return int(q.max()) <= fuse_max_q or (fuse_max_q > 0 and bool((q == batch.kv_lens).all()))
 
 
 class PackinferAttention(ServingAttention):
     """Serving: the grouped (group-contiguous) cache; every iteration - decode rows, prompt chunks, fresh prompts
     (their K/V written first), shared prefixes read once - is one cache-attention launch per layer over the cache
     in place, planned once per iteration (the planner picks tile shape and splitting). The K/V of an iteration
-    of up to FUSE_MAX_Q rows per request (decode, short prompts and chunks) is stored by that same launch
-    (k_new / v_new: one launch per layer in all; variant "unfused" writes it first, as longer iterations do).
+    of up to FUSE_MAX_Q rows per request (decode, short prompts and chunks), or of fresh prompts only, is stored
+    by that same launch (k_new / v_new: one launch per layer in all; variant "unfused" writes it first, as other
+    iterations do).
     In a CUDA graph (decode, mixed and prefill iterations alike) the plan goes into fixed buffers of the tile
     shape the graph was captured with, decided once per (padded size, iteration kind) by the planner on the
     first such iteration."""
@@ -105,7 +113,7 @@ class PackinferAttention(ServingAttention):
     name, layout = "packinfer", "grouped"
     graph_kinds = frozenset({"decode", "mixed", "prefill"})
     kernel = ("packinfer cache attention (1 launch: packed tiles + split-KV merged by the last program; iterations "
-              f"of up to {FUSE_MAX_Q} rows per request store their K/V in it)")
+              f"of up to {FUSE_MAX_Q} rows per request or of fresh prompts only store their K/V in it)")
 
     def __init__(self, *args, **options):
         super().__init__(*args, **options)
@@ -160,11 +168,11 @@ class PackinferAttention(ServingAttention):
         return self._tiles[key], fresh
 
     def variant_skip(self, batch) -> str | None:
-        """A variant that runs the default's code on `batch`: the same K/V store (fuse_max_q on the same side of
-        the batch's rows), or a planner switch whose plan is the default's, item for item (its time would be the
+        """A variant that runs the default's code on `batch`: the same K/V store (fuses the batch as the default
+        does), or a planner switch whose plan is the default's, item for item (its time would be the
         default's measured twice)."""
         fused = self._fusable(batch)
-        if "fuse_max_q" in self.options and fused == (int(batch.q_lens.max()) <= FUSE_MAX_Q):
+        if "fuse_max_q" in self.options and fused == fuses(batch):
             return (f"stores this batch's K/V as the default does, {'in' if fused else 'before'} the attention "
                     f"launch (up to {int(batch.q_lens.max())} rows per request)")
         if self.options and set(self.options) <= PLANNER_OPTIONS:
@@ -177,9 +185,8 @@ class PackinferAttention(ServingAttention):
         return None
 
     def _fusable(self, batch) -> bool:
-        """Whether the attention launch stores this iteration's K/V: at most fuse_max_q (FUSE_MAX_Q) rows per
-        request."""
-        return int(batch.q_lens.max()) <= self._fuse_max_q
+        """Whether the attention launch stores this iteration's K/V (fuses, with this variant's fuse_max_q)."""
+        return fuses(batch, self._fuse_max_q)
 
     def _buffers_for(self, slots: int, cache) -> packinfer.PlanBuffers:
         """The plan buffers of the tile shape the planner gives plans of `slots` slots over this cache."""
@@ -271,7 +278,7 @@ def _view_like(batch, num_kv_heads: int, head_dim: int, device: torch.device | s
 #: The serving call's variants (kernel sweep, scheduler batches): the full planner, one switch off each, the tile
 #: shape fixed (16 or 128 slots: what the cost model chooses between), TMA loads off (on by default on Hopper),
 #: the K/V written by two launches before attention instead of by the attention launch ("unfused"), or by the
-#: attention launch on every iteration, prompts and chunks too ("fuse-all").
+#: attention launch on every iteration, long chunks among decode rows too ("fuse-all").
 SERVING_VARIANTS = {"full": {}, "no-split": {"split": False}, "no-prefix-grouping": {"prefix_grouping": False},
                     "no-balancing": {"balancing": False}, "no-gqa-packing": {"pack_gqa": False},
                     "paged": {"layout": "paged"}, "tiles-16": {"slots": 16}, "tiles-128": {"slots": 128},
