@@ -87,7 +87,7 @@ def test_fresh_prompts_past_the_fusing_threshold_store_their_kv_in_the_launch_an
     assert err < 2e-3 and match == 1.0
     long = [(bool((b.q_lens == b.kv_lens).all()), it.launches_per_layer)
             for b, it in zip(scen.schedule, got.iterations) if b.q_lens.max() > 8]
-    assert {n for fresh, n in long if fresh} == {1} and {n for fresh, n in long if not fresh} == {3}
+    assert {k for fresh, k in long if fresh} == {1} and {k for fresh, k in long if not fresh} == {3}
 
 
 def test_an_iteration_stores_its_kv_in_the_attention_launch_if_its_rows_are_few_or_all_fresh_prompts():
