@@ -1,13 +1,14 @@
-"""The cache planner against the H200 serving sweep committed under results/serving-tune/h200
-(benchmarks/serving_tune.py): the plan it picks for each measured scheduler batch is looked up among the plans
-timed there, so a change to the planner or its cost model that picks slower plans on that GPU fails here, on the
-CPU, from the committed CSV."""
+"""The cache planner against the serving sweeps committed under results/serving-tune (benchmarks/serving_tune.py;
+an H200's and part of an H100's): the plan it picks for each measured scheduler batch is looked up among the
+plans timed there, so a change to the planner or its cost model that picks slower plans on those GPUs fails
+here, on the CPU, from the committed CSVs."""
 
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from packinfer.cache_plan import CostModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,13 +18,16 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import fit_cost_model as fit  # noqa: E402  (a benchmark script, importable once benchmarks/ is on the path)
 
 
-def test_the_planner_picks_plans_close_to_the_fastest_measured():
-    batches, times, sms = fit.load(SWEEP)
-    assert len(batches) == 42 and sms == 132
+@pytest.mark.parametrize("gpu, num_batches, worst", [("h200", 42, 1.15), ("h100", 21, 1.12)])
+def test_the_planner_picks_plans_close_to_the_fastest_measured(gpu, num_batches, worst):
+    """Geomean within 2% of the fastest measured plan on both GPUs (1.015 and 1.013 as shipped); the worst is a
+    74-token prompt or a prompt among decode rows."""
+    batches, times, sms = fit.load(SWEEP.parent / gpu)
+    assert len(batches) == num_batches and sms == 132
     rows = fit.regrets(batches, times, sms, CostModel())
     regret = np.array([r for _, r, _ in rows])
     assert np.isfinite(regret).all(), "every pick was one of the measured plans"
-    assert np.exp(np.log(regret).mean()) <= 1.02 and regret.max() <= 1.15, sorted(rows, key=lambda r: -r[1])[:3]
+    assert np.exp(np.log(regret).mean()) <= 1.02 and regret.max() <= worst, sorted(rows, key=lambda r: -r[1])[:3]
     decode = [r for (bid, r, _), b in zip(rows, batches) if int(b.q_lens.max()) == 1]
     assert max(decode) <= 1.12, "decode batches: within 12% of the best measured plan (geomean 1.01)"
 
