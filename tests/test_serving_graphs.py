@@ -90,3 +90,28 @@ def test_cuda_graph_replays_equal_eager_replays():
     err, match = _compare(graphed, eager)
     assert err < 2e-3 and match == 1.0
     assert np.isfinite([it.gpu_ms for it in graphed.iterations]).all()
+
+
+@pytest.mark.parametrize("slots", [16, 128])
+def test_graph_capacity_holds_prompt_chunks_that_share_a_prefix_unsplit(slots):
+    """Two 2048-row prompt chunks reading one shared prefix: every row is in two items' row blocks (the prefix's
+    and its own tokens'), so the unsplit plan has twice the row blocks of the iteration, all within the capacity
+    of the largest graph (the Mooncake replay at 2 req/s overflowed it at 128 slots)."""
+    from packinfer_bench.backends.packinfer import _view_like
+    from packinfer_bench.workload import Batch
+
+    attn = PackinferAttention(torch.device("cpu"), 32, 8, 128)
+    attn._sms = 132
+    attn.configure(max_rows=4096, max_seqs=2, max_kv_len=8192, capacity_tokens=20000)
+    batch = Batch("b", "t", "continuous", [2048, 2048], [6144, 6144], [0, 1], prefix_ids=[7, 7],
+                  prefix_lens=[4096, 4096])
+    view = _view_like(batch, 8, 128)
+    assert (view.prefix_lens == 4096).all(), "the two requests read one stored prefix"
+    max_items, max_partials = attn._capacity(slots)
+    plan = packinfer_backend.packinfer.plan_cache_attention(view, batch.q_lens, 32, num_sms=132, slots=slots,
+                                                            split=False)
+    assert plan.num_items > 4096 // (slots // 4), "more items than the iteration's row blocks"
+    assert plan.num_items <= max_items and plan.num_partials <= max_partials
+    capped = packinfer_backend.packinfer.plan_cache_attention(view, batch.q_lens, 32, num_sms=132, slots=slots,
+                                                              max_items=max_items, max_partials=max_partials)
+    assert capped.num_items <= max_items

@@ -137,17 +137,19 @@ class PackinferAttention(ServingAttention):
 
     def _capacity(self, slots: int, padded: int | None = None) -> tuple[int, int]:
         """(max_items, max_partials) of an iteration of `padded` rows (default: the largest) with this tile:
-        every row block, three segments per request (prefix, unshared prefix, own tokens), splits for twice
-        the WAVES-per-SM target; partial rows for twice every row plus the splits'. The launch grid of a graph
-        covers its size's item capacity: a decode graph of 16 rows launches ~200 items' programs, not the
-        largest iteration's thousands (each launched program costs time even when it returns at once)."""
+        every row block twice (a row reads its own tokens and at most one prefix segment, shared or not), one
+        more per segment for its last partial block (three segments per request: prefix, unshared prefix, own
+        tokens), splits for twice the WAVES-per-SM target; partial rows for twice every row plus the splits'.
+        The launch grid of a graph covers its size's item capacity: a decode graph of 16 rows launches ~200
+        items' programs, not the largest iteration's thousands (each launched program costs time even when it
+        returns at once)."""
         group = self.num_heads // self.num_kv_heads
         pack = self._planner.get("pack_gqa", group & (group - 1) == 0 and group <= 64)
         rows_per_item = max(slots // group, 1) if pack else slots
         rows = padded or self._limits["max_rows"]
         seqs = min(rows, self._limits["max_seqs"])
         splits = 2 * -(-packinfer.cache_plan.WAVES * self._sms // (self.num_kv_heads if pack else self.num_heads))
-        items = -(-rows // rows_per_item) + 3 * seqs + splits
+        items = 2 * -(-rows // rows_per_item) + 3 * seqs + splits
         return items, 2 * rows + splits * rows_per_item
 
     def _plan_step(self, view, q_lens, slots: int | None, capacity: tuple[int, int] | None):
