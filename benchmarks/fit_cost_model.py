@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import packinfer
 from common import GPU_SHAPE
-from packinfer.cache_plan import CostModel
+from packinfer.cache_plan import WAVES, CostModel
 
 from packinfer_bench.backends.packinfer import _view_like
 from packinfer_bench.workload import Batch
@@ -46,18 +46,20 @@ def load(folder: Path) -> tuple[list[Batch], dict[str, dict[tuple[int, int], flo
     return [b for b in batches if b.batch_id in times], times, sms
 
 
-def choice(batch: Batch, cost: CostModel, sms: int) -> tuple[int, int]:
+def choice(batch: Batch, cost: CostModel, sms: int, waves: int = WAVES) -> tuple[int, int]:
     """(slots, kv_chunk) the planner picks for the batch at the sweep's shape (serving_tune.py: GPU_SHAPE)."""
     view = _view_like(batch, num_kv_heads=GPU_SHAPE.num_kv_heads, head_dim=GPU_SHAPE.head_dim)
-    plan = packinfer.plan_cache_attention(view, batch.q_lens, GPU_SHAPE.num_heads, num_sms=sms, cost=cost)
+    plan = packinfer.plan_cache_attention(view, batch.q_lens, GPU_SHAPE.num_heads, num_sms=sms, cost=cost,
+                                          waves=waves)
     return plan.slots, plan.kv_chunk
 
 
-def regrets(batches, times, sms: int, cost: CostModel) -> list[tuple[str, float, tuple[int, int]]]:
-    """(batch, regret, choice) per batch; inf where the choice was not measured."""
+def regrets(batches, times, sms: int, cost: CostModel, waves: int = WAVES) -> list[tuple[str, float, tuple[int, int]]]:
+    """(batch, regret, choice) per batch; inf where the choice was not measured (a finer split than the sweep's
+    grid holds, say)."""
     out = []
     for b in batches:
-        pick = choice(b, cost, sms)
+        pick = choice(b, cost, sms, waves)
         measured = times[b.batch_id]
         out.append((b.batch_id, measured.get(pick, math.inf) / min(measured.values()), pick))
     return out
@@ -80,8 +82,13 @@ def summary(rows) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("folder", type=Path)
+    ap.add_argument("--waves", default="", help="comma-separated: also the shipped constants with the finest split "
+                    f"at these programs per SM (the planner's is {WAVES})")
     args = ap.parse_args()
     batches, times, sms = load(args.folder)
+    for waves in [int(w) for w in args.waves.split(",") if w]:
+        g, w = summary(regrets(batches, times, sms, CostModel(), waves))
+        print(f"shipped constants at {waves} programs per SM: geomean regret {g:.4f}, worst {w:.3f}")
     shipped = regrets(batches, times, sms, CostModel())
     best = None
     for values in itertools.product(*GRID.values()):

@@ -135,7 +135,11 @@ def main() -> None:
         batches = [b for b in batches if int(b.kv_lens.sum()) <= 600][:3]
     batches = s.select(batches)
     rows = CsvRows(s.args.out / "tune.csv", list(FIELDS))  # appended and flushed row by row; a torn tail is cut
-    with open(s.args.out / "batches.jsonl", "w") as f:
+    path = s.args.out / "batches.jsonl"  # the batches of earlier runs into this folder are kept (--only)
+    earlier = [json.loads(line) for line in open(path)] if path.exists() else []
+    ids = {b.batch_id for b in batches}
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in earlier if r["batch_id"] not in ids)
         f.writelines(json.dumps(b.to_record()) + "\n" for b in batches)
     done = {(r["batch_id"], r["candidate"]) for r in rows.read()[0]}
     sms = packinfer.num_sms(s.device)

@@ -1,7 +1,7 @@
 """The cache planner against the serving sweeps committed under results/serving-tune (benchmarks/serving_tune.py;
-an H200's and part of an H100's): the plan it picks for each measured scheduler batch is looked up among the
-plans timed there, so a change to the planner or its cost model that picks slower plans on those GPUs fails
-here, on the CPU, from the committed CSVs."""
+an H200's, an H100's, and an H100's of Mooncake conv decodes at 2 req/s): the plan it picks for each measured
+scheduler batch is looked up among the plans timed there, so a change to the planner or its cost model that picks
+slower plans on those GPUs fails here, on the CPU, from the committed CSVs."""
 
 import json
 import sys
@@ -18,18 +18,21 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import fit_cost_model as fit  # noqa: E402  (a benchmark script, importable once benchmarks/ is on the path)
 
 
-@pytest.mark.parametrize("gpu, num_batches, worst", [("h200", 42, 1.15), ("h100", 21, 1.12)])
-def test_the_planner_picks_plans_close_to_the_fastest_measured(gpu, num_batches, worst):
-    """Geomean within 2% of the fastest measured plan on both GPUs (1.015 and 1.013 as shipped); the worst is a
-    74-token prompt or a prompt among decode rows."""
-    batches, times, sms = fit.load(SWEEP.parent / gpu)
+@pytest.mark.parametrize("sweep, num_batches, geomean, worst", [("h200", 42, 1.02, 1.14), ("h100", 42, 1.02, 1.14),
+                                                              ("h100-mooncake-2", 9, 1.025, 1.07)])
+def test_the_planner_picks_plans_close_to_the_fastest_measured(sweep, num_batches, geomean, worst):
+    """The serving sweep's batches on both GPUs: geomean 1.012 of the fastest measured plan on each as shipped,
+    the worst a 74-token prompt (1.138, 1.110) or Azure's it320 (1.132). Mooncake conv's decodes of 2-22 long
+    requests at 2 req/s: geomean 1.020, the worst 1.068 (1.044 and 1.195 with the finest split at 4 programs per
+    SM: the planner's WAVES)."""
+    batches, times, sms = fit.load(SWEEP.parent / sweep)
     assert len(batches) == num_batches and sms == 132
     rows = fit.regrets(batches, times, sms, CostModel())
     regret = np.array([r for _, r, _ in rows])
     assert np.isfinite(regret).all(), "every pick was one of the measured plans"
-    assert np.exp(np.log(regret).mean()) <= 1.02 and regret.max() <= worst, sorted(rows, key=lambda r: -r[1])[:3]
+    assert np.exp(np.log(regret).mean()) <= geomean and regret.max() <= worst, sorted(rows, key=lambda r: -r[1])[:3]
     decode = [r for (bid, r, _), b in zip(rows, batches) if int(b.q_lens.max()) == 1]
-    assert max(decode) <= 1.12, "decode batches: within 12% of the best measured plan (geomean 1.01)"
+    assert max(decode) <= 1.14, "decode batches: within 14% (the worst: 16.5 vs 14.8 us, a 3-request decode)"
 
 
 def test_the_fit_reads_only_comparable_rows_of_the_sweep():

@@ -41,9 +41,11 @@ from packinfer.validate import check_window, head_dim_padded
 ITEM_FIELDS = ("row_first", "num_rows", "kv_addr", "pos_start", "kv_len", "table_row", "partial_base", "new_j")
 #: Columns of CachePlan.rows, by plan position.
 ROW_FIELDS = ("q_row", "limit", "part_first", "part_count", "low", "diag")
-#: The finest split the planner weighs: about this many programs per SM (the serving batches of
-#: results/serving-tune/h200 were fastest at about one).
-WAVES = 4
+#: The finest split the planner weighs: about this many programs per SM, as many as the decode tiles (16 and 32
+#: slots) fit on a Hopper SM at once. A finer split queues programs behind the first wave: with 4, a Mooncake
+#: decode of 4 long requests took 1.20x its best plan on an H100 (results/serving-tune/h100-mooncake-2); 2 is
+#: nearer the best on all three tuning sweeps (benchmarks/fit_cost_model.py --waves).
+WAVES = 2
 #: Query slots per program the planner chooses from (a slot is one (row, query head) pair).
 SLOT_CHOICES = (16, 32, 64, 128)
 #: Keys per step of every tile shape.
