@@ -7,18 +7,20 @@ On a GPU (PACKINFER_TEST_GPU=1) the same replays run through real CUDA graphs an
 import os
 
 import numpy as np
+import packinfer
 import pytest
 import torch
 from test_serving import _trace
 
 from packinfer_bench.backends import packinfer as packinfer_backend
-from packinfer_bench.backends.packinfer import PackinferAttention
+from packinfer_bench.backends.packinfer import PackinferAttention, _view_like
 from packinfer_bench.models import preset
 from packinfer_bench.serving.graphs import Graphs, bucket
 from packinfer_bench.serving.kv_follow import peak_tokens
 from packinfer_bench.serving.model import Decoder
 from packinfer_bench.serving.replay import cache_capacity, make_cache, prepare_graphs, replay
 from packinfer_bench.serving.stage import _compare, scenario
+from packinfer_bench.workload import Batch
 from packinfer_bench.workload.continuous import ContinuousSpec
 
 GPU = os.environ.get("PACKINFER_TEST_GPU") == "1"
@@ -97,9 +99,6 @@ def test_graph_capacity_holds_prompt_chunks_that_share_a_prefix_unsplit(slots):
     """Two 2048-row prompt chunks reading one shared prefix: every row is in two items' row blocks (the prefix's
     and its own tokens'), so the unsplit plan has twice the row blocks of the iteration, all within the capacity
     of the largest graph (the Mooncake replay at 2 req/s overflowed it at 128 slots)."""
-    from packinfer_bench.backends.packinfer import _view_like
-    from packinfer_bench.workload import Batch
-
     attn = PackinferAttention(torch.device("cpu"), 32, 8, 128)
     attn._sms = 132
     attn.configure(max_rows=4096, max_seqs=2, max_kv_len=8192, capacity_tokens=20000)
@@ -108,10 +107,9 @@ def test_graph_capacity_holds_prompt_chunks_that_share_a_prefix_unsplit(slots):
     view = _view_like(batch, 8, 128)
     assert (view.prefix_lens == 4096).all(), "the two requests read one stored prefix"
     max_items, max_partials = attn._capacity(slots)
-    plan = packinfer_backend.packinfer.plan_cache_attention(view, batch.q_lens, 32, num_sms=132, slots=slots,
-                                                            split=False)
+    plan = packinfer.plan_cache_attention(view, batch.q_lens, 32, num_sms=132, slots=slots, split=False)
     assert plan.num_items > 4096 // (slots // 4), "more items than the iteration's row blocks"
     assert plan.num_items <= max_items and plan.num_partials <= max_partials
-    capped = packinfer_backend.packinfer.plan_cache_attention(view, batch.q_lens, 32, num_sms=132, slots=slots,
-                                                              max_items=max_items, max_partials=max_partials)
+    capped = packinfer.plan_cache_attention(view, batch.q_lens, 32, num_sms=132, slots=slots,
+                                            max_items=max_items, max_partials=max_partials)
     assert capped.num_items <= max_items
