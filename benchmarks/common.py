@@ -150,9 +150,12 @@ def print_table(records: list[Record], metric: str = "tflops") -> None:
 
 def slot_choices(batch: Batch, num_heads: int, num_kv_heads: int) -> list[int]:
     """The query-slot counts worth timing on a batch: a whole GQA group at least, and narrower than twice the
-    widest request's slots (16 always)."""
+    widest KV segment's slots (16 always): a request's rows, or all rows of the requests sharing a prefix, which
+    the cache planner reads as one segment."""
     group = num_heads // num_kv_heads
-    widest = int(batch.q_lens.max()) * group
+    ids = batch.prefix_ids[batch.prefix_ids >= 0]
+    shared = max((int(batch.q_lens[batch.prefix_ids == i].sum()) for i in set(ids.tolist())), default=0)
+    widest = max(int(batch.q_lens.max()), shared) * group
     return [n for n in SLOT_CHOICES if n >= group and (n < 2 * widest or n == 16)]
 
 

@@ -26,10 +26,11 @@ from packinfer.cache_plan import WAVES, CostModel
 from packinfer_bench.backends.packinfer import _view_like
 from packinfer_bench.workload import Batch
 
-#: The constants searched (CostModel's): per-SM bandwidth (bytes/us), a lone program's speed-up, a program's
-#: latency and SM time beyond its keys (us), and the tensor-core efficiency of each slot count scaled by one factor.
-GRID = {"bytes_per_us": [30e3, 36.4e3, 45e3], "lone_speedup": [1.5, 2.3, 3.0], "fixed_us": [0.0, 2.0, 5.0],
-        "program_us": [1.0, 2.0, 3.0, 4.0], "efficiency_scale": [0.67, 1.0, 1.33]}
+#: The constants searched (CostModel's): per-SM bandwidth (bytes/us), a lone program's speed-up, a launch's
+#: latency and a program's SM time beyond its keys (us), the unhidden share of the smaller of a program's memory
+#: and tensor-core times, and the tensor-core efficiency of each slot count scaled by one factor.
+GRID = {"bytes_per_us": [25e3, 36.4e3], "lone_speedup": [1.1, 1.2, 1.5], "fixed_us": [0.0, 2.0],
+        "program_us": [1.5, 2.5, 3.5], "unhidden": [0.0, 0.25, 0.5], "efficiency_scale": [0.67, 1.0, 1.33]}
 
 
 def load(folder: Path) -> tuple[list[Batch], dict[str, dict[tuple[int, int], float]], int]:
@@ -65,13 +66,11 @@ def regrets(batches, times, sms: int, cost: CostModel, waves: int = WAVES) -> li
     return out
 
 
-def model(bytes_per_us: float, lone_speedup: float, fixed_us: float, program_us: float,
-          efficiency_scale: float) -> CostModel:
+def model(efficiency_scale: float = 1.0, **constants: float) -> CostModel:
     """CostModel with these constants, its efficiency table scaled (1.0: the shipped table)."""
     base = CostModel()
     eff = tuple((s, e * efficiency_scale) for s, e in base.efficiency)
-    return dataclasses.replace(base, bytes_per_us=bytes_per_us, lone_speedup=lone_speedup, fixed_us=fixed_us,
-                               program_us=program_us, efficiency=eff)
+    return dataclasses.replace(base, efficiency=eff, **constants)
 
 
 def summary(rows) -> tuple[float, float]:

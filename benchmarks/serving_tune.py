@@ -61,7 +61,7 @@ def candidates(batch: Batch, num_heads: int, num_kv_heads: int, head_dim: int, s
             if launch_config(slots, block_n, head_dim, 2, memory) is None:
                 continue
             out.append((f"s{slots}-n{block_n}-whole", {"slots": slots, "block_n": block_n, "split": False}))
-            chunk = block_n * 2 if block_n < 128 else block_n
+            chunk = block_n  # the planner's ladder starts at one key block
             rows_per_item = max(slots // group, 1)
             while chunk < longest:
                 items = sum(-(-int(kv) // chunk) * -(-int(q) // rows_per_item)

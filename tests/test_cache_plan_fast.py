@@ -8,6 +8,7 @@ from packinfer.cache_plan import (
     _batch_segments,
     _build_items,
     _closed_form_work,
+    _item_keys,
     _pieces,
     _split_from,
     _split_rows,
@@ -49,6 +50,7 @@ def test_closed_form_work_equals_the_items_work():
                 items, keys = _build_items(pieces, r, windowed=False)
                 expect = (len(items), int(keys.sum()), int(keys.max()), _split_rows(items, int(q.sum()))[1])
                 assert tuple(work) == expect, (trial, kv_chunk, r)
+                assert np.array_equal(_item_keys(pieces, r, windowed=False), keys), "the estimate weighs these keys"
 
 
 def test_stopping_the_chunk_ladder_early_picks_what_weighing_every_chunk_picks(monkeypatch):

@@ -11,7 +11,7 @@ is spread over several programs (no straggler); a row held by several
 items gets one partial result (output and log-sum-exp) per item, and the last of its items to finish merges them
 exactly, in the same launch. A row held by one item is written directly. With balancing on, items launch largest
 first. The tile shape (query slots per program) and the split are chosen per batch by a cost model of the
-kernel (CostModel: bytes and tensor-core work per program, the slowest program, SM count).
+kernel (CostModel: each program's bytes and tensor-core work, scheduled over the programs the SMs run at once).
 
 Rows are numbered in the plan's order; `rows[i]` (ROW_FIELDS) says which query row plan position i is, the last
 position it sees (kv_len - q_len + j for the j-th query of its request, bottom-right causal; kv_len - 1 without
@@ -31,7 +31,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from packinfer.device import FALLBACK_SMS, shared_memory
+from packinfer.device import FALLBACK_SMS, shared_memory, shared_memory_per_sm
 from packinfer.kv_cache import KVView
 from packinfer.validate import check_window, head_dim_padded
 
@@ -41,11 +41,9 @@ from packinfer.validate import check_window, head_dim_padded
 ITEM_FIELDS = ("row_first", "num_rows", "kv_addr", "pos_start", "kv_len", "table_row", "partial_base", "new_j")
 #: Columns of CachePlan.rows, by plan position.
 ROW_FIELDS = ("q_row", "limit", "part_first", "part_count", "low", "diag")
-#: The finest split the planner weighs: about this many programs per SM, as many as the decode tiles (16 and 32
-#: slots) fit on a Hopper SM at once. A finer split queues programs behind the first wave: with 4, a Mooncake
-#: decode of 4 long requests took 1.20x its best plan on an H100 (results/serving-tune/h100-mooncake-2); 2 is
-#: nearer the best on all three tuning sweeps (benchmarks/fit_cost_model.py --waves).
-WAVES = 2
+#: The finest split the planner weighs: about this many programs per SM (twice what the decode tiles fit on a
+#: Hopper SM at once). The estimate sees the waves a split queues (CostModel); this only bounds the host work.
+WAVES = 4
 #: Query slots per program the planner chooses from (a slot is one (row, query head) pair).
 SLOT_CHOICES = (16, 32, 64, 128)
 #: Keys per step of every tile shape.
@@ -56,36 +54,41 @@ SHARED_MEMORY_SLACK = 2048
 #: Finer KV chunks of a tile shape are not weighed once one is estimated this much slower than its best so
 #: far (host time).
 STOP_ABOVE_BEST = 1.25
+#: The estimate schedules the first wave of a launch's programs and the last EXACT_WAVES - 1 one by one
+#: (_launch_us); a launch of more than MANY_WAVES waves is taken as balanced (_balanced_us: host time).
+EXACT_WAVES = 3
+MANY_WAVES = 32
 #: Marks a shared prefix segment, which every row of its group sees whole.
 NO_TRIM = 1 << 40
 
 
 @dataclass(frozen=True)
 class CostModel:
-    """A program's work: max(bytes of K/V it reads / per-SM bandwidth, tensor-core work / per-SM rate at its
-    tile shape). A launch takes all programs' work, plus program_us of SM time each, over the SMs, plus the
-    tail its slowest program adds: that program's work at lone_speedup times the per-SM bandwidth (the last
-    programs have their SMs to themselves) and fixed_us. Partials of split rows cost their write and read.
-    Additive, not the larger of the two: on the H200's serving batches the sum predicted which plan is fastest
-    (results/serving-tune/h200/NOTES.md).
-    Defaults: an H200 (4.8 TB/s and 989 dense bf16 TFLOP/s over 132 SMs), the rest fit on its serving batches
-    (results/serving-tune/h200: benchmarks/serving_tune.py, then benchmarks/fit_cost_model.py)."""
+    """A program's work: the larger of (bytes of K/V it reads / per-SM bandwidth) and (tensor-core work / per-SM
+    rate at its tile shape), plus unhidden times the smaller (a wider tile's extra matmuls on a decode row are not
+    free), plus program_us of SM time. A launch runs as many programs per SM at once as shared memory holds
+    (resident_programs); the others queue and start, largest first, as running ones finish. Running programs share
+    the GPU: each progresses at its fair share of the SMs' bandwidth (all SMs over the programs running), at most
+    lone_speedup times one SM's share (a program that has its SM to itself cannot pull the whole GPU's bandwidth).
+    The launch takes that schedule's length (_launch_us), plus fixed_us, plus the partials' write and read.
+    The schedule is what matters: a KV split that queues a few programs behind a full first wave leaves most SMs
+    idle for a program's length (a Mooncake decode of 4 long requests: 136.4 us at 288 programs, 114.0 at 144 on
+    an H100; results/serving-tune/h100-mooncake-2).
+    Defaults: an H200 (4.8 TB/s and 989 dense bf16 TFLOP/s over 132 SMs), the rest fit on the serving tuning
+    sweeps of an H100 and an H200 (results/serving-tune/h100-v2 and h200: benchmarks/serving_tune.py, then
+    benchmarks/fit_cost_model.py)."""
 
     bytes_per_us: float = 4.8e12 / 132 / 1e6
     flops_per_us: float = 989e12 / 132 / 1e6
     efficiency: tuple[tuple[int, float], ...] = ((16, 0.18), (32, 0.33), (64, 0.57), (128, 0.75))
     fixed_us: float = 2.0
-    lone_speedup: float = 2.3  # a program alone on its SM reads this much faster than its fair share
-    program_us: float = 3.0
+    lone_speedup: float = 1.2  # a program's speed, at most, over its fair share of one SM
+    program_us: float = 2.5
+    unhidden: float = 0.25
 
     def rate(self, slots: int) -> float:
         eff = dict(self.efficiency)
         return self.flops_per_us * eff.get(slots, min(eff.values()))
-
-    def launch_us(self, total: float, slowest: float) -> float:
-        """The launch's time from its two parts (_estimate): their sum. Other forms can be weighed against a
-        tuning sweep by overriding this (benchmarks/cost_model_forms.py)."""
-        return total + slowest
 
 
 @dataclass
@@ -214,6 +217,7 @@ def plan_cache_attention(view: KVView, q_lens, num_heads: int, *, prefix_groupin
     whole = -(-longest // block_n) * block_n
     elem_bytes = view.k.element_size()
     memory = shared_memory(view.k.device)
+    sm_memory = shared_memory_per_sm(view.k.device)
 
     if slots:
         choices = [slots]
@@ -246,7 +250,13 @@ def plan_cache_attention(view: KVView, q_lens, num_heads: int, *, prefix_groupin
             if (max_items is not None and work.items > max_items) or (
                     max_partials is not None and work.partial_rows > max_partials):
                 continue
-            t = cost.launch_us(*_estimate(work, s, ppi, head_dim, elem_bytes, num_sms, num_heads, cost))
+            places = resident_programs(s, block_n, head_dim, elem_bytes, memory, sm_memory) * num_sms
+            # a bound from counts alone (_balanced_us): the estimate of a launch of many waves, and no schedule
+            # is weighed that cannot beat the best so far (host time)
+            t = _balanced_us(work, s, ppi, head_dim, elem_bytes, num_sms, num_heads, cost)
+            if work.items * ppi <= MANY_WAVES * places and (best is None or t < best[0]):
+                t = _estimate(candidates.keys(chunk, rpi), work.partial_rows, s, ppi, head_dim, elem_bytes, num_sms,
+                              places, num_heads, cost)
             if best is None or t < best[0] - 1e-9:
                 best = (t, s, chunk)
             lowest = t if lowest is None else min(lowest, t)
@@ -313,6 +323,17 @@ def launch_config(slots: int, block_n: int, head_dim: int, elem_bytes: int,
         if (slots + 2 * stages * block_n) * row_bytes + SHARED_MEMORY_SLACK <= memory:
             return (8 if slots >= 128 else 4), stages
     return None
+
+
+def resident_programs(slots: int, block_n: int, head_dim: int, elem_bytes: int, memory: int,
+                      sm_memory: int) -> int:
+    """How many programs of this tile shape an SM runs at once: its shared memory (sm_memory bytes, 1 KiB of it
+    reserved per block) over one program's (launch_config's stages of K/V blocks beside the queries); at least 1."""
+    config = launch_config(slots, block_n, head_dim, elem_bytes, memory)
+    if config is None:
+        return 1
+    need = (slots + 2 * config[1] * block_n) * head_dim_padded(head_dim) * elem_bytes + SHARED_MEMORY_SLACK + 1024
+    return max(1, sm_memory // need)
 
 
 def _fitting_launch(slots: int, block_n: int, head_dim: int, elem_bytes: int, memory: int) -> tuple[int, int]:
@@ -504,10 +525,11 @@ def _pieces(segs: np.ndarray, kv_chunk: int, block_n: int, windowed: bool, longe
     return _Pieces(table, seg, count, step, one_row)
 
 
-def _build_items(pieces: _Pieces, rows_per_item: int, windowed: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Cut each piece's rows into blocks of rows_per_item (rows that see none of a piece are left out of its
-    items: appends). Returns the items (ITEM_FIELDS, int32; partial_base left for _merge_lists) and the keys each
-    reads (up to its last row's causal limit, from its first row's window start)."""
+def _row_blocks(pieces: _Pieces, rows_per_item: int,
+                columns: slice | list[int] = slice(None)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each piece's rows cut into blocks of rows_per_item, one item each (rows that see none of a piece are left
+    out of its items: appends): the pieces table's `columns` repeated per item, and each item's rows [first, end)
+    counted from its piece's first row."""
     table = pieces.table
     first, end = table[:, 9], table[:, 10]
     if not pieces.one_row:
@@ -515,14 +537,35 @@ def _build_items(pieces: _Pieces, rows_per_item: int, windowed: bool) -> tuple[n
         blocks = (end - 1) // rows_per_item - first_block + 1
         if len(blocks) and int(blocks.max()) > 1:
             block_of = np.repeat(first_block - (np.cumsum(blocks) - blocks), blocks)
-            table = np.repeat(table, blocks, axis=0)
-            block = (np.arange(len(table)) + block_of) * rows_per_item
-            first = np.maximum(block, table[:, 9])
-            end = np.minimum(block + rows_per_item, table[:, 10])
-    n_keys, reach = table[:, 4], table[:, 8]
+            idx = np.repeat(np.arange(len(table)), blocks)
+            block = (np.arange(len(idx)) + block_of) * rows_per_item
+            return table[idx][:, columns], np.maximum(block, first[idx]), np.minimum(block + rows_per_item, end[idx])
+    return table[:, columns], first, end
+
+
+def _item_keys(pieces: _Pieces, rows_per_item: int, windowed: bool) -> np.ndarray:
+    """The keys each item of `pieces` cut into blocks of rows_per_item rows reads (_build_items' items, in order):
+    up to its last row's causal limit, from its first row's window start."""
+    if pieces.one_row:  # one item per piece (no copy of the table's columns: the planner weighs many chunks)
+        t = pieces.table
+        return _keys_read(t[:, 3], t[:, 4], t[:, 7], t[:, 8], t[:, 9], t[:, 10], windowed)
+    table, first, end = _row_blocks(pieces, rows_per_item, [3, 4, 7, 8])
+    return _keys_read(table[:, 0], table[:, 1], table[:, 2], table[:, 3], first, end, windowed)
+
+
+def _keys_read(pos_start: np.ndarray, n_keys: np.ndarray, first_low: np.ndarray, reach: np.ndarray,
+               first: np.ndarray, end: np.ndarray, windowed: bool) -> np.ndarray:
     keys = np.minimum(end, n_keys + reach) - reach  # up to the last row's limit (at least 1 for a seen piece)
     if windowed:  # from the first row's window start on
-        keys = np.minimum(keys, n_keys - np.clip(table[:, 7] + first - table[:, 3], 0, n_keys))
+        keys = np.minimum(keys, n_keys - np.clip(first_low + first - pos_start, 0, n_keys))
+    return keys
+
+
+def _build_items(pieces: _Pieces, rows_per_item: int, windowed: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Cut each piece's rows into blocks of rows_per_item (_row_blocks). Returns the items (ITEM_FIELDS, int32;
+    partial_base left for _merge_lists) and the keys each reads (_item_keys)."""
+    table, first, end = _row_blocks(pieces, rows_per_item)
+    keys = _keys_read(table[:, 3], table[:, 4], table[:, 7], table[:, 8], first, end, windowed)
     items = np.empty((len(table), len(ITEM_FIELDS)), np.int32)
     items[:, :6] = table[:, :6]
     items[:, 7] = np.clip(table[:, SEG_FIRST_NEW] - table[:, 3], -(1 << 30), 1 << 30)
@@ -552,8 +595,9 @@ class _Work(NamedTuple):
 
 class _Candidates:
     """The work of each (rows per item, KV chunk) the planner weighs, cached per chunk, without building its
-    items: in closed form per piece (_closed_form_work, every rows-per-item choice at once), or from the items
-    where a window's left side makes a row see a middle run of a segment's pieces (windowed)."""
+    items: counts in closed form per piece (_closed_form_work, every rows-per-item choice at once), or from the
+    items where a window's left side makes a row see a middle run of a segment's pieces (windowed); the keys of
+    each item (_item_keys) for the estimate."""
 
     def __init__(self, segs: _Segments, num_rows: int, block_n: int, rows_per_item: list[int], windowed: bool,
                  longest: int) -> None:
@@ -561,6 +605,7 @@ class _Candidates:
         self.windowed, self.longest = windowed, longest
         self._pieces: dict[int, _Pieces] = {}
         self._work: dict[tuple[int, int, bool], _Work] = {}
+        self._keys: dict[tuple[int, int], np.ndarray] = {}
 
     def pieces(self, kv_chunk: int) -> _Pieces:
         if kv_chunk not in self._pieces:
@@ -580,6 +625,13 @@ class _Candidates:
                 for r, w in zip(self.rows_per_item, _closed_form_work(pieces, self.rows_per_item, split_from)):
                     self._work[kv_chunk, r, partials] = w
         return self._work[key]
+
+    def keys(self, kv_chunk: int, rows_per_item: int) -> np.ndarray:
+        """The keys of each item (_item_keys), sorted, largest first (the launch order the estimate assumes)."""
+        key = (kv_chunk, 0 if self.pieces(kv_chunk).one_row else rows_per_item)  # decode: the same items for any r
+        if key not in self._keys:
+            self._keys[key] = np.sort(_item_keys(self.pieces(kv_chunk), rows_per_item, self.windowed))[::-1]
+        return self._keys[key]
 
 
 #: A row number past every batch's rows ("no such row").
@@ -699,13 +751,12 @@ def _merge_lists(items: np.ndarray, rows: np.ndarray, disjoint: bool) -> tuple[n
     return mine[np.argsort(key, kind="stable")].astype(np.int32), num_partials
 
 
-def _program_us(keys: np.ndarray, slots: int, head_dim: int, elem_bytes: int, cost: CostModel,
-                lone: bool = False) -> np.ndarray:
-    """The cost model's time of one program reading `keys` of one KV head with `slots` query slots (lone: with
-    the SM to itself, as the last programs of a launch run)."""
-    bandwidth = cost.bytes_per_us * (cost.lone_speedup if lone else 1.0)
-    return np.maximum(keys * 2 * head_dim * elem_bytes / bandwidth,
-                      4.0 * slots * keys * head_dim / cost.rate(slots)) + cost.fixed_us
+def _program_us(keys: np.ndarray, slots: int, head_dim: int, elem_bytes: int, cost: CostModel) -> np.ndarray:
+    """The cost model's time of one program reading `keys` of one KV head with `slots` query slots, at its fair
+    share of an SM, and its SM time beyond the keys."""
+    memory = keys * 2 * head_dim * elem_bytes / cost.bytes_per_us
+    matmul = 4.0 * slots * keys * head_dim / cost.rate(slots)
+    return np.maximum(memory, matmul) + cost.unhidden * np.minimum(memory, matmul) + cost.program_us
 
 
 def _launch_order(keys: np.ndarray, slots: int, head_dim: int, elem_bytes: int, cost: CostModel) -> np.ndarray:
@@ -716,25 +767,75 @@ def _launch_order(keys: np.ndarray, slots: int, head_dim: int, elem_bytes: int, 
     slope = min(2 * head_dim * elem_bytes / cost.bytes_per_us, 4.0 * slots * head_dim / rate)
     k = int(keys.max()) if len(keys) else 0
     longest = max(k * 2 * head_dim * elem_bytes / cost.bytes_per_us, 4.0 * slots * k * head_dim / rate) + \
-        cost.fixed_us
+        cost.program_us
     if slope > 1e-12 * longest:
         return np.argsort(-keys, kind="stable")
     return np.argsort(-_program_us(keys, slots, head_dim, elem_bytes, cost), kind="stable")
 
 
-def _estimate(work: _Work, slots: int, programs_per_item: int, head_dim: int, elem_bytes: int, num_sms: int,
-              num_heads: int, cost: CostModel) -> tuple[float, float]:
-    """The cost model's launch time (us) of a candidate's items, as (all programs over the SMs, plus the
-    partials' traffic; the slowest program alone); the launch takes their sum (see CostModel). A program's
-    time is linear in its keys (_program_us), so the sum needs only the items' count and total keys."""
-    rate = cost.rate(slots)
-    per_key = max(2 * head_dim * elem_bytes / cost.bytes_per_us, 4.0 * slots * head_dim / rate)
-    merge = work.partial_rows * num_heads * head_dim * 4 * 2 / (cost.bytes_per_us * num_sms)
-    lone = cost.bytes_per_us * cost.lone_speedup  # _program_us(max_keys, lone=True), in Python floats
-    k = work.max_keys
-    slowest = max(k * 2 * head_dim * elem_bytes / lone, 4.0 * slots * k * head_dim / rate) + cost.fixed_us
-    return float((work.keys * per_key + work.items * cost.program_us) * programs_per_item / num_sms + merge), \
-        float(slowest) if work.items else 0.0
+def _estimate(keys: np.ndarray, partial_rows: int, slots: int, programs_per_item: int, head_dim: int,
+              elem_bytes: int, num_sms: int, places: int, num_heads: int, cost: CostModel) -> float:
+    """The cost model's launch time (us) of a candidate whose items read `keys` (largest first; CostModel): the
+    schedule of its programs, `places` running at once, plus fixed_us and the partials' traffic."""
+    if not len(keys):
+        return 0.0
+    work = _program_us(keys, slots, head_dim, elem_bytes, cost)  # keys come largest first: so does the work
+    return _launch_us(work, programs_per_item, places, num_sms, cost.lone_speedup) + cost.fixed_us + \
+        _merge_us(partial_rows, num_heads, head_dim, num_sms, cost)
+
+
+def _balanced_us(work: _Work, slots: int, programs_per_item: int, head_dim: int, elem_bytes: int, num_sms: int,
+                 num_heads: int, cost: CostModel) -> float:
+    """A launch's time from the items' count and keys alone: its programs' work over the SMs, or its largest
+    program at lone_speedup if that is longer. No schedule is shorter (_estimate's is never below it); that of a
+    launch of more than MANY_WAVES waves is about this (the waves before the last are full, and largest first
+    leaves the last nearly even)."""
+    memory, matmul = 2 * head_dim * elem_bytes / cost.bytes_per_us, 4.0 * slots * head_dim / cost.rate(slots)
+    per_key = max(memory, matmul) + cost.unhidden * min(memory, matmul)  # _program_us, in Python floats
+    total = (work.keys * per_key + work.items * cost.program_us) * programs_per_item / num_sms
+    slowest = (work.max_keys * per_key + cost.program_us) / cost.lone_speedup
+    return max(total, slowest) + cost.fixed_us + _merge_us(work.partial_rows, num_heads, head_dim, num_sms, cost)
+
+
+def _merge_us(partial_rows: int, num_heads: int, head_dim: int, num_sms: int, cost: CostModel) -> float:
+    """The split rows' partial results written and read back (float32 output and log-sum-exp), over the SMs."""
+    return partial_rows * num_heads * head_dim * 4 * 2 / (cost.bytes_per_us * num_sms)
+
+
+def _launch_us(work: np.ndarray, copies: int, places: int, num_sms: int, lone: float) -> float:
+    """How long programs of `work` us each at a fair share of an SM (descending, each `copies` times: one per
+    head) take when `places` run at once and the rest queue in order. While n run, each progresses at
+    min(num_sms / n, lone) times its fair share, the same for all, so the order in which they finish is fixed by
+    their work alone: the queue is list scheduling on `places` slots, which largest first and nearly equal
+    pieces make waves filled back and forth (snake order: a slot that got a large program gets a small one next).
+    The launch's time integrates 1 / rate over the slots' loads as fewer and fewer stay busy. Of more than
+    EXACT_WAVES waves, the first (the largest programs) and the last are placed one by one and the middle ones
+    spread evenly (host time: mixed batches make thousands of programs)."""
+    total = len(work) * copies
+    if total > places:
+        waves = -(-total // places)
+        tail = min(waves - 1, EXACT_WAVES - 1)  # waves placed one by one after the first
+        flat = np.zeros((1 + tail) * places)
+        flat[:places] = np.repeat(work[:-(-places // copies)], copies)[:places]
+        first = (waves - tail) * places
+        programs = np.repeat(work[first // copies:], copies)[first % copies:]
+        flat[places:places + len(programs)] = programs
+        load = flat.reshape(1 + tail, places)
+        odd = np.arange(1 + tail) % 2 == 1
+        odd[1:] = (np.arange(waves - tail, waves) % 2) == 1
+        load[odd] = load[odd, ::-1]
+        spread = (_programs_work(work, copies, first) - _programs_work(work, copies, places)) / places
+        loads, busy = np.sort(load.sum(axis=0)) + spread, places - np.arange(places)
+    else:
+        loads, busy = work[::-1], copies * (len(work) - np.arange(len(work)))
+    slowness = 1.0 / np.minimum(num_sms / busy, lone)  # while loads[i - 1] < load <= loads[i]
+    return float(loads[0] * slowness[0] + (loads[1:] - loads[:-1]) @ slowness[1:])
+
+
+def _programs_work(work: np.ndarray, copies: int, n: int) -> float:
+    """The work of the first n programs (each item's `copies` in a row)."""
+    item, part = divmod(n, copies)
+    return float(work[:item].sum()) * copies + (float(work[item]) * part if part else 0.0)
 
 
 class PlanBuffers:

@@ -1,5 +1,6 @@
 """What the library asks of the device: its SM count, which the planners balance work over, its shared memory
-per block, which bounds the tile shapes the planners may pick, and a host-to-device copy that does not wait."""
+per block, which bounds the tile shapes the planners may pick, and per SM, which bounds how many programs run at
+once, and a host-to-device copy that does not wait."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import torch
 FALLBACK_SMS = 132
 #: Shared memory per block assumed where there is no CUDA GPU (Hopper's 227 KiB, as the SM count above).
 FALLBACK_SHARED_MEMORY = 232448
+#: Shared memory per SM assumed likewise (Hopper's 228 KiB).
+FALLBACK_SHARED_MEMORY_PER_SM = 233472
 
 
 def num_sms(device: torch.device | str) -> int:
@@ -40,6 +43,21 @@ def shared_memory(device: torch.device | str | None = None) -> int:
 def _cuda_shared_memory(index: int) -> int:
     props = torch.cuda.get_device_properties(index)
     return int(getattr(props, "shared_memory_per_block_optin", FALLBACK_SHARED_MEMORY))
+
+
+def shared_memory_per_sm(device: torch.device | str | None = None) -> int:
+    """Bytes of shared memory of one SM of the device (None: the current CUDA device), all blocks on it together;
+    FALLBACK_SHARED_MEMORY_PER_SM where there is no CUDA GPU."""
+    device = torch.device("cuda" if device is None else device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return FALLBACK_SHARED_MEMORY_PER_SM
+    return _cuda_shared_memory_per_sm(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_shared_memory_per_sm(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
+    return int(getattr(props, "shared_memory_per_multiprocessor", FALLBACK_SHARED_MEMORY_PER_SM))
 
 
 def upload(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
