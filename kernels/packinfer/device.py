@@ -33,31 +33,26 @@ def _cuda_sms(index: int) -> int:
 def shared_memory(device: torch.device | str | None = None) -> int:
     """Bytes of shared memory a kernel's block may use on the device (None: the current CUDA device);
     FALLBACK_SHARED_MEMORY where there is no CUDA GPU."""
-    device = torch.device("cuda" if device is None else device)
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return FALLBACK_SHARED_MEMORY
-    return _cuda_shared_memory(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.cache
-def _cuda_shared_memory(index: int) -> int:
-    props = torch.cuda.get_device_properties(index)
-    return int(getattr(props, "shared_memory_per_block_optin", FALLBACK_SHARED_MEMORY))
+    return _property(device, "shared_memory_per_block_optin", FALLBACK_SHARED_MEMORY)
 
 
 def shared_memory_per_sm(device: torch.device | str | None = None) -> int:
     """Bytes of shared memory of one SM of the device (None: the current CUDA device), all blocks on it together;
     FALLBACK_SHARED_MEMORY_PER_SM where there is no CUDA GPU."""
+    return _property(device, "shared_memory_per_multiprocessor", FALLBACK_SHARED_MEMORY_PER_SM)
+
+
+def _property(device: torch.device | str | None, name: str, fallback: int) -> int:
     device = torch.device("cuda" if device is None else device)
     if device.type != "cuda" or not torch.cuda.is_available():
-        return FALLBACK_SHARED_MEMORY_PER_SM
-    return _cuda_shared_memory_per_sm(device.index if device.index is not None else torch.cuda.current_device())
+        return fallback
+    return _cuda_property(device.index if device.index is not None else torch.cuda.current_device(), name, fallback)
 
 
 @functools.cache
-def _cuda_shared_memory_per_sm(index: int) -> int:
-    props = torch.cuda.get_device_properties(index)
-    return int(getattr(props, "shared_memory_per_multiprocessor", FALLBACK_SHARED_MEMORY_PER_SM))
+def _cuda_property(index: int, name: str, fallback: int) -> int:
+    """Asked once per GPU and property (the query costs host time); `fallback` where torch does not report it."""
+    return int(getattr(torch.cuda.get_device_properties(index), name, fallback))
 
 
 def upload(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
