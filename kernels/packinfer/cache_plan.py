@@ -240,6 +240,7 @@ def plan_cache_attention(view: KVView, q_lens, num_heads: int, *, prefix_groupin
             chunks = _chunk_ladder(table, rpi, waves * num_sms // ppi, block_n, whole)
         else:
             chunks = [whole]
+        places = resident_programs(s, block_n, head_dim, elem_bytes, memory, sm_memory) * num_sms
         lowest = None  # this tile's best estimate so far
         for chunk in chunks:  # coarse to fine: the estimate falls, then rises; stop once well past its lowest
             # rows held by several items: only where a segment was cut or a row reads two segments
@@ -250,7 +251,6 @@ def plan_cache_attention(view: KVView, q_lens, num_heads: int, *, prefix_groupin
             if (max_items is not None and work.items > max_items) or (
                     max_partials is not None and work.partial_rows > max_partials):
                 continue
-            places = resident_programs(s, block_n, head_dim, elem_bytes, memory, sm_memory) * num_sms
             # a bound from counts alone (_balanced_us): the estimate of a launch of many waves, and no schedule
             # is weighed that cannot beat the best so far (host time)
             t = _balanced_us(work, s, ppi, head_dim, elem_bytes, num_sms, num_heads, cost)
@@ -754,9 +754,14 @@ def _merge_lists(items: np.ndarray, rows: np.ndarray, disjoint: bool) -> tuple[n
 def _program_us(keys: np.ndarray, slots: int, head_dim: int, elem_bytes: int, cost: CostModel) -> np.ndarray:
     """The cost model's time of one program reading `keys` of one KV head with `slots` query slots, at its fair
     share of an SM, and its SM time beyond the keys."""
-    memory = keys * 2 * head_dim * elem_bytes / cost.bytes_per_us
-    matmul = 4.0 * slots * keys * head_dim / cost.rate(slots)
-    return np.maximum(memory, matmul) + cost.unhidden * np.minimum(memory, matmul) + cost.program_us
+    return keys * _key_us(slots, head_dim, elem_bytes, cost) + cost.program_us
+
+
+def _key_us(slots: int, head_dim: int, elem_bytes: int, cost: CostModel) -> float:
+    """A program's time per key of one KV head: the larger of reading it (K and V) and its matmuls with `slots`
+    query slots, plus `unhidden` times the smaller (both grow with the keys, so this is the program's slope)."""
+    memory, matmul = 2 * head_dim * elem_bytes / cost.bytes_per_us, 4.0 * slots * head_dim / cost.rate(slots)
+    return max(memory, matmul) + cost.unhidden * min(memory, matmul)
 
 
 def _launch_order(keys: np.ndarray, slots: int, head_dim: int, elem_bytes: int, cost: CostModel) -> np.ndarray:
@@ -790,8 +795,7 @@ def _balanced_us(work: _Work, slots: int, programs_per_item: int, head_dim: int,
     program at lone_speedup if that is longer. No schedule is shorter (_estimate's is never below it); that of a
     launch of more than MANY_WAVES waves is about this (the waves before the last are full, and largest first
     leaves the last nearly even)."""
-    memory, matmul = 2 * head_dim * elem_bytes / cost.bytes_per_us, 4.0 * slots * head_dim / cost.rate(slots)
-    per_key = max(memory, matmul) + cost.unhidden * min(memory, matmul)  # _program_us, in Python floats
+    per_key = _key_us(slots, head_dim, elem_bytes, cost)
     total = (work.keys * per_key + work.items * cost.program_us) * programs_per_item / num_sms
     slowest = (work.max_keys * per_key + cost.program_us) / cost.lone_speedup
     return max(total, slowest) + cost.fixed_us + _merge_us(work.partial_rows, num_heads, head_dim, num_sms, cost)
