@@ -219,6 +219,44 @@ def test_the_shipped_end_to_end_matrix(name):
     assert len(by_trace["azure-conv"].rates) >= 5
 
 
+def test_servers_that_do_not_fit_together_take_turns_and_each_is_prepared_again(write, tmp_path, monkeypatch):
+    """On a GPU too small for every backend's KV cache at once (the standard matrix on an 80 GB H100), a server is
+    made only after the last replay's server is gone: its memory must really be free then, and the server made
+    anew must capture its graphs again."""
+    import weakref
+
+    from packinfer_bench.serving import stage
+
+    caches: weakref.WeakSet = weakref.WeakSet()
+    made: list[str] = []
+    real_make_cache = stage.make_cache
+
+    def one_cache_at_a_time(capacity, cfg, dtype, device):
+        if len(caches):
+            raise ConfigError(f"a KV cache of {capacity} tokens needs 1 GiB, 0 GiB free (test)")
+
+    def tracked_make_cache(attention, model, capacity):
+        cache = real_make_cache(attention, model, capacity)
+        caches.add(cache)
+        made.append(attention.name)
+        return cache
+
+    prepared: list[str] = []
+    real_prepare = stage.Server.prepare
+    monkeypatch.setattr(stage, "_check_memory", one_cache_at_a_time)
+    monkeypatch.setattr(stage, "make_cache", tracked_make_cache)
+    monkeypatch.setattr(stage.Server, "prepare", lambda self, *a: prepared.append(self.attention.name)
+                        or real_prepare(self, *a))
+    text = E2E.replace("RATE", "40.0").replace("BUDGET", "null").replace("backends: [fa2, packinfer]",
+                                                                        "backends: [reference, packinfer]")
+    out = tmp_path / "run"
+    run_experiment(load_config(write("e.yaml", text.replace("repeats: 1", "repeats: 2"))), out, log=lambda _: None)
+    rows = pd.read_csv(out / "e2e" / "summary.csv")
+    assert (rows["status"] == "ok").all() and len(rows) == 4, rows[["backend", "repeat", "status", "reason"]]
+    # the first cache is the verification's float32 reference run; then each replay's server is made anew
+    assert made == ["reference"] + ["reference", "packinfer"] * 2 and prepared == made[1:]
+
+
 def test_a_replay_that_fails_or_refuses_everything_leaves_its_rows_and_the_next_replay_runs(write, tmp_path,
                                                                                              monkeypatch):
     text = E2E.replace("rates: [RATE]", "rates: [20.0, 30.0, 40.0]").replace("BUDGET", "null")

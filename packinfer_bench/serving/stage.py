@@ -15,6 +15,8 @@ recorded, since the other ranks would wait in a collective that never comes; --r
 from __future__ import annotations
 
 import dataclasses
+import gc
+import itertools
 import json
 import time
 from collections.abc import Callable
@@ -110,6 +112,10 @@ def scenario(trace: Trace, spec: ContinuousSpec) -> Scenario:
                     {r: n for r, n in expected.items() if r in seen}, len(expected) - len(seen), sent_after)
 
 
+#: Numbers the servers a run makes.
+_SERVER_SERIALS = itertools.count()
+
+
 class Server:
     """One backend serving the model for a whole e2e entry: its attention, one KV cache (reset between replays,
     so that captured graphs keep pointing at its pools) and the graphs it needs."""
@@ -127,6 +133,7 @@ class Server:
         self.attention.configure(max_rows=max_rows, max_seqs=max_seqs, max_kv_len=max_kv_len,
                                  capacity_tokens=self.cache.capacity_tokens)
         self.warm = False  # kernels compiled (JIT modules built) by a one-layer pass over a schedule
+        self.serial = next(_SERVER_SERIALS)  # tells a server made anew (its graphs captured again) from the last
 
     def fresh_cache(self):
         """The cache emptied for a new replay (same pools), its scratch slot allocated again."""
@@ -244,6 +251,7 @@ class _Model:
             if self.graphs is not None:
                 self.graphs.drop(server.attention.name)  # its full graphs point into the cache being freed
             del server
+            gc.collect()  # a server's objects refer to each other: its cache is freed only once they are collected
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
 
@@ -399,9 +407,12 @@ class _Entry:
                 self._fatal_in_a_group(ex)
                 self._store_all(trace, label, todo, "error", f"reference: {type(ex).__name__}: {first_line(ex)}")
                 return
-        prepared: dict[str, str] = {}
+        prepared: dict[str, tuple[int, str]] = {}  # backend -> (its server's serial, why not full graphs)
+        server: Server | Exception | None = None
         for backend, rep in todo:  # repeat-major: A B C A B C
-            if not self._in_time(scen, backend, backend in prepared, f"e2e {e.name} {trace} load {label}: "
+            have = self.shared.servers.get(backend)
+            ready = have is not None and prepared.get(backend, (-1, ""))[0] == have.serial
+            if not self._in_time(scen, backend, ready, f"e2e {e.name} {trace} load {label}: "
                                  f"{backend} #{rep}"):
                 return
             record = self.current = self._base(trace, label, backend, rep, scen)
@@ -410,15 +421,16 @@ class _Entry:
                 record = dataclasses.replace(record, status="skipped", reason=why)
                 self.log(f"  {backend}: skipped ({why})")
             else:
+                server = None  # the last replay's server: held here, it could not make room for this one
                 server = self._server(backend, scenarios)
                 if isinstance(server, Exception):
                     record = dataclasses.replace(record, status="error",
                                                  reason=f"server: {type(server).__name__}: {first_line(server)}")
                 else:
                     try:
-                        if backend not in prepared:
+                        if prepared.get(backend, (-1, ""))[0] != server.serial:  # new, or made anew to fit
                             t0 = time.monotonic()
-                            prepared[backend] = server.prepare(scen.schedule, e.warmup)
+                            prepared[backend] = server.serial, server.prepare(scen.schedule, e.warmup)
                             self.shared.prepare_s[backend] = time.monotonic() - t0
                             self._remember_pace(backend)
                     except Exception as ex:  # noqa: BLE001 -- compilation or capture failed: this backend only
@@ -426,7 +438,7 @@ class _Entry:
                         record = dataclasses.replace(record, status="error", reason=f"warm-up / graphs: "
                                                      f"{type(ex).__name__}: {first_line(ex)}")
                     else:
-                        record = self._replay(server, scen, record, reference, prepared[backend])
+                        record = self._replay(server, scen, record, reference, prepared[backend][1])
             if record.status != "ok":
                 self.log(f"  {backend} #{rep}: {record.status} ({record.reason})")
             self.store.add_summary(record)
