@@ -328,6 +328,31 @@ def test_reset_empties_the_cache_and_keeps_its_pools(layout):
     assert len(cache.extend(0, 200)) == 200
 
 
+@pytest.mark.parametrize("layout", ["paged", "grouped"])
+def test_a_cache_over_given_pools_uses_that_memory_and_bad_pools_are_named(layout):
+    """Caches used one at a time (a benchmark's backends, replayed in turn) can share one allocation."""
+    first = make_cache("grouped", 256, 2, 16, dtype=torch.float16, num_layers=2)
+    cache = make_cache(layout, 256, 2, 16, dtype=torch.float16, block_size=8, num_layers=2,
+                       pools=(first.k_pools, first.v_pools))
+    assert cache.k_pools.data_ptr() == first.k_pools.data_ptr() and cache.v_pools.data_ptr() == first.v_pools.data_ptr()
+    cache.allocate(0, reserve=16)
+    addr = cache.extend(0, 5)
+    k = torch.randn(5, 2, 16, dtype=torch.float16)
+    cache.write(addr, k, -k, layer=0)
+    assert torch.equal(first.k_pools[0][torch.as_tensor(addr)], k)  # the same memory
+    k16 = first.k_pools
+    with pytest.raises(KVCacheError, match=r"pools: k_pools must be a contiguous torch.float16 tensor of shape "
+                                           r"\(2, 128, 2, 16\)"):
+        make_cache(layout, 128, 2, 16, dtype=torch.float16, block_size=8, num_layers=2, pools=(k16, first.v_pools))
+    with pytest.raises(KVCacheError, match="k_pools and v_pools must be different tensors"):
+        make_cache(layout, 256, 2, 16, dtype=torch.float16, block_size=8, num_layers=2, pools=(k16, k16))
+    with pytest.raises(KVCacheError, match=r"torch.float32 tensor .* got \(2, 256, 2, 16\) torch.float16"):
+        make_cache(layout, 256, 2, 16, dtype=torch.float32, block_size=8, num_layers=2, pools=(k16, first.v_pools))
+    if layout == "paged":
+        with pytest.raises(KVCacheError, match=r"capacity_tokens \(250\) to be a multiple of block_size \(8\)"):
+            make_cache(layout, 250, 2, 16, dtype=torch.float16, block_size=8, num_layers=2, pools=(k16, first.v_pools))
+
+
 @pytest.mark.parametrize("path", ["kernel", "host"])
 def test_copy_token_ranges_moves_exactly_the_ranges_and_names_bad_ranges(path, device, monkeypatch):
     """The re-layout copy on ranges of length 0, 1 and the token block +-1, to a buffer poisoned first: the Triton

@@ -219,32 +219,34 @@ def test_the_shipped_end_to_end_matrix(name):
     assert len(by_trace["azure-conv"].rates) >= 5
 
 
-def test_servers_that_do_not_fit_together_take_turns_and_each_is_prepared_again(write, tmp_path, monkeypatch):
-    """On a GPU too small for every backend's KV cache at once (the standard matrix on an 80 GB H100), a server is
-    made only after the last replay's server is gone: its memory must really be free then, and the server made
-    anew must capture its graphs again."""
+def test_servers_share_one_kv_pool_and_a_server_made_anew_captures_its_graphs_again(write, tmp_path, monkeypatch):
+    """The backends' servers keep their caches in one allocation (one replays at a time), so four 200k-token
+    caches need the memory of one. When a backend needs more than the pool holds, the servers over it go, their
+    memory is really free (no reference left anywhere) before the larger pool is allocated, and a server made
+    anew is prepared (its graphs captured) again."""
     import weakref
 
     from packinfer_bench.serving import stage
 
-    caches: weakref.WeakSet = weakref.WeakSet()
-    made: list[str] = []
-    real_make_cache = stage.make_cache
+    made: list[tuple[str, int]] = []  # (backend, address of its K pool)
+    real_make_cache, real_grow, real_prepare = stage.make_cache, stage.KVPool.grow, stage.Server.prepare
 
-    def one_cache_at_a_time(capacity, cfg, dtype, device):
-        if len(caches):
-            raise ConfigError(f"a KV cache of {capacity} tokens needs 1 GiB, 0 GiB free (test)")
-
-    def tracked_make_cache(attention, model, capacity):
-        cache = real_make_cache(attention, model, capacity)
-        caches.add(cache)
-        made.append(attention.name)
+    def tracked_make_cache(attention, model, capacity, pools=None):
+        cache = real_make_cache(attention, model, capacity, pools=pools)
+        made.append((attention.name, cache.k_pools.untyped_storage().data_ptr()))
         return cache
 
+    def checked_grow(pool, tokens):
+        old = [weakref.ref(t) for t in pool.flat or ()]
+        real_grow(pool, tokens)
+        assert all(r() is None for r in old), "the old pool's memory is still referenced"
+
     prepared: list[str] = []
-    real_prepare = stage.Server.prepare
-    monkeypatch.setattr(stage, "_check_memory", one_cache_at_a_time)
+    real_capacity = stage.cache_capacity  # packinfer's cache a page larger than the reference's (same layout)
+    monkeypatch.setattr(stage, "cache_capacity", lambda attn, budget, seqs: real_capacity(attn, budget, seqs)
+                        + 16 * (attn.name == "packinfer"))
     monkeypatch.setattr(stage, "make_cache", tracked_make_cache)
+    monkeypatch.setattr(stage.KVPool, "grow", checked_grow)
     monkeypatch.setattr(stage.Server, "prepare", lambda self, *a: prepared.append(self.attention.name)
                         or real_prepare(self, *a))
     text = E2E.replace("RATE", "40.0").replace("BUDGET", "null").replace("backends: [fa2, packinfer]",
@@ -253,8 +255,11 @@ def test_servers_that_do_not_fit_together_take_turns_and_each_is_prepared_again(
     run_experiment(load_config(write("e.yaml", text.replace("repeats: 1", "repeats: 2"))), out, log=lambda _: None)
     rows = pd.read_csv(out / "e2e" / "summary.csv")
     assert (rows["status"] == "ok").all() and len(rows) == 4, rows[["backend", "repeat", "status", "reason"]]
-    # the first cache is the verification's float32 reference run; then each replay's server is made anew
-    assert made == ["reference"] + ["reference", "packinfer"] * 2 and prepared == made[1:]
+    # the verification's float32 run has a cache of its own; then the reference's server, packinfer's (its cache
+    # is larger: the pool grows and the reference's server goes) and the reference's again, over the same pool
+    names = [name for name, _ in made]
+    assert names == ["reference", "reference", "packinfer", "reference"] and prepared == names[1:]
+    assert made[2][1] == made[3][1]
 
 
 def test_a_replay_that_fails_or_refuses_everything_leaves_its_rows_and_the_next_replay_runs(write, tmp_path,

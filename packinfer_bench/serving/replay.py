@@ -77,12 +77,13 @@ def cache_capacity(attention: ServingAttention, budget_tokens: int, max_seqs: in
     return budget_tokens + budget_tokens // 4 + 2 * HEADROOM * max_seqs + 1
 
 
-def make_cache(attention: ServingAttention, model: Decoder, capacity_tokens: int):
-    """The backend's KV cache for the model, with its scratch slot (for padded graph rows) allocated first."""
+def make_cache(attention: ServingAttention, model: Decoder, capacity_tokens: int, pools=None):
+    """The backend's KV cache for the model, with its scratch slot (for padded graph rows) allocated first
+    (pools: the K/V memory to use, shared with other backends' caches; packinfer.make_cache)."""
     cfg = model.cfg
     cache = packinfer.make_cache(attention.layout, capacity_tokens, cfg.num_kv_heads, cfg.head_dim,
                                  dtype=model.dtype, device=model.device, block_size=attention.page_size,
-                                 headroom=HEADROOM, num_layers=cfg.num_layers)
+                                 headroom=HEADROOM, num_layers=cfg.num_layers, pools=pools)
     add_scratch(cache)
     return cache
 

@@ -116,20 +116,70 @@ def scenario(trace: Trace, spec: ContinuousSpec) -> Scenario:
 _SERVER_SERIALS = itertools.count()
 
 
+class _PoolTooSmall(Exception):
+    def __init__(self, tokens: int):
+        super().__init__(f"the shared KV pool needs {tokens} tokens")
+        self.tokens = tokens
+
+
+class KVPool:
+    """One K/V allocation under every server of a model: a run replays one backend at a time and each replay
+    starts from an emptied cache, so the servers need the memory of the largest cache, not of all of them (the
+    standard matrix's four 200k-token caches of 32 layers fit an 80 GB card no other way), and each keeps its
+    graphs, which point into the pool. A cache of n tokens is the pool's first n tokens' worth of memory, viewed
+    as its own [layers, n, kv heads, head dim] pools, so each cache has the capacity it would have alone. Growing
+    frees the old memory first: the servers over it must be gone (_Model.server)."""
+
+    def __init__(self, model: Decoder):
+        self.model = model
+        self.flat: tuple[torch.Tensor, torch.Tensor] | None = None
+        cfg = model.cfg
+        self.shape = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
+
+    @property
+    def capacity(self) -> int:
+        layers, heads, dim = self.shape
+        return 0 if self.flat is None else self.flat[0].numel() // (layers * heads * dim)
+
+    def view(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V pools of `tokens` tokens over the pool's memory (_PoolTooSmall if it holds fewer)."""
+        if self.flat is None or tokens > self.capacity:
+            raise _PoolTooSmall(tokens)
+        layers, heads, dim = self.shape
+        k, v = (t[:layers * tokens * heads * dim].view(layers, tokens, heads, dim) for t in self.flat)
+        return k, v
+
+    def grow(self, tokens: int) -> None:
+        self.flat = None
+        gc.collect()
+        if self.model.device.type == "cuda":
+            torch.cuda.empty_cache()
+        _check_memory(tokens, self.model.cfg, self.model.dtype, self.model.device)
+        n = tokens * self.shape[0] * self.shape[1] * self.shape[2]
+        self.flat = (torch.empty(n, dtype=self.model.dtype, device=self.model.device),
+                     torch.empty(n, dtype=self.model.dtype, device=self.model.device))
+
+
 class Server:
     """One backend serving the model for a whole e2e entry: its attention, one KV cache (reset between replays,
     so that captured graphs keep pointing at its pools) and the graphs it needs."""
 
     def __init__(self, backend: str, model: Decoder, graphs: Graphs | None, capacity: int, max_rows: int,
-                 max_seqs: int, max_kv_len: int):
+                 max_seqs: int, max_kv_len: int, pool: KVPool | None = None):
         serving = ReferenceAttention if backend == REFERENCE else BACKENDS[backend].serving
         cfg = model.cfg
         self.model, self.graphs = model, graphs
         self.budget, self.max_seqs, self.max_kv = capacity, max_seqs, max_kv_len
         self.attention: ServingAttention = serving(model.device, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
         self.capacity = cache_capacity(self.attention, capacity, max_seqs)
-        _check_memory(self.capacity, cfg, model.dtype, model.device)
-        self.cache = make_cache(self.attention, model, self.capacity)
+        if pool is None:
+            _check_memory(self.capacity, cfg, model.dtype, model.device)
+            self.cache = make_cache(self.attention, model, self.capacity)
+        else:
+            if self.attention.layout == "paged":  # whole pages (make_cache rounds up alike without a pool)
+                page = self.attention.page_size
+                self.capacity = -(-self.capacity // page) * page
+            self.cache = make_cache(self.attention, model, self.capacity, pools=pool.view(self.capacity))
         self.attention.configure(max_rows=max_rows, max_seqs=max_seqs, max_kv_len=max_kv_len,
                                  capacity_tokens=self.cache.capacity_tokens)
         self.warm = False  # kernels compiled (JIT modules built) by a one-layer pass over a schedule
@@ -205,8 +255,7 @@ def replays_left(config: ExperimentConfig, out_dir) -> int:
 
 class _Model:
     """A model with random weights on the device, its graphs, its calibrated step time and the backends'
-    servers, made on first use and shared by the entries that serve it. Servers that do not fit in memory
-    together are made one at a time (the others dropped with their graphs)."""
+    servers, made on first use and shared by the entries that serve it; the servers' caches share one KVPool."""
 
     def __init__(self, entry: E2EConfig, device: torch.device, world: World):
         self.entry, self.device, self.world = entry, device, world
@@ -214,6 +263,7 @@ class _Model:
         self.decoder: Decoder | None = None
         self.graphs: Graphs | None = None
         self.servers: dict[str, Server] = {}
+        self.pool: KVPool | None = None  # made with the model
         self.step_time: tuple[StepTime, dict] | None = None
         self.pace: dict[str, float] = {}  # backend -> the slowest (replay seconds / modelled seconds) seen
         self.prepare_s: dict[str, float] = {}  # backend -> seconds its last preparation took
@@ -223,6 +273,7 @@ class _Model:
             e = self.entry
             tp = TensorParallel(self.world.rank, self.world.size)
             self.decoder = Decoder(self.cfg, self.device, DTYPES[e.dtype], seed=e.seed, tp=tp)
+            self.pool = KVPool(self.decoder)
             if e.cuda_graphs and self.device.type == "cuda":
                 c = e.continuous
                 self.graphs = Graphs(self.decoder, c.max_num_batched_tokens, c.max_num_seqs)
@@ -234,14 +285,15 @@ class _Model:
         if have is not None and have.budget >= capacity and have.max_seqs >= max_seqs and have.max_kv >= max_kv:
             return have
         self.drop(backend)
+        model = self.model()
         try:
-            server = Server(backend, self.model(), self.graphs, capacity, max_rows, max_seqs, max_kv)
-        except (torch.cuda.OutOfMemoryError, ConfigError):
-            if self.world.size > 1:  # the other ranks cannot drop and re-capture along with this one: stop
-                raise
-            for other in list(self.servers):  # make room: the other backends' servers go (and come back later)
+            server = Server(backend, model, self.graphs, capacity, max_rows, max_seqs, max_kv, self.pool)
+        except _PoolTooSmall as small:  # every rank asks for the same sizes in the same order: all grow here
+            for other in list(self.servers):  # their caches are views of the pool being replaced
                 self.drop(other)
-            server = Server(backend, self.model(), self.graphs, capacity, max_rows, max_seqs, max_kv)
+            assert self.pool is not None
+            self.pool.grow(small.tokens)
+            server = Server(backend, model, self.graphs, capacity, max_rows, max_seqs, max_kv, self.pool)
         self.servers[backend] = server
         return server
 
@@ -251,14 +303,15 @@ class _Model:
             if self.graphs is not None:
                 self.graphs.drop(server.attention.name)  # its full graphs point into the cache being freed
             del server
-            gc.collect()  # a server's objects refer to each other: its cache is freed only once they are collected
+            gc.collect()  # should a server's objects refer to each other, its cache goes only once collected
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
 
     def close(self) -> None:
         for backend in list(self.servers):
             self.drop(backend)
-        self.decoder = self.graphs = None
+        self.decoder = self.graphs = self.pool = None
+        gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -81,20 +81,44 @@ class Request:
     blocks: list[int] = field(default_factory=list)  # paged: whole block table, prefix blocks first
 
 
+def _check_pools(pools: tuple[torch.Tensor, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype,
+                 device: torch.device) -> None:
+    """Given pools (another cache's memory, reused: only one of the caches sharing it may be in use at a time)
+    must be two distinct contiguous tensors of exactly the cache's shape, dtype and device."""
+    if not isinstance(pools, (tuple, list)) or len(pools) != 2:
+        raise KVCacheError("pools must be a (k_pools, v_pools) pair of tensors")
+    for name, t in zip(("k_pools", "v_pools"), pools):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != dtype or not t.is_contiguous():
+            got = (f"{tuple(t.shape)} {t.dtype}{'' if t.is_contiguous() else ' (not contiguous)'}"
+                   if isinstance(t, torch.Tensor) else type(t).__name__)
+            raise KVCacheError(f"pools: {name} must be a contiguous {dtype} tensor of shape {shape} "
+                               "(layers, tokens, kv heads, head dim), got " + got)
+        if t.device.type != device.type or (device.index is not None and t.device != device):
+            raise KVCacheError(f"pools: {name} is on {t.device}, the cache on {device}")
+    if pools[0].data_ptr() == pools[1].data_ptr():
+        raise KVCacheError("pools: k_pools and v_pools must be different tensors")
+
+
 class KVCacheBase:
     """Bookkeeping shared by both layouts: pools, prefixes, requests and the checks on every argument."""
 
     layout = ""
 
     def __init__(self, capacity_tokens: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device | str, num_layers: int = 1) -> None:
+                 device: torch.device | str, num_layers: int = 1,
+                 pools: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         if capacity_tokens <= 0 or num_kv_heads <= 0 or head_dim <= 0 or num_layers <= 0:
             raise KVCacheError(f"capacity_tokens, num_kv_heads, head_dim and num_layers must be > 0, got "
                                f"{capacity_tokens}, {num_kv_heads}, {head_dim}, {num_layers}")
         self.num_kv_heads, self.head_dim, self.dtype, self.num_layers = num_kv_heads, head_dim, dtype, num_layers
         # pools [layer, token, kv head, dim]; k / v are layer 0's (the only one of a single-layer cache)
-        self.k_pools = torch.empty(num_layers, capacity_tokens, num_kv_heads, head_dim, dtype=dtype, device=device)
-        self.v_pools = torch.empty_like(self.k_pools)
+        shape = (num_layers, capacity_tokens, num_kv_heads, head_dim)
+        if pools is None:
+            self.k_pools = torch.empty(shape, dtype=dtype, device=device)
+            self.v_pools = torch.empty_like(self.k_pools)
+        else:
+            _check_pools(pools, shape, dtype, torch.device(device))
+            self.k_pools, self.v_pools = pools
         self.k, self.v = self.k_pools[0], self.v_pools[0]
         self._prefixes: dict[Hashable, Prefix] = {}
         self._requests: dict[Hashable, Request] = {}

@@ -31,8 +31,9 @@ class GroupedKVCache(KVCacheBase):
 
     def __init__(self, capacity_tokens: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype = torch.bfloat16,
                  device: torch.device | str = "cpu", headroom: int = 64, num_layers: int = 1,
-                 placement: str = "spread", relayout_slack: float = 0.5) -> None:
-        super().__init__(capacity_tokens, num_kv_heads, head_dim, dtype, device, num_layers)
+                 placement: str = "spread", relayout_slack: float = 0.5,
+                 pools: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        super().__init__(capacity_tokens, num_kv_heads, head_dim, dtype, device, num_layers, pools)
         if headroom < 0:
             raise KVCacheError(f"headroom must be >= 0, got {headroom}")
         if placement not in PLACEMENTS:

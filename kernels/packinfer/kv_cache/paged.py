@@ -16,10 +16,11 @@ class PagedKVCache(KVCacheBase):
     layout = "paged"
 
     def __init__(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu", num_layers: int = 1) -> None:
+                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu", num_layers: int = 1,
+                 pools: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         if block_size <= 0 or num_blocks <= 0:
             raise KVCacheError(f"num_blocks and block_size must be > 0, got {num_blocks}, {block_size}")
-        super().__init__(num_blocks * block_size, num_kv_heads, head_dim, dtype, device, num_layers)
+        super().__init__(num_blocks * block_size, num_kv_heads, head_dim, dtype, device, num_layers, pools)
         self.block_size = block_size
         self._free = list(range(num_blocks - 1, -1, -1))  # a stack: the block freed last is reused first
         self._refs = np.zeros(num_blocks, np.int64)
