@@ -12,8 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import packinfer.device
 import torch
-from packinfer.cache_plan import SLOT_CHOICES
+from packinfer import cache_plan
 
 from packinfer_bench import envinfo
 from packinfer_bench.backends import Backend
@@ -148,15 +149,18 @@ def print_table(records: list[Record], metric: str = "tflops") -> None:
               f"{speed:>8}{err:>10}  {r.status} {r.reason[:60]}")
 
 
-def slot_choices(batch: Batch, num_heads: int, num_kv_heads: int) -> list[int]:
-    """The query-slot counts worth timing on a batch: a whole GQA group at least, and narrower than twice the
-    widest KV segment's slots (16 always): a request's rows, or all rows of the requests sharing a prefix, which
-    the cache planner reads as one segment."""
-    group = num_heads // num_kv_heads
+def slot_choices(batch: Batch, num_heads: int, num_kv_heads: int, head_dim: int = 128, elem_bytes: int = 2,
+                 memory: int | None = None) -> list[int]:
+    """The query-slot counts the cache planner weighs on a batch (packinfer.cache_plan.slot_choices, GQA-packed),
+    its widest KV segment bounded from the batch: a request's rows, or all rows of the requests sharing a prefix,
+    which the planner reads as one segment (its own rule may find a narrower one). memory: shared memory per block
+    (default: this machine's GPU, or the planner's fallback)."""
     ids = batch.prefix_ids[batch.prefix_ids >= 0]
     shared = max((int(batch.q_lens[batch.prefix_ids == i].sum()) for i in set(ids.tolist())), default=0)
-    widest = max(int(batch.q_lens.max()), shared) * group
-    return [n for n in SLOT_CHOICES if n >= group and (n < 2 * widest or n == 16)]
+    widest = max(int(batch.q_lens.max()), shared)
+    memory = memory if memory is not None else packinfer.device.shared_memory(
+        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    return cache_plan.slot_choices(widest, num_heads // num_kv_heads, True, head_dim, elem_bytes, memory)
 
 
 def held_in_cache(batch: Batch, shape: ShapeConfig, device: torch.device):

@@ -219,12 +219,8 @@ def plan_cache_attention(view: KVView, q_lens, num_heads: int, *, prefix_groupin
     memory = shared_memory(view.k.device)
     sm_memory = shared_memory_per_sm(view.k.device)
 
-    if slots:
-        choices = [slots]
-    else:  # no wider than the largest segment's rows need, and fitting in the GPU's shared memory
-        widest = int(table[:, 1].max()) * (group if pack_gqa else 1)
-        choices = [s for s in SLOT_CHOICES if (not pack_gqa or s >= group) and (s < 2 * widest or s == 16)
-                   and launch_config(s, block_n, head_dim, elem_bytes, memory) is not None]
+    choices = [slots] if slots else slot_choices(int(table[:, 1].max()), group, bool(pack_gqa), head_dim,
+                                                  elem_bytes, memory, block_n)
     rows_per_item = {s: s // group if pack_gqa else s for s in choices}
     num_rows = int(start_plan[-1] + q_plan[-1]) if len(q) else 0
     candidates = _Candidates(segs, num_rows, block_n, [r for r in rows_per_item.values() if r >= 1],
@@ -311,6 +307,16 @@ def _batch_segments(view: KVView, q: np.ndarray, prefix_grouping: bool, left: in
     segs = _segments(view, q, shared, order, perm_start, first_limit, first_low, windowed=left >= 0)
     segs.table[:, SEG_FIRST_NEW] = diag0[segs.owner]
     return order, q_plan, start_plan, diag0, segs
+
+
+def slot_choices(widest_rows: int, group: int, pack_gqa: bool, head_dim: int, elem_bytes: int, memory: int,
+                 block_n: int = BLOCK_N) -> list[int]:
+    """The query slots per program the planner weighs (SLOT_CHOICES): a whole GQA group at least when packed,
+    narrower than twice the widest KV segment's slots (its rows: a request's, or those of all requests reading a
+    shared prefix; 16 always), and fitting in `memory` bytes of shared memory per block (launch_config)."""
+    widest = widest_rows * (group if pack_gqa else 1)
+    return [s for s in SLOT_CHOICES if (not pack_gqa or s >= group) and (s < 2 * widest or s == 16)
+            and launch_config(s, block_n, head_dim, elem_bytes, memory) is not None]
 
 
 def launch_config(slots: int, block_n: int, head_dim: int, elem_bytes: int,
