@@ -463,8 +463,8 @@ class _Entry:
         prepared: dict[str, tuple[int, str]] = {}  # backend -> (its server's serial, why not full graphs)
         server: Server | Exception | None = None
         for backend, rep in todo:  # repeat-major: A B C A B C
-            have = self.shared.servers.get(backend)
-            ready = have is not None and prepared.get(backend, (-1, ""))[0] == have.serial
+            # (no variable may keep a server: one made anew must find the old one's memory free)
+            ready = prepared.get(backend, (-1, ""))[0] == getattr(self.shared.servers.get(backend), "serial", None)
             if not self._in_time(scen, backend, ready, f"e2e {e.name} {trace} load {label}: "
                                  f"{backend} #{rep}"):
                 return
