@@ -70,7 +70,8 @@ def main(verbose: bool) -> None:
 @click.argument("config", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Run folder (default: "
               "<output.dir>/<experiment>/<timestamp>).")
-@click.option("--dry-run", is_flag=True, help="Load traces and replay the workload only; write batch statistics.")
+@click.option("--dry-run", is_flag=True, help="Load traces and replay the workload only; write batch statistics "
+              "and show what the end-to-end replays will take (schedules, modelled minutes, KV cache memory).")
 @click.option("--resume", is_flag=True, help="Continue a run folder (--out, or the experiment's latest run), "
               "skipping what it already holds.")
 @click.option("--cuda-graphs", is_flag=True, help="Time CUDA-graph replays of each call (sets timing.cuda_graphs; "

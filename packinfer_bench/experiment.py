@@ -45,6 +45,7 @@ from packinfer_bench.run_folder import (
 )
 from packinfer_bench.run_folder.records import merge_parts
 from packinfer_bench.runner import measure, pick_device, record_order
+from packinfer_bench.serving.preview import preview_e2e
 from packinfer_bench.serving.stage import run_e2e
 from packinfer_bench.traces import Trace, load_trace
 from packinfer_bench.workload import Batch, continuous_batches, static_batches
@@ -123,6 +124,8 @@ def run_experiment(config: ExperimentConfig, out: str | Path | None = None, *, d
         summary = RunSummary(out_dir=out_dir, batches_new=0, batches_kept=0, measured=False)
         if only != "e2e":
             summary = _kernel_stage(config, out_dir, traces, dry_run, gpus, say, deadline)
+        if config.e2e and only != "kernel" and dry_run:
+            preview_e2e(config, out_dir, traces, say)
         if config.e2e and only != "kernel" and not dry_run and config.device != "analytic" and not deadline.stopped:
             counts = _e2e_stage(config, out_dir, traces, say, deadline)
             say("e2e: " + ", ".join(f"{n} {status}" for status, n in counts.items()) + f" -> {out_dir / E2E_DIR}")

@@ -3,6 +3,7 @@ replay (prefix groups, chunked prefill, preemption under a KV budget), the laten
 made-up clock, and a replay that outgrows its KV cache ends in an error record that keeps what was measured."""
 
 import dataclasses
+import json
 import math
 import os
 
@@ -183,6 +184,26 @@ def test_a_request_larger_than_the_kv_budget_is_refused_and_a_full_cache_is_an_e
     row = pd.read_csv(out / "e2e" / "summary.csv").set_index("backend").loc["packinfer"]
     assert row["status"] == "error" and "KV cache full at iteration" in row["reason"] and "budget 30" in row["reason"]
     assert row["iterations"] > 0 and len(pd.read_csv(out / "e2e" / "iterations.csv")) == row["iterations"]
+
+
+def test_a_dry_run_shows_each_load_points_schedule_and_what_the_replays_will_take(write, tmp_path):
+    """Before any GPU time: the schedules, their modelled minutes by the step-time model the run will use (a
+    stored calibration wins over the config's), and the KV cache memory."""
+    cfg = load_config(write("e.yaml", E2E.replace("RATE", "40.0").replace("BUDGET", "600")))
+    out, lines = tmp_path / "run", []
+    run_experiment(cfg, out, dry_run=True, log=lines.append)
+    text = "\n".join(lines)
+    scen = scenario(_load_t(cfg), dataclasses.replace(cfg.e2e[0].continuous, arrivals="poisson", rate=40.0))
+    assert f"load 40: 6 requests (0 refused), {len(scen.schedule)} iterations, {scen.modelled_s:.1f} s modelled" in text
+    assert "the config's; a GPU run calibrates first" in text and "minutes of modelled replays in all" in text
+    assert "(1263 tokens, the grouped layout's room for a 600-token budget)" in text  # 600 + 600 // 4 + 2 x 64 x 4 + 1
+    assert not (out / "e2e" / "summary.csv").exists()  # nothing replayed
+    (out / "e2e").mkdir()
+    (out / "e2e" / "step_time.json").write_text(json.dumps(
+        {"tiny": {"step_time": {"base_ms": 50.0, "per_token_us": 0.0, "per_kv_token_ns": 0.0}}}))
+    lines.clear()
+    run_experiment(cfg, out, dry_run=True, resume=True, log=lines.append)
+    assert "50 ms + 0 us/token + 0 ns/KV token (calibrated, stored)" in "\n".join(lines)
 
 
 def _load_t(cfg):

@@ -70,10 +70,15 @@ class ReplayResult:
 
 def cache_capacity(attention: ServingAttention, budget_tokens: int, max_seqs: int) -> int:
     """Tokens a backend's cache holds for a schedule whose live KV stays within budget_tokens with at most
-    max_seqs requests at once: the budget plus the layout's slack (a partly filled last page per request; grouped
-    room to grow into, a quarter of a request's size at most), plus one page for the scratch slot."""
-    if attention.layout == "paged":
-        return budget_tokens + attention.page_size * (max_seqs + 2)
+    max_seqs requests at once (layout_capacity of its layout)."""
+    return layout_capacity(attention.layout, attention.page_size, budget_tokens, max_seqs)
+
+
+def layout_capacity(layout: str, page_size: int, budget_tokens: int, max_seqs: int) -> int:
+    """The budget plus the layout's slack (a partly filled last page per request; grouped: room to grow into, a
+    quarter of a request's size at most), plus one page for the scratch slot."""
+    if layout == "paged":
+        return budget_tokens + page_size * (max_seqs + 2)
     return budget_tokens + budget_tokens // 4 + 2 * HEADROOM * max_seqs + 1
 
 
