@@ -5,8 +5,8 @@ backends share (the largest: packinfer's grouped cache of the budget).
 
 The duration is the schedule's, by a step-time model: the run folder's calibration when one is stored (a resumed
 or copied folder schedules with it), else the config's `continuous.step_time`, which a GPU run replaces by
-calibrating first. Replays took 0.95-1.44x their modelled time on an H100 / H200, plus 20-50 s for each backend's
-first preparation (graphs, JIT builds).
+calibrating first. Replays took 0.95-1.44x their modelled time on an H200 and 1.1-1.2x on an H100, plus 20-60 s
+for each backend's first preparation (graphs, JIT builds; results/e2e-h100-azure/e2e/pace.json).
 """
 
 from __future__ import annotations
