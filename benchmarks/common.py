@@ -158,8 +158,7 @@ def slot_choices(batch: Batch, num_heads: int, num_kv_heads: int, head_dim: int 
     ids = batch.prefix_ids[batch.prefix_ids >= 0]
     shared = max((int(batch.q_lens[batch.prefix_ids == i].sum()) for i in set(ids.tolist())), default=0)
     widest = max(int(batch.q_lens.max()), shared)
-    memory = memory if memory is not None else packinfer.device.shared_memory(
-        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    memory = memory if memory is not None else packinfer.device.shared_memory()
     return cache_plan.slot_choices(widest, num_heads // num_kv_heads, True, head_dim, elem_bytes, memory)
 
 

@@ -23,9 +23,9 @@ import torch
 from packinfer_bench.config import load_config
 from packinfer_bench.experiment import load_traces
 from packinfer_bench.models import preset
-from packinfer_bench.serving.kv_follow import CacheFollower, peak_tokens
-from packinfer_bench.serving.replay import HEADROOM
-from packinfer_bench.serving.stage import scenario
+from packinfer_bench.serving.kv_follow import CacheFollower
+from packinfer_bench.serving.replay import HEADROOM, layout_capacity
+from packinfer_bench.serving.stage import scenario, server_budget
 from packinfer_bench.workload.continuous import StepTime
 
 POLICIES = {"first-fit (before)": dict(placement="first-fit", relayout_slack=0.0),
@@ -73,10 +73,8 @@ def main() -> None:
             points = {(t.name, label): scenario(traces[t.name], dataclasses.replace(e.continuous, **changes,
                                                                                     step_time=st))
                       for t in cfg.traces_of(e) for label, changes in e.load_points()}
-            # the capacity of the entry's replay caches (serving.stage._server, serving.replay.cache_capacity)
-            budget = e.continuous.max_kv_tokens or max(peak_tokens(s.schedule) for s in points.values())
-            seqs = min(e.continuous.max_num_seqs, max(len(s.arrivals) for s in points.values()))
-            capacity = budget + budget // 4 + 2 * HEADROOM * seqs + 1
+            # the capacity of the entry's replay caches
+            capacity = layout_capacity("grouped", 0, *server_budget(e.continuous, points.values()))
             for (trace, label), scen in points.items():
                 for name, policy in POLICIES.items():
                     row = dict(e2e=e.name, trace=trace, rate=label, policy=name,

@@ -16,15 +16,13 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 from packinfer_bench.backends import DTYPES
 from packinfer_bench.config import ExperimentConfig
 from packinfer_bench.models import preset
 from packinfer_bench.run_folder.files import E2E_DIR
 from packinfer_bench.serving.kv_follow import peak_tokens
-from packinfer_bench.serving.replay import layout_capacity
-from packinfer_bench.serving.stage import STEP_TIME_FILE, scenario
+from packinfer_bench.serving.replay import kv_bytes, layout_capacity
+from packinfer_bench.serving.stage import STEP_TIME_FILE, scenario, server_budget
 from packinfer_bench.traces import Trace
 from packinfer_bench.workload import StepTime
 
@@ -43,25 +41,20 @@ def preview_e2e(config: ExperimentConfig, out_dir: Path, traces: dict[str, Trace
         log(f"e2e {e.name}: {e.model} x {cfg.num_layers} layers, {len(e.backends)} backend(s) x "
             f"{e.repeats} repeat(s); step time {step.base_ms:.3g} ms + {step.per_token_us:.3g} us/token + "
             f"{step.per_kv_token_ns:.3g} ns/KV token ({source})")
-        seconds, peak, seqs = 0.0, 0, 1
+        seconds, scenarios = 0.0, []
         for tcfg in config.traces_of(e):
             for label, changes in e.load_points():
-                spec = dataclasses.replace(e.continuous, **changes, step_time=step)
-                scen = scenario(traces[tcfg.name], spec)
-                tokens = peak_tokens(scen.schedule) if scen.schedule else 0
-                peak, seqs = max(peak, tokens), max(seqs, min(spec.max_num_seqs, len(scen.arrivals) or 1))
+                scen = scenario(traces[tcfg.name], dataclasses.replace(e.continuous, **changes, step_time=step))
+                scenarios.append(scen)
                 seconds += scen.modelled_s * len(e.backends) * e.repeats
                 log(f"  {tcfg.name} load {label}: {len(scen.arrivals)} requests ({scen.refused} refused), "
-                    f"{len(scen.schedule)} iterations, {scen.modelled_s:.1f} s modelled, peak {tokens} KV tokens")
-        budget = e.continuous.max_kv_tokens or peak
+                    f"{len(scen.schedule)} iterations, {scen.modelled_s:.1f} s modelled, peak "
+                    f"{peak_tokens(scen.schedule)} KV tokens")
+        budget, seqs = server_budget(e.continuous, scenarios)
         grouped = layout_capacity("grouped", 0, budget, seqs)
-        gib = 2 * grouped * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * _bytes(e.dtype) / 2**30
+        gib = kv_bytes(grouped, cfg, DTYPES[e.dtype]) / 2**30
         log(f"  all replays: {seconds / 60:.1f} minutes modelled; KV cache shared by the backends ~{gib:.1f} GiB "
             f"({grouped} tokens, the grouped layout's room for a {budget}-token budget)")
         total += seconds
     log(f"e2e: {total / 60:.1f} minutes of modelled replays in all")
     return total
-
-
-def _bytes(dtype: str) -> int:
-    return torch.finfo(DTYPES[dtype]).bits // 8

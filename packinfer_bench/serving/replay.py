@@ -22,6 +22,7 @@ import torch
 
 from packinfer_bench.backends import ServingAttention, Step
 from packinfer_bench.backends.base import add_scratch, iteration_kind, scratch_slot
+from packinfer_bench.models import ModelConfig
 from packinfer_bench.serving.graphs import GraphCaptureError, Graphs
 from packinfer_bench.serving.kv_follow import CacheFollower
 from packinfer_bench.serving.model import Decoder
@@ -76,10 +77,15 @@ def cache_capacity(attention: ServingAttention, budget_tokens: int, max_seqs: in
 
 def layout_capacity(layout: str, page_size: int, budget_tokens: int, max_seqs: int) -> int:
     """The budget plus the layout's slack (a partly filled last page per request; grouped: room to grow into, a
-    quarter of a request's size at most), plus one page for the scratch slot."""
+    quarter of a request's size at most), plus one page for the scratch slot; paged: in whole pages."""
     if layout == "paged":
-        return budget_tokens + page_size * (max_seqs + 2)
+        return -(-(budget_tokens + page_size * (max_seqs + 2)) // page_size) * page_size
     return budget_tokens + budget_tokens // 4 + 2 * HEADROOM * max_seqs + 1
+
+
+def kv_bytes(capacity_tokens: int, cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """Bytes of a K and V cache of capacity_tokens tokens in every layer of the model."""
+    return 2 * capacity_tokens * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
 
 
 def make_cache(attention: ServingAttention, model: Decoder, capacity_tokens: int, pools=None):

@@ -19,7 +19,7 @@ import gc
 import itertools
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +43,7 @@ from packinfer_bench.serving.graphs import Graphs
 from packinfer_bench.serving.kv_follow import peak_tokens
 from packinfer_bench.serving.metrics import Slo, inter_token_gaps, request_latencies, summarize, timeline
 from packinfer_bench.serving.model import Decoder
-from packinfer_bench.serving.replay import ReplayResult, cache_capacity, make_cache, prepare_graphs, replay
+from packinfer_bench.serving.replay import ReplayResult, cache_capacity, kv_bytes, make_cache, prepare_graphs, replay
 from packinfer_bench.serving.tp import TensorParallel
 from packinfer_bench.traces import Trace
 from packinfer_bench.workload import Batch, StepTime, continuous_batches
@@ -112,6 +112,14 @@ def scenario(trace: Trace, spec: ContinuousSpec) -> Scenario:
                     {r: n for r, n in expected.items() if r in seen}, len(expected) - len(seen), sent_after)
 
 
+def server_budget(spec: ContinuousSpec, scenarios: Iterable[Scenario]) -> tuple[int, int]:
+    """The live KV tokens and the requests at once that an entry's servers are sized for (cache_capacity): the
+    config's budget (else the schedules' peak) and max_num_seqs, at most the requests of its largest load point."""
+    scenarios = list(scenarios)
+    budget = spec.max_kv_tokens or max(peak_tokens(s.schedule) for s in scenarios)
+    return budget, min(spec.max_num_seqs, max(len(s.arrivals) for s in scenarios))
+
+
 #: Numbers the servers a run makes.
 _SERVER_SERIALS = itertools.count()
 
@@ -176,9 +184,6 @@ class Server:
             _check_memory(self.capacity, cfg, model.dtype, model.device)
             self.cache = make_cache(self.attention, model, self.capacity)
         else:
-            if self.attention.layout == "paged":  # whole pages (make_cache rounds up alike without a pool)
-                page = self.attention.page_size
-                self.capacity = -(-self.capacity // page) * page
             self.cache = make_cache(self.attention, model, self.capacity, pools=pool.view(self.capacity))
         self.attention.configure(max_rows=max_rows, max_seqs=max_seqs, max_kv_len=max_kv_len,
                                  capacity_tokens=self.cache.capacity_tokens)
@@ -388,10 +393,8 @@ class _Entry:
             return self.server_errors[backend]
         try:
             c = self.entry.continuous
-            schedules = [s.schedule for s in scenarios.values()]
-            budget = c.max_kv_tokens or max(peak_tokens(s) for s in schedules)
-            max_seqs = min(c.max_num_seqs, max(len(s.arrivals) for s in scenarios.values()))
-            max_kv = max(int(b.kv_lens.max()) for s in schedules for b in s)
+            budget, max_seqs = server_budget(c, scenarios.values())
+            max_kv = max(int(b.kv_lens.max()) for s in scenarios.values() for b in s.schedule)
             return self.shared.server(backend, budget, c.max_num_batched_tokens, max_seqs, max_kv)
         except Exception as e:  # noqa: BLE001 -- e.g. out of memory: this backend's replays become errors
             self._fatal_in_a_group(e)
@@ -672,7 +675,7 @@ def _compare(result: ReplayResult, reference) -> tuple[float | None, float | Non
 def _check_memory(capacity: int, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
     if device.type != "cuda":
         return
-    need = 2 * capacity * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
+    need = kv_bytes(capacity, cfg, dtype)
     free, _ = torch.cuda.mem_get_info(device)
     if need > 0.9 * free:
         raise ConfigError(f"a KV cache of {capacity} tokens x {cfg.num_layers} layers needs {need / 2**30:.1f} GiB, "
