@@ -113,7 +113,7 @@ def run_experiment(config: ExperimentConfig, out: str | Path | None = None, *, d
     traces = load_traces(config.traces)  # bad traces fail before anything is written
     full_env = not dry_run and config.device != "cpu" and torch.cuda.is_available()
     with open_run_folder(run_dir(config, out, resume), config.to_dict(), envinfo.collect(full=full_env),
-                         resume=resume, log=say) as folder, run_log(folder.path):
+                         resume=resume, measures=not dry_run, log=say) as folder, run_log(folder.path):
         out_dir = folder.path
         _log.info("session: %s %s", config.name, "resumed" if resume else "started", extra={"console": False})
         write_atomic(out_dir / TRACES_FILE, json.dumps({n: {**t.describe(), "notes": t.notes} for n, t in

@@ -24,7 +24,7 @@ from packinfer_bench.report import (
     speedup_table,
     write_report,
 )
-from packinfer_bench.run_folder import RECORDS_FILE, REQUESTS_FILE
+from packinfer_bench.run_folder import E2E_DIR, RECORDS_FILE, REQUESTS_FILE
 from packinfer_bench.run_folder.e2e import E2ERecord, E2EStore
 from packinfer_bench.run_folder.records import FIELDS
 
@@ -216,6 +216,19 @@ def test_e2e_gains_pair_only_ok_replays_of_the_same_schedule(tmp_path):
     assert gains.loc[("sharegpt", "fa2"), "throughput_gain_pct"] == pytest.approx(25.0)
     assert gains.loc[("azure", "fa2"), "tpot_reduction_pct"] == pytest.approx(20.0)
     assert gains.loc[("azure", "fa2"), "busy_gain_pct"] == pytest.approx(25.0)
+
+
+def test_a_committed_run_reads_its_archived_requests_as_the_file(tmp_path):
+    """Committed reference runs keep large finished files gzip-compressed (requests.csv.gz); the report reads them."""
+    import gzip
+
+    run = _e2e_run(tmp_path)
+    plain = load_e2e(run)[1]
+    path = run / E2E_DIR / REQUESTS_FILE
+    path.with_name(path.name + ".gz").write_bytes(gzip.compress(path.read_bytes()))
+    path.unlink()
+    archived = load_e2e(run)[1]
+    assert len(plain) == 20 and archived.equals(plain)
 
 
 def test_report_of_an_e2e_run_writes_the_headline_table_and_figures(tmp_path):

@@ -121,6 +121,18 @@ def test_env_json_keeps_the_first_session_and_every_session_is_listed(tmp_path):
     assert [s["env"]["gpu"] for s in sessions] == ["first", "second"]
 
 
+def test_a_dry_run_leaves_env_json_to_the_session_that_measures(tmp_path):
+    """`run --dry-run` on a laptop, then the GPU run resumes the folder: env.json must describe the GPU."""
+    open_run_folder(tmp_path / "run", {"name": "x"}, {"gpu": None}, resume=False, measures=False).close()
+    assert not (tmp_path / "run" / "env.json").exists()
+    open_run_folder(tmp_path / "run", {"name": "x"}, {"gpu": "H100"}, resume=True).close()
+    open_run_folder(tmp_path / "run", {"name": "x"}, {"gpu": "H200"}, resume=True).close()
+    assert '"H100"' in (tmp_path / "run" / "env.json").read_text()
+    sessions, _ = JsonLines(tmp_path / "run" / "sessions.jsonl").read()
+    assert [(s["env"]["gpu"], s.get("dry_run", False)) for s in sessions] == [(None, True), ("H100", False),
+                                                                               ("H200", False)]
+
+
 def test_run_ids_are_unique_and_bad_output_paths_are_clear_errors(tmp_path):
     paths = {new_run_path(tmp_path / "exp") for _ in range(5)}
     assert len(paths) == 5 and all(p.is_dir() for p in paths)

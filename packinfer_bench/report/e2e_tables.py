@@ -45,7 +45,7 @@ def load_e2e(run: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     header, summary_rows = read_rows(path, E2E_SUMMARY_COLUMNS, E2E_GAIN_METRICS)
     summary = frame(header, summary_rows, keep_default_na=False, na_values=[""], dtype={"rate": str, "reason": str})
     path = run / E2E_DIR / REQUESTS_FILE
-    if path.is_file():
+    if CsvRows(path).exists():  # also when archived as requests.csv.gz
         header, rows = read_rows(path, E2E_REQUEST_COLUMNS, ("e2e_s", "ttft_s", "tpot_s"))
         requests = frame(header, complete_rows(rows, summary_rows), dtype={"rate": str})
     else:

@@ -143,9 +143,12 @@ def new_run_path(base: Path) -> Path:
     raise PackinferBenchError(f"{base}: too many runs started at {stamp}")
 
 
-def open_run_folder(path: Path, config: dict, env: dict, *, resume: bool, log=print) -> RunFolder:
+def open_run_folder(path: Path, config: dict, env: dict, *, resume: bool, measures: bool = True,
+                    log=print) -> RunFolder:
     """Lock `path` (created if needed) and check or record the config it is measured with; record this session's
-    environment (env.json is the first session's and is never overwritten; every session goes to sessions.jsonl)."""
+    environment (every session goes to sessions.jsonl; env.json is the first measuring session's and is never
+    overwritten). A session that `measures` nothing (a dry run, often on another machine) is listed as such and
+    leaves env.json to the session that measures, whose numbers it describes."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise PackinferBenchError(f"output folder {path} is a file")
@@ -162,10 +165,11 @@ def open_run_folder(path: Path, config: dict, env: dict, *, resume: bool, log=pr
         if not (path / CONFIG_FILE).exists():
             write_atomic(path / CONFIG_FILE, f"# config sha256 {config_hash(config)}\n"
                          + yaml.safe_dump(config, sort_keys=False))
-        if not (path / ENV_FILE).exists():
+        if measures and not (path / ENV_FILE).exists():
             write_atomic(path / ENV_FILE, json.dumps(env, indent=2) + "\n")
         JsonLines(path / SESSIONS_FILE).append([{"started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                                                 "config_sha256": config_hash(config), "env": env}])
+                                                 "config_sha256": config_hash(config), "env": env}
+                                                | ({} if measures else {"dry_run": True})])
     except BaseException:
         lock.release()
         raise
