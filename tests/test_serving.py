@@ -169,6 +169,9 @@ def test_an_e2e_experiment_writes_summary_requests_and_iterations_and_resumes(wr
     assert len(iterations) == row["iterations"] and (iterations["attention_ms"] < iterations["iteration_ms"]).all()
     run_experiment(cfg, out, resume=True, log=lambda _: None)  # nothing left to do
     assert len(pd.read_csv(out / "e2e" / "summary.csv")) == 2
+    lines: list[str] = []
+    run_experiment(cfg, out, dry_run=True, resume=True, log=lines.append)  # the preview counts what is stored
+    assert "; 2 of 2 replays stored" in "\n".join(lines) and lines[-1].endswith("0.0 left to run")
 
 
 def test_a_request_larger_than_the_kv_budget_is_refused_and_a_full_cache_is_an_error_record(write, tmp_path,
@@ -197,7 +200,8 @@ def test_a_dry_run_shows_each_load_points_schedule_and_what_the_replays_will_tak
     assert f"load 40: 6 requests (0 refused), {len(scen.schedule)} iterations, {scen.modelled_s:.1f} s modelled" in text
     assert "the config's; a GPU run calibrates first" in text and "minutes of modelled replays in all" in text
     assert "(1263 tokens, the grouped layout's room for a 600-token budget)" in text  # 600 + 600 // 4 + 2 x 64 x 4 + 1
-    assert not (out / "e2e" / "summary.csv").exists()  # nothing replayed
+    assert not (out / "e2e" / "summary.csv").exists() and "replays stored" not in text  # nothing replayed
+    assert f"{2 * scen.modelled_s / 60:.1f} left to run" in text  # two backends, one repeat
     (out / "e2e").mkdir()
     (out / "e2e" / "step_time.json").write_text(json.dumps(
         {"tiny": {"step_time": {"base_ms": 50.0, "per_token_us": 0.0, "per_kv_token_ns": 0.0}}}))

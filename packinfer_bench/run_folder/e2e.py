@@ -137,7 +137,8 @@ class E2EStore:
     def __init__(self, out_dir: Path, writer: bool = True):
         self.dir = Path(out_dir) / E2E_DIR
         self.writer = writer
-        self.dir.mkdir(parents=True, exist_ok=True)
+        if writer:
+            self.dir.mkdir(parents=True, exist_ok=True)
 
     def done(self) -> set[tuple[str, ...]]:
         """Keys of complete replays (KEY_FIELDS)."""
