@@ -24,6 +24,7 @@ never reallocates, and a launch covers the capacity with programs past the plan'
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -237,6 +238,7 @@ def plan_cache_attention(view: KVView, q_lens, num_heads: int, *, prefix_groupin
         else:
             chunks = [whole]
         places = resident_programs(s, block_n, head_dim, elem_bytes, memory, sm_memory) * num_sms
+        per_key = _key_us(s, head_dim, elem_bytes, cost)
         lowest = None  # this tile's best estimate so far
         for chunk in chunks:  # coarse to fine: the estimate falls, then rises; stop once well past its lowest
             # rows held by several items: only where a segment was cut or a row reads two segments
@@ -249,10 +251,10 @@ def plan_cache_attention(view: KVView, q_lens, num_heads: int, *, prefix_groupin
                 continue
             # a bound from counts alone (_balanced_us): the estimate of a launch of many waves, and no schedule
             # is weighed that cannot beat the best so far (host time)
-            t = _balanced_us(work, s, ppi, head_dim, elem_bytes, num_sms, num_heads, cost)
+            t = _balanced_us(work, per_key, ppi, head_dim, num_sms, num_heads, cost)
             if work.items * ppi <= MANY_WAVES * places and (best is None or t < best[0]):
-                t = _estimate(candidates.keys(chunk, rpi), work.partial_rows, s, ppi, head_dim, elem_bytes, num_sms,
-                              places, num_heads, cost)
+                t = _estimate(candidates.keys(chunk, rpi), work.partial_rows, per_key, ppi, head_dim, num_sms, places,
+                              num_heads, cost)
             if best is None or t < best[0] - 1e-9:
                 best = (t, s, chunk)
             lowest = t if lowest is None else min(lowest, t)
@@ -324,9 +326,16 @@ def launch_config(slots: int, block_n: int, head_dim: int, elem_bytes: int,
     """(warps, pipeline stages) of a cache-attention program of `slots` query slots: 8 warps from 128 slots; 3
     stages of K/V blocks where `memory` bytes of shared memory per block hold them beside the queries, else 2
     (head dim 256 at 128 slots on Hopper); None where not even 2 fit."""
+    return _launch_config(slots, block_n, head_dim, elem_bytes, memory, SHARED_MEMORY_SLACK)
+
+
+@functools.lru_cache(maxsize=1024)
+def _launch_config(slots: int, block_n: int, head_dim: int, elem_bytes: int, memory: int,
+                   slack: int) -> tuple[int, int] | None:
+    """launch_config, cached (the planner asks it for every tile it weighs, every iteration)."""
     row_bytes = head_dim_padded(head_dim) * elem_bytes
     for stages in (3, 2):
-        if (slots + 2 * stages * block_n) * row_bytes + SHARED_MEMORY_SLACK <= memory:
+        if (slots + 2 * stages * block_n) * row_bytes + slack <= memory:
             return (8 if slots >= 128 else 4), stages
     return None
 
@@ -482,9 +491,9 @@ def _chunk_ladder(segs: np.ndarray, rows_per_item: int, most_items: int, block_n
     programs)."""
     row_blocks = -(-segs[:, 1] // rows_per_item)
     finest = int(-(-int((segs[:, 4] * row_blocks).sum()) // max(most_items, 1)))
-    chunk, ladder = block_n, []
-    while chunk < finest:
-        chunk *= 2
+    blocks = -(-finest // block_n)  # the finest chunk: the least block_n x 2^k >= finest
+    chunk = block_n << (blocks - 1).bit_length() if blocks > 1 else block_n
+    ladder = []
     while chunk < whole:
         ladder.append(chunk)
         chunk *= 2
@@ -552,11 +561,26 @@ def _row_blocks(pieces: _Pieces, rows_per_item: int,
 def _item_keys(pieces: _Pieces, rows_per_item: int, windowed: bool) -> np.ndarray:
     """The keys each item of `pieces` cut into blocks of rows_per_item rows reads (_build_items' items, in order):
     up to its last row's causal limit, from its first row's window start."""
-    if pieces.one_row:  # one item per piece (no copy of the table's columns: the planner weighs many chunks)
-        t = pieces.table
-        return _keys_read(t[:, 3], t[:, 4], t[:, 7], t[:, 8], t[:, 9], t[:, 10], windowed)
-    table, first, end = _row_blocks(pieces, rows_per_item, [3, 4, 7, 8])
-    return _keys_read(table[:, 0], table[:, 1], table[:, 2], table[:, 3], first, end, windowed)
+    t = pieces.table
+    if windowed:
+        if pieces.one_row:  # one item per piece (no copy of the table's columns: the planner weighs many chunks)
+            return _keys_read(t[:, 3], t[:, 4], t[:, 7], t[:, 8], t[:, 9], t[:, 10], windowed)
+        table, first, end = _row_blocks(pieces, rows_per_item, [3, 4, 7, 8])
+        return _keys_read(table[:, 0], table[:, 1], table[:, 2], table[:, 3], first, end, windowed)
+    reach, end = t[:, 8], t[:, 10]
+    last = np.minimum(end, t[:, 4] + reach) - reach  # a piece's last item reads up to its last row's limit
+    if pieces.one_row:
+        return last
+    first_block = t[:, 9] // rows_per_item
+    blocks = (end - 1) // rows_per_item - first_block + 1
+    if not len(blocks) or int(blocks.max()) <= 1:
+        return last
+    # without a window's left side, the item of block b reads min((b + 1) * rows_per_item - reach, last): its
+    # last row's limit, or the piece's last row's (_keys_read); here from 1-D columns, not the items' table
+    before = np.cumsum(blocks) - blocks  # items of the pieces before
+    ends = np.repeat((first_block + 1 - before) * rows_per_item - reach, blocks)
+    ends += np.arange(len(ends)) * rows_per_item
+    return np.minimum(ends, np.repeat(last, blocks))
 
 
 def _keys_read(pos_start: np.ndarray, n_keys: np.ndarray, first_low: np.ndarray, reach: np.ndarray,
@@ -574,7 +598,8 @@ def _build_items(pieces: _Pieces, rows_per_item: int, windowed: bool) -> tuple[n
     keys = _keys_read(table[:, 3], table[:, 4], table[:, 7], table[:, 8], first, end, windowed)
     items = np.empty((len(table), len(ITEM_FIELDS)), np.int32)
     items[:, :6] = table[:, :6]
-    items[:, 7] = np.clip(table[:, SEG_FIRST_NEW] - table[:, 3], -(1 << 30), 1 << 30)
+    new_j = table[:, SEG_FIRST_NEW] - table[:, 3]
+    items[:, 7] = np.minimum(np.maximum(new_j, -(1 << 30), out=new_j), 1 << 30, out=new_j)  # np.clip: slower
     items[:, 0] += first
     np.subtract(end, first, out=items[:, 1], casting="unsafe")
     return items, keys
@@ -693,7 +718,7 @@ def _closed_form_work(pieces: _Pieces, rows_per_item: list[int], split_from: np.
     else:
         seen = (split_from < end).astype(np.int64)
         partial = int(end @ seen) - np.maximum(first, split_from // r * r) @ seen
-    return [_Work(int(w), int(k), max_keys, int(p)) for w, k, p in zip(items, keys, partial)]
+    return [_Work(w, k, max_keys, p) for w, k, p in zip(items.tolist(), keys.tolist(), partial.tolist())]
 
 
 def _row_table(diag0: np.ndarray, q: np.ndarray, kv: np.ndarray, order: np.ndarray | None, q_plan: np.ndarray,
@@ -780,28 +805,30 @@ def _launch_order(keys: np.ndarray, slots: int, head_dim: int, elem_bytes: int, 
     longest = max(k * 2 * head_dim * elem_bytes / cost.bytes_per_us, 4.0 * slots * k * head_dim / rate) + \
         cost.program_us
     if slope > 1e-12 * longest:
+        if k < 1 << 16 and (not len(keys) or int(keys.min()) >= 0):  # numpy radix-sorts 16-bit keys stably
+            return np.argsort((k - keys).astype(np.uint16), kind="stable")
         return np.argsort(-keys, kind="stable")
     return np.argsort(-_program_us(keys, slots, head_dim, elem_bytes, cost), kind="stable")
 
 
-def _estimate(keys: np.ndarray, partial_rows: int, slots: int, programs_per_item: int, head_dim: int,
-              elem_bytes: int, num_sms: int, places: int, num_heads: int, cost: CostModel) -> float:
-    """The cost model's launch time (us) of a candidate whose items read `keys` (largest first; CostModel): the
-    schedule of its programs, `places` running at once, plus fixed_us and the partials' traffic."""
+def _estimate(keys: np.ndarray, partial_rows: int, per_key: float, programs_per_item: int, head_dim: int,
+              num_sms: int, places: int, num_heads: int, cost: CostModel) -> float:
+    """The cost model's launch time (us) of a candidate whose items read `keys` (largest first; CostModel) at
+    per_key us a key (_key_us): the schedule of its programs, `places` running at once, plus fixed_us and the
+    partials' traffic."""
     if not len(keys):
         return 0.0
-    work = _program_us(keys, slots, head_dim, elem_bytes, cost)  # keys come largest first: so does the work
+    work = keys * per_key + cost.program_us  # _program_us; keys come largest first: so does the work
     return _launch_us(work, programs_per_item, places, num_sms, cost.lone_speedup) + cost.fixed_us + \
         _merge_us(partial_rows, num_heads, head_dim, num_sms, cost)
 
 
-def _balanced_us(work: _Work, slots: int, programs_per_item: int, head_dim: int, elem_bytes: int, num_sms: int,
-                 num_heads: int, cost: CostModel) -> float:
+def _balanced_us(work: _Work, per_key: float, programs_per_item: int, head_dim: int, num_sms: int, num_heads: int,
+                 cost: CostModel) -> float:
     """A launch's time from the items' count and keys alone: its programs' work over the SMs, or its largest
     program at lone_speedup if that is longer. No schedule is shorter (_estimate's is never below it); that of a
     launch of more than MANY_WAVES waves is about this (the waves before the last are full, and largest first
-    leaves the last nearly even)."""
-    per_key = _key_us(slots, head_dim, elem_bytes, cost)
+    leaves the last nearly even). per_key: a program's us a key (_key_us)."""
     total = (work.keys * per_key + work.items * cost.program_us) * programs_per_item / num_sms
     slowest = (work.max_keys * per_key + cost.program_us) / cost.lone_speedup
     return max(total, slowest) + cost.fixed_us + _merge_us(work.partial_rows, num_heads, head_dim, num_sms, cost)
@@ -831,15 +858,24 @@ def _launch_us(work: np.ndarray, copies: int, places: int, num_sms: int, lone: f
         programs = np.repeat(work[first // copies:], copies)[first % copies:]
         flat[places:places + len(programs)] = programs
         load = flat.reshape(1 + tail, places)
-        odd = np.arange(1 + tail) % 2 == 1
-        odd[1:] = (np.arange(waves - tail, waves) % 2) == 1
-        load[odd] = load[odd, ::-1]
+        for i in range(1, 1 + tail):  # wave waves - tail + i - 1 (from 0): the odd ones fill back to front
+            if (waves - tail + i - 1) % 2:
+                load[i] = load[i, ::-1].copy()
         spread = (_programs_work(work, copies, first) - _programs_work(work, copies, places)) / places
-        loads, busy = np.sort(load.sum(axis=0)) + spread, places - np.arange(places)
+        loads, slowness = np.sort(load.sum(axis=0)) + spread, _slowness(places, 1, num_sms, lone)
     else:
-        loads, busy = work[::-1], copies * (len(work) - np.arange(len(work)))
-    slowness = 1.0 / np.minimum(num_sms / busy, lone)  # while loads[i - 1] < load <= loads[i]
+        loads, slowness = work[::-1], _slowness(len(work), copies, num_sms, lone)
     return float(loads[0] * slowness[0] + (loads[1:] - loads[:-1]) @ slowness[1:])
+
+
+@functools.lru_cache(maxsize=256)
+def _slowness(n: int, copies: int, num_sms: int, lone: float) -> np.ndarray:
+    """_launch_us's 1 / rate while copies * (n - i) programs run, i = 0 .. n - 1 (read-only; cached: a serving
+    loop's launches repeat their shapes)."""
+    busy = copies * (n - np.arange(n))
+    slowness = 1.0 / np.minimum(num_sms / busy, lone)
+    slowness.flags.writeable = False
+    return slowness
 
 
 def _programs_work(work: np.ndarray, copies: int, n: int) -> float:
