@@ -637,6 +637,7 @@ class _Candidates:
         self._pieces: dict[int, _Pieces] = {}
         self._work: dict[tuple[int, int, bool], _Work] = {}
         self._keys: dict[tuple[int, int], np.ndarray] = {}
+        self._split_base: _SplitBase | None = None
 
     def pieces(self, kv_chunk: int) -> _Pieces:
         if kv_chunk not in self._pieces:
@@ -652,7 +653,11 @@ class _Candidates:
                 self._work[key] = _Work(len(items), int(keys.sum()), int(keys.max()) if len(keys) else 0,
                                         _split_rows(items, self.num_rows)[1] if partials else 0)
             else:
-                split_from = _split_from(self.segs, pieces) if partials else None
+                split_from = None
+                if partials:
+                    if self._split_base is None:
+                        self._split_base = _split_base(self.segs)
+                    split_from = _split_from(self.segs, pieces, self._split_base)
                 for r, w in zip(self.rows_per_item, _closed_form_work(pieces, self.rows_per_item, split_from)):
                     self._work[kv_chunk, r, partials] = w
         return self._work[key]
@@ -669,25 +674,44 @@ class _Candidates:
 _NEVER = 1 << 50
 
 
-def _split_from(segs: _Segments, pieces: _Pieces) -> np.ndarray:
+class _SplitBase(NamedTuple):
+    """What _split_from needs of the segments whatever the KV chunk: which are a request's own (not a shared
+    prefix: mine, and their indices, kinds and requests) and per request the first row that sees both its
+    segments' first positions (own positions, unshared prefix; _NEVER: it has one segment)."""
+
+    mine: np.ndarray
+    index: np.ndarray
+    kind: np.ndarray
+    owner: np.ndarray
+    sees_both: np.ndarray
+
+
+def _split_base(segs: _Segments) -> _SplitBase:
+    mine = segs.kind != SHARED
+    index = np.flatnonzero(mine)
+    kind, owner = segs.kind[index], segs.owner[index]
+    first = np.full((2, len(segs.shared)), _NEVER)  # per request: of its own positions, of its unshared prefix
+    first[kind, owner] = segs.table[index, 9]
+    return _SplitBase(mine, index, kind, owner, first.max(axis=0))
+
+
+def _split_from(segs: _Segments, pieces: _Pieces, base: _SplitBase | None = None) -> np.ndarray:
     """Per piece, the first row of its segment (counted from the segment's first) held by two or more items of
     the batch; all later rows of the segment are too (_NEVER: no row). Without a window's left side a row sees
     the first pieces of each of its segments, more the further down, so a request's rows are split from the
     first that sees two pieces of one of its segments, or one of each (own positions, unshared prefix). Every
-    row of a shared prefix's members is split: it sees the whole prefix and (to join) its own first position."""
-    table, owner, kind = segs.table, segs.owner, segs.kind
-    if pieces.per_segment is None:  # one piece per segment
-        sees_second = np.full(len(table), _NEVER)
+    row of a shared prefix's members is split: it sees the whole prefix and (to join) its own first position.
+    base: _split_base(segs), which does not depend on the chunk (given: not computed again)."""
+    base = _split_base(segs) if base is None else base
+    if pieces.per_segment is None:  # one piece per segment: no row sees a second piece of one
+        split = base.sees_both.copy()
     else:
-        sees_second = np.where(pieces.per_segment >= 2, np.maximum(table[:, 8] + pieces.step, 0), _NEVER)
-    mine = kind != SHARED
-    first = np.full((2, len(segs.shared)), _NEVER)  # per request: of its own positions, of its unshared prefix
-    second = np.full((2, len(segs.shared)), _NEVER)
-    first[kind[mine], owner[mine]] = table[mine, 9]
-    second[kind[mine], owner[mine]] = sees_second[mine]
-    split = np.minimum(second.min(axis=0), first.max(axis=0))
+        sees_second = np.where(pieces.per_segment >= 2, np.maximum(segs.table[:, 8] + pieces.step, 0), _NEVER)
+        second = np.full((2, len(segs.shared)), _NEVER)
+        second[base.kind, base.owner] = sees_second[base.index]
+        split = np.minimum(second.min(axis=0), base.sees_both)
     split[segs.shared] = 0
-    split = np.where(mine, split[owner], 0)
+    split = np.where(base.mine, split[segs.owner], 0)
     return split if pieces.seg is None else split[pieces.seg]
 
 
@@ -767,19 +791,51 @@ def _merge_lists(items: np.ndarray, rows: np.ndarray, disjoint: bool) -> tuple[n
         return none, 0
     split = count > 1
     per_row = np.where(split, count, 0)
-    rows[:, 2] = np.cumsum(per_row) - per_row
+    part_first = np.cumsum(per_row) - per_row
+    rows[:, 2] = part_first
     held = np.concatenate([[0], np.cumsum(split)])
     writes = np.flatnonzero(held[first + n] > held[first])  # items holding a split row
     sizes = n[writes]
     base = np.cumsum(sizes) - sizes
     items[writes, 6] = base
     num_partials = int(sizes.sum())
+    width = int(count.max())
+    if int(part_first[-1] + per_row[-1]) == width * int(held[-1]):  # every split row in `width` items
+        return _merge_index_uniform(first[writes], sizes, base, width, int(held[-1])), num_partials
     row_of = np.repeat(first[writes] - base, sizes) + np.arange(num_partials)  # the row of each partial
     mine = np.flatnonzero(split[row_of])  # partials of split rows, in launch order
     key = row_of[mine]
     if len(rows) <= 1 << 16:  # numpy's stable sort of 16-bit keys is a radix sort, ~1.6x faster here
         key = key.astype(np.uint16)
     return mine[np.argsort(key, kind="stable")].astype(np.int32), num_partials
+
+
+def _merge_index_uniform(first: np.ndarray, size: np.ndarray, base: np.ndarray, width: int,
+                         split_rows: int) -> np.ndarray:
+    """merge_idx where each of the split_rows split rows is held by `width` items (a request's unshared prefix and
+    own positions, unsplit: Mooncake's mixed batches), from the items that write partials (in launch order: rows
+    [first, first + size), partials base .. base + size - 1). The items' row bounds cut the rows into runs that
+    one set of items holds, so the entries come from (run, item) pairs sorted by run (~one per item) instead of
+    every partial sorted by its row (_merge_lists): entry j of the i-th split row is at i * width + j."""
+    ends = first + size
+    bounds = np.sort(np.concatenate([first, ends]))
+    bounds = bounds[np.concatenate([[True], bounds[1:] != bounds[:-1]])]  # np.unique: slower here
+    lo = np.searchsorted(bounds, first)
+    spans = np.searchsorted(bounds, ends) - lo  # runs each item holds
+    run = np.repeat(lo - (np.cumsum(spans) - spans), spans) + np.arange(int(spans.sum()))  # per pair
+    offset = np.repeat(base - first, spans)  # per pair: its item's partial of row x is offset + x
+    order = np.argsort(run.astype(np.uint16) if len(bounds) <= 1 << 16 else run, kind="stable")  # radix sort
+    offset = offset[order]
+    holders = np.bincount(run, minlength=len(bounds) - 1)  # items holding each run
+    runs = np.flatnonzero(holders > 1)  # runs of split rows, ascending
+    pair = (np.cumsum(holders) - holders)[runs]  # each one's first pair (sorted)
+    run_rows = bounds[runs + 1] - bounds[runs]
+    shift = bounds[runs] - (np.cumsum(run_rows) - run_rows)  # row of the i-th split row: shift[its run] + i
+    at = np.arange(split_rows)
+    merge_idx = np.empty(split_rows * width, np.int32)
+    for j in range(width):
+        np.add(np.repeat(offset[pair + j] + shift, run_rows), at, out=merge_idx[j::width], casting="unsafe")
+    return merge_idx
 
 
 def _program_us(keys: np.ndarray, slots: int, head_dim: int, elem_bytes: int, cost: CostModel) -> np.ndarray:
