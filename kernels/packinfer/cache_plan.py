@@ -676,11 +676,11 @@ _NEVER = 1 << 50
 
 class _SplitBase(NamedTuple):
     """What _split_from needs of the segments whatever the KV chunk: which are a request's own (not a shared
-    prefix: mine, and their indices, kinds and requests) and per request the first row that sees both its
+    prefix: mine, and their indices `own`, kinds and requests) and per request the first row that sees both its
     segments' first positions (own positions, unshared prefix; _NEVER: it has one segment)."""
 
     mine: np.ndarray
-    index: np.ndarray
+    own: np.ndarray
     kind: np.ndarray
     owner: np.ndarray
     sees_both: np.ndarray
@@ -688,11 +688,11 @@ class _SplitBase(NamedTuple):
 
 def _split_base(segs: _Segments) -> _SplitBase:
     mine = segs.kind != SHARED
-    index = np.flatnonzero(mine)
-    kind, owner = segs.kind[index], segs.owner[index]
+    own = np.flatnonzero(mine)
+    kind, owner = segs.kind[own], segs.owner[own]
     first = np.full((2, len(segs.shared)), _NEVER)  # per request: of its own positions, of its unshared prefix
-    first[kind, owner] = segs.table[index, 9]
-    return _SplitBase(mine, index, kind, owner, first.max(axis=0))
+    first[kind, owner] = segs.table[own, 9]
+    return _SplitBase(mine, own, kind, owner, first.max(axis=0))
 
 
 def _split_from(segs: _Segments, pieces: _Pieces, base: _SplitBase | None = None) -> np.ndarray:
@@ -708,7 +708,7 @@ def _split_from(segs: _Segments, pieces: _Pieces, base: _SplitBase | None = None
     else:
         sees_second = np.where(pieces.per_segment >= 2, np.maximum(segs.table[:, 8] + pieces.step, 0), _NEVER)
         second = np.full((2, len(segs.shared)), _NEVER)
-        second[base.kind, base.owner] = sees_second[base.index]
+        second[base.kind, base.owner] = sees_second[base.own]
         split = np.minimum(second.min(axis=0), base.sees_both)
     split[segs.shared] = 0
     split = np.where(base.mine, split[segs.owner], 0)
