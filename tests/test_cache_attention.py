@@ -329,6 +329,18 @@ def test_plan_covers_every_key_a_row_needs_exactly_once(layout):
                 assert sorted(covered[r]) == list(range(int(plan.rows[r, 1]) + 1)), (seed, kw, r)
             held = np.bincount(np.concatenate([np.arange(a, a + n) for a, n in plan.items[:, :2]]))
             assert (held == plan.rows[:, 3]).all(), "part_count is the number of items holding the row"
+            _assert_merge_lists_name_each_rows_partials(plan)
+
+
+def _assert_merge_lists_name_each_rows_partials(plan):
+    """A split row's merge list holds exactly the partials its items write (item i writes row x's at partial
+    items[i, 6] + x - items[i, 0]), every partial of a split row is merged once."""
+    for r in np.flatnonzero(plan.rows[:, 3] > 1):
+        first, count = int(plan.rows[r, 2]), int(plan.rows[r, 3])
+        holders = np.flatnonzero((plan.items[:, 0] <= r) & (r < plan.items[:, 0] + plan.items[:, 1]))
+        expected = sorted(int(plan.items[i, 6] + r - plan.items[i, 0]) for i in holders)
+        assert sorted(plan.merge_idx[first:first + count].tolist()) == expected, r
+    assert len(plan.merge_idx) == len(set(plan.merge_idx.tolist())) == int(plan.rows[:, 3][plan.rows[:, 3] > 1].sum())
 
 
 def test_plans_loaded_into_fixed_buffers_replay_through_one_bound_launch(device):
