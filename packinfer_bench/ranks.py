@@ -76,7 +76,7 @@ def tensor_parallel_e2e(config: ExperimentConfig, out_dir: Path, traces: dict[st
     dist_dir = Path(out_dir) / DIST_DIR
     result = dist_dir / "e2e-result.json"
     counts: dict[str, int] = {}
-    while replays_left(config, out_dir):
+    while replays_left(config, out_dir, device):
         job = Job("packinfer_bench.ranks:e2e_rank", {"config": config, "out_dir": Path(out_dir), "traces": traces,
                                                       "cuda": device.type == "cuda", "result": result},
                   cuda=device.type == "cuda")

@@ -174,6 +174,34 @@ def test_an_e2e_experiment_writes_summary_requests_and_iterations_and_resumes(wr
     assert "; 2 of 2 replays stored" in "\n".join(lines) and lines[-1].endswith("0.0 left to run")
 
 
+def test_a_replay_skipped_for_a_missing_backend_runs_when_a_later_session_has_it(write, tmp_path, monkeypatch):
+    """A run cut into pieces on machines with different baselines installed: what one piece skipped because
+    the backend was missing, a later piece with the backend measures; the later row is the replay's."""
+    from packinfer_bench.backends import BACKENDS
+    from packinfer_bench.report.e2e_tables import load_e2e
+    from packinfer_bench.run_folder.e2e import E2EStore
+    from packinfer_bench.serving.stage import replays_left
+
+    cfg = load_config(write("e.yaml", E2E.replace("RATE", "40.0").replace("BUDGET", "null")))
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setitem(BACKENDS, "packinfer", dataclasses.replace(BACKENDS["packinfer"],
+                                                            available=lambda device: "packinfer is not installed"))
+        run_experiment(cfg, out, log=lambda _: None)
+        assert replays_left(cfg, out, torch.device("cpu")) == 0  # nothing more can run here
+    assert replays_left(cfg, out, torch.device("cpu")) == 1  # packinfer is back
+    run_experiment(cfg, out, resume=True, log=lambda _: None)
+    rows = pd.read_csv(out / "e2e" / "summary.csv")
+    assert rows[rows["backend"] == "packinfer"]["status"].tolist() == ["skipped", "ok"]  # append-only
+    latest = {(r["backend"], r["status"]) for r in E2EStore(out, writer=False).summaries()}
+    assert latest == {("fa2", "skipped"), ("packinfer", "ok")} and replays_left(cfg, out, torch.device("cpu")) == 0
+    summary, requests = load_e2e(out)
+    assert summary.set_index("backend")["status"].to_dict() == {"fa2": "skipped", "packinfer": "ok"}
+    assert len(requests) == 6
+    run_experiment(cfg, out, resume=True, log=lambda _: None)  # fa2 is still missing: nothing runs again
+    assert len(pd.read_csv(out / "e2e" / "summary.csv")) == 3
+
+
 def test_a_request_larger_than_the_kv_budget_is_refused_and_a_full_cache_is_an_error_record(write, tmp_path,
                                                                                               monkeypatch):
     cfg = load_config(write("e.yaml", E2E.replace("RATE", "40.0").replace("BUDGET", "30")))

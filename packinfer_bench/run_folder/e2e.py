@@ -2,7 +2,9 @@
 requests.csv (per request latencies) and iterations.csv (per iteration composition and times). Rows are
 appended as they are measured, each with its replay's `attempt` (unique per try); a replay is complete when its
 summary row exists, and readers keep the request and iteration rows of the attempt that the summary row names, so
-an interrupted replay done again leaves its partial rows in place, unread."""
+an interrupted replay done again leaves its partial rows in place, unread. A replay skipped because its backend
+was not installed is run again by a later session that has it (`done(retry=...)`); its new summary row, the
+later one, is the replay's (`latest`)."""
 
 from __future__ import annotations
 
@@ -140,12 +142,14 @@ class E2EStore:
         if writer:
             self.dir.mkdir(parents=True, exist_ok=True)
 
-    def done(self) -> set[tuple[str, ...]]:
-        """Keys of complete replays (KEY_FIELDS)."""
-        return {row_key(r) for r in self.summaries()}
+    def done(self, retry: Iterable[str] = ()) -> set[tuple[str, ...]]:
+        """Keys of complete replays (KEY_FIELDS), less those skipped with a backend in `retry` (installed now)."""
+        retry = set(retry)
+        return {row_key(r) for r in self.summaries() if not (r.get("status") == "skipped" and r["backend"] in retry)}
 
     def summaries(self) -> list[dict[str, str]]:
-        return CsvRows(self.dir / SUMMARY_FILE).read()[0]
+        """The summary row of each replay (the latest where a skipped replay was run again)."""
+        return latest(CsvRows(self.dir / SUMMARY_FILE).read()[0])
 
     def add_summary(self, record: E2ERecord) -> None:
         if not self.writer:
@@ -170,6 +174,12 @@ class E2EStore:
 def row_key(row: dict[str, str]) -> tuple[str, ...]:
     """A row's replay key (KEY_FIELDS; a field an older file lacks takes its KEY_DEFAULTS value)."""
     return tuple(row.get(f) or KEY_DEFAULTS.get(f, "") for f in KEY_FIELDS)
+
+
+def latest(summaries: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Each replay's last summary row, in the order the replays were first stored."""
+    last = {row_key(r): r for r in summaries}
+    return [last[k] for k in dict.fromkeys(row_key(r) for r in summaries)]
 
 
 def complete_rows(rows: list[dict[str, str]], summaries: list[dict[str, str]]) -> list[dict[str, str]]:

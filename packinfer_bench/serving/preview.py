@@ -2,7 +2,8 @@
 point the schedule's requests, iterations, duration by the step-time model the replays will schedule with, and
 peak KV tokens; per entry the replays' total (every backend, every repeat) and the memory of the KV cache the
 backends share (the largest: packinfer's grouped cache of the budget). In a resumed folder it also says how many
-replays are stored and what is left to run.
+replays are stored and what is left to run (a replay stored as skipped counts as stored, though a run where its
+backend is installed measures it again).
 
 The duration is the schedule's, by a step-time model: the run folder's calibration when one is stored (a resumed
 or copied folder schedules with it), else the config's `continuous.step_time`, which a GPU run replaces by

@@ -251,9 +251,16 @@ def failed_replay_file(out_dir: Path, rank: int) -> Path:
     return Path(out_dir) / DIST_DIR / f"failed-replay.rank{rank}.json"
 
 
-def replays_left(config: ExperimentConfig, out_dir) -> int:
-    """How many replays of the config's e2e entries the run folder does not hold yet."""
-    done = E2EStore(out_dir, writer=False).done()
+def installed(backends: Iterable[str], device: torch.device) -> list[str]:
+    """The backends that can run on `device` now: replays of theirs stored as skipped (not installed then) are
+    run again."""
+    return [b for b in backends if b == REFERENCE or BACKENDS[b].available(device) is None]
+
+
+def replays_left(config: ExperimentConfig, out_dir, device: torch.device) -> int:
+    """How many replays of the config's e2e entries the run folder does not hold yet (or holds as skipped, of a
+    backend installed now)."""
+    done = E2EStore(out_dir, writer=False).done(retry=installed({b for e in config.e2e for b in e.backends}, device))
     return sum((e.name, t.name, label, b, str(r)) not in done for e in config.e2e for t in config.traces_of(e)
                for label, _ in e.load_points() for r in range(e.repeats) for b in e.backends)
 
@@ -358,7 +365,8 @@ class _Entry:
         return self.shared.graphs
 
     def run(self) -> None:
-        entry, done = self.entry, self.world.from_writer(self.store.done)
+        entry, retry = self.entry, installed(self.entry.backends, self.device)
+        done = self.world.from_writer(lambda: self.store.done(retry))
         points = [(tcfg, label, changes) for tcfg in self.config.traces_of(entry)
                   for label, changes in entry.load_points()]
         todo = {(t.name, label): [(b, r) for r in range(entry.repeats) for b in entry.backends
