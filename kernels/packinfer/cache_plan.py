@@ -428,7 +428,7 @@ def _segments(view: KVView, q: np.ndarray, shared: np.ndarray, order: np.ndarray
     if order is not None:  # plan order puts each group's members side by side; the first holds the group's rows
         members = order[shared[order]]
         ids = view.prefix_ids[members]
-        heads = np.flatnonzero(np.diff(ids, prepend=ids[0] - 1))
+        heads = np.flatnonzero(np.concatenate([[True], ids[1:] != ids[:-1]]))  # np.diff(prepend=): slower
         b0 = members[heads]
         parts.append(_columns(perm_start[b0], np.add.reduceat(q[members], heads), prefix_addr[b0] if grouped else 0,
                               0, p[b0], b0, NO_TRIM, -NO_TRIM))
@@ -460,7 +460,7 @@ def _segments(view: KVView, q: np.ndarray, shared: np.ndarray, order: np.ndarray
         table[:, 4] -= cut
     if table[:, 4].min() <= 0:
         keep = table[:, 4] > 0
-        table, owner, kind = table[keep], owner[keep], kind[keep]
+        table, owner, kind = np.compress(keep, table, axis=0), owner[keep], kind[keep]  # a mask's rows: slower
     _sight(table, windowed)
     return _Segments(table, owner, kind, shared, len(parts) == 1)
 
@@ -554,7 +554,8 @@ def _row_blocks(pieces: _Pieces, rows_per_item: int,
             block_of = np.repeat(first_block - (np.cumsum(blocks) - blocks), blocks)
             idx = np.repeat(np.arange(len(table)), blocks)
             block = (np.arange(len(idx)) + block_of) * rows_per_item
-            return table[idx][:, columns], np.maximum(block, first[idx]), np.minimum(block + rows_per_item, end[idx])
+            rows = np.take(table, idx, axis=0)  # table[idx]: slower
+            return rows[:, columns], np.maximum(block, first[idx]), np.minimum(block + rows_per_item, end[idx])
     return table[:, columns], first, end
 
 
