@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from packinfer_bench.backends import BACKENDS
 from packinfer_bench.config import ExperimentConfig
 from packinfer_bench.distributed import Job, World, launch
 from packinfer_bench.errors import PackinferBenchError
@@ -48,7 +49,8 @@ def spread_sweep(config: ExperimentConfig, out_dir: Path, batches: list[Batch], 
                  log: Callable[[str], None]) -> dict[str, int]:
     """Measure the sweep on `ranks` processes and merge their records into records.csv (also what a failed rank
     measured before it failed); returns counts by status of the records added."""
-    if not set(record_order(config, batches)) - RecordStore(out_dir).keys():
+    runnable = [b for b in config.backends if BACKENDS[b].available(device) is None]
+    if not set(record_order(config, batches)) - RecordStore(out_dir).keys(runnable):
         return {}  # nothing left to measure: no ranks to start
     job = Job("packinfer_bench.ranks:sweep_rank", {"config": config, "out_dir": Path(out_dir), "batches": batches,
                                                     "cuda": device.type == "cuda"}, cuda=device.type == "cuda")

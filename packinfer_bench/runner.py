@@ -22,7 +22,7 @@ from packinfer_bench.deadline import Deadline
 from packinfer_bench.errors import ConfigError, first_line
 from packinfer_bench.logs import console, get_logger
 from packinfer_bench.reference import reference_attention
-from packinfer_bench.run_folder.records import Record, RecordStore
+from packinfer_bench.run_folder.records import UNAVAILABLE, Record, RecordStore
 from packinfer_bench.timing import Timer
 from packinfer_bench.workload import Batch
 
@@ -138,14 +138,15 @@ def measure(config: ExperimentConfig, out_dir: Path, batches: Iterable[Batch],
     (batch, shape) pairs left to do whose place in that list is rank modulo ranks, on `device`, into `store` (its
     part file). With a deadline, a (batch, shape) is not started unless the slowest one so far would end in time."""
     device = device or pick_device(config)
-    stored = RecordStore(out_dir).keys()  # the shares are cut from records.csv alone, so every rank cuts alike
-    if store is None:
-        store = RecordStore(out_dir)
-    done = stored | store.keys()
-    timer = Timer(device, config.timing.warmup, config.timing.repeats, config.timing.flush_l2,
-                  config.timing.cuda_graphs)
     backends = [BACKENDS[name] for name in config.backends]
     unavailable = {b.name: b.available(device) for b in backends}
+    runnable = [name for name, reason in unavailable.items() if not reason]  # stored as unavailable: measured now
+    stored = RecordStore(out_dir).keys(runnable)  # the shares are cut from records.csv alone: every rank cuts alike
+    if store is None:
+        store = RecordStore(out_dir)
+    done = stored | store.keys(runnable)
+    timer = Timer(device, config.timing.warmup, config.timing.repeats, config.timing.flush_l2,
+                  config.timing.cuda_graphs)
     for name, reason in unavailable.items():
         if reason:
             log(f"backend {name}: skipped ({reason})")
@@ -182,7 +183,7 @@ def measure(config: ExperimentConfig, out_dir: Path, batches: Iterable[Batch],
                             setup_error = f"inputs or reference: {type(e).__name__}: {first_line(e)}"
                     if unavailable[backend.name]:
                         rec = Record(**base, backend=backend.name, variant=variant, status="skipped",
-                                     reason=unavailable[backend.name], timing=timer.method, **stamp())
+                                     reason=UNAVAILABLE + unavailable[backend.name], timing=timer.method, **stamp())
                     elif setup_error:
                         rec = Record(**base, backend=backend.name, variant=variant, status="error",
                                      reason=setup_error, timing=timer.method, **stamp())

@@ -16,7 +16,7 @@ from packinfer_bench.errors import ConfigError
 from packinfer_bench.experiment import run_experiment
 from packinfer_bench.models import preset, shard
 from packinfer_bench.reference import ReferenceAttention
-from packinfer_bench.run_folder.records import FIELDS, RecordStore, merge_parts
+from packinfer_bench.run_folder.records import FIELDS, UNAVAILABLE, RecordStore, merge_parts
 from packinfer_bench.serving.kv_follow import peak_tokens
 from packinfer_bench.serving.model import Decoder
 from packinfer_bench.serving.replay import ReplayResult, cache_capacity, make_cache, replay
@@ -129,6 +129,21 @@ def test_records_a_killed_rank_left_are_merged_on_resume_in_the_single_process_o
     counts = merge_parts(tmp_path, {(f"b{i}", "s", "x", "v"): i for i in range(4)})
     assert counts == {"ok": 3} and not (tmp_path / "dist").exists()
     assert [r["batch_id"] for r in store.rows.read()[0]] == ["b0", "b1", "b2", "b3"]
+
+
+def test_merging_parts_adds_what_records_held_only_as_unavailable_and_nothing_twice(tmp_path):
+    """records.csv holds b0 measured and b1 skipped as unavailable (a machine without the backend); the ranks of a
+    later resume measured b1 and b2 and skipped b3 as unavailable: b1's measurement, b2 and b3 are added."""
+    row = dict.fromkeys(FIELDS, "") | {"shape": "s", "backend": "x", "variant": "v", "status": "ok"}
+    missing = {"status": "skipped", "reason": UNAVAILABLE + "x is not installed"}
+    store = RecordStore(tmp_path)
+    store.rows.append([row | {"batch_id": "b0"}, row | {"batch_id": "b1"} | missing])
+    RecordStore.part(tmp_path, 0).rows.append([row | {"batch_id": "b0", "status": "error"}, row | {"batch_id": "b1"}])
+    RecordStore.part(tmp_path, 1).rows.append([row | {"batch_id": "b2"}, row | {"batch_id": "b3"} | missing,
+                                               row | {"batch_id": "b1"} | missing])
+    assert merge_parts(tmp_path, {(f"b{i}", "s", "x", "v"): i for i in range(4)}) == {"ok": 2, "skipped": 1}
+    merged = [(r["batch_id"], r["status"]) for r in store.rows.read()[0]]
+    assert merged == [("b0", "ok"), ("b1", "skipped"), ("b1", "ok"), ("b2", "ok"), ("b3", "skipped")]
 
 
 @pytest.mark.parametrize("model, tp, allowed", [("tiny", 3, "[1, 2]"), ("tiny", 0, "[1, 2]"),

@@ -41,7 +41,7 @@ def test_records_cover_every_backend_variant_with_the_documented_columns(write, 
     assert len(by) == len(rows) == 2 * (1 + len(PACKINFER_VARIANTS) + 1)
     for r in rows:
         if r["backend"] == "fa2":
-            assert r["status"] == "skipped" and "CUDA" in r["reason"]
+            assert r["status"] == "skipped" and r["reason"].startswith("unavailable: ") and "CUDA" in r["reason"]
         elif r["status"] == "skipped":  # a variant that changes the other path (prefill tiles / decode)
             assert r["backend"] == "packinfer" and r["reason"].startswith("not applicable: variant")
         else:
@@ -93,6 +93,35 @@ def test_resume_after_an_interruption_gives_the_same_records_without_duplicates(
     resumed, whole = [key(r) for r in _rows(tmp_path / "cut")], [key(r) for r in _rows(tmp_path / "whole")]
     assert len(resumed) == len(set(resumed)) and sorted(resumed) == sorted(whole)
     assert all(r in resumed for r in (key(k) for k in kept))  # nothing measured before the cut was redone or lost
+
+
+def test_a_record_skipped_for_a_missing_backend_is_measured_by_a_later_session_that_has_it(write, tmp_path,
+                                                                                           monkeypatch):
+    """A sweep run in pieces on machines with different baselines installed: what one piece skipped because the
+    backend could not run there, a later --resume that can run it measures; a variant that does not apply to a
+    batch is not tried again; the report reads each record's latest row."""
+    from packinfer_bench.report.tables import load_records
+    from packinfer_bench.run_folder.records import UNAVAILABLE, RecordStore
+
+    real = BACKENDS["packinfer"]
+    monkeypatch.setitem(BACKENDS, "packinfer", dataclasses.replace(real, available=lambda d: "not installed"))
+    _run(write, tmp_path)
+    first = _rows(tmp_path / "run")
+    assert {r["reason"] for r in first if r["backend"] == "packinfer"} == {UNAVAILABLE + "not installed"}
+    assert RecordStore(tmp_path / "run").keys(["packinfer"]) < RecordStore(tmp_path / "run").keys()
+    monkeypatch.setitem(BACKENDS, "packinfer", real)
+    _run(write, tmp_path, resume=True)
+    rows = _rows(tmp_path / "run")
+    assert rows[:len(first)] == first  # append-only
+    again = [r for r in rows[len(first):]]
+    assert again and {r["backend"] for r in again} == {"packinfer"}
+    assert {r["status"] for r in again} <= {"ok", "skipped"} and not any(r["reason"].startswith(UNAVAILABLE)
+                                                                        for r in again)
+    records = load_records(tmp_path / "run")
+    assert len(records) == len(first) and not records.duplicated(["batch_id", "shape", "backend", "variant"]).any()
+    assert (records[records["backend"] == "packinfer"]["status"] != "skipped").any()
+    _run(write, tmp_path, resume=True)  # fa2 cannot run here, variants that do not apply stay skipped: nothing new
+    assert len(_rows(tmp_path / "run")) == len(rows)
 
 
 def test_inputs_are_deterministic_per_batch_and_shape(write, tmp_path):

@@ -1,12 +1,14 @@
 """Kernel-level measurement records and their store: one CSV row per (batch, shape, backend, variant), appended
 and flushed as it is measured, so an interrupted run loses nothing finished and --resume skips what is stored.
 A sweep spread over several processes (`run --gpus N`) has each rank append to its own part file under dist/;
-merge_parts moves their rows into records.csv in a single process's order."""
+merge_parts moves their rows into records.csv in a single process's order. A record skipped because its backend
+could not run on that machine (reason UNAVAILABLE ...) is measured by a later --resume where it can; the later
+row is the record (`latest`)."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +16,9 @@ from packinfer_bench.run_folder.files import DIST_DIR, RECORDS_FILE
 from packinfer_bench.run_folder.store import CsvRows, not_a_number
 
 STATUSES = ("ok", "incorrect", "skipped", "error")
+#: How the reason of a record skipped because its backend cannot run on the machine begins (not installed, another
+#: GPU): unlike a variant that does not apply to a batch, a later session may be able to measure it.
+UNAVAILABLE = "unavailable: "
 
 
 @dataclass
@@ -84,13 +89,31 @@ class RecordStore:
         (Path(out_dir) / DIST_DIR).mkdir(exist_ok=True)
         return cls(out_dir, Path(out_dir) / DIST_DIR / f"records.rank{rank}.csv")
 
-    def keys(self) -> set[tuple[str, str, str, str]]:
-        """Keys of the complete rows already stored (a row cut short or corrupt is skipped, never rewritten)."""
+    def keys(self, retry: Iterable[str] | None = ()) -> set[Key]:
+        """Keys of the complete rows already stored (a row cut short or corrupt is skipped, never rewritten), less
+        those only stored as unavailable, of a backend in `retry` (which can run now; None: any backend)."""
         rows, _ = self.rows.read()
-        return {tuple(r[f] for f in KEY_FIELDS) for r in rows}
+        retry = None if retry is None else set(retry)
+        return {record_key(r) for r in rows
+                if not (unavailable(r) and (retry is None or r["backend"] in retry))}
 
     def append(self, record: Record) -> None:
         self.rows.append([dataclasses.asdict(record)])
+
+
+def record_key(row: Mapping[str, str]) -> Key:
+    return tuple(row[f] for f in KEY_FIELDS)  # type: ignore[return-value]
+
+
+def unavailable(row: Mapping[str, str]) -> bool:
+    """Whether a row is a record skipped because its backend could not run on the machine (UNAVAILABLE)."""
+    return row.get("status") == "skipped" and row.get("reason", "").startswith(UNAVAILABLE)
+
+
+def latest(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Each record's last row (an unavailable one measured by a later session), in the order first stored."""
+    last = {record_key(r): r for r in rows}
+    return [last[k] for k in dict.fromkeys(record_key(r) for r in rows)]
 
 
 def merge_parts(out_dir: Path, order: Mapping[Key, int] | None = None) -> dict[str, int]:
@@ -102,12 +125,12 @@ def merge_parts(out_dir: Path, order: Mapping[Key, int] | None = None) -> dict[s
     if not parts:
         return {}
     store = RecordStore(out_dir)
-    have = store.keys()
+    have, settled = store.keys(), store.keys(retry=None)  # settled: not merely stored as unavailable
     rows: dict[Key, dict[str, str]] = {}
     for part in parts:
         for row in CsvRows(part, FIELDS, _check).read()[0]:
-            key = (row["batch_id"], row["shape"], row["backend"], row["variant"])
-            if key not in have:
+            key = record_key(row)
+            if key not in have or (key not in settled and not unavailable(row)):
                 rows.setdefault(key, row)
     last = len(order) if order else 0
     ordered = sorted(rows.items(), key=lambda item: order.get(item[0], last) if order else 0)
