@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-from packinfer_bench.backends import BACKENDS
 from packinfer_bench.config import ExperimentConfig
 from packinfer_bench.distributed import Job, World, launch
 from packinfer_bench.errors import PackinferBenchError
@@ -24,7 +23,7 @@ from packinfer_bench.run_folder.e2e import E2ERecord, E2EStore
 from packinfer_bench.run_folder.files import DIST_DIR
 from packinfer_bench.run_folder.records import RecordStore, merge_parts
 from packinfer_bench.runner import measure, record_order
-from packinfer_bench.serving.stage import failed_replay_file, replays_left, run_e2e
+from packinfer_bench.serving.stage import failed_replay_file, installed, replays_left, run_e2e
 from packinfer_bench.traces import Trace
 from packinfer_bench.workload import Batch
 
@@ -49,8 +48,7 @@ def spread_sweep(config: ExperimentConfig, out_dir: Path, batches: list[Batch], 
                  log: Callable[[str], None]) -> dict[str, int]:
     """Measure the sweep on `ranks` processes and merge their records into records.csv (also what a failed rank
     measured before it failed); returns counts by status of the records added."""
-    runnable = [b for b in config.backends if BACKENDS[b].available(device) is None]
-    if not set(record_order(config, batches)) - RecordStore(out_dir).keys(runnable):
+    if not set(record_order(config, batches)) - RecordStore(out_dir).keys(installed(config.backends, device)):
         return {}  # nothing left to measure: no ranks to start
     job = Job("packinfer_bench.ranks:sweep_rank", {"config": config, "out_dir": Path(out_dir), "batches": batches,
                                                     "cuda": device.type == "cuda"}, cuda=device.type == "cuda")

@@ -21,8 +21,8 @@ import pandas as pd
 
 from packinfer_bench.report.tables import OURS_BACKEND, frame, read_rows
 from packinfer_bench.run_folder import E2E_DIR, ITERATIONS_FILE, REQUESTS_FILE, SUMMARY_FILE
-from packinfer_bench.run_folder.e2e import KEY_DEFAULTS, complete_rows, latest
-from packinfer_bench.run_folder.store import CsvRows
+from packinfer_bench.run_folder.e2e import KEY_DEFAULTS, complete_rows, row_key
+from packinfer_bench.run_folder.store import CsvRows, last_per_key
 from packinfer_bench.stats import bootstrap, paired_ratio, verdict
 
 #: An end-to-end load point's key, and the columns of e2e/summary.csv and e2e/requests.csv the report reads.
@@ -43,7 +43,7 @@ def load_e2e(run: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     names (empty when none finished)."""
     path = run / E2E_DIR / SUMMARY_FILE
     header, summary_rows = read_rows(path, E2E_SUMMARY_COLUMNS, E2E_GAIN_METRICS)
-    summary_rows = latest(summary_rows)
+    summary_rows = last_per_key(summary_rows, row_key)
     summary = frame(header, summary_rows, keep_default_na=False, na_values=[""], dtype={"rate": str, "reason": str})
     path = run / E2E_DIR / REQUESTS_FILE
     if CsvRows(path).exists():  # also when archived as requests.csv.gz
@@ -58,7 +58,7 @@ def load_e2e_iterations(run: Path) -> pd.DataFrame:
     """iterations.csv rows of the complete replays, with a `kind` (decode, mixed, prefill) and `host_ms` even
     where an older file lacks them (kind from the request counts, host time = prepare + launch)."""
     path = run / E2E_DIR / ITERATIONS_FILE
-    summary_rows = latest(read_rows(run / E2E_DIR / SUMMARY_FILE, E2E_SUMMARY_COLUMNS)[1])
+    summary_rows = last_per_key(read_rows(run / E2E_DIR / SUMMARY_FILE, E2E_SUMMARY_COLUMNS)[1], row_key)
     if not CsvRows(path).exists():
         return pd.DataFrame(columns=[*E2E_ITERATION_COLUMNS, "repeat", "kind", "host_ms", "gpu_ms"])
     header, rows = read_rows(path, E2E_ITERATION_COLUMNS, ("iteration_ms",))

@@ -21,8 +21,8 @@ import pandas as pd
 
 from packinfer_bench.errors import PackinferBenchError
 from packinfer_bench.run_folder import RECORDS_FILE, WORKLOAD_FILE
-from packinfer_bench.run_folder.records import latest
-from packinfer_bench.run_folder.store import CsvRows, not_a_number
+from packinfer_bench.run_folder.records import record_key
+from packinfer_bench.run_folder.store import CsvRows, last_per_key, not_a_number
 
 #: "Ours": the backend every other one is compared with. End to end it is the backend; at kernel level its full
 #: variant (its other variants are ablations, each with one feature off).
@@ -85,7 +85,8 @@ def load_records(run: Path) -> pd.DataFrame:
     if not path.is_file():
         raise PackinferBenchError(f"{run}: no {RECORDS_FILE} (is it a run folder?)")
     header, rows = read_rows(path, RECORD_COLUMNS, (*RECORD_NUMBERS, "batch_size"))
-    df = frame(header, latest(rows), keep_default_na=False, na_values={c: [""] for c in RECORD_NUMBERS})
+    df = frame(header, last_per_key(rows, record_key), keep_default_na=False,
+               na_values={c: [""] for c in RECORD_NUMBERS})
     df["system"] = df["backend"] + ":" + df["variant"]
     return df
 

@@ -4,7 +4,7 @@ appended as they are measured, each with its replay's `attempt` (unique per try)
 summary row exists, and readers keep the request and iteration rows of the attempt that the summary row names, so
 an interrupted replay done again leaves its partial rows in place, unread. A replay skipped because its backend
 was not installed is run again by a later session that has it (`done(retry=...)`); its new summary row, the
-later one, is the replay's (`latest`)."""
+later one, is the replay's (`store.last_per_key`)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from packinfer_bench.run_folder.files import E2E_DIR, SUMMARY_FILE
-from packinfer_bench.run_folder.store import CsvRows
+from packinfer_bench.run_folder.store import CsvRows, last_per_key
 
 KEY_FIELDS = ("e2e", "trace", "rate", "backend", "repeat")
 #: Key fields a file written before a field existed lacks, with the value they stand for.
@@ -149,7 +149,7 @@ class E2EStore:
 
     def summaries(self) -> list[dict[str, str]]:
         """The summary row of each replay (the latest where a skipped replay was run again)."""
-        return latest(CsvRows(self.dir / SUMMARY_FILE).read()[0])
+        return last_per_key(CsvRows(self.dir / SUMMARY_FILE).read()[0], row_key)
 
     def add_summary(self, record: E2ERecord) -> None:
         if not self.writer:
@@ -174,12 +174,6 @@ class E2EStore:
 def row_key(row: dict[str, str]) -> tuple[str, ...]:
     """A row's replay key (KEY_FIELDS; a field an older file lacks takes its KEY_DEFAULTS value)."""
     return tuple(row.get(f) or KEY_DEFAULTS.get(f, "") for f in KEY_FIELDS)
-
-
-def latest(summaries: list[dict[str, str]]) -> list[dict[str, str]]:
-    """Each replay's last summary row, in the order the replays were first stored."""
-    last = {row_key(r): r for r in summaries}
-    return [last[k] for k in dict.fromkeys(row_key(r) for r in summaries)]
 
 
 def complete_rows(rows: list[dict[str, str]], summaries: list[dict[str, str]]) -> list[dict[str, str]]:

@@ -3,7 +3,7 @@ and flushed as it is measured, so an interrupted run loses nothing finished and 
 A sweep spread over several processes (`run --gpus N`) has each rank append to its own part file under dist/;
 merge_parts moves their rows into records.csv in a single process's order. A record skipped because its backend
 could not run on that machine (reason UNAVAILABLE ...) is measured by a later --resume where it can; the later
-row is the record (`latest`)."""
+row is the record (`store.last_per_key`)."""
 
 from __future__ import annotations
 
@@ -108,12 +108,6 @@ def record_key(row: Mapping[str, str]) -> Key:
 def unavailable(row: Mapping[str, str]) -> bool:
     """Whether a row is a record skipped because its backend could not run on the machine (UNAVAILABLE)."""
     return row.get("status") == "skipped" and row.get("reason", "").startswith(UNAVAILABLE)
-
-
-def latest(rows: list[dict[str, str]]) -> list[dict[str, str]]:
-    """Each record's last row (an unavailable one measured by a later session), in the order first stored."""
-    last = {record_key(r): r for r in rows}
-    return [last[k] for k in dict.fromkeys(record_key(r) for r in rows)]
 
 
 def merge_parts(out_dir: Path, order: Mapping[Key, int] | None = None) -> dict[str, int]:

@@ -86,6 +86,13 @@ def _one_line(value: object) -> object:
     return value
 
 
+def last_per_key(rows: list[dict[str, str]], key: Callable[[dict[str, str]], tuple]) -> list[dict[str, str]]:
+    """Each key's last row, in the order the keys first appear: an append-only file where a later row stands for
+    an earlier one (a record or replay skipped as unavailable, measured by a later session)."""
+    last = {key(r): r for r in rows}
+    return [last[k] for k in dict.fromkeys(key(r) for r in rows)]
+
+
 def not_a_number(row: dict[str, str], columns) -> str | None:
     """Why a row is unusable: the first of `columns` that holds something other than a number (empty is fine)."""
     for name in columns:

@@ -252,8 +252,8 @@ def failed_replay_file(out_dir: Path, rank: int) -> Path:
 
 
 def installed(backends: Iterable[str], device: torch.device) -> list[str]:
-    """The backends that can run on `device` now: replays of theirs stored as skipped (not installed then) are
-    run again."""
+    """The backends that can run on `device` now: what a run folder holds of theirs as skipped for want of them
+    (e2e replays, kernel records) is measured again."""
     return [b for b in backends if b == REFERENCE or BACKENDS[b].available(device) is None]
 
 
