@@ -194,13 +194,13 @@ def _e2e_run(tmp_path):
     """A run folder with end-to-end replays only: two traces x one rate, packinfer ok everywhere, fa2 ok,
     flashinfer skipped on one trace and incorrect on the other."""
     store = E2EStore(tmp_path)
-    rows = [("sharegpt", "fa2", "ok", 1000.0, 2000.0), ("sharegpt", "packinfer", "ok", 800.0, 2500.0),
-            ("sharegpt", "flashinfer", "skipped", None, None), ("azure", "fa2", "ok", 500.0, 4000.0),
-            ("azure", "packinfer", "ok", 400.0, 5000.0), ("azure", "flashinfer", "incorrect", 300.0, 9000.0)]
-    for trace, backend, status, e2e_ms, tok_s in rows:
+    rows = [("sharegpt", "fa2", "ok", 1000.0, 2000.0, 0.5), ("sharegpt", "packinfer", "ok", 800.0, 2500.0, 0.3),
+            ("sharegpt", "flashinfer", "skipped", None, None, None), ("azure", "fa2", "ok", 500.0, 4000.0, None),
+            ("azure", "packinfer", "ok", 400.0, 5000.0, None), ("azure", "flashinfer", "incorrect", 300.0, 9000.0, 0.2)]
+    for trace, backend, status, e2e_ms, tok_s, share in rows:
         store.add_summary(E2ERecord("m", trace, "4", backend, "llama-3.1-8b", 32, 32, status, e2e_ms_mean=e2e_ms,
                                     ttft_ms_mean=e2e_ms and e2e_ms / 10, tpot_ms_mean=e2e_ms and e2e_ms / 100,
-                                    throughput_tok_s=tok_s, busy_tok_s=tok_s and 2 * tok_s))
+                                    throughput_tok_s=tok_s, busy_tok_s=tok_s and 2 * tok_s, attention_share=share))
         if status == "ok":
             store.append(REQUESTS_FILE, [{"e2e": "m", "trace": trace, "rate": "4", "backend": backend,
                                           "request_id": i, "e2e_s": e2e_ms / 1e3 * (0.5 + i / 4), "ttft_s": 0.1,
@@ -216,6 +216,10 @@ def test_e2e_gains_pair_only_ok_replays_of_the_same_schedule(tmp_path):
     assert gains.loc[("sharegpt", "fa2"), "throughput_gain_pct"] == pytest.approx(25.0)
     assert gains.loc[("azure", "fa2"), "tpot_reduction_pct"] == pytest.approx(20.0)
     assert gains.loc[("azure", "fa2"), "busy_gain_pct"] == pytest.approx(25.0)
+    # fa2 spends half its time in attention: no attention kernel can serve more than twice its tokens
+    assert gains.loc[("sharegpt", "fa2"), "attention_bound_pct"] == pytest.approx(100.0)
+    assert gains.loc[("sharegpt", "fa2"), "attention_pct_ours"] == pytest.approx(30.0)
+    assert np.isnan(gains.loc[("azure", "fa2"), "attention_bound_pct"]), "not measured: no bound"
 
 
 def test_a_committed_run_reads_its_archived_requests_as_the_file(tmp_path):

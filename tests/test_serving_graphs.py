@@ -4,6 +4,7 @@ sizes, static inputs, K/V writes of padding rows to the scratch slot, packinfer'
 capture sees an empty plan), piecewise pieces with attention between them - and must give the eager outputs.
 On a GPU (PACKINFER_TEST_GPU=1) the same replays run through real CUDA graphs and must equal eager ones."""
 
+import math
 import os
 
 import numpy as np
@@ -18,8 +19,8 @@ from packinfer_bench.models import preset
 from packinfer_bench.serving.graphs import Graphs, bucket
 from packinfer_bench.serving.kv_follow import peak_tokens
 from packinfer_bench.serving.model import Decoder
-from packinfer_bench.serving.replay import cache_capacity, make_cache, prepare_graphs, replay
-from packinfer_bench.serving.stage import _compare, scenario
+from packinfer_bench.serving.replay import IterationResult, cache_capacity, make_cache, prepare_graphs, replay
+from packinfer_bench.serving.stage import _compare, attention_share, scenario
 from packinfer_bench.workload import Batch
 from packinfer_bench.workload.continuous import ContinuousSpec
 
@@ -43,7 +44,7 @@ class ReplayedByRunning(Graphs):
         fn()
 
 
-def _replays(device, graphs_cls, num_requests=8, prefixes=True):
+def _replays(device, graphs_cls, num_requests=8, prefixes=True, probe_every=0):
     spec = ContinuousSpec(num_requests=None, max_num_batched_tokens=64, max_num_seqs=6, max_kv_tokens=260)
     scen = scenario(_trace(num_requests, prefixes), spec)
     model = Decoder(preset("tiny"), device, torch.float16)
@@ -57,7 +58,8 @@ def _replays(device, graphs_cls, num_requests=8, prefixes=True):
         if graphs is not None:
             assert prepare_graphs(graphs, scen.schedule, attn, cache) == ""
         cache = make_cache(attn, model, cache.capacity_tokens)
-        return replay(model, scen.schedule, attn, cache, graphs=graphs, keep_outputs=len(scen.schedule))
+        return replay(model, scen.schedule, attn, cache, graphs=graphs, keep_outputs=len(scen.schedule),
+                      probe_every=probe_every)
 
     eager = run(None)
     graphs = graphs_cls(model, 64, 6)
@@ -85,13 +87,49 @@ def test_full_graph_bookkeeping_gives_the_eager_outputs_on_the_cpu(fuse_max_q, n
     assert err < 2e-3 and match == 1.0
 
 
+@pytest.mark.skipif(GPU, reason="the CPU stand-in for capture; on a GPU the real graphs are tested below")
+def test_probing_full_graph_iterations_times_their_attention_and_changes_no_output():
+    """Every third full-graph iteration runs its attention once more before the graph, on random q / k / v
+    (whose K/V the graph then overwrites): it gets an attention time, the others stay NaN, and every output is
+    bit for bit the unprobed replay's."""
+    scen, _, plain = _replays("cpu", ReplayedByRunning)
+    _, _, probed = _replays("cpu", ReplayedByRunning, probe_every=3)
+    times = [it.attention_ms for it in probed.iterations]
+    assert np.isfinite(times[::3]).all() and min(times[::3]) > 0
+    assert np.isnan([t for i, t in enumerate(times) if i % 3]).all()
+    assert np.isnan([it.attention_ms for it in plain.iterations]).all()
+    assert all(it.iteration_ms >= 0 and it.host_ms >= 0 for it in probed.iterations)
+    assert plain.hidden.keys() == probed.hidden.keys() == set(range(len(scen.schedule)))
+    for i in plain.hidden:
+        assert torch.equal(plain.hidden[i], probed.hidden[i]) and torch.equal(plain.tokens[i], probed.tokens[i])
+
+
+def _iteration(graph: str, iteration_ms: float, attention_ms: float) -> IterationResult:
+    return IterationResult(0, "decode", 1, 0, 1, 1, 10, graph, 1, iteration_ms, iteration_ms, 0.1, 0.0, 0.1,
+                           attention_ms, 0.0, 1, 0.0, 0)
+
+
+def test_attention_share_estimates_full_graph_iterations_from_the_probed_ones():
+    nan = math.nan
+    # piecewise: 3 of 10 ms; full: the probed iteration spends half of its 8 ms in attention, so the unprobed
+    # ones (12 ms) count 6 ms more
+    its = [_iteration("piecewise", 10, 3), _iteration("full", 8, 4), _iteration("full", 12, nan)]
+    assert attention_share(its) == pytest.approx((3 + 4 + 6) / 30)
+    assert attention_share(its[:1]) == pytest.approx(0.3)
+    assert attention_share([its[0], its[2]]) is None, "full-graph iterations ran but none was probed"
+    assert attention_share([]) is None
+
+
 @pytest.mark.skipif(not GPU, reason="needs a GPU (PACKINFER_TEST_GPU=1)")
-def test_cuda_graph_replays_equal_eager_replays():
-    scen, eager, graphed = _replays("cuda", Graphs)
+@pytest.mark.parametrize("probe_every", [0, 2])
+def test_cuda_graph_replays_equal_eager_replays(probe_every):
+    scen, eager, graphed = _replays("cuda", Graphs, probe_every=probe_every)
     assert {it.graph for it in graphed.iterations} == {"full"}
     err, match = _compare(graphed, eager)
     assert err < 2e-3 and match == 1.0
     assert np.isfinite([it.gpu_ms for it in graphed.iterations]).all()
+    probed = [it.attention_ms for it in graphed.iterations[::2]]
+    assert (np.isfinite(probed).all() and min(probed) > 0) if probe_every else np.isnan(probed).all()
 
 
 @pytest.mark.parametrize("slots", [16, 128])

@@ -94,9 +94,13 @@ def e2e_summary_table(summary: pd.DataFrame) -> pd.DataFrame:
 def e2e_gains_table(summary: pd.DataFrame, ours: str = OURS_BACKEND) -> pd.DataFrame:
     """Per model, trace, rate and baseline (both ok; metrics averaged over their ok repeats): reduction of mean
     end-to-end latency, TTFT and TPOT (%, > 0: ours is faster) and gain in throughput and busy throughput (%,
-    > 0: ours serves more). Point estimates: e2e_compare has their intervals."""
+    > 0: ours serves more). Point estimates: e2e_compare has their intervals. Where replays measured attention's
+    share of iteration time: both backends' shares (%) and what attention bounds: the busy-throughput gain over
+    the baseline if ours took no time in attention at all and matched the baseline everywhere else."""
     ok = summary[summary["status"] == "ok"]
-    means = ok.groupby([*E2E_KEY, "backend"], sort=False)[list(E2E_GAIN_METRICS)].mean().reset_index()
+    metrics = [*E2E_GAIN_METRICS, *(["attention_share"] if "attention_share" in ok else [])]
+    ok = ok.assign(**{m: pd.to_numeric(ok[m], errors="coerce") for m in metrics})
+    means = ok.groupby([*E2E_KEY, "backend"], sort=False)[metrics].mean().reset_index()
     mine = means[means["backend"] == ours]
     others = means[means["backend"] != ours]
     pairs = mine.merge(others, on=E2E_KEY, suffixes=("_ours", "_base"))
@@ -106,6 +110,10 @@ def e2e_gains_table(summary: pd.DataFrame, ours: str = OURS_BACKEND) -> pd.DataF
         out[name.replace("_ms_mean", "_reduction_pct")] = 100 * (1 - pairs[f"{name}_ours"] / pairs[f"{name}_base"])
     for name in ("throughput_tok_s", "busy_tok_s"):
         out[name.replace("_tok_s", "_gain_pct")] = 100 * (pairs[f"{name}_ours"] / pairs[f"{name}_base"] - 1)
+    if "attention_share" in metrics:
+        out["attention_pct_ours"] = 100 * pairs["attention_share_ours"]
+        out["attention_pct_base"] = 100 * pairs["attention_share_base"]
+        out["attention_bound_pct"] = 100 * (1 / (1 - pairs["attention_share_base"]) - 1)
     return out.sort_values(E2E_KEY + ["baseline"]).reset_index(drop=True)
 
 

@@ -35,7 +35,8 @@ class E2ERecord:
     token, busy_tok_s over summed iteration time (the schedule-free rate), goodput: requests/s within the SLO
     (`slo`), slo_attainment: their share. iteration/gpu/host means in ms (replay.IterationResult);
     launches_per_layer, attn_host_us_per_layer: means over iterations. attention_share: attention GPU time /
-    iteration time where observable (not inside full graphs). max_rel_err / token_match: the first verify
+    iteration time (inside full graphs estimated from probed iterations: serving.replay.AttentionProbe; rows
+    written before the probe existed leave full-graph iterations out). max_rel_err / token_match: the first verify
     iterations against the float32 reference attention. schedule: how requests arrive (open or closed loop);
     graphs: iterations per graph mode; kernel: what the backend ran; step_time: the scheduler's model; tp: the
     tensor-parallel degree (ranks the model is sharded over; times are rank 0's)."""

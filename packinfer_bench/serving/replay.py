@@ -7,7 +7,8 @@ token ids, the attention plan) while the GPU runs iteration i, and each iteratio
 can: the full forward pass for backends with a graph mode, else the pieces between attention calls, else eagerly.
 Times come from CUDA events: an iteration lasts from the end of the previous one to its own end on the GPU
 (so a host that falls behind shows as idle GPU time), its GPU time from its first to its last operation, its
-host time is what the CPU spent preparing and issuing it."""
+host time is what the CPU spent preparing and issuing it. Inside a full graph attention cannot be timed on its own,
+so a sample of those iterations is probed (AttentionProbe)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,10 @@ from packinfer_bench.workload import Batch
 
 #: Grouped caches reserve this many extra tokens per request to grow into.
 HEADROOM = 64
+#: Every this many full-graph iterations one is probed for its attention time (AttentionProbe); 0: never.
+PROBE_EVERY = 16
+#: GPU cycles a second, for the probe's sleep (an overestimate only sleeps longer: H100 and H200 run ~1.98 GHz).
+SLEEP_CYCLES_PER_S = 2.0e9
 
 
 @dataclass
@@ -37,8 +42,8 @@ class IterationResult:
     """One iteration: what ran and what it cost (ms). iteration: previous iteration's end to this one's end on
     the GPU (idle time waiting for the host included); gpu: first to last operation of this iteration; host:
     CPU time preparing (cache bookkeeping, making room, token ids, the attention plan) and issuing it;
-    attention: GPU time of the attention calls (K/V write + kernels; NaN inside a full graph, where it is not
-    observable); graph: how it ran (full, piecewise, eager)."""
+    attention: GPU time of the attention calls (K/V write + kernels; inside a full graph, where it is not
+    observable, NaN but in the iterations AttentionProbe samples); graph: how it ran (full, piecewise, eager)."""
 
     iteration: int
     kind: str
@@ -67,6 +72,52 @@ class ReplayResult:
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # iteration -> sampled rows' final hidden (fp32)
     tokens: dict[int, torch.Tensor] = field(default_factory=dict)  # iteration -> greedy tokens of those rows
     full_graph_failure: str = ""  # why the backend's full graphs could not be captured (it ran piecewise)
+
+
+class AttentionProbe:
+    """Attention time of full-graph iterations, where the graph hides it: every `every`-th such iteration first
+    runs its attention calls of every layer once more, eagerly, on random q / k / v of the graph's shape (the
+    graph then writes the iteration's own K/V over the probe's: outputs are unchanged), behind a GPU sleep that
+    lasts until the host has queued them all, so their span is GPU time, not Python's. The probe's span is
+    taken out of the iteration's times; what it measures goes to the iteration's attention_ms."""
+
+    def __init__(self, model: Decoder, every: int, clock: Callable[[], float]) -> None:
+        self.model, self.every, self.clock = model, every, clock
+        self.seen = 0
+        self.issue_s = 2e-3  # host time of the last probe's launches: the next sleep covers twice that
+        self._inputs: dict[int, tuple[torch.Tensor, ...]] = {}
+
+    def due(self) -> bool:
+        """Count one full-graph iteration; whether it is probed."""
+        self.seen += 1
+        return self.every > 0 and (self.seen - 1) % self.every == 0
+
+    def run(self, attention: ServingAttention, padded: int) -> tuple:
+        """Probe the iteration begun on `attention`: (span start, attention start, end) as CUDA events, or as
+        clock times on the CPU, and the host seconds the probe took."""
+        h0, dev, a = self.clock(), self.model.device, attention
+        if padded not in self._inputs:
+            g = torch.Generator(device=dev).manual_seed(padded)
+            self._inputs[padded] = tuple(torch.randn(padded, heads, a.head_dim, generator=g, device=dev,
+                                                     dtype=self.model.dtype)
+                                         for heads in (a.num_heads, a.num_kv_heads, a.num_kv_heads))
+        q, k, v = self._inputs[padded]
+        cuda = dev.type == "cuda"
+        if cuda:
+            marks = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+            marks[0].record()
+            torch.cuda._sleep(int(2 * self.issue_s * SLEEP_CYCLES_PER_S))
+            marks[1].record()
+        issued = self.clock()
+        for layer in range(self.model.cfg.num_layers):
+            attention(layer, q, k, v)
+        done = self.clock()
+        if cuda:
+            marks[2].record()
+        else:
+            marks = [h0, issued, done]
+        self.issue_s = done - issued
+        return tuple(marks), self.clock() - h0
 
 
 def cache_capacity(attention: ServingAttention, budget_tokens: int, max_seqs: int) -> int:
@@ -138,10 +189,11 @@ def prepare_graphs(graphs: Graphs, schedule: Sequence[Batch], attention: Serving
 def replay(model: Decoder, schedule: Sequence[Batch], attention: ServingAttention, cache, *,
            graphs: Graphs | None = None, keep_outputs: int = 0,
            on_iteration: Callable[[IterationResult], None] | None = None,
-           clock: Callable[[], float] = time.perf_counter) -> ReplayResult:
+           clock: Callable[[], float] = time.perf_counter, probe_every: int = PROBE_EVERY) -> ReplayResult:
     """Run every iteration of the schedule (through `graphs` where they hold its size); keep the sampled rows'
-    hidden states and tokens of the first `keep_outputs` iterations (for comparison with a reference). A
-    KVCacheError (cache full) propagates after the iterations done so far went to on_iteration."""
+    hidden states and tokens of the first `keep_outputs` iterations (for comparison with a reference); probe
+    every `probe_every`-th full-graph iteration's attention time (AttentionProbe). A KVCacheError (cache full)
+    propagates after the iterations done so far went to on_iteration."""
     dev = model.device
     cuda = dev.type == "cuda"
     follower = CacheFollower(cache, schedule, share_prefixes=attention.share_prefixes, synchronize=False)
@@ -149,7 +201,8 @@ def replay(model: Decoder, schedule: Sequence[Batch], attention: ServingAttentio
     staging = attention.staging
     layer_times: list = []
     attn_host = [0.0]
-    pending: list[tuple[dict, object, object, list]] = []
+    pending: list[tuple[dict, object, object, list, tuple | None]] = []
+    probe = AttentionProbe(model, probe_every, clock)
 
     def timed(layer, q, k, v):
         h0 = clock()
@@ -169,13 +222,19 @@ def replay(model: Decoder, schedule: Sequence[Batch], attention: ServingAttentio
         """Resolve the queued iterations' event times (one synchronisation) and hand them on."""
         if cuda:
             torch.cuda.synchronize(dev)
-        for row, (start, end), prev, times in pending:
+        for row, (start, end), prev, times, probed in pending:
             if cuda:
                 row["gpu_ms"] = start.elapsed_time(end)
                 row["iteration_ms"] = prev.elapsed_time(end) if prev is not None else row["gpu_ms"]
                 row["attention_ms"] = sum(s.elapsed_time(e) for s, e in times) if times else math.nan
             else:
                 row["attention_ms"] = 1e3 * sum(times) if times else math.nan
+            if probed is not None:  # the probe's span is not the iteration's
+                span, attn = ((a.elapsed_time(b) for a, b in ((probed[0], probed[2]), (probed[1], probed[2])))
+                              if cuda else (1e3 * (probed[2] - probed[0]), 1e3 * (probed[2] - probed[1])))
+                row["gpu_ms"] -= span
+                row["iteration_ms"] -= span
+                row["attention_ms"] = attn
             it = IterationResult(**row)
             result.iterations.append(it)
             if on_iteration is not None:
@@ -201,6 +260,7 @@ def replay(model: Decoder, schedule: Sequence[Batch], attention: ServingAttentio
                     mode = "piecewise"
             layer_times.clear()
             attn_host[0] = 0.0
+            probed, probe_s = None, 0.0
             if cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
@@ -209,6 +269,8 @@ def replay(model: Decoder, schedule: Sequence[Batch], attention: ServingAttentio
                 rows, slots = graphs.stage_writes(follower.rows, follower.slots, padded, scratch_slot(cache))
                 attention.begin(Step(batch, cache, rows, slots, cu_q, padded))
                 graphs.stage_inputs(ids, pos, sample, padded)
+                if probe.due():
+                    probed, probe_s = probe.run(attention, padded)
                 tokens, hidden = graphs.run_full(attention, padded, key)
                 tokens, hidden = tokens[:len(sample)], hidden[:len(sample)]
             else:
@@ -234,12 +296,12 @@ def replay(model: Decoder, schedule: Sequence[Batch], attention: ServingAttentio
             row = dict(iteration=i, kind=kind, num_requests=len(batch), num_prefill=int((phases != "decode").sum()),
                        num_decode=int((phases == "decode").sum()), q_tokens=n, kv_tokens=int(batch.kv_lens.sum()),
                        graph=mode, padded_rows=padded if mode != "eager" else n, iteration_ms=(t3 - t0) * 1e3,
-                       gpu_ms=(t3 - t0) * 1e3, host_ms=(t3 - t0) * 1e3, prepare_ms=(t1 - t0) * 1e3,
-                       launch_ms=(t2 - t1) * 1e3, attention_ms=math.nan,
+                       gpu_ms=(t3 - t0) * 1e3, host_ms=(t3 - t0 - probe_s) * 1e3, prepare_ms=(t1 - t0) * 1e3,
+                       launch_ms=(t2 - t1 - probe_s) * 1e3, attention_ms=math.nan,
                        attn_host_us_per_layer=1e6 * attn_host[0] / model.cfg.num_layers if mode != "full" else 0.0,
                        launches_per_layer=attention.launches_per_layer, room_ms=cost.room_s * 1e3,
                        moved_bytes=cost.moved_bytes)
-            pending.append((row, (start, end) if cuda else (None, None), prev_end, list(layer_times)))
+            pending.append((row, (start, end) if cuda else (None, None), prev_end, list(layer_times), probed))
             prev_end = end if cuda else None
             if len(pending) >= 256:  # keep the event queue short (one synchronisation per 256 iterations)
                 finish()

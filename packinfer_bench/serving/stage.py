@@ -634,8 +634,6 @@ def _summary(base: E2ERecord, scen: Scenario, result: ReplayResult, reference, s
     err, match = _compare(result, reference)
     status = "incorrect" if err is not None and err > E2E_MAX_REL_ERR else "ok"
     total = sum(it.iteration_ms for it in its)
-    attention = [it.attention_ms for it in its if np.isfinite(it.attention_ms)]
-    seen = [it.iteration_ms for it in its if np.isfinite(it.attention_ms)]
     modes: dict[str, int] = {}
     for it in its:
         modes[it.graph] = modes.get(it.graph, 0) + 1
@@ -651,11 +649,28 @@ def _summary(base: E2ERecord, scen: Scenario, result: ReplayResult, reference, s
         launch_ms_mean=float(np.mean([it.launch_ms for it in its])) if its else None,
         launches_per_layer=float(np.mean([it.launches_per_layer for it in its])) if its else None,
         attn_host_us_per_layer=float(np.mean([it.attn_host_us_per_layer for it in its])) if its else None,
-        attention_share=sum(attention) / sum(seen) if seen and sum(seen) else None,
+        attention_share=attention_share(its),
         room_ms_total=sum(it.room_ms for it in its), moved_gb=sum(it.moved_bytes for it in its) / 1e9,
         max_rel_err=err, token_match=match, graphs=" ".join(f"{k}:{v}" for k, v in sorted(modes.items())) + (
             f" (full graphs failed: {graph_failure})" if graph_failure else ""))
     return _Summary(record, requests.to_dict("records"))
+
+
+def attention_share(its: list) -> float | None:
+    """Attention's share of the replay's iteration time: measured in every iteration outside full graphs, and in
+    full-graph iterations estimated from the probed ones (their attention per iteration ms, times all full
+    iterations' time); None where full-graph iterations ran but none was probed."""
+    full = [it for it in its if it.graph == "full"]
+    probed = [it for it in full if np.isfinite(it.attention_ms)]
+    rest = [it for it in its if it.graph != "full" and np.isfinite(it.attention_ms)]
+    probed_ms = sum(it.iteration_ms for it in probed)
+    if full and probed_ms <= 0:
+        return None
+    attention = sum(it.attention_ms for it in rest)
+    if probed:
+        attention += sum(it.attention_ms for it in probed) / probed_ms * sum(it.iteration_ms for it in full)
+    total = sum(it.iteration_ms for it in rest) + sum(it.iteration_ms for it in full)
+    return attention / total if total > 0 else None
 
 
 def _reference_outputs(model: Decoder, scen: Scenario, n: int) -> ReplayResult:
