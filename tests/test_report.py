@@ -19,13 +19,14 @@ from packinfer_bench.report import (
     correctness_table,
     e2e_gains_table,
     load_e2e,
+    load_e2e_iterations,
     load_records,
     plan_cost_table,
     speedup_table,
     write_report,
 )
-from packinfer_bench.run_folder import E2E_DIR, RECORDS_FILE, REQUESTS_FILE
-from packinfer_bench.run_folder.e2e import E2ERecord, E2EStore
+from packinfer_bench.run_folder import E2E_DIR, ITERATIONS_FILE, RECORDS_FILE, REQUESTS_FILE
+from packinfer_bench.run_folder.e2e import E2ERecord, E2EStore, attention_share
 from packinfer_bench.run_folder.records import FIELDS
 
 
@@ -220,6 +221,33 @@ def test_e2e_gains_pair_only_ok_replays_of_the_same_schedule(tmp_path):
     assert gains.loc[("sharegpt", "fa2"), "attention_bound_pct"] == pytest.approx(100.0)
     assert gains.loc[("sharegpt", "fa2"), "attention_pct_ours"] == pytest.approx(30.0)
     assert np.isnan(gains.loc[("azure", "fa2"), "attention_bound_pct"]), "not measured: no bound"
+
+
+def test_attention_share_estimates_full_graph_iterations_from_the_probed_ones():
+    nan = math.nan
+    # piecewise: 3 of 10 ms; full: the probed iteration spends half of its 8 ms in attention, so the unprobed
+    # one's 12 ms count 6 ms more
+    graph, iteration, attention = ["piecewise", "full", "full"], [10.0, 8.0, 12.0], [3.0, 4.0, nan]
+    assert attention_share(graph, iteration, attention) == pytest.approx((3 + 4 + 6) / 30)
+    assert attention_share(graph[:1], iteration[:1], attention[:1]) == pytest.approx(0.3)
+    assert attention_share(["piecewise", "full"], [10.0, 12.0], [3.0, nan]) is None, "full ran, none probed"
+    assert attention_share([], [], []) is None
+
+
+def test_e2e_gains_take_attention_shares_from_the_iterations(tmp_path):
+    """The iterations decide: a replay whose full-graph iterations were never probed (written before the probe
+    existed) has no share, whatever its summary row says."""
+    run = _e2e_run(tmp_path)
+    its = [{"e2e": "m", "trace": "sharegpt", "rate": "4", "backend": backend, "repeat": 0, "iteration": i,
+            "kind": "decode", "graph": graph, "iteration_ms": 10.0, "host_ms": 1.0, "attention_ms": attention}
+           for backend, graph, attention in (("fa2", "piecewise", 4.0), ("packinfer", "full", ""))
+           for i in range(2)]
+    E2EStore(run).append(ITERATIONS_FILE, its)
+    summary, _ = load_e2e(run)
+    gains = e2e_gains_table(summary, load_e2e_iterations(run)).set_index(["trace", "baseline"])
+    assert gains.loc[("sharegpt", "fa2"), "attention_pct_base"] == pytest.approx(40.0)
+    assert np.isnan(gains.loc[("sharegpt", "fa2"), "attention_pct_ours"])
+    assert gains.loc[("sharegpt", "fa2"), "attention_bound_pct"] == pytest.approx(100 / 0.6 - 100)
 
 
 def test_a_committed_run_reads_its_archived_requests_as_the_file(tmp_path):

@@ -4,7 +4,6 @@ sizes, static inputs, K/V writes of padding rows to the scratch slot, packinfer'
 capture sees an empty plan), piecewise pieces with attention between them - and must give the eager outputs.
 On a GPU (PACKINFER_TEST_GPU=1) the same replays run through real CUDA graphs and must equal eager ones."""
 
-import math
 import os
 
 import numpy as np
@@ -19,8 +18,8 @@ from packinfer_bench.models import preset
 from packinfer_bench.serving.graphs import Graphs, bucket
 from packinfer_bench.serving.kv_follow import peak_tokens
 from packinfer_bench.serving.model import Decoder
-from packinfer_bench.serving.replay import IterationResult, cache_capacity, make_cache, prepare_graphs, replay
-from packinfer_bench.serving.stage import _compare, attention_share, scenario
+from packinfer_bench.serving.replay import cache_capacity, make_cache, prepare_graphs, replay
+from packinfer_bench.serving.stage import _compare, scenario
 from packinfer_bench.workload import Batch
 from packinfer_bench.workload.continuous import ContinuousSpec
 
@@ -102,22 +101,6 @@ def test_probing_full_graph_iterations_times_their_attention_and_changes_no_outp
     assert plain.hidden.keys() == probed.hidden.keys() == set(range(len(scen.schedule)))
     for i in plain.hidden:
         assert torch.equal(plain.hidden[i], probed.hidden[i]) and torch.equal(plain.tokens[i], probed.tokens[i])
-
-
-def _iteration(graph: str, iteration_ms: float, attention_ms: float) -> IterationResult:
-    return IterationResult(0, "decode", 1, 0, 1, 1, 10, graph, 1, iteration_ms, iteration_ms, 0.1, 0.0, 0.1,
-                           attention_ms, 0.0, 1, 0.0, 0)
-
-
-def test_attention_share_estimates_full_graph_iterations_from_the_probed_ones():
-    nan = math.nan
-    # piecewise: 3 of 10 ms; full: the probed iteration spends half of its 8 ms in attention, so the unprobed
-    # ones (12 ms) count 6 ms more
-    its = [_iteration("piecewise", 10, 3), _iteration("full", 8, 4), _iteration("full", 12, nan)]
-    assert attention_share(its) == pytest.approx((3 + 4 + 6) / 30)
-    assert attention_share(its[:1]) == pytest.approx(0.3)
-    assert attention_share([its[0], its[2]]) is None, "full-graph iterations ran but none was probed"
-    assert attention_share([]) is None
 
 
 @pytest.mark.skipif(not GPU, reason="needs a GPU (PACKINFER_TEST_GPU=1)")

@@ -21,7 +21,7 @@ import pandas as pd
 
 from packinfer_bench.report.tables import OURS_BACKEND, frame, read_rows
 from packinfer_bench.run_folder import E2E_DIR, ITERATIONS_FILE, REQUESTS_FILE, SUMMARY_FILE
-from packinfer_bench.run_folder.e2e import KEY_DEFAULTS, complete_rows, row_key
+from packinfer_bench.run_folder.e2e import KEY_DEFAULTS, attention_share, complete_rows, row_key
 from packinfer_bench.run_folder.store import CsvRows, last_per_key
 from packinfer_bench.stats import bootstrap, paired_ratio, verdict
 
@@ -80,10 +80,30 @@ def _with_repeat(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+def _with_shares(summary: pd.DataFrame, iterations: pd.DataFrame | None) -> pd.DataFrame:
+    """The summary rows with attention_share recomputed from `iterations` where given: a row written before the
+    probe existed holds the share of the iterations outside full graphs only, which the iterations correct
+    (to none, where full-graph iterations ran unprobed)."""
+    if iterations is None or not len(iterations) or "attention_ms" not in iterations:
+        return summary
+    return _with_repeat(summary.drop(columns="attention_share", errors="ignore")).merge(
+        _attention_shares(iterations), how="left", on=[*_POINT, "backend", "repeat"])
+
+
+def _attention_shares(iterations: pd.DataFrame) -> pd.DataFrame:
+    """attention_share of every replay in `iterations` (run_folder.e2e.attention_share)."""
+    rows = [(*key, attention_share(g["graph"].astype(str).tolist(), g["iteration_ms"].to_numpy(float),
+                                   pd.to_numeric(g["attention_ms"], errors="coerce").to_numpy(float)))
+            for key, g in iterations.groupby([*_POINT, "backend", "repeat"], sort=False)]
+    return pd.DataFrame(rows, columns=[*_POINT, "backend", "repeat", "attention_share"])
+
+
 # -- point estimates ----------------------------------------------------------------------------------------------
 
-def e2e_summary_table(summary: pd.DataFrame) -> pd.DataFrame:
-    """Every replay: status, latency (mean, p50, p99 end to end; mean TTFT and TPOT), throughput, attention share."""
+def e2e_summary_table(summary: pd.DataFrame, iterations: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Every replay: status, latency (mean, p50, p99 end to end; mean TTFT and TPOT), throughput, attention share
+    (from `iterations` where given)."""
+    summary = _with_shares(summary, iterations)
     cols = E2E_KEY + ["backend", "repeat", "status", "finished", "e2e_ms_mean", "e2e_ms_p50", "e2e_ms_p99",
                       "ttft_ms_mean", "tpot_ms_mean", "itl_ms_p99", "throughput_tok_s", "busy_tok_s", "goodput_req_s",
                       "attention_share", "graphs", "max_rel_err", "reason"]
@@ -91,13 +111,15 @@ def e2e_summary_table(summary: pd.DataFrame) -> pd.DataFrame:
     return summary[[c for c in cols if c in summary]].sort_values(order).reset_index(drop=True)
 
 
-def e2e_gains_table(summary: pd.DataFrame, ours: str = OURS_BACKEND) -> pd.DataFrame:
+def e2e_gains_table(summary: pd.DataFrame, iterations: pd.DataFrame | None = None,
+                    ours: str = OURS_BACKEND) -> pd.DataFrame:
     """Per model, trace, rate and baseline (both ok; metrics averaged over their ok repeats): reduction of mean
     end-to-end latency, TTFT and TPOT (%, > 0: ours is faster) and gain in throughput and busy throughput (%,
     > 0: ours serves more). Point estimates: e2e_compare has their intervals. Where replays measured attention's
-    share of iteration time: both backends' shares (%) and what attention bounds: the busy-throughput gain over
-    the baseline if ours took no time in attention at all and matched the baseline everywhere else."""
-    ok = summary[summary["status"] == "ok"]
+    share of iteration time (from `iterations` where given, else the summary's): both backends' shares (%) and
+    what attention bounds: the busy-throughput gain over the baseline if ours took no time in attention at all
+    and matched the baseline everywhere else."""
+    ok = _with_shares(summary[summary["status"] == "ok"], iterations)
     metrics = [*E2E_GAIN_METRICS, *(["attention_share"] if "attention_share" in ok else [])]
     ok = ok.assign(**{m: pd.to_numeric(ok[m], errors="coerce") for m in metrics})
     means = ok.groupby([*E2E_KEY, "backend"], sort=False)[metrics].mean().reset_index()

@@ -9,9 +9,10 @@ later one, is the replay's (`store.last_per_key`)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,3 +182,25 @@ def complete_rows(rows: list[dict[str, str]], summaries: list[dict[str, str]]) -
     """The rows whose replay has a summary row, from the attempt that summary row names."""
     attempt = {row_key(s): s.get("attempt", "") for s in summaries}
     return [r for r in rows if attempt.get(row_key(r), None) == r.get("attempt", "")]
+
+
+def attention_share(graph: Sequence[str], iteration_ms: Sequence[float], attention_ms: Sequence[float]) -> float | None:
+    """Attention's share of a replay's iteration time from its iterations (graph mode, iteration and attention
+    ms each): measured in every iteration outside full graphs, and in full-graph iterations estimated from the
+    probed ones (their attention per iteration ms, times all full iterations' time); None where full-graph
+    iterations ran but none was probed (replays from before the probe existed)."""
+    rest_attention = rest_time = full_time = probed_attention = probed_time = 0.0
+    full = False
+    for mode, it_ms, at_ms in zip(graph, iteration_ms, attention_ms):
+        seen = not math.isnan(at_ms)
+        if mode == "full":
+            full, full_time = True, full_time + it_ms
+            if seen:
+                probed_attention, probed_time = probed_attention + at_ms, probed_time + it_ms
+        elif seen:
+            rest_attention, rest_time = rest_attention + at_ms, rest_time + it_ms
+    if full and probed_time <= 0:
+        return None
+    attention = rest_attention + (probed_attention / probed_time * full_time if full else 0.0)
+    total = rest_time + full_time
+    return attention / total if total > 0 else None

@@ -37,7 +37,7 @@ from packinfer_bench.logs import get_logger
 from packinfer_bench.models import ModelConfig, preset
 from packinfer_bench.reference import ReferenceAttention
 from packinfer_bench.run_folder import ITERATIONS_FILE, REQUESTS_FILE, write_atomic
-from packinfer_bench.run_folder.e2e import E2ERecord, E2EStore, new_attempt
+from packinfer_bench.run_folder.e2e import E2ERecord, E2EStore, attention_share, new_attempt
 from packinfer_bench.run_folder.files import DIST_DIR
 from packinfer_bench.serving.graphs import Graphs
 from packinfer_bench.serving.kv_follow import peak_tokens
@@ -649,28 +649,12 @@ def _summary(base: E2ERecord, scen: Scenario, result: ReplayResult, reference, s
         launch_ms_mean=float(np.mean([it.launch_ms for it in its])) if its else None,
         launches_per_layer=float(np.mean([it.launches_per_layer for it in its])) if its else None,
         attn_host_us_per_layer=float(np.mean([it.attn_host_us_per_layer for it in its])) if its else None,
-        attention_share=attention_share(its),
+        attention_share=attention_share([it.graph for it in its], [it.iteration_ms for it in its],
+                                        [it.attention_ms for it in its]),
         room_ms_total=sum(it.room_ms for it in its), moved_gb=sum(it.moved_bytes for it in its) / 1e9,
         max_rel_err=err, token_match=match, graphs=" ".join(f"{k}:{v}" for k, v in sorted(modes.items())) + (
             f" (full graphs failed: {graph_failure})" if graph_failure else ""))
     return _Summary(record, requests.to_dict("records"))
-
-
-def attention_share(its: list) -> float | None:
-    """Attention's share of the replay's iteration time: measured in every iteration outside full graphs, and in
-    full-graph iterations estimated from the probed ones (their attention per iteration ms, times all full
-    iterations' time); None where full-graph iterations ran but none was probed."""
-    full = [it for it in its if it.graph == "full"]
-    probed = [it for it in full if np.isfinite(it.attention_ms)]
-    rest = [it for it in its if it.graph != "full" and np.isfinite(it.attention_ms)]
-    probed_ms = sum(it.iteration_ms for it in probed)
-    if full and probed_ms <= 0:
-        return None
-    attention = sum(it.attention_ms for it in rest)
-    if probed:
-        attention += sum(it.attention_ms for it in probed) / probed_ms * sum(it.iteration_ms for it in full)
-    total = sum(it.iteration_ms for it in rest) + sum(it.iteration_ms for it in full)
-    return attention / total if total > 0 else None
 
 
 def _reference_outputs(model: Decoder, scen: Scenario, n: int) -> ReplayResult:
