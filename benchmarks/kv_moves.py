@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import json
 from pathlib import Path
 
@@ -25,8 +24,7 @@ from packinfer_bench.experiment import load_traces
 from packinfer_bench.models import preset
 from packinfer_bench.serving.kv_follow import CacheFollower
 from packinfer_bench.serving.replay import HEADROOM, layout_capacity
-from packinfer_bench.serving.stage import scenario, server_budget
-from packinfer_bench.workload.continuous import StepTime
+from packinfer_bench.serving.stage import load_point_specs, scenario, server_budget, stored_step_time
 
 POLICIES = {"first-fit (before)": dict(placement="first-fit", relayout_slack=0.0),
             "spread": dict(placement="spread", relayout_slack=0.0),
@@ -69,10 +67,9 @@ def main() -> None:
         for e in cfg.e2e:
             m = preset(e.model, e.num_layers)
             token_bytes = m.num_layers * 2 * m.num_kv_heads * m.head_dim * 2
-            st = StepTime(**stored[e.name]["step_time"]) if e.name in stored else e.continuous.step_time
-            points = {(t.name, label): scenario(traces[t.name], dataclasses.replace(e.continuous, **changes,
-                                                                                    step_time=st))
-                      for t in cfg.traces_of(e) for label, changes in e.load_points()}
+            st = stored_step_time(stored, e) or e.continuous.step_time
+            points = {(trace, label): scenario(traces[trace], spec)
+                      for trace, label, spec in load_point_specs(cfg, e, st)}
             # the capacity of the entry's replay caches
             capacity = layout_capacity("grouped", 0, *server_budget(e.continuous, points.values()))
             for (trace, label), scen in points.items():

@@ -14,7 +14,6 @@ results/e2e-h100-matrix/e2e/pace.json).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -26,9 +25,8 @@ from packinfer_bench.run_folder.e2e import E2EStore
 from packinfer_bench.run_folder.files import E2E_DIR
 from packinfer_bench.serving.kv_follow import peak_tokens
 from packinfer_bench.serving.replay import kv_bytes, layout_capacity
-from packinfer_bench.serving.stage import STEP_TIME_FILE, scenario, server_budget
+from packinfer_bench.serving.stage import STEP_TIME_FILE, load_point_specs, scenario, server_budget, stored_step_time
 from packinfer_bench.traces import Trace
-from packinfer_bench.workload import StepTime
 
 
 def preview_e2e(config: ExperimentConfig, out_dir: Path, traces: dict[str, Trace],
@@ -40,27 +38,26 @@ def preview_e2e(config: ExperimentConfig, out_dir: Path, traces: dict[str, Trace
     done = E2EStore(out_dir, writer=False).done()
     total = left_total = 0.0
     for e in config.e2e:
-        step = StepTime(**stored[e.name]["step_time"]) if e.name in stored else e.continuous.step_time
-        source = "calibrated, stored" if e.name in stored else "the config's; a GPU run calibrates first"
+        step = stored_step_time(stored, e)
+        source = "calibrated, stored" if step is not None else "the config's; a GPU run calibrates first"
+        step = step or e.continuous.step_time
         cfg = preset(e.model, e.num_layers)
         log(f"e2e {e.name}: {e.model} x {cfg.num_layers} layers, {len(e.backends)} backend(s) x "
             f"{e.repeats} repeat(s); step time {step.base_ms:.3g} ms + {step.per_token_us:.3g} us/token + "
             f"{step.per_kv_token_ns:.3g} ns/KV token ({source})")
         seconds = left = 0.0
         scenarios = []
-        for tcfg in config.traces_of(e):
-            for label, changes in e.load_points():
-                scen = scenario(traces[tcfg.name], dataclasses.replace(e.continuous, **changes, step_time=step))
-                scenarios.append(scen)
-                replays = len(e.backends) * e.repeats
-                stored_here = sum((e.name, tcfg.name, label, b, str(r)) in done for b in e.backends
-                                  for r in range(e.repeats))
-                seconds += scen.modelled_s * replays
-                left += scen.modelled_s * (replays - stored_here)
-                log(f"  {tcfg.name} load {label}: {len(scen.arrivals)} requests ({scen.refused} refused), "
-                    f"{len(scen.schedule)} iterations, {scen.modelled_s:.1f} s modelled, peak "
-                    f"{peak_tokens(scen.schedule)} KV tokens" + (f"; {stored_here} of {replays} replays stored"
-                                                                  if stored_here else ""))
+        for trace, label, spec in load_point_specs(config, e, step):
+            scen = scenario(traces[trace], spec)
+            scenarios.append(scen)
+            replays = len(e.backends) * e.repeats
+            stored_here = sum((e.name, trace, label, b, str(r)) in done for b in e.backends for r in range(e.repeats))
+            seconds += scen.modelled_s * replays
+            left += scen.modelled_s * (replays - stored_here)
+            log(f"  {trace} load {label}: {len(scen.arrivals)} requests ({scen.refused} refused), "
+                f"{len(scen.schedule)} iterations, {scen.modelled_s:.1f} s modelled, peak "
+                f"{peak_tokens(scen.schedule)} KV tokens" + (f"; {stored_here} of {replays} replays stored"
+                                                              if stored_here else ""))
         budget, seqs = server_budget(e.continuous, scenarios)
         grouped = layout_capacity("grouped", 0, budget, seqs)
         gib = kv_bytes(grouped, cfg, DTYPES[e.dtype]) / 2**30

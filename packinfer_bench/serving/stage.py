@@ -112,6 +112,19 @@ def scenario(trace: Trace, spec: ContinuousSpec) -> Scenario:
                     {r: n for r, n in expected.items() if r in seen}, len(expected) - len(seen), sent_after)
 
 
+def stored_step_time(stored: dict, entry: E2EConfig) -> StepTime | None:
+    """The step-time model a run folder's step_time.json (its content: `stored`) holds for the entry, if any."""
+    return StepTime(**stored[entry.name]["step_time"]) if entry.name in stored else None
+
+
+def load_point_specs(config: ExperimentConfig, entry: E2EConfig,
+                     step_time: StepTime) -> list[tuple[str, str, ContinuousSpec]]:
+    """(trace, load label, the schedule's spec) of every load point of the entry, each trace of it at each load,
+    scheduled by `step_time`."""
+    return [(tcfg.name, label, dataclasses.replace(entry.continuous, **changes, step_time=step_time))
+            for tcfg in config.traces_of(entry) for label, changes in entry.load_points()]
+
+
 def server_budget(spec: ContinuousSpec, scenarios: Iterable[Scenario]) -> tuple[int, int]:
     """The live KV tokens and the requests at once that an entry's servers are sized for (cache_capacity): the
     config's budget (else the schedules' peak) and max_num_seqs, at most the requests of its largest load point."""
@@ -367,24 +380,22 @@ class _Entry:
     def run(self) -> None:
         entry, retry = self.entry, installed(self.entry.backends, self.device)
         done = self.world.from_writer(lambda: self.store.done(retry))
-        points = [(tcfg, label, changes) for tcfg in self.config.traces_of(entry)
-                  for label, changes in entry.load_points()]
         todo = {(t.name, label): [(b, r) for r in range(entry.repeats) for b in entry.backends
-                                  if (entry.name, t.name, label, b, str(r)) not in done] for t, label, _ in points}
+                                  if (entry.name, t.name, label, b, str(r)) not in done]
+                for t in self.config.traces_of(entry) for label, _ in entry.load_points()}
         if not any(todo.values()):
             return
         step_time = self._step_time()
         if step_time is None:
             return
         scenarios = {}
-        for tcfg, label, changes in points:
-            if not todo[(tcfg.name, label)]:
+        for trace, label, spec in load_point_specs(self.config, entry, step_time):
+            if not todo[(trace, label)]:
                 continue
-            spec = dataclasses.replace(entry.continuous, **changes, step_time=step_time)
             try:
-                scenarios[(tcfg.name, label)] = scenario(self.traces[tcfg.name], spec)
+                scenarios[(trace, label)] = scenario(self.traces[trace], spec)
             except Exception as e:  # noqa: BLE001 -- one load point's failure must not end the run
-                self._store_all(tcfg.name, label, todo[(tcfg.name, label)], "error",
+                self._store_all(trace, label, todo[(trace, label)], "error",
                                 f"building the schedule: {type(e).__name__}: {first_line(e)}")
         for (trace, label), scen in scenarios.items():
             self._load_point(trace, label, scen, todo[(trace, label)], scenarios)
@@ -417,8 +428,8 @@ class _Entry:
         e = self.entry
         path = self.store.dir / STEP_TIME_FILE
         stored = self.world.from_writer(lambda: json.loads(path.read_text()) if path.exists() else {})
-        if e.name in stored:
-            return StepTime(**stored[e.name]["step_time"])
+        if (step_time := stored_step_time(stored, e)) is not None:
+            return step_time
         if not (e.calibrate and self.device.type == "cuda"):
             return e.continuous.step_time
         if self.shared.step_time is not None:  # measured for an earlier entry of the same model
