@@ -25,7 +25,7 @@ from packinfer_bench.serving.kv_follow import peak_tokens
 from packinfer_bench.serving.metrics import request_latencies, summarize, timeline
 from packinfer_bench.serving.model import Decoder
 from packinfer_bench.serving.replay import cache_capacity, make_cache, replay
-from packinfer_bench.serving.stage import _compare, scenario
+from packinfer_bench.serving.stage import _compare, fit_step_time, scenario
 from packinfer_bench.traces.synthetic import load as synthetic
 from packinfer_bench.workload import Batch
 from packinfer_bench.workload.continuous import ContinuousSpec
@@ -122,6 +122,23 @@ def test_latency_arithmetic_on_a_made_up_clock():
     assert out["throughput_tok_s"] == pytest.approx(5 / 3.25) and out["busy_tok_s"] == pytest.approx(5 / 2.75)
     short = summarize(req.reset_index(), [1.0] * 4, {1: 4, 2: 2})  # request 1 should have made 4 tokens
     assert short["finished"] == 1 and short["e2e_ms_mean"] == pytest.approx(750.0)
+
+
+def test_the_step_time_fit_keeps_small_iterations_right_beside_long_prefills():
+    """Iteration time is not linear: a prefill's attention grows with its length squared. Fitted to ~10 ms decode
+    steps and prefills of up to 8k tokens (~120 ms) alike, the linear model must keep the decode steps - most of
+    a schedule - within a few percent (a least-squares fit in ms paced the smallest 40% fast: 4.4 ms base); an
+    exact linear model is recovered exactly."""
+    curved = lambda q, kv: 9.0 + 0.020 * q + 5e-5 * kv + 1.2e-6 * q * q  # noqa: E731 -- ms
+    decode = [{"q_tokens": q, "kv_tokens": kv, "ms": curved(q, kv)} for q, kv in [(8, 8200), (32, 32800), (64, 65600)]]
+    prefill = [{"q_tokens": t, "kv_tokens": t, "ms": curved(t, t)} for t in (256, 1024, 4096, 8192)]
+    fit = fit_step_time(decode * 6 + prefill * 3)
+    for p in decode:
+        assert fit.seconds(p["q_tokens"], p["kv_tokens"]) * 1e3 == pytest.approx(p["ms"], rel=0.04)
+    linear = lambda q, kv: 9.0 + 0.026 * q + 5e-5 * kv  # noqa: E731
+    exact = fit_step_time([{"q_tokens": q, "kv_tokens": kv, "ms": linear(q, kv)} for q, kv in
+                           [(8, 100), (300, 300), (8, 50000), (2048, 9000)]])
+    assert (exact.base_ms, exact.per_token_us, exact.per_kv_token_ns) == pytest.approx((9.0, 26.0, 50.0))
 
 
 def test_presets_have_the_published_sizes_and_layers_can_be_limited():
