@@ -197,7 +197,7 @@ def _e2e_run(tmp_path):
     store = E2EStore(tmp_path)
     rows = [("sharegpt", "fa2", "ok", 1000.0, 2000.0, 0.5), ("sharegpt", "packinfer", "ok", 800.0, 2500.0, 0.3),
             ("sharegpt", "flashinfer", "skipped", None, None, None), ("azure", "fa2", "ok", 500.0, 4000.0, None),
-            ("azure", "packinfer", "ok", 400.0, 5000.0, None), ("azure", "flashinfer", "incorrect", 300.0, 9000.0, 0.2)]
+            ("azure", "packinfer", "ok", 400.0, 5000.0, 0.25), ("azure", "flashinfer", "incorrect", 300.0, 9000.0, 0.2)]
     for trace, backend, status, e2e_ms, tok_s, share in rows:
         store.add_summary(E2ERecord("m", trace, "4", backend, "llama-3.1-8b", 32, 32, status, e2e_ms_mean=e2e_ms,
                                     ttft_ms_mean=e2e_ms and e2e_ms / 10, tpot_ms_mean=e2e_ms and e2e_ms / 100,
@@ -248,6 +248,7 @@ def test_e2e_gains_take_attention_shares_from_the_iterations(tmp_path):
     assert gains.loc[("sharegpt", "fa2"), "attention_pct_base"] == pytest.approx(40.0)
     assert np.isnan(gains.loc[("sharegpt", "fa2"), "attention_pct_ours"])
     assert gains.loc[("sharegpt", "fa2"), "attention_bound_pct"] == pytest.approx(100 / 0.6 - 100)
+    assert gains.loc[("azure", "fa2"), "attention_pct_ours"] == pytest.approx(25.0), "no iteration rows: its own"
 
 
 def test_a_committed_run_reads_its_archived_requests_as_the_file(tmp_path):

@@ -5,6 +5,7 @@ capture sees an empty plan), piecewise pieces with attention between them - and 
 On a GPU (PACKINFER_TEST_GPU=1) the same replays run through real CUDA graphs and must equal eager ones."""
 
 import os
+import time
 
 import numpy as np
 import packinfer
@@ -43,13 +44,14 @@ class ReplayedByRunning(Graphs):
         fn()
 
 
-def _replays(device, graphs_cls, num_requests=8, prefixes=True, probe_every=0):
+def _replays(device, graphs_cls, num_requests=8, prefixes=True, probe_every=0, attention=PackinferAttention,
+             clock=time.perf_counter):
     spec = ContinuousSpec(num_requests=None, max_num_batched_tokens=64, max_num_seqs=6, max_kv_tokens=260)
     scen = scenario(_trace(num_requests, prefixes), spec)
     model = Decoder(preset("tiny"), device, torch.float16)
 
     def run(graphs):
-        attn = PackinferAttention(model.device, model.cfg.num_heads, model.cfg.num_kv_heads, model.cfg.head_dim)
+        attn = attention(model.device, model.cfg.num_heads, model.cfg.num_kv_heads, model.cfg.head_dim)
         if device == "cpu":
             attn._sms = 8  # the planner's SM count: a small capacity grid keeps the interpreter quick
         cache = make_cache(attn, model, cache_capacity(attn, peak_tokens(scen.schedule), spec.max_num_seqs))
@@ -58,7 +60,7 @@ def _replays(device, graphs_cls, num_requests=8, prefixes=True, probe_every=0):
             assert prepare_graphs(graphs, scen.schedule, attn, cache) == ""
         cache = make_cache(attn, model, cache.capacity_tokens)
         return replay(model, scen.schedule, attn, cache, graphs=graphs, keep_outputs=len(scen.schedule),
-                      probe_every=probe_every)
+                      probe_every=probe_every, clock=clock)
 
     eager = run(None)
     graphs = graphs_cls(model, 64, 6)
@@ -93,14 +95,38 @@ def test_probing_full_graph_iterations_times_their_attention_and_changes_no_outp
     bit for bit the unprobed replay's."""
     scen, _, plain = _replays("cpu", ReplayedByRunning)
     _, _, probed = _replays("cpu", ReplayedByRunning, probe_every=3)
-    times = [it.attention_ms for it in probed.iterations]
+    times = [it.attention_ms for it in probed.iterations if it.graph == "full"]
+    assert len(times) == len(scen.schedule)
     assert np.isfinite(times[::3]).all() and min(times[::3]) > 0
     assert np.isnan([t for i, t in enumerate(times) if i % 3]).all()
     assert np.isnan([it.attention_ms for it in plain.iterations]).all()
-    assert all(it.iteration_ms >= 0 and it.host_ms >= 0 for it in probed.iterations)
     assert plain.hidden.keys() == probed.hidden.keys() == set(range(len(scen.schedule)))
     for i in plain.hidden:
         assert torch.equal(plain.hidden[i], probed.hidden[i]) and torch.equal(plain.tokens[i], probed.tokens[i])
+
+
+class Ticking(PackinferAttention):
+    """packinfer's attention on a made-up clock that advances 1 ms a call and stands still otherwise."""
+
+    now = [0.0]
+
+    def __call__(self, layer, q, k, v):
+        Ticking.now[0] += 1e-3
+        return super().__call__(layer, q, k, v)
+
+
+@pytest.mark.skipif(GPU, reason="the CPU stand-in for capture; on a GPU the real graphs are tested below")
+def test_a_probed_iteration_keeps_its_own_times_on_a_made_up_clock():
+    """Only attention calls take time (1 ms each): every full-graph iteration lasts its layers' calls, probed or
+    not (the probe's span is taken out of its iteration, host and launch times), and a probed iteration's
+    attention time is the probe's calls."""
+    layers = preset("tiny").num_layers
+    _, _, graphed = _replays("cpu", ReplayedByRunning, probe_every=2, attention=Ticking, clock=lambda: Ticking.now[0])
+    for i, it in enumerate(graphed.iterations):
+        assert it.graph == "full"
+        for ms in (it.iteration_ms, it.gpu_ms, it.host_ms, it.launch_ms):
+            assert ms == pytest.approx(layers)
+        assert it.attention_ms == pytest.approx(layers) if i % 2 == 0 else np.isnan(it.attention_ms)
 
 
 @pytest.mark.skipif(not GPU, reason="needs a GPU (PACKINFER_TEST_GPU=1)")

@@ -83,11 +83,17 @@ def _with_repeat(df: pd.DataFrame) -> pd.DataFrame:
 def _with_shares(summary: pd.DataFrame, iterations: pd.DataFrame | None) -> pd.DataFrame:
     """The summary rows with attention_share recomputed from `iterations` where given: a row written before the
     probe existed holds the share of the iterations outside full graphs only, which the iterations correct
-    (to none, where full-graph iterations ran unprobed)."""
+    (to none, where full-graph iterations ran unprobed); a replay without iteration rows keeps its own."""
     if iterations is None or not len(iterations) or "attention_ms" not in iterations:
         return summary
-    return _with_repeat(summary.drop(columns="attention_share", errors="ignore")).merge(
-        _attention_shares(iterations), how="left", on=[*_POINT, "backend", "repeat"])
+    key = [*_POINT, "backend", "repeat"]
+    shares = _attention_shares(iterations).rename(columns={"attention_share": "_share"})
+    out = _with_repeat(summary.assign(rate=summary["rate"].astype(str))).merge(
+        shares.assign(rate=shares["rate"].astype(str), _seen=True), how="left", on=key)
+    seen = out.pop("_seen").notna()
+    share = out.pop("_share")
+    out["attention_share"] = share.where(seen, out["attention_share"] if "attention_share" in out else np.nan)
+    return out
 
 
 def _attention_shares(iterations: pd.DataFrame) -> pd.DataFrame:
@@ -111,7 +117,7 @@ def e2e_summary_table(summary: pd.DataFrame, iterations: pd.DataFrame | None = N
     return summary[[c for c in cols if c in summary]].sort_values(order).reset_index(drop=True)
 
 
-def e2e_gains_table(summary: pd.DataFrame, iterations: pd.DataFrame | None = None,
+def e2e_gains_table(summary: pd.DataFrame, iterations: pd.DataFrame | None = None, *,
                     ours: str = OURS_BACKEND) -> pd.DataFrame:
     """Per model, trace, rate and baseline (both ok; metrics averaged over their ok repeats): reduction of mean
     end-to-end latency, TTFT and TPOT (%, > 0: ours is faster) and gain in throughput and busy throughput (%,
@@ -135,7 +141,8 @@ def e2e_gains_table(summary: pd.DataFrame, iterations: pd.DataFrame | None = Non
     if "attention_share" in metrics:
         out["attention_pct_ours"] = 100 * pairs["attention_share_ours"]
         out["attention_pct_base"] = 100 * pairs["attention_share_base"]
-        out["attention_bound_pct"] = 100 * (1 / (1 - pairs["attention_share_base"]) - 1)
+        base = pairs["attention_share_base"].where(pairs["attention_share_base"] < 1)
+        out["attention_bound_pct"] = 100 * (1 / (1 - base) - 1)
     return out.sort_values(E2E_KEY + ["baseline"]).reset_index(drop=True)
 
 

@@ -16,6 +16,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import packinfer
@@ -43,7 +44,7 @@ class IterationResult:
     the GPU (idle time waiting for the host included); gpu: first to last operation of this iteration; host:
     CPU time preparing (cache bookkeeping, making room, token ids, the attention plan) and issuing it;
     attention: GPU time of the attention calls (K/V write + kernels; inside a full graph, where it is not
-    observable, NaN but in the iterations AttentionProbe samples); graph: how it ran (full, piecewise, eager)."""
+    observable, NaN except in the iterations AttentionProbe samples); graph: how it ran (full, piecewise, eager)."""
 
     iteration: int
     kind: str
@@ -74,41 +75,60 @@ class ReplayResult:
     full_graph_failure: str = ""  # why the backend's full graphs could not be captured (it ran piecewise)
 
 
+@dataclass
+class ProbeMarks:
+    """When an AttentionProbe ran: its span (start to end, taken out of the iteration's times) and its attention
+    calls within it, as CUDA events or, on the CPU, clock seconds; host_s: the host time it took."""
+
+    start: Any
+    attention_start: Any
+    attention_end: Any
+    end: Any
+    host_s: float
+
+    def ms(self) -> tuple[float, float]:
+        """(span, attention) in ms (CUDA events: once they have completed)."""
+        if not isinstance(self.start, torch.cuda.Event):
+            return 1e3 * (self.end - self.start), 1e3 * (self.attention_end - self.attention_start)
+        return self.start.elapsed_time(self.end), self.attention_start.elapsed_time(self.attention_end)
+
+
 class AttentionProbe:
     """Attention time of full-graph iterations, where the graph hides it: every `every`-th such iteration first
     runs its attention calls of every layer once more, eagerly, on random q / k / v of the graph's shape (the
     graph then writes the iteration's own K/V over the probe's: outputs are unchanged), behind a GPU sleep that
-    lasts until the host has queued them all, so their span is GPU time, not Python's. The probe's span is
-    taken out of the iteration's times; what it measures goes to the iteration's attention_ms. The graph is
-    launched while the probe runs, so an iteration whose GPU would otherwise have waited for that launch reads
-    shorter by it: FlashInfer's decode graphs on an H100 by 0.38 ms (2.3%), packinfer's by none measurable
-    (results/e2e-h100-matrix/NOTES.md)."""
+    lasts until the host has queued them all, so their time is the GPU's, not Python's. The probe's span is
+    taken out of the iteration's times; its attention time is the iteration's attention_ms. The host then waits
+    for the probe to end (every rank's, under tensor parallelism), so the graph's launch meets an idle GPU as
+    after any host-bound gap and no lead carries into later iterations (without that wait, FlashInfer's next six
+    decode iterations read 0.37 ms shorter each: results/e2e-h100-matrix/NOTES.md)."""
 
     def __init__(self, model: Decoder, every: int, clock: Callable[[], float]) -> None:
         self.model, self.every, self.clock = model, every, clock
         self.seen = 0
-        self.issue_s = 2e-3  # host time of the last probe's launches: the next sleep covers twice that
+        self.issue_s = 1e-4 * model.cfg.num_layers  # host time of the last probe's launches; the sleep is twice it
         self._inputs: dict[int, tuple[torch.Tensor, ...]] = {}
+        self._token = torch.zeros(1, device=model.device)
 
     def due(self) -> bool:
         """Count one full-graph iteration; whether it is probed."""
         self.seen += 1
         return self.every > 0 and (self.seen - 1) % self.every == 0
 
-    def run(self, attention: ServingAttention, padded: int) -> tuple:
-        """Probe the iteration begun on `attention`: (span start, attention start, end) as CUDA events, or as
-        clock times on the CPU, and the host seconds the probe took."""
-        h0, dev, a = self.clock(), self.model.device, attention
+    def run(self, attention: ServingAttention, padded: int) -> ProbeMarks:
+        """Probe the iteration of `padded` rows begun on `attention`."""
+        dev, a, cuda = self.model.device, attention, self.model.device.type == "cuda"
+        h0 = self.clock()
+        marks = [torch.cuda.Event(enable_timing=True) for _ in range(4)] if cuda else []
+        if cuda:
+            marks[0].record()
         if padded not in self._inputs:
             g = torch.Generator(device=dev).manual_seed(padded)
             self._inputs[padded] = tuple(torch.randn(padded, heads, a.head_dim, generator=g, device=dev,
                                                      dtype=self.model.dtype)
                                          for heads in (a.num_heads, a.num_kv_heads, a.num_kv_heads))
         q, k, v = self._inputs[padded]
-        cuda = dev.type == "cuda"
         if cuda:
-            marks = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
-            marks[0].record()
             torch.cuda._sleep(int(2 * self.issue_s * SLEEP_CYCLES_PER_S))
             marks[1].record()
         issued = self.clock()
@@ -117,10 +137,14 @@ class AttentionProbe:
         done = self.clock()
         if cuda:
             marks[2].record()
+        self.model.tp.all_reduce(self._token)  # every rank's probe ends before the graph starts anywhere
+        if cuda:
+            marks[3].record()
+            marks[3].synchronize()
         else:
-            marks = [h0, issued, done]
+            marks = [h0, issued, done, self.clock()]
         self.issue_s = done - issued
-        return tuple(marks), self.clock() - h0
+        return ProbeMarks(*marks, host_s=self.clock() - h0)
 
 
 def cache_capacity(attention: ServingAttention, budget_tokens: int, max_seqs: int) -> int:
@@ -204,7 +228,7 @@ def replay(model: Decoder, schedule: Sequence[Batch], attention: ServingAttentio
     staging = attention.staging
     layer_times: list = []
     attn_host = [0.0]
-    pending: list[tuple[dict, object, object, list, tuple | None]] = []
+    pending: list[tuple[dict, object, object, list, ProbeMarks | None]] = []
     probe = AttentionProbe(model, probe_every, clock)
 
     def timed(layer, q, k, v):
@@ -233,8 +257,7 @@ def replay(model: Decoder, schedule: Sequence[Batch], attention: ServingAttentio
             else:
                 row["attention_ms"] = 1e3 * sum(times) if times else math.nan
             if probed is not None:  # the probe's span is not the iteration's
-                span, attn = ((a.elapsed_time(b) for a, b in ((probed[0], probed[2]), (probed[1], probed[2])))
-                              if cuda else (1e3 * (probed[2] - probed[0]), 1e3 * (probed[2] - probed[1])))
+                span, attn = probed.ms()
                 row["gpu_ms"] -= span
                 row["iteration_ms"] -= span
                 row["attention_ms"] = attn
@@ -263,7 +286,7 @@ def replay(model: Decoder, schedule: Sequence[Batch], attention: ServingAttentio
                     mode = "piecewise"
             layer_times.clear()
             attn_host[0] = 0.0
-            probed, probe_s = None, 0.0
+            probed = None
             if cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
@@ -273,7 +296,7 @@ def replay(model: Decoder, schedule: Sequence[Batch], attention: ServingAttentio
                 attention.begin(Step(batch, cache, rows, slots, cu_q, padded))
                 graphs.stage_inputs(ids, pos, sample, padded)
                 if probe.due():
-                    probed, probe_s = probe.run(attention, padded)
+                    probed = probe.run(attention, padded)
                 tokens, hidden = graphs.run_full(attention, padded, key)
                 tokens, hidden = tokens[:len(sample)], hidden[:len(sample)]
             else:
@@ -295,6 +318,7 @@ def replay(model: Decoder, schedule: Sequence[Batch], attention: ServingAttentio
                 result.tokens[i] = tokens.to("cpu", copy=True)
             follower.retire(i, batch)
             t3 = clock()
+            probe_s = probed.host_s if probed is not None else 0.0
             phases = batch.request_phases
             row = dict(iteration=i, kind=kind, num_requests=len(batch), num_prefill=int((phases != "decode").sum()),
                        num_decode=int((phases == "decode").sum()), q_tokens=n, kv_tokens=int(batch.kv_lens.sum()),

@@ -43,7 +43,15 @@ from packinfer_bench.serving.graphs import Graphs
 from packinfer_bench.serving.kv_follow import peak_tokens
 from packinfer_bench.serving.metrics import Slo, inter_token_gaps, request_latencies, summarize, timeline
 from packinfer_bench.serving.model import Decoder
-from packinfer_bench.serving.replay import ReplayResult, cache_capacity, kv_bytes, make_cache, prepare_graphs, replay
+from packinfer_bench.serving.replay import (
+    PROBE_EVERY,
+    ReplayResult,
+    cache_capacity,
+    kv_bytes,
+    make_cache,
+    prepare_graphs,
+    replay,
+)
 from packinfer_bench.serving.tp import TensorParallel
 from packinfer_bench.traces import Trace
 from packinfer_bench.workload import Batch, StepTime, continuous_batches
@@ -223,9 +231,10 @@ class Server:
             return ""
         return prepare_graphs(self.graphs, schedule, self.attention, self.fresh_cache())
 
-    def replay(self, schedule: list[Batch], keep_outputs: int, on_iteration) -> ReplayResult:
+    def replay(self, schedule: list[Batch], keep_outputs: int, on_iteration,
+               probe_every: int = PROBE_EVERY) -> ReplayResult:
         return replay(self.model, schedule, self.attention, self.fresh_cache(), graphs=self.graphs,
-                      keep_outputs=keep_outputs, on_iteration=on_iteration)
+                      keep_outputs=keep_outputs, on_iteration=on_iteration, probe_every=probe_every)
 
 
 def run_e2e(config: ExperimentConfig, out_dir, traces: dict[str, Trace], device: torch.device,
@@ -709,7 +718,7 @@ def calibrate(model: Decoder, graphs: Graphs | None, backend: str, spec: Continu
     server = Server(backend, model, graphs, peak_tokens(schedule), spec.max_num_batched_tokens,
                     max(len(b) for b in schedule), max(int(b.kv_lens.max()) for b in schedule))
     server.prepare(schedule, warmup=True)
-    times = [it.iteration_ms for it in server.replay(schedule, 0, None).iterations]
+    times = [it.iteration_ms for it in server.replay(schedule, 0, None, probe_every=0).iterations]
     points = [{"q_tokens": int(b.q_lens.sum()), "kv_tokens": int(b.kv_lens.sum()), "ms": t}
               for b, t in zip(schedule, times)]
     if graphs is not None:
