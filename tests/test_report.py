@@ -23,6 +23,7 @@ from packinfer_bench.report import (
     load_records,
     plan_cost_table,
     speedup_table,
+    with_attention_shares,
     write_report,
 )
 from packinfer_bench.run_folder import E2E_DIR, ITERATIONS_FILE, RECORDS_FILE, REQUESTS_FILE
@@ -244,7 +245,7 @@ def test_e2e_gains_take_attention_shares_from_the_iterations(tmp_path):
            for i in range(2)]
     E2EStore(run).append(ITERATIONS_FILE, its)
     summary, _ = load_e2e(run)
-    gains = e2e_gains_table(summary, load_e2e_iterations(run)).set_index(["trace", "baseline"])
+    gains = e2e_gains_table(with_attention_shares(summary, load_e2e_iterations(run))).set_index(["trace", "baseline"])
     assert gains.loc[("sharegpt", "fa2"), "attention_pct_base"] == pytest.approx(40.0)
     assert np.isnan(gains.loc[("sharegpt", "fa2"), "attention_pct_ours"])
     assert gains.loc[("sharegpt", "fa2"), "attention_bound_pct"] == pytest.approx(100 / 0.6 - 100)

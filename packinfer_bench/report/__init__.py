@@ -20,6 +20,7 @@ from packinfer_bench.report.e2e_tables import (
     has_e2e,
     load_e2e,
     load_e2e_iterations,
+    with_attention_shares,
 )
 from packinfer_bench.report.figures import FIGURE_FORMATS, all_figures, e2e_figures, save_figures, write_figures
 from packinfer_bench.report.formats import FORMATS, write_tables
@@ -44,4 +45,4 @@ __all__ = ["FIGURE_FORMATS", "FORMATS", "OURS", "OURS_BACKEND", "OURS_SYSTEM", "
            "compare_table", "correctness_table", "e2e_compare_table", "e2e_figures", "e2e_gains_table",
            "e2e_iteration_kinds_table", "e2e_slo_table", "e2e_summary_table", "has_e2e", "load_e2e",
            "load_e2e_iterations", "load_records", "load_workload", "paired_speedups", "plan_cost_table",
-           "save_figures", "speedup_table", "write_figures", "write_report", "write_tables"]
+           "save_figures", "speedup_table", "with_attention_shares", "write_figures", "write_report", "write_tables"]

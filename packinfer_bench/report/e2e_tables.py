@@ -80,7 +80,7 @@ def _with_repeat(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def _with_shares(summary: pd.DataFrame, iterations: pd.DataFrame | None) -> pd.DataFrame:
+def with_attention_shares(summary: pd.DataFrame, iterations: pd.DataFrame | None) -> pd.DataFrame:
     """The summary rows with attention_share recomputed from `iterations` where given: a row written before the
     probe existed holds the share of the iterations outside full graphs only, which the iterations correct
     (to none, where full-graph iterations ran unprobed); a replay without iteration rows keeps its own."""
@@ -106,10 +106,8 @@ def _attention_shares(iterations: pd.DataFrame) -> pd.DataFrame:
 
 # -- point estimates ----------------------------------------------------------------------------------------------
 
-def e2e_summary_table(summary: pd.DataFrame, iterations: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Every replay: status, latency (mean, p50, p99 end to end; mean TTFT and TPOT), throughput, attention share
-    (from `iterations` where given)."""
-    summary = _with_shares(summary, iterations)
+def e2e_summary_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """Every replay: status, latency (mean, p50, p99 end to end; mean TTFT and TPOT), throughput, attention share."""
     cols = E2E_KEY + ["backend", "repeat", "status", "finished", "e2e_ms_mean", "e2e_ms_p50", "e2e_ms_p99",
                       "ttft_ms_mean", "tpot_ms_mean", "itl_ms_p99", "throughput_tok_s", "busy_tok_s", "goodput_req_s",
                       "attention_share", "graphs", "max_rel_err", "reason"]
@@ -117,15 +115,14 @@ def e2e_summary_table(summary: pd.DataFrame, iterations: pd.DataFrame | None = N
     return summary[[c for c in cols if c in summary]].sort_values(order).reset_index(drop=True)
 
 
-def e2e_gains_table(summary: pd.DataFrame, iterations: pd.DataFrame | None = None, *,
-                    ours: str = OURS_BACKEND) -> pd.DataFrame:
+def e2e_gains_table(summary: pd.DataFrame, ours: str = OURS_BACKEND) -> pd.DataFrame:
     """Per model, trace, rate and baseline (both ok; metrics averaged over their ok repeats): reduction of mean
     end-to-end latency, TTFT and TPOT (%, > 0: ours is faster) and gain in throughput and busy throughput (%,
     > 0: ours serves more). Point estimates: e2e_compare has their intervals. Where replays measured attention's
-    share of iteration time (from `iterations` where given, else the summary's): both backends' shares (%) and
-    what attention bounds: the busy-throughput gain over the baseline if ours took no time in attention at all
-    and matched the baseline everywhere else."""
-    ok = _with_shares(summary[summary["status"] == "ok"], iterations)
+    share of iteration time (with_attention_shares): both backends' shares (%) and what attention bounds: the
+    busy-throughput gain over the baseline if ours took no time in attention at all and matched the baseline
+    everywhere else."""
+    ok = summary[summary["status"] == "ok"]
     metrics = [*E2E_GAIN_METRICS, *(["attention_share"] if "attention_share" in ok else [])]
     ok = ok.assign(**{m: pd.to_numeric(ok[m], errors="coerce") for m in metrics})
     means = ok.groupby([*E2E_KEY, "backend"], sort=False)[metrics].mean().reset_index()

@@ -21,6 +21,7 @@ from packinfer_bench.report.e2e_tables import (
     has_e2e,
     load_e2e,
     load_e2e_iterations,
+    with_attention_shares,
 )
 from packinfer_bench.report.figures import FIGURE_FORMATS, e2e_figures, save_figures, write_figures
 from packinfer_bench.report.formats import FORMATS, check_formats, markdown_table, write_tables
@@ -74,11 +75,11 @@ def write_report(run: Path, out: Path | None = None, formats: tuple[str, ...] = 
     if e2e:
         e2e_summary, e2e_requests = load_e2e(run)
         e2e_iterations = load_e2e_iterations(run)
+        e2e_summary = with_attention_shares(e2e_summary, e2e_iterations)
         tables.update({"e2e_compare": e2e_compare_table(e2e_summary, e2e_requests, e2e_iterations),
                        "e2e_iteration_kinds": e2e_iteration_kinds_table(e2e_iterations),
                        "e2e_slo": e2e_slo_table(e2e_summary),
-                       "e2e_gains": e2e_gains_table(e2e_summary, e2e_iterations),
-                       "e2e_summary": e2e_summary_table(e2e_summary, e2e_iterations)})
+                       "e2e_gains": e2e_gains_table(e2e_summary), "e2e_summary": e2e_summary_table(e2e_summary)})
     if kernel:
         tables.update({"speedups": speedup_table(df), "ablation": ablation_table(df),
                        "ablation_wins": ablation_wins_table(df), "plan_cost": plan_cost_table(df),
@@ -171,7 +172,7 @@ def headline_tables(run: Path) -> dict[str, pd.DataFrame]:
         tables["Records by status"] = correctness_table(df)
     if has_e2e(run):
         summary, _ = load_e2e(run)
-        gains = e2e_gains_table(summary, load_e2e_iterations(run))
+        gains = e2e_gains_table(with_attention_shares(summary, load_e2e_iterations(run)))
         if len(gains):
             tables[f"End to end: {OURS_BACKEND} against each baseline (%, > 0: ours better)"] = gains
         else:
