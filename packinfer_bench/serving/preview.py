@@ -25,7 +25,14 @@ from packinfer_bench.run_folder.e2e import E2EStore
 from packinfer_bench.run_folder.files import E2E_DIR
 from packinfer_bench.serving.kv_follow import peak_tokens
 from packinfer_bench.serving.replay import kv_bytes, layout_capacity
-from packinfer_bench.serving.stage import STEP_TIME_FILE, load_point_specs, scenario, server_budget, stored_step_time
+from packinfer_bench.serving.stage import (
+    STEP_TIME_FILE,
+    load_point_specs,
+    replay_keys,
+    scenario,
+    server_budget,
+    stored_step_time,
+)
 from packinfer_bench.traces import Trace
 
 
@@ -50,8 +57,8 @@ def preview_e2e(config: ExperimentConfig, out_dir: Path, traces: dict[str, Trace
         for trace, label, spec in load_point_specs(config, e, step):
             scen = scenario(traces[trace], spec)
             scenarios.append(scen)
-            replays = len(e.backends) * e.repeats
-            stored_here = sum((e.name, trace, label, b, str(r)) in done for b in e.backends for r in range(e.repeats))
+            keys = replay_keys(e, trace, label)
+            replays, stored_here = len(keys), sum(key in done for key in keys)
             seconds += scen.modelled_s * replays
             left += scen.modelled_s * (replays - stored_here)
             log(f"  {trace} load {label}: {len(scen.arrivals)} requests ({scen.refused} refused), "

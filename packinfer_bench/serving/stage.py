@@ -283,8 +283,14 @@ def replays_left(config: ExperimentConfig, out_dir, device: torch.device) -> int
     """How many replays of the config's e2e entries the run folder does not hold yet (or holds as skipped, of a
     backend installed now)."""
     done = E2EStore(out_dir, writer=False).done(retry=installed({b for e in config.e2e for b in e.backends}, device))
-    return sum((e.name, t.name, label, b, str(r)) not in done for e in config.e2e for t in config.traces_of(e)
-               for label, _ in e.load_points() for r in range(e.repeats) for b in e.backends)
+    return sum(key not in done for e in config.e2e for t in config.traces_of(e) for label, _ in e.load_points()
+               for key in replay_keys(e, t.name, label))
+
+
+def replay_keys(entry: E2EConfig, trace: str, label: str) -> dict[tuple[str, ...], tuple[str, int]]:
+    """The replays of one load point in the order they run (repeats outer, backends interleaved): their store
+    key (run_folder.e2e.KEY_FIELDS) -> (backend, repeat)."""
+    return {(entry.name, trace, label, b, str(r)): (b, r) for r in range(entry.repeats) for b in entry.backends}
 
 
 class _Model:
@@ -389,8 +395,7 @@ class _Entry:
     def run(self) -> None:
         entry, retry = self.entry, installed(self.entry.backends, self.device)
         done = self.world.from_writer(lambda: self.store.done(retry))
-        todo = {(t.name, label): [(b, r) for r in range(entry.repeats) for b in entry.backends
-                                  if (entry.name, t.name, label, b, str(r)) not in done]
+        todo = {(t.name, label): [br for key, br in replay_keys(entry, t.name, label).items() if key not in done]
                 for t in self.config.traces_of(entry) for label, _ in entry.load_points()}
         if not any(todo.values()):
             return
