@@ -48,6 +48,8 @@ CANDIDATES: dict[str, K | None] = {
     "gluon-pp-s3": K(128, 128, 8, 3, True, engine="gluon"),
     "gluon-r240": K(128, 128, 8, 3, True, engine="gluon"),
     "gluon-pp-r240": K(128, 128, 8, 3, True, engine="gluon"),
+    "gluon-simplemask": K(128, 128, 8, 3, True, engine="gluon"),
+    "gluon-widestore": K(128, 128, 8, 3, True, engine="gluon"),
     "128x128x8+gqa": K(128, 128, 8, 3, True),
     "128x64x8+gqa": K(128, 64, 8, 3, True),
     "128x128x8": K(128, 128, 8, 3, False),
@@ -58,7 +60,10 @@ CANDIDATES: dict[str, K | None] = {
 #: Variants of the Gluon kernel under measurement (packinfer.hopper_attention.TUNING), per candidate.
 TUNINGS = {"gluon-pp": {"pingpong": True}, "gluon-s3": {"stages": 3},
            "gluon-pp-s3": {"pingpong": True, "stages": 3}, "gluon-r240": {"regs": (240, 24)},
-           "gluon-pp-r240": {"pingpong": True, "regs": (240, 24)}}
+           "gluon-pp-r240": {"pingpong": True, "regs": (240, 24)}, "gluon-simplemask": {"simple_mask": True},
+           "gluon-widestore": {"wide_store": True}}
+#: The Gluon kernel's shipped settings, which a candidate's TUNINGS entry overrides.
+DEFAULT_TUNING = dict(hopper_attention.TUNING)
 PEERS = (("fa3", "varlen"), ("flashinfer", "fa3"))
 #: Prompt-length families outside the traces, for choosing the tile shape: prefill_kernel's mixes and short
 #: lognormal prompts (name, requests, prompt distribution).
@@ -97,9 +102,7 @@ def candidate(config: K | None, resources: dict, name: str) -> Callable[[Inputs,
                                   config=chosen)
 
         def run():
-            hopper_attention.TUNING.update({"pingpong": False, "stages": hopper_attention.STAGES,
-                                            "regs": (hopper_attention.CONSUMER_REGS, hopper_attention.LOADER_REGS),
-                                            **TUNINGS.get(name, {})})
+            hopper_attention.TUNING.update({**DEFAULT_TUNING, **TUNINGS.get(name, {})})
             out = packinfer.varlen_attention(x.q, x.k, x.v, x.cu_q, x.cu_k, x.max_q, x.max_k, causal=True,
                                              plan=plan, validate=False)
             if name not in resources:

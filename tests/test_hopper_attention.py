@@ -141,6 +141,19 @@ def test_random_ragged_batches(seed, ran_gluon):
 
 
 @gpu
+@pytest.mark.parametrize("variant", [{"simple_mask": True}, {"simple_mask": False}, {"wide_store": True},
+                                     {"pingpong": True}, {"stages": 3}])
+def test_the_variants_under_measurement_compute_the_same(variant, monkeypatch, ran_gluon):
+    """Each ablation knob of hopper_attention.TUNING (benchmarks/prefill_hopper.py) against the reference: tile
+    edges, packed tiles and q_len < kv_len."""
+    monkeypatch.setattr(hopper_attention, "TUNING", {**hopper_attention.TUNING, **variant})
+    lens = [1, 31, 32, 33, 127, 128, 129, 255, 257, 3, 1000]
+    _check(lens, lens, seed=11)
+    _check([1, 5, 33, 2, 200, 129], [7, 5, 300, 40, 700, 129], seed=12)
+    assert ran_gluon
+
+
+@gpu
 def test_rows_that_see_no_key_and_empty_requests(ran_gluon):
     _check([3, 0, 4, 40], [3, 9, 4, 20], causal=False)
     _check([300, 7], [300, 2], causal=True)  # q_len > kv_len: early rows see nothing and write zeros
