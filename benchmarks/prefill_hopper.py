@@ -50,6 +50,8 @@ CANDIDATES: dict[str, K | None] = {
     "gluon-pp-r240": K(128, 128, 8, 3, True, engine="gluon"),
     "gluon-simplemask": K(128, 128, 8, 3, True, engine="gluon"),
     "gluon-widestore": K(128, 128, 8, 3, True, engine="gluon"),
+    "gluon-rescaleqk": K(128, 128, 8, 3, True, engine="gluon"),
+    "gluon-rescaleqk-pp": K(128, 128, 8, 3, True, engine="gluon"),
     "128x128x8+gqa": K(128, 128, 8, 3, True),
     "128x64x8+gqa": K(128, 64, 8, 3, True),
     "128x128x8": K(128, 128, 8, 3, False),
@@ -61,7 +63,8 @@ CANDIDATES: dict[str, K | None] = {
 TUNINGS = {"gluon-pp": {"pingpong": True}, "gluon-s3": {"stages": 3},
            "gluon-pp-s3": {"pingpong": True, "stages": 3}, "gluon-r240": {"regs": (240, 24)},
            "gluon-pp-r240": {"pingpong": True, "regs": (240, 24)}, "gluon-simplemask": {"simple_mask": True},
-           "gluon-widestore": {"wide_store": True}}
+           "gluon-widestore": {"wide_store": True}, "gluon-rescaleqk": {"rescale_under_qk": True},
+           "gluon-rescaleqk-pp": {"rescale_under_qk": True, "pingpong": True}}
 #: The Gluon kernel's shipped settings, which a candidate's TUNINGS entry overrides.
 DEFAULT_TUNING = dict(hopper_attention.TUNING)
 PEERS = (("fa3", "varlen"), ("flashinfer", "fa3"))

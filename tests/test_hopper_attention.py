@@ -30,6 +30,10 @@ ON_HOPPER = os.environ.get("PACKINFER_TEST_GPU") == "1" and torch.cuda.is_availa
     torch.cuda.get_device_capability()[0] == 9
 gpu = pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper GPU (PACKINFER_TEST_GPU=1)")
 
+#: The ablation knobs under measurement, all on at once (their 3-stage ring aside, which with the wide store would
+#: not fit an SM): compiled on the CPU too, so that a knob's code keeps compiling between GPU runs.
+KNOBS_ON = {"pingpong": True, "simple_mask": True, "wide_store": True, "rescale_under_qk": True}
+
 
 def _gluon_plan(cu_q, cu_k, heads, kv_heads, dim, causal=True, pack_gqa=True, **kw):
     group = heads // kv_heads if pack_gqa else 1
@@ -90,20 +94,25 @@ def test_what_the_gluon_kernel_supports():
 
 @pytest.fixture(scope="module")
 def compiled():
-    """{head_dim: (shared bytes, warps, ptxas report)} of the kernel compiled for sm_90a in a child process."""
+    """{head dim, or 128+knobs (KNOBS_ON): (shared bytes, warps)} of the kernel compiled for sm_90a in a child
+    process."""
+    if hopper_attention.gluon is None:
+        pytest.skip("this Triton has no Gluon")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(sys.path)
     done = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=600)
-    if done.returncode != 0 and ("ptxas" in done.stderr or "gluon" in done.stderr.lower()):
-        pytest.skip(f"this Triton cannot compile the Gluon kernel: {done.stderr.strip().splitlines()[-1]}")
-    assert done.returncode == 0, done.stderr
+    if done.returncode != 0 and "ptxas" in done.stderr and any(
+            missing in done.stderr for missing in ("No such file", "not found", "Permission denied")):
+        pytest.skip(f"no runnable ptxas here: {done.stderr.strip().splitlines()[-1]}")
+    assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def test_the_kernel_compiles_for_hopper_into_one_program_per_sm(compiled):
-    for dim, (shared, warps) in compiled.items():
-        assert warps == 12, f"head dim {dim}: {warps} warps (two consumer warpgroups and a loader)"
-        assert shared <= 227 * 1024, f"head dim {dim}: {shared} bytes of shared memory do not fit an SM"
+    assert set(compiled) == {"64", "128", "128+knobs"}
+    for variant, (shared, warps) in compiled.items():
+        assert warps == 12, f"{variant}: {warps} warps (two consumer warpgroups and a loader)"
+        assert shared <= 227 * 1024, f"{variant}: {shared} bytes of shared memory do not fit an SM"
 
 
 # --- Hopper GPU -----------------------------------------------------------------------------------------------
@@ -142,7 +151,8 @@ def test_random_ragged_batches(seed, ran_gluon):
 
 @gpu
 @pytest.mark.parametrize("variant", [{"simple_mask": True}, {"simple_mask": False}, {"wide_store": True},
-                                     {"pingpong": True}, {"stages": 3}])
+                                     {"rescale_under_qk": True}, {"rescale_under_qk": True, "pingpong": True},
+                                     {"pingpong": True}, {"stages": 3}, KNOBS_ON])
 def test_the_variants_under_measurement_compute_the_same(variant, monkeypatch, ran_gluon):
     """Each ablation knob of hopper_attention.TUNING (benchmarks/prefill_hopper.py) against the reference: tile
     edges, packed tiles and q_len < kv_len."""
@@ -190,13 +200,14 @@ def test_a_request_sees_its_own_nan(ran_gluon):
     assert ran_gluon
 
 
-if __name__ == "__main__":  # the child process: print {head_dim: [shared bytes, warps]}
+if __name__ == "__main__":  # the child process: print {head dim or variant: [shared bytes, warps]}
     import triton
     from triton.backends.compiler import GPUTarget
 
     out = {}
-    for dim in hopper_attention.HEAD_DIMS:
+    for name, dim, knobs in [(str(d), d, {}) for d in hopper_attention.HEAD_DIMS] + [("128+knobs", 128, KNOBS_ON)]:
+        hopper_attention.TUNING.update(knobs)
         src, options = hopper_attention.compile_source(dim, torch.bfloat16)
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
-        out[dim] = [compiled.metadata.shared, compiled.metadata.num_warps]
+        out[name] = [compiled.metadata.shared, compiled.metadata.num_warps]
     print(json.dumps(out))

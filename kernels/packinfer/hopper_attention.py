@@ -16,8 +16,10 @@ intra-warpgroup overlap), and loads its next tile's query rows under its last pr
 K/V block; a stage is free again when both have released it. TUNING["pingpong"] makes the consumers take turns
 to issue their products (FA3's inter-warpgroup overlap), TUNING["stages"] sets the ring's depth, TUNING["regs"]
 the (consumer, loader) register split, TUNING["simple_mask"] masks a block of one request's keys by each slot's
-last key alone (no cleaning wait, no flags) and TUNING["wide_store"] writes the output through shared memory in
-16-byte stores: ablation knobs, measured in results/prefill-hopper/NOTES.md.
+last key alone (no cleaning wait, no flags), TUNING["wide_store"] writes the output through shared memory in
+16-byte stores and TUNING["rescale_under_qk"] issues a block's Q K^T before rescaling O and converting P (FA3's
+order: both then run under that product, P's conversion under the previous P V): ablation knobs, measured in
+results/prefill-hopper/NOTES.md.
 Isolation: a masked key gets weight 0, but 0 x NaN is NaN, so another request's NaN/inf value in a key block
 would reach slots that never see it. The loader cleans every block that may hold another request's keys (all
 blocks of a packed tile, and a block that runs past the end of its request's keys) before the consumers read
@@ -60,7 +62,7 @@ LOADER_REGS = 32
 CONSUMER_REGS = 232
 #: Variants under measurement (benchmarks/prefill_hopper.py sets them per candidate).
 TUNING: dict = {"pingpong": False, "stages": STAGES, "regs": (CONSUMER_REGS, LOADER_REGS),
-                "simple_mask": False, "wide_store": False}
+                "simple_mask": False, "wide_store": False, "rescale_under_qk": False}
 
 if gluon is not None:
     _RUN_WIDTH = gl.constexpr(len(RUN_FIELDS))
@@ -266,7 +268,7 @@ if gluon is not None:
                   stride_ot, stride_oh, q_smem, k_smem, v_smem, flags, k_ready, k_empty, v_ready, v_empty, v_clean,
                   turn, UNITS: gl.constexpr, GROUP: gl.constexpr, PACK_GQA: gl.constexpr, CAUSAL: gl.constexpr,
                   ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
-                  SIMPLE_MASK: gl.constexpr, WIDE_STORE: gl.constexpr):
+                  SIMPLE_MASK: gl.constexpr, WIDE_STORE: gl.constexpr, RESCALE_UNDER_QK: gl.constexpr):
         BLOCK: gl.constexpr = k_smem.shape[1]
         M: gl.constexpr = 64
         dtype: gl.constexpr = q_smem.dtype
@@ -333,16 +335,23 @@ if gluon is not None:
                     p, m_i, l_i, alpha = _block_softmax(sc, m_i, l_i, qk_scale, k_start, nomask_end, lo, hi,
                                                         flags.index(s), v_clean.index(s), phase, seq_first, seq_last,
                                                         k_stop, SIMPLE_MASK, cols_s)
+                    if RESCALE_UNDER_QK:  # P converted under the previous P V, O rescaled under this Q K^T
+                        p_op_val = gl.convert_layout(p.to(dtype), p_op)
                     for nxt in range(k_start + BLOCK, k_end, BLOCK):
                         s2 = (it + 1) % STAGES
                         phase2 = (it + 1) // STAGES & 1
                         mbarrier.wait(k_ready.index(s2), phase2)
-                        mbarrier.wait(v_ready.index(s), phase)
-                        mbarrier.wait(v_clean.index(s), phase)
-                        p_op_val = gl.convert_layout(p.to(dtype), p_op)
+                        if not RESCALE_UNDER_QK:
+                            mbarrier.wait(v_ready.index(s), phase)
+                            mbarrier.wait(v_clean.index(s), phase)
+                            p_op_val = gl.convert_layout(p.to(dtype), p_op)
                         my_turn = _take_turn(turn, C, my_turn, PINGPONG)
                         sc = warpgroup_mma(my_q, k_smem.index(s2).permute((1, 0)),
                                            gl.zeros([M, BLOCK], gl.float32, s_mma), use_acc=False, is_async=True)
+                        if RESCALE_UNDER_QK:
+                            mbarrier.wait(v_ready.index(s), phase)
+                            mbarrier.wait(v_clean.index(s), phase)
+                            acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
                         acc = warpgroup_mma(p_op_val, v_smem.index(s), acc, is_async=True)
                         _pass_turn(turn, C, PINGPONG)
                         sc = warpgroup_mma_wait(1, deps=[sc])
@@ -350,15 +359,23 @@ if gluon is not None:
                         p, m_i, l_i, alpha = _block_softmax(sc, m_i, l_i, qk_scale, nxt, nomask_end, lo, hi,
                                                             flags.index(s2), v_clean.index(s2), phase2, seq_first,
                                                             seq_last, k_stop, SIMPLE_MASK, cols_s)
+                        if RESCALE_UNDER_QK:
+                            p_next = gl.convert_layout(p.to(dtype), p_op)
                         acc, p_op_val = warpgroup_mma_wait(0, deps=[acc, p_op_val])
                         mbarrier.arrive(v_empty.index(s))
-                        acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
+                        if RESCALE_UNDER_QK:
+                            p_op_val = p_next
+                        else:
+                            acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
                         it += 1
                         s = s2
                         phase = phase2
                     mbarrier.wait(v_ready.index(s), phase)
                     mbarrier.wait(v_clean.index(s), phase)
-                    p_op_val = gl.convert_layout(p.to(dtype), p_op)
+                    if RESCALE_UNDER_QK:
+                        acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
+                    else:
+                        p_op_val = gl.convert_layout(p.to(dtype), p_op)
                     my_turn = _take_turn(turn, C, my_turn, PINGPONG)
                     acc = warpgroup_mma(p_op_val, v_smem.index(s), acc, is_async=True)
                     _pass_turn(turn, C, PINGPONG)
@@ -392,7 +409,7 @@ if gluon is not None:
                               PACK_GQA: gl.constexpr, CAUSAL: gl.constexpr, ROWS: gl.constexpr,
                               HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, EXP_MASK: gl.constexpr,
                               PINGPONG: gl.constexpr, SIMPLE_MASK: gl.constexpr, WIDE_STORE: gl.constexpr,
-                              LOADER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+                              RESCALE_UNDER_QK: gl.constexpr, LOADER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr):
         BLOCK: gl.constexpr = k_desc.block_type.shape[0]
         dtype: gl.constexpr = k_desc.dtype
         q_smem = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], k_desc.layout)
@@ -419,11 +436,11 @@ if gluon is not None:
             (_consumer, (0, Q, Out, runs, tile_run, cu_q, cu_k, num_items, qk_scale, stride_qt, stride_qh, stride_ot,
                          stride_oh, q_smem, k_smem, v_smem, flags, k_ready, k_empty, v_ready, v_empty, v_clean,
                          turn, UNITS, GROUP, PACK_GQA, CAUSAL, ROWS, HEAD_DIM, STAGES, PINGPONG, SIMPLE_MASK,
-                         WIDE_STORE)),
+                         WIDE_STORE, RESCALE_UNDER_QK)),
             (_consumer, (1, Q, Out, runs, tile_run, cu_q, cu_k, num_items, qk_scale, stride_qt, stride_qh, stride_ot,
                          stride_oh, q_smem, k_smem, v_smem, flags, k_ready, k_empty, v_ready, v_empty, v_clean,
                          turn, UNITS, GROUP, PACK_GQA, CAUSAL, ROWS, HEAD_DIM, STAGES, PINGPONG, SIMPLE_MASK,
-                         WIDE_STORE)),
+                         WIDE_STORE, RESCALE_UNDER_QK)),
             (_loader, (k_desc, v_desc, runs, tile_run, cu_q, cu_k, num_items, k_smem, v_smem, flags, k_ready,
                        k_empty, v_ready, v_empty, v_clean, UNITS, GROUP, PACK_GQA, CAUSAL, ROWS, HEAD_DIM, STAGES,
                        EXP_MASK)),
@@ -485,7 +502,8 @@ def _constants(dtype: torch.dtype, dim: int, group: int, pack_gqa: bool, causal:
     return (dict(GROUP=group, PACK_GQA=pack_gqa, CAUSAL=causal, ROWS=SLOTS // group if pack_gqa else SLOTS,
                  HEAD_DIM=dim, STAGES=TUNING["stages"], EXP_MASK=0x7F80 if dtype == torch.bfloat16 else 0x7C00,
                  PINGPONG=TUNING["pingpong"], SIMPLE_MASK=TUNING["simple_mask"],
-                 WIDE_STORE=TUNING["wide_store"], CONSUMER_REGS=TUNING["regs"][0], LOADER_REGS=TUNING["regs"][1]),
+                 WIDE_STORE=TUNING["wide_store"], RESCALE_UNDER_QK=TUNING["rescale_under_qk"],
+                 CONSUMER_REGS=TUNING["regs"][0], LOADER_REGS=TUNING["regs"][1]),
             dict(num_warps=4, maxnreg=MAXNREG))
 
 
