@@ -65,7 +65,7 @@ def setup(doc: str, script: str, repeats: int, tune_help: str,
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cpu" if args.smoke else "cuda")
     shape = SMOKE_SHAPE if args.smoke else GPU_SHAPE
-    timer = Timer(device, 1 if args.smoke else args.warmup, 2 if args.smoke else args.repeats, flush_l2=True)
+    timer = Timer(device, 0 if args.smoke else args.warmup, 1 if args.smoke else args.repeats, flush_l2=True)
     write_env(args.out, script, shape, timer)
     return Setup(args, device, shape, timer)
 

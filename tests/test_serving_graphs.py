@@ -45,7 +45,8 @@ class ReplayedByRunning(Graphs):
 
 
 def _replays(device, graphs_cls, num_requests=8, prefixes=True, probe_every=0, attention=PackinferAttention,
-             clock=time.perf_counter):
+             clock=time.perf_counter, eager=True):
+    """(scenario, eager replay or None, graphed replay) of a small trace through the tiny model."""
     spec = ContinuousSpec(num_requests=None, max_num_batched_tokens=64, max_num_seqs=6, max_kv_tokens=260)
     scen = scenario(_trace(num_requests, prefixes), spec)
     model = Decoder(preset("tiny"), device, torch.float16)
@@ -62,9 +63,8 @@ def _replays(device, graphs_cls, num_requests=8, prefixes=True, probe_every=0, a
         return replay(model, scen.schedule, attn, cache, graphs=graphs, keep_outputs=len(scen.schedule),
                       probe_every=probe_every, clock=clock)
 
-    eager = run(None)
     graphs = graphs_cls(model, 64, 6)
-    return scen, eager, run(graphs)
+    return scen, run(None) if eager else None, run(graphs)
 
 
 @pytest.mark.skipif(GPU, reason="the CPU stand-in for capture; on a GPU the real graphs are tested below")
@@ -93,8 +93,8 @@ def test_probing_full_graph_iterations_times_their_attention_and_changes_no_outp
     """Every third full-graph iteration runs its attention once more before the graph, on random q / k / v
     (whose K/V the graph then overwrites): it gets an attention time, the others stay NaN, and every output is
     bit for bit the unprobed replay's."""
-    scen, _, plain = _replays("cpu", ReplayedByRunning)
-    _, _, probed = _replays("cpu", ReplayedByRunning, probe_every=3)
+    scen, _, plain = _replays("cpu", ReplayedByRunning, eager=False)
+    _, _, probed = _replays("cpu", ReplayedByRunning, probe_every=3, eager=False)
     times = [it.attention_ms for it in probed.iterations if it.graph == "full"]
     assert len(times) == len(scen.schedule)
     assert np.isfinite(times[::3]).all() and min(times[::3]) > 0
@@ -121,7 +121,8 @@ def test_a_probed_iteration_keeps_its_own_times_on_a_made_up_clock():
     not (the probe's span is taken out of its iteration, host and launch times), and a probed iteration's
     attention time is the probe's calls."""
     layers = preset("tiny").num_layers
-    _, _, graphed = _replays("cpu", ReplayedByRunning, probe_every=2, attention=Ticking, clock=lambda: Ticking.now[0])
+    _, _, graphed = _replays("cpu", ReplayedByRunning, probe_every=2, attention=Ticking, clock=lambda: Ticking.now[0],
+                             eager=False)
     for i, it in enumerate(graphed.iterations):
         assert it.graph == "full"
         for ms in (it.iteration_ms, it.gpu_ms, it.host_ms, it.launch_ms):
