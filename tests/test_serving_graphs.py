@@ -63,8 +63,9 @@ def _replays(device, graphs_cls, num_requests=8, prefixes=True, probe_every=0, a
         return replay(model, scen.schedule, attn, cache, graphs=graphs, keep_outputs=len(scen.schedule),
                       probe_every=probe_every, clock=clock)
 
+    eager_replay = run(None) if eager else None
     graphs = graphs_cls(model, 64, 6)
-    return scen, run(None) if eager else None, run(graphs)
+    return scen, eager_replay, run(graphs)
 
 
 @pytest.mark.skipif(GPU, reason="the CPU stand-in for capture; on a GPU the real graphs are tested below")
