@@ -239,8 +239,8 @@ if gluon is not None:
         once the loader has released it (clean_bar), where it may hold another request's keys (cleaned); with
         SIMPLE_MASK a block of the tile's one request's keys only is masked by each slot's last key alone."""
         if start >= nomask_end:
+            foreign = _foreign(start, seq_first, seq_last, k_stop, sc.shape[1])
             if SIMPLE_MASK:
-                foreign = _foreign(start, seq_first, seq_last, k_stop, sc.shape[1])
                 if foreign:
                     p, m_new, l_new, alpha = _ranged_softmax(sc, m_i, l_i, qk_scale, start, lo, hi, flag_buf,
                                                              clean_bar, phase, foreign, col_layout)
@@ -249,8 +249,7 @@ if gluon is not None:
                                                       KEYS_UP_TO, col_layout)
             else:
                 p, m_new, l_new, alpha = _ranged_softmax(sc, m_i, l_i, qk_scale, start, lo, hi, flag_buf, clean_bar,
-                                                         phase, _foreign(start, seq_first, seq_last, k_stop,
-                                                                         sc.shape[1]), col_layout)
+                                                         phase, foreign, col_layout)
         else:
             p, m_new, l_new, alpha = _softmax(sc, m_i, l_i, qk_scale, start, lo, hi, flag_buf, False, NO_MASK,
                                               col_layout)
@@ -262,6 +261,16 @@ if gluon is not None:
         """_softmax with KEY_RANGE, once the loader has released the block (cleaned where `foreign`)."""
         mbarrier.wait(clean_bar, phase)
         return _softmax(sc, m_i, l_i, qk_scale, start, lo, hi, flag_buf, foreign, KEY_RANGE, col_layout)
+
+    @gluon.jit
+    def _rescaled(acc, alpha, rows_o: gl.constexpr):
+        """O x alpha, per slot (alpha from the softmax's row layout into O's)."""
+        return acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
+
+    @gluon.jit
+    def _as_operand(p, dtype: gl.constexpr, p_op: gl.constexpr):
+        """P in 16 bits, in the register layout of P V's A operand."""
+        return gl.convert_layout(p.to(dtype), p_op)
 
     @gluon.jit
     def _consumer(C: gl.constexpr, Q, Out, runs, tile_run, cu_q, cu_k, num_items, qk_scale, stride_qt, stride_qh,
@@ -336,7 +345,7 @@ if gluon is not None:
                                                         flags.index(s), v_clean.index(s), phase, seq_first, seq_last,
                                                         k_stop, SIMPLE_MASK, cols_s)
                     if RESCALE_UNDER_QK:  # P converted under the previous P V, O rescaled under this Q K^T
-                        p_op_val = gl.convert_layout(p.to(dtype), p_op)
+                        p_op_val = _as_operand(p, dtype, p_op)
                     for nxt in range(k_start + BLOCK, k_end, BLOCK):
                         s2 = (it + 1) % STAGES
                         phase2 = (it + 1) // STAGES & 1
@@ -344,14 +353,14 @@ if gluon is not None:
                         if not RESCALE_UNDER_QK:
                             mbarrier.wait(v_ready.index(s), phase)
                             mbarrier.wait(v_clean.index(s), phase)
-                            p_op_val = gl.convert_layout(p.to(dtype), p_op)
+                            p_op_val = _as_operand(p, dtype, p_op)
                         my_turn = _take_turn(turn, C, my_turn, PINGPONG)
                         sc = warpgroup_mma(my_q, k_smem.index(s2).permute((1, 0)),
                                            gl.zeros([M, BLOCK], gl.float32, s_mma), use_acc=False, is_async=True)
                         if RESCALE_UNDER_QK:
                             mbarrier.wait(v_ready.index(s), phase)
                             mbarrier.wait(v_clean.index(s), phase)
-                            acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
+                            acc = _rescaled(acc, alpha, rows_o)
                         acc = warpgroup_mma(p_op_val, v_smem.index(s), acc, is_async=True)
                         _pass_turn(turn, C, PINGPONG)
                         sc = warpgroup_mma_wait(1, deps=[sc])
@@ -360,22 +369,22 @@ if gluon is not None:
                                                             flags.index(s2), v_clean.index(s2), phase2, seq_first,
                                                             seq_last, k_stop, SIMPLE_MASK, cols_s)
                         if RESCALE_UNDER_QK:
-                            p_next = gl.convert_layout(p.to(dtype), p_op)
+                            p_next = _as_operand(p, dtype, p_op)
                         acc, p_op_val = warpgroup_mma_wait(0, deps=[acc, p_op_val])
                         mbarrier.arrive(v_empty.index(s))
                         if RESCALE_UNDER_QK:
                             p_op_val = p_next
                         else:
-                            acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
+                            acc = _rescaled(acc, alpha, rows_o)
                         it += 1
                         s = s2
                         phase = phase2
                     mbarrier.wait(v_ready.index(s), phase)
                     mbarrier.wait(v_clean.index(s), phase)
                     if RESCALE_UNDER_QK:
-                        acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_o), 1)
+                        acc = _rescaled(acc, alpha, rows_o)
                     else:
-                        p_op_val = gl.convert_layout(p.to(dtype), p_op)
+                        p_op_val = _as_operand(p, dtype, p_op)
                     my_turn = _take_turn(turn, C, my_turn, PINGPONG)
                     acc = warpgroup_mma(p_op_val, v_smem.index(s), acc, is_async=True)
                     _pass_turn(turn, C, PINGPONG)
