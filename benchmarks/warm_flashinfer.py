@@ -1,7 +1,8 @@
-"""Build the FlashInfer JIT modules of its serving call (decode with tensor cores, prefill over the paged cache
-with the fa3 and the fa2 backend) for one attention shape, in parallel processes. On a fresh machine the first
-replay or sweep otherwise builds them one after another: about 3.5 minutes on a 16-core H200 host. FlashInfer
-caches what it built (~/.cache/flashinfer, or under FLASHINFER_WORKSPACE_BASE), so later processes load it.
+"""Build the FlashInfer JIT modules of its serving calls (decode with tensor cores, prefill over the paged cache
+with the fa3 and the fa2 backend, BatchAttention) for one attention shape, in parallel processes. On a fresh
+machine the first replay or sweep otherwise builds them one after another: about 3.5 minutes on a 16-core H200
+host (without BatchAttention). FlashInfer caches what it built (~/.cache/flashinfer, or under
+FLASHINFER_WORKSPACE_BASE), so later processes load it.
 
     python benchmarks/warm_flashinfer.py [--heads 32 --kv-heads 8 --head-dim 128 --dtype bf16]
 """
@@ -14,7 +15,7 @@ import sys
 import time
 
 #: (batch kind, serving variant) pairs: each builds one module.
-MODULES = (("decode", "serving"), ("mixed", "serving"), ("mixed", "serving-fa2"))
+MODULES = (("decode", "serving"), ("mixed", "serving"), ("mixed", "serving-fa2"), ("mixed", "batch-attention"))
 
 
 def build_one(kind: str, variant: str, args: argparse.Namespace) -> None:

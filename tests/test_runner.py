@@ -321,7 +321,7 @@ def test_flashinfers_append_variant_is_skipped_with_the_reason_where_its_module_
             assert kv_layout == "NHD" and pages[0].shape[2:] == k.shape[1:]
             pages[0][indices[batch_indices], positions].copy_(k)
 
-    monkeypatch.setattr(fi_backend, "_APPEND_PROBLEMS", {})
+    monkeypatch.setattr(fi_backend, "_PROBLEMS", {})
     cpu = torch.device("cpu")
     first = fi_backend._append_problem(Unbuildable(), cpu, 8, 128)
     assert first == ("FlashInfer's append_paged_kv_cache does not run here "
@@ -330,3 +330,48 @@ def test_flashinfers_append_variant_is_skipped_with_the_reason_where_its_module_
     assert fi_backend._append_problem(Working(), cpu, 8, 128) == first  # (cached per device and shape)
     assert fi_backend._append_problem(Working(), cpu, 2, 128) is None
     assert "Unsupported head_dim: 80" in fi_backend._append_problem(Working(), cpu, 2, 80)
+
+
+def test_flashinfers_batch_attention_variant_is_skipped_where_flashinfer_lacks_it_or_cannot_build_it(monkeypatch):
+    """Variant "batch-attention" (FlashInfer's persistent kernel for mixed batches) is tried once per device and
+    shape on one query row of one page; a FlashInfer without BatchAttention, or whose module fails to build, gives
+    the reason instead of an error."""
+    from packinfer_bench.backends import flashinfer as fi_backend
+    from packinfer_bench.backends.base import PAGE_SIZE
+
+    class Old:
+        __version__ = "0.1.6"
+
+    class Unbuildable(Old):
+        class BatchAttention:
+            def __init__(self, kv_layout, device):
+                pass
+
+            def plan(self, *args, **kwargs):
+                raise RuntimeError("Ninja build failed.\nFAILED: batch_attention.cuda.o\nnvcc error: bad arch")
+
+    planned = []
+
+    class Working(Old):
+        class BatchAttention:
+            def __init__(self, kv_layout, device):
+                assert kv_layout == "NHD"
+
+            def plan(self, qo_indptr, kv_indptr, kv_indices, kv_lens, heads, kv_heads, head_dim_qk, head_dim_vo,
+                     page_size, causal, q_data_type, kv_data_type):
+                planned.append((qo_indptr.tolist(), kv_indptr.tolist(), kv_lens.tolist(), heads, kv_heads,
+                                page_size, causal))
+
+            def run(self, q, kv_cache):
+                assert kv_cache[0].shape == (1, PAGE_SIZE, 2, 128) and q.shape == (1, 8, 128)
+                return torch.zeros_like(q), torch.zeros(q.shape[:2])
+
+    monkeypatch.setattr(fi_backend, "_PROBLEMS", {})
+    cpu = torch.device("cpu")
+    assert fi_backend._batch_attention_problem(Old(), cpu, 8, 1, 128) == \
+        "FlashInfer's BatchAttention does not run here (RuntimeError: FlashInfer 0.1.6 has no BatchAttention)"
+    assert fi_backend._batch_attention_problem(Unbuildable(), cpu, 8, 4, 128) == \
+        "FlashInfer's BatchAttention does not run here (RuntimeError: nvcc error: bad arch)"
+    assert fi_backend._batch_attention_problem(Working(), cpu, 8, 2, 128) is None
+    assert planned == [([0, 1], [0, 1], [1], 8, 2, PAGE_SIZE, True)], "one causal row of one page"
+    assert fi_backend._batch_attention_problem(Old(), cpu, 8, 2, 128) is None, "tried once per device and shape"

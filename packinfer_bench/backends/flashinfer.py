@@ -21,8 +21,8 @@ from packinfer_bench.backends.base import (
 from packinfer_bench.backends.kv_layouts import cache_for, page_table
 
 WORKSPACE_BYTES = 256 << 20
-#: Per (device, KV heads, head dim): why FlashInfer's append_paged_kv_cache cannot run there (None: it can).
-_APPEND_PROBLEMS: dict[tuple[str, int, int], str | None] = {}
+#: Per (FlashInfer call, device, shape): why that call cannot run there (None: it can); _problem.
+_PROBLEMS: dict[tuple, str | None] = {}
 
 
 def _available(device: torch.device) -> str | None:
@@ -83,31 +83,63 @@ def _prepare(x: Inputs, variant: str):
     return lambda: wrapper.run(x.q, kv)
 
 
-def _append_problem(fi, device: torch.device, num_kv_heads: int, head_dim: int) -> str | None:
-    """Why FlashInfer's append_paged_kv_cache cannot run on `device` at this KV shape, or None: tried once on
-    one bf16 token. Its page module is compiled on first use, and an offline FlashInfer bundle may lack the
-    sources (the H100 machine's did: "flashinfer_page_binding.cu ... missing"), so serving variant "append" is
-    skipped there, not an error."""
-    key = (str(device), num_kv_heads, head_dim)
-    if key not in _APPEND_PROBLEMS:
-        def ints(*values: int) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.int32, device=device)
-
-        token = torch.ones(1, num_kv_heads, head_dim, dtype=torch.bfloat16, device=device)
-        pages = tuple(torch.zeros(1, PAGE_SIZE, num_kv_heads, head_dim, dtype=torch.bfloat16, device=device)
-                      for _ in range(2))
+def _problem(what: str, key: tuple, attempt) -> str | None:
+    """Why FlashInfer's `what` cannot run (the first error line of `attempt()`), or None: tried once per key
+    (device and shape). FlashInfer compiles a module on first use, and an offline bundle may lack its sources
+    (the H100 machine's lacked the page module's: "flashinfer_page_binding.cu ... missing"), so a serving
+    variant that needs it is skipped there, not an error."""
+    key = (what, *key)
+    if key not in _PROBLEMS:
         try:
-            fi.append_paged_kv_cache(token, token, ints(0), ints(0), pages, ints(0), ints(0, 1), ints(1),
-                                     kv_layout="NHD")
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            _APPEND_PROBLEMS[key] = None
+            attempt()
+            _PROBLEMS[key] = None
         except Exception as e:  # noqa: BLE001 -- any failure: the variant cannot run here, whatever the cause
             lines = [line.strip() for line in str(e).splitlines() if line.strip()]
             detail = next((line for line in lines if "error" in line.lower()), lines[0] if lines else "")
-            _APPEND_PROBLEMS[key] = (f"FlashInfer's append_paged_kv_cache does not run here "
-                                     f"({type(e).__name__}: {detail})")
-    return _APPEND_PROBLEMS[key]
+            _PROBLEMS[key] = f"FlashInfer's {what} does not run here ({type(e).__name__}: {detail})"
+    return _PROBLEMS[key]
+
+
+def _ints(device: torch.device, *values: int) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int32, device=device)
+
+
+def _one_page(device: torch.device, num_kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(torch.ones(1, PAGE_SIZE, num_kv_heads, head_dim, dtype=torch.bfloat16, device=device)
+                 for _ in range(2))
+
+
+def _append_problem(fi, device: torch.device, num_kv_heads: int, head_dim: int) -> str | None:
+    """Why append_paged_kv_cache cannot run on `device` at this KV shape (_problem), tried on one bf16 token."""
+    def attempt() -> None:
+        token = torch.ones(1, num_kv_heads, head_dim, dtype=torch.bfloat16, device=device)
+        zero = _ints(device, 0)
+        fi.append_paged_kv_cache(token, token, zero, zero, _one_page(device, num_kv_heads, head_dim), zero,
+                                 _ints(device, 0, 1), _ints(device, 1), kv_layout="NHD")
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    return _problem("append_paged_kv_cache", (str(device), num_kv_heads, head_dim), attempt)
+
+
+def _batch_attention_problem(fi, device: torch.device, num_heads: int, num_kv_heads: int,
+                             head_dim: int) -> str | None:
+    """Why BatchAttention (FlashInfer's persistent kernel for mixed batches) cannot run on `device` at this
+    shape (_problem): a FlashInfer that has it, and its module built; tried on one bf16 query row."""
+    def attempt() -> None:
+        if not hasattr(fi, "BatchAttention"):
+            raise RuntimeError(f"FlashInfer {fi.__version__} has no BatchAttention")
+        wrapper = fi.BatchAttention("NHD", device=str(device))
+        one = torch.ones(1, dtype=torch.int32)
+        wrapper.plan(torch.tensor([0, 1], dtype=torch.int32), torch.tensor([0, 1], dtype=torch.int32),
+                     _ints(device, 0), one, num_heads, num_kv_heads, head_dim, head_dim, PAGE_SIZE, causal=True,
+                     q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16)
+        q = torch.ones(1, num_heads, head_dim, dtype=torch.bfloat16, device=device)
+        wrapper.run(q, _one_page(device, num_kv_heads, head_dim))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    return _problem("BatchAttention", (str(device), num_heads, num_kv_heads, head_dim), attempt)
 
 
 class FlashInferAttention(ServingAttention):
@@ -117,7 +149,9 @@ class FlashInferAttention(ServingAttention):
     backend on Hopper (fa2 where fa3 cannot plan this cache), eager between the model's graph pieces. FlashInfer's
     plan runs once per iteration; one float workspace serves every wrapper (one call runs at a time). The new
     tokens' K/V go in by the harness's two index_copy_ launches, as for every peer; serving variant "append" (eager
-    iterations) uses FlashInfer's own append_paged_kv_cache instead, one launch for K and V."""
+    iterations) uses FlashInfer's own append_paged_kv_cache instead, one launch for K and V. Serving variant
+    "batch-attention": every eager iteration (prefill, mixed, decode outside the graphs) runs BatchAttention,
+    FlashInfer's persistent kernel that takes prefill and decode rows in one launch."""
 
     name = "flashinfer"
     graph_kinds = frozenset({"decode"})
@@ -139,19 +173,24 @@ class FlashInferAttention(ServingAttention):
         self._planned = torch.cuda.Event()  # FlashInfer's plan reuses pinned host memory: one plan in flight
         self._planned.record()
         self._append = bool(options.get("append"))  # variant "append"
+        self._holistic = bool(options.get("batch_attention"))  # variant "batch-attention"
+        self._batch_attention = None  # made on first use: it holds ~400 MB of workspace
         self._appending = False  # this iteration writes through append_paged_kv_cache
         self._append_args: tuple = ()
         self.launches_per_layer = 3
         self._set_kernel()
 
     def variant_skip(self, batch) -> str | None:
-        if not self._append:
-            return None
-        return _append_problem(self._fi, self.device, self.num_kv_heads, self.head_dim)
+        if self._append:
+            return _append_problem(self._fi, self.device, self.num_kv_heads, self.head_dim)
+        if self._holistic:
+            return _batch_attention_problem(self._fi, self.device, self.num_heads, self.num_kv_heads, self.head_dim)
+        return None
 
     def _set_kernel(self) -> None:
-        self.kernel = (f"FlashInfer {self._fi.__version__}: decode (tensor cores, CUDA-graph wrappers), prefill over "
-                       f"the paged cache ({self._prefill_backends[0]} backend)")
+        eager = (f"prefill over the paged cache ({self._prefill_backends[0]} backend)" if not self._holistic else
+                 "BatchAttention (one persistent launch for prefill and decode rows) outside the graphs")
+        self.kernel = f"FlashInfer {self._fi.__version__}: decode (tensor cores, CUDA-graph wrappers), {eager}"
 
     def configure(self, *, max_rows, max_seqs, max_kv_len, capacity_tokens):
         self._max_pages = -(-capacity_tokens // self.page_size) + max_rows
@@ -187,6 +226,8 @@ class FlashInferAttention(ServingAttention):
         if step.padded is not None:  # decode inside a graph
             self._wrapper = self._graph_wrappers[step.padded]
             self._wrapper.plan(*table, h, hkv, d, ps, **kw)
+        elif self._holistic:
+            self._plan_batch_attention(step, table, dt)
         elif int(step.batch.q_lens.max()) == 1:
             self._wrapper = self._decode
             self._decode.plan(*table, h, hkv, d, ps, **kw)
@@ -205,6 +246,18 @@ class FlashInferAttention(ServingAttention):
                     self._set_kernel()
             self._wrapper = wrapper
         self._planned.record()
+
+    def _plan_batch_attention(self, step, table, dtype) -> None:
+        """BatchAttention's plan of the iteration: query rows by request, and each request's KV length from its
+        pages (full pages but the last)."""
+        if self._batch_attention is None:
+            self._batch_attention = self._fi.BatchAttention("NHD", device=str(self.device))
+        indptr, indices, last = table
+        kv_lens = (indptr[1:] - indptr[:-1] - 1) * self.page_size + last
+        qo = torch.from_numpy(step.cu_q.astype(np.int32))
+        self._batch_attention.plan(qo, indptr, indices, kv_lens, self.num_heads, self.num_kv_heads, self.head_dim,
+                                   self.head_dim, self.page_size, causal=True, q_data_type=dtype, kv_data_type=dtype)
+        self._wrapper = self._batch_attention
 
     def _plan_append(self, step, table) -> None:
         """append_paged_kv_cache's arguments for this iteration: each new token's request (in the batch's order)
@@ -256,9 +309,11 @@ class FlashInferAttention(ServingAttention):
         self._wrapper.plan(indptr, indices, last, h, hkv, d, ps, **kw)
 
     def attend(self, layer, q):
-        return self._wrapper.run(q, self._pools(layer))
+        out = self._wrapper.run(q, self._pools(layer))
+        return out[0] if isinstance(out, tuple) else out  # BatchAttention returns (out, lse)
 
 
 BACKEND = Backend("flashinfer", ("fa2", "fa3", "decode", "cascade"), _available, _prepare,
-                  serving=FlashInferAttention, serving_variants={"serving": {}, "serving-fa2": {"prefill": "fa2"},
-                                    "append": {"append": True}})
+                  serving=FlashInferAttention,
+                  serving_variants={"serving": {}, "serving-fa2": {"prefill": "fa2"}, "append": {"append": True},
+                                    "batch-attention": {"batch_attention": True}})
