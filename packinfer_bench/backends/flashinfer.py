@@ -105,8 +105,8 @@ def _ints(device: torch.device, *values: int) -> torch.Tensor:
 
 
 def _one_page(device: torch.device, num_kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return tuple(torch.ones(1, PAGE_SIZE, num_kv_heads, head_dim, dtype=torch.bfloat16, device=device)
-                 for _ in range(2))
+    k = torch.ones(1, PAGE_SIZE, num_kv_heads, head_dim, dtype=torch.bfloat16, device=device)
+    return k, k.clone()
 
 
 def _append_problem(fi, device: torch.device, num_kv_heads: int, head_dim: int) -> str | None:
@@ -173,7 +173,7 @@ class FlashInferAttention(ServingAttention):
         self._planned = torch.cuda.Event()  # FlashInfer's plan reuses pinned host memory: one plan in flight
         self._planned.record()
         self._append = bool(options.get("append"))  # variant "append"
-        self._holistic = bool(options.get("batch_attention"))  # variant "batch-attention"
+        self._use_batch_attention = bool(options.get("batch_attention"))  # variant "batch-attention"
         self._batch_attention = None  # made on first use: it holds ~400 MB of workspace
         self._appending = False  # this iteration writes through append_paged_kv_cache
         self._append_args: tuple = ()
@@ -183,13 +183,14 @@ class FlashInferAttention(ServingAttention):
     def variant_skip(self, batch) -> str | None:
         if self._append:
             return _append_problem(self._fi, self.device, self.num_kv_heads, self.head_dim)
-        if self._holistic:
+        if self._use_batch_attention:
             return _batch_attention_problem(self._fi, self.device, self.num_heads, self.num_kv_heads, self.head_dim)
         return None
 
     def _set_kernel(self) -> None:
-        eager = (f"prefill over the paged cache ({self._prefill_backends[0]} backend)" if not self._holistic else
-                 "BatchAttention (one persistent launch for prefill and decode rows) outside the graphs")
+        eager = ("BatchAttention (one persistent launch for prefill and decode rows) outside the graphs"
+                 if self._use_batch_attention else
+                 f"prefill over the paged cache ({self._prefill_backends[0]} backend)")
         self.kernel = f"FlashInfer {self._fi.__version__}: decode (tensor cores, CUDA-graph wrappers), {eager}"
 
     def configure(self, *, max_rows, max_seqs, max_kv_len, capacity_tokens):
@@ -226,7 +227,7 @@ class FlashInferAttention(ServingAttention):
         if step.padded is not None:  # decode inside a graph
             self._wrapper = self._graph_wrappers[step.padded]
             self._wrapper.plan(*table, h, hkv, d, ps, **kw)
-        elif self._holistic:
+        elif self._use_batch_attention:
             self._plan_batch_attention(step, table, dt)
         elif int(step.batch.q_lens.max()) == 1:
             self._wrapper = self._decode
