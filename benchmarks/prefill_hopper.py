@@ -36,7 +36,8 @@ K = packinfer.KernelConfig
 #: name -> the tile shape (KernelConfig) of the candidate; "chosen" is choose_config's for the batch (on Hopper: the
 #: Gluon kernel for long tiles), "chosen-triton" the same with the Triton kernel for every tile. Launch
 #: knobs measured before and dropped (results/prefill-hopper/NOTES.md): Triton's warp-specialized loop, maxnreg,
-#: the scale inside the exponent, 4 stages (00fd9b1), the software-pipelined unmasked loop (4d8e8b5).
+#: the scale inside the exponent, 4 stages (00fd9b1), the software-pipelined unmasked loop (4d8e8b5), the Gluon
+#: kernel's one-bound mask (gluon-simplemask, results/prefill-hopper/h100-knobs).
 CANDIDATES: dict[str, K | None] = {
     "chosen": None,
     "chosen-triton": None,
@@ -48,7 +49,6 @@ CANDIDATES: dict[str, K | None] = {
     "gluon-pp-s3": K(128, 128, 8, 3, True, engine="gluon"),
     "gluon-r240": K(128, 128, 8, 3, True, engine="gluon"),
     "gluon-pp-r240": K(128, 128, 8, 3, True, engine="gluon"),
-    "gluon-simplemask": K(128, 128, 8, 3, True, engine="gluon"),
     "gluon-widestore": K(128, 128, 8, 3, True, engine="gluon"),
     "gluon-rescaleqk": K(128, 128, 8, 3, True, engine="gluon"),
     "gluon-rescaleqk-pp": K(128, 128, 8, 3, True, engine="gluon"),
@@ -62,7 +62,7 @@ CANDIDATES: dict[str, K | None] = {
 #: Variants of the Gluon kernel under measurement (packinfer.hopper_attention.TUNING), per candidate.
 TUNINGS = {"gluon-pp": {"pingpong": True}, "gluon-s3": {"stages": 3},
            "gluon-pp-s3": {"pingpong": True, "stages": 3}, "gluon-r240": {"regs": (240, 24)},
-           "gluon-pp-r240": {"pingpong": True, "regs": (240, 24)}, "gluon-simplemask": {"simple_mask": True},
+           "gluon-pp-r240": {"pingpong": True, "regs": (240, 24)},
            "gluon-widestore": {"wide_store": True}, "gluon-rescaleqk": {"rescale_under_qk": True},
            "gluon-rescaleqk-pp": {"rescale_under_qk": True, "pingpong": True}}
 #: The Gluon kernel's shipped settings, which a candidate's TUNINGS entry overrides.

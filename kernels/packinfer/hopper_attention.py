@@ -15,9 +15,8 @@ Q K^T together with the previous block's P V, whose product then runs under this
 intra-warpgroup overlap), and loads its next tile's query rows under its last product. Both consumers read every
 K/V block; a stage is free again when both have released it. TUNING["pingpong"] makes the consumers take turns
 to issue their products (FA3's inter-warpgroup overlap), TUNING["stages"] sets the ring's depth, TUNING["regs"]
-the (consumer, loader) register split, TUNING["simple_mask"] masks a block of one request's keys by each slot's
-last key alone (no cleaning wait, no flags), TUNING["wide_store"] writes the output through shared memory in
-16-byte stores and TUNING["rescale_under_qk"] issues a block's Q K^T before rescaling O and converting P (FA3's
+the (consumer, loader) register split, TUNING["wide_store"] writes the output through shared memory in 16-byte
+stores and TUNING["rescale_under_qk"] issues a block's Q K^T before rescaling O and converting P (FA3's
 order: both then run under that product, P's conversion under the previous P V): ablation knobs, measured in
 results/prefill-hopper/NOTES.md.
 Isolation: a masked key gets weight 0, but 0 x NaN is NaN, so another request's NaN/inf value in a key block
@@ -62,11 +61,11 @@ LOADER_REGS = 32
 CONSUMER_REGS = 232
 #: Variants under measurement (benchmarks/prefill_hopper.py sets them per candidate).
 TUNING: dict = {"pingpong": False, "stages": STAGES, "regs": (CONSUMER_REGS, LOADER_REGS),
-                "simple_mask": False, "wide_store": False, "rescale_under_qk": False}
+                "wide_store": False, "rescale_under_qk": False}
 
 if gluon is not None:
     _RUN_WIDTH = gl.constexpr(len(RUN_FIELDS))
-    NO_MASK, KEYS_UP_TO, KEY_RANGE = gl.constexpr(0), gl.constexpr(1), gl.constexpr(2)  # _softmax's masks
+    NO_MASK, KEY_RANGE = gl.constexpr(0), gl.constexpr(1)  # _softmax's masks
     # names that changed after Triton 3.6 (the GPU machine has 3.6, CI a newer one that compiles it too)
     _barrier = getattr(gl, "thread_barrier", None) or gl.barrier
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
@@ -210,18 +209,14 @@ if gluon is not None:
     def _softmax(sc, m_i, l_i, qk_scale, start, lo, hi, flag_buf, cleaned, MASK: gl.constexpr,
                  col_layout: gl.constexpr):
         """One online-softmax step (base 2, fp32) on raw scores sc [64, BLOCK]: returns (p, max, sum, alpha), the
-        scale folded into the exponent. MASK: NO_MASK; KEYS_UP_TO: only keys <= hi of each slot count (a block
-        of one request's keys that every slot sees from its start); KEY_RANGE: only keys in [lo, hi], and in a
-        cleaned block a flagged key (its V was not finite) that a slot sees scores NaN."""
+        scale folded into the exponent. MASK: NO_MASK; KEY_RANGE: only keys in [lo, hi] of each slot count, and in
+        a cleaned block a flagged key (its V was not finite) that a slot sees scores NaN."""
         if MASK == KEY_RANGE:
             keys = gl.expand_dims(start + gl.arange(0, sc.shape[1], layout=col_layout), 0)
             valid = (keys >= gl.expand_dims(lo, 1)) & (keys <= gl.expand_dims(hi, 1))
             bad = gl.expand_dims((flag_buf.load(col_layout) != 0) & cleaned, 0)
             sc = gl.where(valid, sc, float("-inf"))
             sc = gl.where(valid & bad, float("nan"), sc)
-        elif MASK == KEYS_UP_TO:  # one compare and one select a score
-            keys = gl.expand_dims(gl.arange(0, sc.shape[1], layout=col_layout), 0)
-            sc = gl.where(keys <= gl.expand_dims(hi - start, 1), sc, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(sc, 1) * qk_scale)
         if MASK == NO_MASK:
             m_ref = m_new
@@ -234,22 +229,13 @@ if gluon is not None:
 
     @gluon.jit
     def _block_softmax(sc, m_i, l_i, qk_scale, start, nomask_end, lo, hi, flag_buf, clean_bar, phase, seq_first,
-                       seq_last, k_stop, SIMPLE_MASK: gl.constexpr, col_layout: gl.constexpr):
+                       seq_last, k_stop, col_layout: gl.constexpr):
         """_softmax of the key block at `start`: unmasked before the tile's first masked block; from there masked
-        once the loader has released it (clean_bar), where it may hold another request's keys (cleaned); with
-        SIMPLE_MASK a block of the tile's one request's keys only is masked by each slot's last key alone."""
+        once the loader has released it (clean_bar), where it may hold another request's keys (cleaned)."""
         if start >= nomask_end:
             foreign = _foreign(start, seq_first, seq_last, k_stop, sc.shape[1])
-            if SIMPLE_MASK:
-                if foreign:
-                    p, m_new, l_new, alpha = _ranged_softmax(sc, m_i, l_i, qk_scale, start, lo, hi, flag_buf,
-                                                             clean_bar, phase, foreign, col_layout)
-                else:
-                    p, m_new, l_new, alpha = _softmax(sc, m_i, l_i, qk_scale, start, lo, hi, flag_buf, False,
-                                                      KEYS_UP_TO, col_layout)
-            else:
-                p, m_new, l_new, alpha = _ranged_softmax(sc, m_i, l_i, qk_scale, start, lo, hi, flag_buf, clean_bar,
-                                                         phase, foreign, col_layout)
+            p, m_new, l_new, alpha = _ranged_softmax(sc, m_i, l_i, qk_scale, start, lo, hi, flag_buf, clean_bar,
+                                                     phase, foreign, col_layout)
         else:
             p, m_new, l_new, alpha = _softmax(sc, m_i, l_i, qk_scale, start, lo, hi, flag_buf, False, NO_MASK,
                                               col_layout)
@@ -277,7 +263,7 @@ if gluon is not None:
                   stride_ot, stride_oh, q_smem, k_smem, v_smem, flags, k_ready, k_empty, v_ready, v_empty, v_clean,
                   turn, UNITS: gl.constexpr, GROUP: gl.constexpr, PACK_GQA: gl.constexpr, CAUSAL: gl.constexpr,
                   ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
-                  SIMPLE_MASK: gl.constexpr, WIDE_STORE: gl.constexpr, RESCALE_UNDER_QK: gl.constexpr):
+                  WIDE_STORE: gl.constexpr, RESCALE_UNDER_QK: gl.constexpr):
         BLOCK: gl.constexpr = k_smem.shape[1]
         M: gl.constexpr = 64
         dtype: gl.constexpr = q_smem.dtype
@@ -343,7 +329,7 @@ if gluon is not None:
                     mbarrier.arrive(k_empty.index(s))
                     p, m_i, l_i, alpha = _block_softmax(sc, m_i, l_i, qk_scale, k_start, nomask_end, lo, hi,
                                                         flags.index(s), v_clean.index(s), phase, seq_first, seq_last,
-                                                        k_stop, SIMPLE_MASK, cols_s)
+                                                        k_stop, cols_s)
                     if RESCALE_UNDER_QK:  # P converted under the previous P V, O rescaled under this Q K^T
                         p_op_val = _as_operand(p, dtype, p_op)
                     for nxt in range(k_start + BLOCK, k_end, BLOCK):
@@ -367,7 +353,7 @@ if gluon is not None:
                         mbarrier.arrive(k_empty.index(s2))
                         p, m_i, l_i, alpha = _block_softmax(sc, m_i, l_i, qk_scale, nxt, nomask_end, lo, hi,
                                                             flags.index(s2), v_clean.index(s2), phase2, seq_first,
-                                                            seq_last, k_stop, SIMPLE_MASK, cols_s)
+                                                            seq_last, k_stop, cols_s)
                         if RESCALE_UNDER_QK:
                             p_next = _as_operand(p, dtype, p_op)
                         acc, p_op_val = warpgroup_mma_wait(0, deps=[acc, p_op_val])
@@ -417,7 +403,7 @@ if gluon is not None:
                               stride_qh, stride_ot, stride_oh, UNITS: gl.constexpr, GROUP: gl.constexpr,
                               PACK_GQA: gl.constexpr, CAUSAL: gl.constexpr, ROWS: gl.constexpr,
                               HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, EXP_MASK: gl.constexpr,
-                              PINGPONG: gl.constexpr, SIMPLE_MASK: gl.constexpr, WIDE_STORE: gl.constexpr,
+                              PINGPONG: gl.constexpr, WIDE_STORE: gl.constexpr,
                               RESCALE_UNDER_QK: gl.constexpr, LOADER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr):
         BLOCK: gl.constexpr = k_desc.block_type.shape[0]
         dtype: gl.constexpr = k_desc.dtype
@@ -444,12 +430,12 @@ if gluon is not None:
         gl.warp_specialize([
             (_consumer, (0, Q, Out, runs, tile_run, cu_q, cu_k, num_items, qk_scale, stride_qt, stride_qh, stride_ot,
                          stride_oh, q_smem, k_smem, v_smem, flags, k_ready, k_empty, v_ready, v_empty, v_clean,
-                         turn, UNITS, GROUP, PACK_GQA, CAUSAL, ROWS, HEAD_DIM, STAGES, PINGPONG, SIMPLE_MASK,
-                         WIDE_STORE, RESCALE_UNDER_QK)),
+                         turn, UNITS, GROUP, PACK_GQA, CAUSAL, ROWS, HEAD_DIM, STAGES, PINGPONG, WIDE_STORE,
+                         RESCALE_UNDER_QK)),
             (_consumer, (1, Q, Out, runs, tile_run, cu_q, cu_k, num_items, qk_scale, stride_qt, stride_qh, stride_ot,
                          stride_oh, q_smem, k_smem, v_smem, flags, k_ready, k_empty, v_ready, v_empty, v_clean,
-                         turn, UNITS, GROUP, PACK_GQA, CAUSAL, ROWS, HEAD_DIM, STAGES, PINGPONG, SIMPLE_MASK,
-                         WIDE_STORE, RESCALE_UNDER_QK)),
+                         turn, UNITS, GROUP, PACK_GQA, CAUSAL, ROWS, HEAD_DIM, STAGES, PINGPONG, WIDE_STORE,
+                         RESCALE_UNDER_QK)),
             (_loader, (k_desc, v_desc, runs, tile_run, cu_q, cu_k, num_items, k_smem, v_smem, flags, k_ready,
                        k_empty, v_ready, v_empty, v_clean, UNITS, GROUP, PACK_GQA, CAUSAL, ROWS, HEAD_DIM, STAGES,
                        EXP_MASK)),
@@ -510,8 +496,8 @@ def _constants(dtype: torch.dtype, dim: int, group: int, pack_gqa: bool, causal:
     """The kernel's constexprs (but UNITS) and launch options."""
     return (dict(GROUP=group, PACK_GQA=pack_gqa, CAUSAL=causal, ROWS=SLOTS // group if pack_gqa else SLOTS,
                  HEAD_DIM=dim, STAGES=TUNING["stages"], EXP_MASK=0x7F80 if dtype == torch.bfloat16 else 0x7C00,
-                 PINGPONG=TUNING["pingpong"], SIMPLE_MASK=TUNING["simple_mask"],
-                 WIDE_STORE=TUNING["wide_store"], RESCALE_UNDER_QK=TUNING["rescale_under_qk"],
+                 PINGPONG=TUNING["pingpong"], WIDE_STORE=TUNING["wide_store"],
+                 RESCALE_UNDER_QK=TUNING["rescale_under_qk"],
                  CONSUMER_REGS=TUNING["regs"][0], LOADER_REGS=TUNING["regs"][1]),
             dict(num_warps=4, maxnreg=MAXNREG))
 
