@@ -49,6 +49,7 @@ CANDIDATES: dict[str, K | None] = {
     "gluon-pp-s3": K(128, 128, 8, 3, True, engine="gluon"),
     "gluon-r240": K(128, 128, 8, 3, True, engine="gluon"),
     "gluon-pp-r240": K(128, 128, 8, 3, True, engine="gluon"),
+    "gluon-l48": K(128, 128, 8, 3, True, engine="gluon"),
     "gluon-widestore": K(128, 128, 8, 3, True, engine="gluon"),
     "gluon-rescaleqk": K(128, 128, 8, 3, True, engine="gluon"),
     "gluon-rescaleqk-pp": K(128, 128, 8, 3, True, engine="gluon"),
@@ -62,7 +63,7 @@ CANDIDATES: dict[str, K | None] = {
 #: Variants of the Gluon kernel under measurement (packinfer.hopper_attention.TUNING), per candidate.
 TUNINGS = {"gluon-pp": {"pingpong": True}, "gluon-s3": {"stages": 3},
            "gluon-pp-s3": {"pingpong": True, "stages": 3}, "gluon-r240": {"regs": (240, 24)},
-           "gluon-pp-r240": {"pingpong": True, "regs": (240, 24)},
+           "gluon-pp-r240": {"pingpong": True, "regs": (240, 24)}, "gluon-l48": {"regs": (232, 48)},
            "gluon-widestore": {"wide_store": True}, "gluon-rescaleqk": {"rescale_under_qk": True},
            "gluon-rescaleqk-pp": {"rescale_under_qk": True, "pingpong": True}}
 #: The Gluon kernel's shipped settings, which a candidate's TUNINGS entry overrides.

@@ -152,7 +152,7 @@ def test_random_ragged_batches(seed, ran_gluon):
 @gpu
 @pytest.mark.parametrize("variant", [{"wide_store": True}, {"rescale_under_qk": True},
                                      {"rescale_under_qk": True, "pingpong": True}, {"pingpong": True},
-                                     {"stages": 3}, KNOBS_ON])
+                                     {"stages": 3}, {"regs": (232, 48)}, KNOBS_ON])
 def test_the_variants_under_measurement_compute_the_same(variant, monkeypatch, ran_gluon):
     """Each ablation knob of hopper_attention.TUNING (benchmarks/prefill_hopper.py) against the reference: tile
     edges, packed tiles and q_len < kv_len."""
