@@ -203,6 +203,26 @@ def test_plan_splits_long_contexts_and_every_row_gets_a_partial():
     assert short.num_items == 3 and short.num_partials == 0, "nothing worth splitting"
 
 
+def test_a_single_wave_of_near_equal_chunks_keeps_the_plans_order():
+    """Six long decodes cut into near-equal chunks, all programs running at once (a Mooncake batch at 2 req/s):
+    largest first would only scatter each request's chunks, so the plan keeps its order; uneven decodes in one wave
+    still launch largest first."""
+    empty = torch.empty(0, 8, 128, dtype=torch.bfloat16)
+
+    def plans(kv_lens):
+        kv = np.array(kv_lens)
+        view = KVView("grouped", empty, empty, list(range(len(kv))), kv, np.full(len(kv), -1),
+                      np.zeros(len(kv), np.int64), prefix_addr=np.zeros(len(kv), np.int64), own_addr=np.cumsum(kv) - kv)
+        return [plan_cache_attention(view, np.ones(len(kv), np.int64), 32, num_sms=132, balancing=b)
+                for b in (True, False)]
+
+    even, plan_order = plans([7238, 7741, 7654, 23450, 27193, 10760])
+    assert even.num_items * 8 <= 2 * 132 and np.array_equal(even.items, plan_order.items)
+    uneven, plan_order = plans([2511, 600, 500, 400, 389])
+    keys = uneven.items[:, 4]
+    assert not np.array_equal(uneven.items, plan_order.items) and (np.diff(keys) <= 0).all(), "largest first"
+
+
 def test_small_decode_batches_split_to_about_one_program_per_sm():
     """Five decode rows over 4.4k positions (a ShareGPT batch at 8 req/s): the cost model fit on the H200's serving
     batches cuts them into chunks of 256-1024 positions - 10-30 items of 8 KV heads, about one program per SM, as

@@ -5,13 +5,13 @@ The unit of work is an item: a chunk of one KV segment (a contiguous run of posi
 shared prefix) and a block of the query rows that read it. With prefix grouping on, the requests of a batch that
 share a stored prefix are put side by side and the prefix is one segment read by all their query rows (all query
 heads of a KV head too, in one program): the prefix KV is loaded once per batch instead of once per request.
-With splitting on, segments may be cut into near-equal chunks of at most kv_chunk positions (a ladder of
-64 x 2^k, down to about `waves` programs per SM, and unsplit: the cost model picks) so that the longest context
-is spread over several programs (no straggler); a row held by several
-items gets one partial result (output and log-sum-exp) per item, and the last of its items to finish merges them
-exactly, in the same launch. A row held by one item is written directly. With balancing on, items launch largest
-first. The tile shape (query slots per program) and the split are chosen per batch by a cost model of the
-kernel (CostModel: each program's bytes and tensor-core work, scheduled over the programs the SMs run at once).
+With splitting on, segments may be cut into near-equal chunks of at most kv_chunk positions (a ladder of 64 x 2^k,
+down to about `waves` programs per SM, and unsplit: the cost model picks) so that the longest context is spread over
+several programs (no straggler); a row held by several items gets one partial result (output and log-sum-exp) per
+item, and the last of its items to finish merges them exactly, in the same launch. A row held by one item is written
+directly. With balancing on, items launch largest first (but for a single wave of near-equal items: EVEN_SPREAD).
+The tile shape (query slots per program) and the split are chosen per batch by a cost model of the kernel
+(CostModel: each program's bytes and tensor-core work, scheduled over the programs the SMs run at once).
 
 Rows are numbered in the plan's order; `rows[i]` (ROW_FIELDS) says which query row plan position i is, the last
 position it sees (kv_len - q_len + j for the j-th query of its request, bottom-right causal; kv_len - 1 without
@@ -61,6 +61,13 @@ EXACT_WAVES = 3
 MANY_WAVES = 32
 #: Marks a shared prefix segment, which every row of its group sees whole.
 NO_TRIM = 1 << 40
+#: Balancing keeps the plan's order where every program runs at once (one wave) and the items' keys are this even
+#: (90th over 10th percentile): largest first moves no program's start there, only which programs share an SM, and
+#: the plan's order keeps each request's chunks side by side. On an H100's serving sweeps (results/serving-h100-v3,
+#: -v4, -v5: no-balancing against full) the six such launches, Mooncake conv decodes of long requests cut into
+#: near-equal chunks, ran 0.962-0.999x as long in the plan's order in each sweep; uneven single waves (ShareGPT
+#: decodes) up to 1.035x, so they keep largest first.
+EVEN_SPREAD = 1.2
 
 
 @dataclass(frozen=True)
@@ -266,7 +273,8 @@ def plan_cache_attention(view: KVView, q_lens, num_heads: int, *, prefix_groupin
     estimate, slots, kv_chunk = best
     pieces = candidates.pieces(kv_chunk)
     items, keys = _build_items(pieces, rows_per_item[slots], windowed=left >= 0)
-    if balancing:
+    places = resident_programs(slots, block_n, head_dim, elem_bytes, memory, sm_memory) * num_sms
+    if balancing and not _even_wave(keys, ppi, places):
         items = np.take(items, _launch_order(keys, slots, head_dim, elem_bytes, cost), axis=0)
     rows = _row_table(diag0, q, kv, order, q_plan, start_plan, num_rows, left, right)
     # each segment in one piece and each request one segment: no row is in two items
@@ -866,6 +874,14 @@ def _launch_order(keys: np.ndarray, slots: int, head_dim: int, elem_bytes: int, 
             return np.argsort((k - keys).astype(np.uint16), kind="stable")
         return np.argsort(-keys, kind="stable")
     return np.argsort(-_program_us(keys, slots, head_dim, elem_bytes, cost), kind="stable")
+
+
+def _even_wave(keys: np.ndarray, programs_per_item: int, places: int) -> bool:
+    """Whether a launch of these items runs all its programs at once and their keys are even (EVEN_SPREAD)."""
+    if not len(keys) or len(keys) * programs_per_item > places:
+        return False
+    low, high = np.percentile(keys, [10, 90])
+    return bool(high <= EVEN_SPREAD * max(low, 1.0))
 
 
 def _estimate(keys: np.ndarray, partial_rows: int, per_key: float, programs_per_item: int, head_dim: int,
