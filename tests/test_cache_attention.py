@@ -223,6 +223,21 @@ def test_a_single_wave_of_near_equal_chunks_keeps_the_plans_order():
     assert not np.array_equal(uneven.items, plan_order.items) and (np.diff(keys) <= 0).all(), "largest first"
 
 
+def test_a_prompt_that_fits_one_wave_of_the_narrowest_tile_takes_it():
+    """A lone 74-token prompt (ShareGPT's first iteration): 16 query slots run all its programs at once and ran
+    faster than the 32 the estimate prefers on both tuning sweeps; a 374-token prompt keeps its wide tile."""
+    empty = torch.empty(0, 8, 128, dtype=torch.bfloat16)
+
+    def slots(n):
+        view = KVView("grouped", empty, empty, [0], np.array([n]), np.full(1, -1), np.zeros(1, np.int64),
+                      prefix_addr=np.zeros(1, np.int64), own_addr=np.zeros(1, np.int64))
+        plan = plan_cache_attention(view, np.array([n]), 32, num_sms=132)
+        return plan.slots, plan.num_items
+
+    assert slots(74) == (16, 19)
+    assert slots(374)[0] == 128
+
+
 def test_small_decode_batches_split_to_about_one_program_per_sm():
     """Five decode rows over 4.4k positions (a ShareGPT batch at 8 req/s): the cost model fit on the H200's serving
     batches cuts them into chunks of 256-1024 positions - 10-30 items of 8 KV heads, about one program per SM, as

@@ -11,7 +11,8 @@ several programs (no straggler); a row held by several items gets one partial re
 item, and the last of its items to finish merges them exactly, in the same launch. A row held by one item is written
 directly. With balancing on, items launch largest first (but for a single wave of near-equal items: EVEN_SPREAD).
 The tile shape (query slots per program) and the split are chosen per batch by a cost model of the kernel
-(CostModel: each program's bytes and tensor-core work, scheduled over the programs the SMs run at once).
+(CostModel: each program's bytes and tensor-core work, scheduled over the programs the SMs run at once), but for
+launches that fit one wave of the narrowest tile (ONE_WAVE_MARGIN).
 
 Rows are numbered in the plan's order; `rows[i]` (ROW_FIELDS) says which query row plan position i is, the last
 position it sees (kv_len - q_len + j for the j-th query of its request, bottom-right causal; kv_len - 1 without
@@ -68,6 +69,11 @@ NO_TRIM = 1 << 40
 #: long requests cut into near-equal chunks, ran 0.962-0.999x as long in the plan's order in each sweep; uneven
 #: single waves (ShareGPT decodes) up to 1.035x, so they keep largest first.
 EVEN_SPREAD = 1.2
+#: A batch whose plan with the narrowest tile runs all its programs at once takes that tile when its estimate is
+#: within this factor of the best: such launches are short and latency-bound, which the estimate (bandwidth shared
+#: over the SMs) does not see. ShareGPT's 74-token prompts: 16 slots ran 0.930-0.961x the 32 the estimate picked
+#: (results/serving-tune/h100-v2 and h200, fastest of their grids) and 0.887-0.958x in the H100 serving sweeps v3-v5.
+ONE_WAVE_MARGIN = 1.25
 
 
 @dataclass(frozen=True)
@@ -233,7 +239,7 @@ def plan_cache_attention(view: KVView, q_lens, num_heads: int, *, prefix_groupin
     num_rows = int(start_plan[-1] + q_plan[-1]) if len(q) else 0
     candidates = _Candidates(segs, num_rows, block_n, [r for r in rows_per_item.values() if r >= 1],
                              windowed=left >= 0, longest=longest)
-    best = None
+    best = narrow = None
     for s in choices:
         rpi = rows_per_item[s]
         if rpi < 1:
@@ -264,12 +270,16 @@ def plan_cache_attention(view: KVView, q_lens, num_heads: int, *, prefix_groupin
                               num_heads, cost)
             if best is None or t < best[0] - 1e-9:
                 best = (t, s, chunk)
+                if s == choices[0]:  # the narrowest tile's best so far, if all its programs run in one wave
+                    narrow = best if work.items * ppi <= places else None
             lowest = t if lowest is None else min(lowest, t)
             if t > STOP_ABOVE_BEST * lowest:
                 break
     if best is None:
         raise ValueError(f"the batch needs more work items than the plan buffers hold (max_items={max_items}, "
                          f"max_partials={max_partials}) even without splitting: raise the capacity")
+    if narrow is not None and narrow[0] <= ONE_WAVE_MARGIN * best[0]:
+        best = narrow
     estimate, slots, kv_chunk = best
     pieces = candidates.pieces(kv_chunk)
     items, keys = _build_items(pieces, rows_per_item[slots], windowed=left >= 0)
