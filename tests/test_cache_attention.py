@@ -203,17 +203,22 @@ def test_plan_splits_long_contexts_and_every_row_gets_a_partial():
     assert short.num_items == 3 and short.num_partials == 0, "nothing worth splitting"
 
 
+def _plan_only_view(kv_lens) -> KVView:
+    """A grouped view of requests with these lengths, 8 KV heads of 128 dims in bf16 and no storage: enough to
+    plan (the planner reads lengths and addresses only)."""
+    empty = torch.empty(0, 8, 128, dtype=torch.bfloat16)
+    kv = np.array(list(kv_lens))
+    return KVView("grouped", empty, empty, list(range(len(kv))), kv, np.full(len(kv), -1), np.zeros(len(kv), np.int64),
+                  prefix_addr=np.zeros(len(kv), np.int64), own_addr=np.cumsum(kv) - kv)
+
+
 def test_a_single_wave_of_near_equal_chunks_keeps_the_plans_order():
     """Six long decodes cut into near-equal chunks, all programs running at once (a Mooncake batch at 2 req/s):
     largest first would only scatter each request's chunks, so the plan keeps its order; uneven decodes in one wave
     still launch largest first."""
-    empty = torch.empty(0, 8, 128, dtype=torch.bfloat16)
-
     def plans(kv_lens):
-        kv = np.array(kv_lens)
-        view = KVView("grouped", empty, empty, list(range(len(kv))), kv, np.full(len(kv), -1),
-                      np.zeros(len(kv), np.int64), prefix_addr=np.zeros(len(kv), np.int64), own_addr=np.cumsum(kv) - kv)
-        return [plan_cache_attention(view, np.ones(len(kv), np.int64), 32, num_sms=132, balancing=b)
+        view = _plan_only_view(kv_lens)
+        return [plan_cache_attention(view, np.ones(len(kv_lens), np.int64), 32, num_sms=132, balancing=b)
                 for b in (True, False)]
 
     even, plan_order = plans([7238, 7741, 7654, 23450, 27193, 10760])
@@ -226,12 +231,8 @@ def test_a_single_wave_of_near_equal_chunks_keeps_the_plans_order():
 def test_a_prompt_that_fits_one_wave_of_the_narrowest_tile_takes_it():
     """A lone 74-token prompt (ShareGPT's first iteration): 16 query slots run all its programs at once and ran
     faster than the 32 the estimate prefers on both tuning sweeps; a 374-token prompt keeps its wide tile."""
-    empty = torch.empty(0, 8, 128, dtype=torch.bfloat16)
-
     def slots(n):
-        view = KVView("grouped", empty, empty, [0], np.array([n]), np.full(1, -1), np.zeros(1, np.int64),
-                      prefix_addr=np.zeros(1, np.int64), own_addr=np.zeros(1, np.int64))
-        plan = plan_cache_attention(view, np.array([n]), 32, num_sms=132)
+        plan = plan_cache_attention(_plan_only_view([n]), np.array([n]), 32, num_sms=132)
         return plan.slots, plan.num_items
 
     assert slots(74) == (16, 19)
@@ -243,19 +244,12 @@ def test_small_decode_batches_split_to_about_one_program_per_sm():
     batches cuts them into chunks of 256-1024 positions - 10-30 items of 8 KV heads, about one program per SM, as
     the fastest measured plans were - not the 4 programs per SM a finer split makes; every chunk is a power of
     two of the key step or a whole segment."""
-    empty = torch.empty(0, 8, 128, dtype=torch.bfloat16)
-    kv = np.array([2511, 600, 500, 400, 389])
-    view = KVView("grouped", empty, empty, list(range(5)), kv, np.full(5, -1), np.zeros(5, np.int64),
-                  prefix_addr=np.zeros(5, np.int64), own_addr=np.cumsum(kv) - kv)
-    plan = plan_cache_attention(view, np.ones(5, np.int64), 32, num_sms=132)
+    plan = plan_cache_attention(_plan_only_view([2511, 600, 500, 400, 389]), np.ones(5, np.int64), 32, num_sms=132)
     assert 256 <= plan.kv_chunk <= 1024 and 8 <= plan.num_items <= 30, (plan.kv_chunk, plan.num_items)
     for q_lens, kv_lens in (([1] * 40, range(100, 4100, 100)), ([300, 1, 1], [300, 5000, 9000])):
-        kv_lens = np.array(list(kv_lens))
-        view = KVView("grouped", empty, empty, list(range(len(kv_lens))), kv_lens, np.full(len(kv_lens), -1),
-                      np.zeros(len(kv_lens), np.int64), prefix_addr=np.zeros(len(kv_lens), np.int64),
-                      own_addr=np.cumsum(kv_lens) - kv_lens)
+        view = _plan_only_view(kv_lens)
         chunk = plan_cache_attention(view, np.array(q_lens), 32, num_sms=132).kv_chunk
-        whole = -(-int(kv_lens.max()) // 64) * 64
+        whole = -(-int(view.kv_lens.max()) // 64) * 64
         assert chunk == whole or (chunk % 64 == 0 and (chunk // 64) & (chunk // 64 - 1) == 0), chunk
 
 
